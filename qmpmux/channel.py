@@ -1,0 +1,217 @@
+"""A non-blocking stream socket on the event loop, with an explicit, bounded outbox.
+
+qmpmux drives sockets itself (`add_reader`/`add_writer`) rather than through asyncio
+transports because it needs what transports hide: `recvmsg` for file descriptors passed
+with SCM_RIGHTS on unix sockets, the exact size of what is queued for a peer (a client
+that stops reading is cut off at `outbox_limit`, never allowed to grow memory or stall
+anyone), and writes coalesced per event-loop turn (`write` queues, `flush` sends).
+
+Invariants:
+- `handler.channel_closed` is called exactly once (`error` when the connection failed or
+  was cut off rather than closed in order), after which the socket is closed and
+  the channel does nothing.
+- The socket is never half-closed: a graceful `close` flushes, then closes fully
+  (QEMU drops pending replies as soon as it reads EOF).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import socket
+from typing import Final, Protocol
+
+MAX_FDS_PER_MESSAGE: Final = 16
+_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+class ChannelHandler(Protocol):
+    def channel_data(self, key: int, data: bytes, fds: list[int]) -> None: ...
+    def channel_eof(self, key: int) -> None: ...
+    def channel_closed(self, key: int, reason: str, error: bool) -> None: ...
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints = array.array("i")
+            ints.frombytes(payload[: len(payload) - len(payload) % ints.itemsize])
+            fds.extend(ints)
+    return fds
+
+
+class Channel:
+    __slots__ = (
+        "_closing",
+        "_done",
+        "_linger",
+        "_loop",
+        "_out",
+        "_out_size",
+        "_reading",
+        "_writing",
+        "handler",
+        "key",
+        "outbox_limit",
+        "read_size",
+        "recv_fds",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        handler: ChannelHandler,
+        key: int,
+        *,
+        read_size: int = 65536,
+        outbox_limit: int = 8 << 20,
+        recv_fds: bool = False,
+    ) -> None:
+        sock.setblocking(False)
+        self._loop = loop
+        self.sock = sock
+        self.handler = handler
+        self.key = key
+        self.read_size = read_size
+        self.outbox_limit = outbox_limit
+        self.recv_fds = recv_fds and sock.family == socket.AF_UNIX
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._reading = False
+        self._writing = False
+        self._closing = False
+        self._done = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._done
+
+    @property
+    def queued(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+        return self._out_size
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing and not self._done:
+            self._reading = True
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    start = resume_reading
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.sock.fileno())
+
+    def _on_readable(self) -> None:
+        fds: list[int] = []
+        try:
+            if self.recv_fds:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(self.read_size, _ANCILLARY_SIZE)
+                if ancillary:
+                    fds = _received_fds(ancillary)
+            else:
+                data = self.sock.recv(self.read_size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(f"read failed: {exc.strerror or exc}")
+            return
+        if data or fds:
+            self.handler.channel_data(self.key, data, fds)
+        if not data and not self._done:
+            self.pause_reading()
+            self.handler.channel_eof(self.key)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue `data`; it is sent by the next `flush` (or when the socket is writable)."""
+        if not self._done:
+            self._out.append(data)
+            self._out_size += len(data)
+
+    def flush(self) -> None:
+        if self._writing or not self._out or self._done:
+            return
+        self._send()
+        if self._done:
+            return
+        if self._out_size > self.outbox_limit:
+            self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
+        elif self._out:
+            self._writing = True
+            self._loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _send(self) -> None:
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.abort(f"write failed: {exc.strerror or exc}")
+            return
+        if sent == len(data):
+            out.clear()
+            self._out_size = 0
+        else:
+            rest = data[sent:]
+            out[:] = [rest]
+            self._out_size = len(rest)
+
+    def _on_writable(self) -> None:
+        self._send()
+        if self._done:
+            return
+        if not self._out:
+            self._writing = False
+            self._loop.remove_writer(self.sock.fileno())
+            if self._closing:
+                self._finish("closed")
+        elif self._out_size > self.outbox_limit:
+            self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def close(self, reason: str, linger: float = 5.0) -> None:
+        """Stop reading, send what is queued (for at most `linger` seconds), then close."""
+        if self._closing or self._done:
+            return
+        self._closing = True
+        self.pause_reading()
+        self.flush()
+        if self._done:
+            return
+        if not self._out:
+            self._finish(reason)
+        else:
+            self._linger = self._loop.call_later(linger, self.abort, f"{reason} (output dropped)")
+
+    def abort(self, reason: str) -> None:
+        """Close at once, dropping anything queued."""
+        self._finish(reason, error=True)
+
+    def _finish(self, reason: str, error: bool = False) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._linger is not None:
+            self._linger.cancel()
+        fd = self.sock.fileno()
+        if self._reading:
+            self._loop.remove_reader(fd)
+        if self._writing:
+            self._loop.remove_writer(fd)
+        self._reading = self._writing = False
+        self._out.clear()
+        self._out_size = 0
+        self.sock.close()
+        self.handler.channel_closed(self.key, reason, error)

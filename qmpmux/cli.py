@@ -1,0 +1,213 @@
+"""The `qmpmux` command: argv to a checked Config, then run the proxy on uvloop.
+
+Start-up problems (bad address, permissions, QEMU missing or refusing) are reported as
+one line on stderr with a non-zero exit status, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from qmpmux import __version__
+from qmpmux.config import Config, ConfigError, Limits, check, parse_address, parse_listener
+from qmpmux.server import Proxy, StartupError
+from qmpmux.upstream import connect, exit_status, spawn, stop_qemu
+
+log = logging.getLogger("qmpmux")
+
+DESCRIPTION = """\
+Share one QEMU QMP monitor between many clients. qmpmux holds the only connection to
+QEMU's monitor and serves any number of clients, each with its own greeting and
+capabilities negotiation, as if it were talking to QEMU alone. Command ids are
+rewritten upstream and restored on replies; events reach every negotiated client.
+"""
+
+EPILOG = """\
+addresses:
+  unix:PATH        a unix socket (created with mode 0600 unless mode= says otherwise;
+                   a stale socket file is replaced, a live one is an error)
+  tcp:HOST:PORT    a TCP socket; non-loopback hosts need --allow-remote
+
+listener options (appended with commas):
+  profile=NAME     policy profile for clients of this listener (default: full)
+  mode=OCTAL       file mode of a unix socket (default: 600)
+
+upstream (exactly one):
+  --upstream ADDR  connect to an existing QEMU monitor (retried for --connect-timeout
+                   seconds while the socket does not exist yet)
+  --spawn -- QEMU ARGS...
+                   start QEMU with a private QMP monitor added to ARGS; SIGTERM/SIGINT
+                   shut QEMU down cleanly and qmpmux exits with QEMU's status
+
+exit status: 0 after QEMU shut down cleanly (quit, SHUTDOWN) or on SIGTERM/SIGINT;
+1 if QEMU went away unexpectedly or qmpmux could not start; 2 for usage errors.
+
+example:
+  qmpmux --listen unix:/run/vm1.qmp --spawn -- qemu-system-x86_64 -machine none -display none
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qmpmux",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--upstream", metavar="ADDR", help="QEMU's QMP monitor to connect to")
+    p.add_argument(
+        "--listen",
+        metavar="ADDR[,profile=NAME][,mode=OCTAL]",
+        action="append",
+        default=[],
+        help="where clients connect (repeatable)",
+    )
+    p.add_argument(
+        "--allow-remote", action="store_true", help="allow TCP listeners on non-loopback hosts"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (default: info)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to retry connecting to --upstream (default: 5)",
+    )
+    defaults = Limits()
+    p.add_argument(
+        "--max-clients", type=int, default=defaults.max_clients, metavar="N",
+        help=f"refuse connections beyond N clients (default: {defaults.max_clients})",
+    )
+    p.add_argument(
+        "--max-message-bytes", type=int, default=defaults.max_message_bytes, metavar="N",
+        help="largest command a client may send; larger gets QEMU's token-size error "
+        f"(default: {defaults.max_message_bytes})",
+    )
+    p.add_argument(
+        "--outbox-bytes", type=int, default=defaults.outbox_bytes, metavar="N",
+        help="output queued for a client that does not read before it is disconnected "
+        f"(default: {defaults.outbox_bytes})",
+    )
+    p.add_argument(
+        "--spawn", action="store_true",
+        help="start QEMU: everything after --spawn [--] is its command line",
+    )
+    p.add_argument("--version", action="version", version=f"qmpmux {__version__}")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """argv to a checked Config; raises ConfigError (or SystemExit from argparse)."""
+    argv = list(argv)
+    qemu: list[str] = []
+    if "--spawn" in argv:
+        at = argv.index("--spawn")
+        qemu = argv[at + 1 :]
+        argv = argv[: at + 1]
+        if qemu[:1] == ["--"]:
+            qemu = qemu[1:]
+        if not qemu:
+            raise ConfigError("--spawn needs a QEMU command line after it")
+    args = build_parser().parse_args(argv)
+    for name in ("max_clients", "max_message_bytes", "outbox_bytes"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    config = Config(
+        listeners=tuple(parse_listener(text) for text in args.listen),
+        upstream=parse_address(args.upstream) if args.upstream else None,
+        spawn=tuple(qemu),
+        allow_remote=args.allow_remote,
+        log_level=args.log_level,
+        connect_timeout=args.connect_timeout,
+        limits=Limits(
+            max_clients=args.max_clients,
+            max_message_bytes=args.max_message_bytes,
+            outbox_bytes=args.outbox_bytes,
+        ),
+    )
+    check(config)
+    return config
+
+
+async def serve(config: Config) -> int:
+    """Run until the upstream session ends; returns the process exit status."""
+    loop = asyncio.get_running_loop()
+    process = None
+    if config.spawn:
+        process, sock = await spawn(config.spawn)
+    else:
+        assert config.upstream is not None
+        sock = await connect(config.upstream, config.connect_timeout)
+    proxy = Proxy(config, sock)
+
+    def on_signal(name: str) -> None:
+        log.info("received %s: shutting down", name)
+        if process is not None:
+            loop.create_task(stop_qemu(process))  # QEMU's exit ends the session
+        else:
+            proxy.stop(f"received {name}", 0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        ready = await proxy.start()
+    except StartupError as exc:
+        if process is None:
+            raise
+        try:
+            rc = await asyncio.wait_for(process.wait(), 2)
+        except TimeoutError:
+            rc = await stop_qemu(process, grace=2)
+            raise exc from None
+        raise StartupError(f"QEMU exited with status {rc} before it was ready") from None
+    log.info(
+        "ready: QEMU monitor %s, oob %s, %d listener(s)",
+        ready.version.decode("ascii", "replace"),
+        "on" if ready.oob else "off",
+        len(config.listeners),
+    )
+    code = await proxy.wait()
+    if process is not None:
+        return exit_status(await stop_qemu(process))
+    return code
+
+
+def _raise_fd_limit() -> None:
+    """Every client is a descriptor; the default soft limit (1024) is too low for a hub."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"qmpmux: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="qmpmux: %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _raise_fd_limit()
+    try:
+        return uvloop.run(serve(config))
+    except StartupError as exc:
+        print(f"qmpmux: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0

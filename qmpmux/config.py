@@ -1,0 +1,141 @@
+"""Typed configuration: what to proxy, where to listen, and the bounds that keep clients apart.
+
+Structs are msgspec `forbid_unknown_fields` so that a typo fails at load time instead of
+silently falling back to a default (a config that fails open is a security bug).
+Addresses are parsed and checked here, once, before anything listens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+import msgspec
+
+DEFAULT_PROFILE = "full"
+KNOWN_PROFILES = frozenset({DEFAULT_PROFILE})
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the operator (one line, names the culprit)."""
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    """Bounds that keep one client from hurting others or QEMU."""
+
+    # Largest single client message. QEMU accepts 64 MiB but ingests ~276 KB/s on one
+    # shared I/O thread, so a huge command stalls every client; QEMU's error is reused.
+    max_message_bytes: int = 1 << 20
+    # Commands read from one client but not answered yet before qmpmux stops reading it.
+    max_pending: int = 256
+    # Output queued for one client that does not read before it is disconnected.
+    outbox_bytes: int = 8 << 20
+    # In-band commands in flight upstream. QEMU queues 8 per monitor and stops reading
+    # beyond that, which would leave an exec-oob command stuck behind them.
+    upstream_window: int = 8
+    max_clients: int = 4096
+
+
+class Address(msgspec.Struct, frozen=True):
+    """`unix:PATH` or `tcp:HOST:PORT`."""
+
+    kind: Literal["unix", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.kind == "unix":
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class Listener(msgspec.Struct, frozen=True):
+    address: Address
+    profile: str = DEFAULT_PROFILE
+    mode: int = 0o600
+
+
+class Config(msgspec.Struct, frozen=True):
+    listeners: tuple[Listener, ...]
+    upstream: Address | None = None
+    spawn: tuple[str, ...] = ()
+    allow_remote: bool = False
+    log_level: str = "info"
+    connect_timeout: float = 5.0
+    limits: Limits = Limits()
+
+
+_TCP = re.compile(r"^tcp:(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def parse_address(text: str) -> Address:
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path:
+            raise ConfigError(f"bad address {text!r}: unix:PATH needs a path")
+        return Address("unix", path=path)
+    m = _TCP.match(text)
+    if m:
+        port = int(m["port"])
+        if not 0 < port < 65536:
+            raise ConfigError(f"bad address {text!r}: port out of range")
+        return Address("tcp", host=m["v6"] or m["host"], port=port)
+    raise ConfigError(f"bad address {text!r}: expected unix:PATH or tcp:HOST:PORT")
+
+
+def parse_listener(text: str) -> Listener:
+    """`ADDR[,profile=NAME][,mode=OCTAL]`; options are split off the end of the address."""
+    address_text, *options = text.split(",")
+    address = parse_address(address_text)
+    profile, mode = DEFAULT_PROFILE, 0o600
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not value:
+            raise ConfigError(f"bad listener option {option!r} in {text!r}: expected KEY=VALUE")
+        if key == "profile":
+            if value not in KNOWN_PROFILES:
+                known = ", ".join(sorted(KNOWN_PROFILES))
+                raise ConfigError(f"unknown profile {value!r} in {text!r} (known: {known})")
+            profile = value
+        elif key == "mode":
+            if address.kind != "unix":
+                raise ConfigError(f"mode= applies to unix sockets only, in {text!r}")
+            try:
+                mode = int(value, 8)
+            except ValueError:
+                raise ConfigError(f"bad mode {value!r} in {text!r}: expected octal") from None
+            if not 0 <= mode <= 0o777:
+                raise ConfigError(f"bad mode {value!r} in {text!r}: expected 0..777")
+        else:
+            raise ConfigError(f"unknown listener option {key!r} in {text!r}")
+    return Listener(address, profile, mode)
+
+
+def check(config: Config) -> None:
+    """Cross-field rules: exactly one upstream source, nothing remote unless asked."""
+    if not config.listeners:
+        raise ConfigError("no --listen address given")
+    if (config.upstream is None) == (not config.spawn):
+        raise ConfigError("give exactly one of --upstream ADDR or --spawn -- QEMU ARGS")
+    for listener in config.listeners:
+        if not listener.address.is_loopback and not config.allow_remote:
+            raise ConfigError(
+                f"refusing to listen on non-loopback {listener.address} without --allow-remote"
+            )
+    paths = [str(lst.address) for lst in config.listeners]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("the same --listen address is given twice")

@@ -1,0 +1,363 @@
+"""The multiplexer: one upstream QMP session, many client sessions (sans-IO).
+
+The shell feeds it what happened (bytes from QEMU or a client, a connection opening or
+closing) and carries out the actions it returns (write, close, pause reading, exit). It
+owns every routing decision:
+
+- Upstream handshake: read QEMU's greeting, negotiate `oob` when offered, then report
+  `UpstreamReady`; clients are greeted with QEMU's own version from then on.
+- Commands get qmpmux's smallest free integer id upstream; the reply is routed back by
+  that id and restored to the client's id (`wire.rewrite_reply`).
+- At most `upstream_window` in-band commands are in flight upstream (QEMU queues 8 per
+  monitor and stops reading past that, which would strand exec-oob commands); clients
+  with queued commands are served round-robin, one command per turn.
+- Events are fanned out as QEMU's original bytes to every negotiated client.
+
+Invariants:
+- A reply goes only to the client whose command it answers; a reply for a client that
+  has gone is dropped; a reply with an id qmpmux did not issue is dropped and logged.
+- A client's in-band replies (local or from QEMU) leave in the order its input came.
+- Nothing a client sends reaches QEMU except a complete, validated, re-encoded command.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from qmpmux.config import Limits
+from qmpmux.ids import IdPool
+from qmpmux.qjson import Framer
+from qmpmux.session import Command, Local, Peer, Phase, Session
+from qmpmux.wire import (
+    CAP_OOB,
+    CAPABILITIES_OOB,
+    CAPABILITIES_PLAIN,
+    NO_ID,
+    SHUTDOWN_EVENT,
+    UpstreamFramer,
+    command_bytes,
+    decode_greeting,
+    decode_upstream,
+    describe_error,
+    greeting,
+    rewrite_reply,
+)
+
+log = logging.getLogger("qmpmux.hub")
+
+
+# --- actions for the shell ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    client: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ToUpstream:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseClient:
+    """Close after writing what is queued for it."""
+
+    client: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PauseClient:
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeClient:
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReady:
+    version: bytes
+    oob: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """The upstream session is over; close everything and exit with `code`."""
+
+    code: int
+    reason: str
+
+
+Action = ToClient | ToUpstream | CloseClient | PauseClient | ResumeClient | UpstreamReady | Exit
+
+
+class UpstreamState(enum.Enum):
+    GREETING = "greeting"
+    NEGOTIATING = "negotiating"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+_client_log = logging.getLogger("qmpmux.client")
+
+
+class Hub:
+    """All proxy state and decisions; no I/O. Each input method returns the actions to do."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.state = UpstreamState.GREETING
+        self.version = b""
+        self.oob = False
+        self.shutdown_seen = False
+        self.clients: dict[int, Session] = {}
+        self._negotiated: dict[int, Session] = {}
+        self._ready: deque[Session] = deque()
+        self._inflight: dict[int, Command] = {}
+        self._inband = 0
+        self._ids = IdPool()
+        self._next_client = 1
+        self._greeting = b""
+        self._offered: frozenset[str] = frozenset()
+        self._framer = UpstreamFramer()
+        self._out: list[Action] = []
+
+    def _take(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    # --- upstream ---------------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> list[Action]:
+        try:
+            for line in self._framer.feed(data):
+                if self.state is UpstreamState.READY:
+                    self._upstream_message(line)
+                elif self.state is not UpstreamState.CLOSED:
+                    self._handshake(line)
+        except ValueError as exc:
+            self._end(1, f"QEMU sent an oversized message: {exc}")
+        self._pump()
+        return self._take()
+
+    def upstream_closed(self, reason: str = "") -> list[Action]:
+        if self.state is not UpstreamState.CLOSED:
+            if self.shutdown_seen:
+                self._end(0, "QEMU shut down")
+            else:
+                self._end(1, f"QEMU closed the monitor connection{': ' + reason if reason else ''}")
+        return self._take()
+
+    def _end(self, code: int, reason: str) -> None:
+        self.state = UpstreamState.CLOSED
+        for cid in list(self.clients):
+            self._out.append(CloseClient(cid, reason))
+        self._out.append(Exit(code, reason))
+
+    def _handshake(self, line: bytes) -> None:
+        try:
+            msg = decode_upstream(line)
+        except msgspec.DecodeError:
+            log.warning("ignoring non-QMP output from QEMU during handshake: %.200r", line)
+            return
+        if self.state is UpstreamState.GREETING:
+            if not msg.QMP:
+                self._end(1, f"QEMU did not greet with QMP: {line[:200]!r}")
+                return
+            try:
+                self.version, caps = decode_greeting(msg.QMP)
+            except msgspec.DecodeError:
+                self._end(1, f"malformed QMP greeting: {line[:200]!r}")
+                return
+            self.oob = CAP_OOB in caps
+            self._out.append(ToUpstream(CAPABILITIES_OOB if self.oob else CAPABILITIES_PLAIN))
+            self.state = UpstreamState.NEGOTIATING
+        elif msg.event is not None:
+            return  # events before negotiation completes are not ours to deliver
+        elif msg.error:
+            self._end(1, f"QEMU refused qmp_capabilities: {describe_error(msg.error)}")
+        else:
+            self.state = UpstreamState.READY
+            self._offered = frozenset({CAP_OOB}) if self.oob else frozenset()
+            self._greeting = greeting(self.version, self.oob)
+            self._out.append(UpstreamReady(self.version, self.oob))
+
+    def _upstream_message(self, line: bytes) -> None:
+        try:
+            msg = decode_upstream(line)
+        except msgspec.DecodeError:
+            log.warning("dropping malformed output from QEMU: %.200r", line)
+            return
+        if msg.event is not None:
+            if msg.event == SHUTDOWN_EVENT:
+                self.shutdown_seen = True
+            for session in self._negotiated.values():
+                self._out.append(ToClient(session.id, line))
+        elif msg.id is not NO_ID:
+            self._route_reply(line, msg.id)
+        elif msg.error:
+            # qmpmux sends every command with an id, so QEMU could not parse our output.
+            log.error("QEMU reported an error without id: %s", describe_error(msg.error))
+        else:
+            log.warning("dropping unexpected message from QEMU: %.200r", line)
+
+    def _route_reply(self, line: bytes, upstream_id: object) -> None:
+        cmd = self._inflight.pop(upstream_id, None) if type(upstream_id) is int else None
+        if cmd is None:
+            log.warning("dropping reply with an id qmpmux did not issue: %.200r", line)
+            return
+        assert isinstance(upstream_id, int)
+        self._ids.give_back(upstream_id)
+        session = cmd.session
+        if cmd.oob:
+            session.oob_inflight -= 1
+        else:
+            self._inband -= 1
+        if session.closed:
+            return  # its client has gone: the reply is nobody else's
+        data = rewrite_reply(line, upstream_id, cmd.wire_id)
+        if cmd.oob:
+            self._out.append(ToClient(session.id, data))
+            self._settle(session)
+        else:
+            cmd.reply = data
+            self._flush(session)
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def client_connected(self, peer: Peer) -> tuple[int, list[Action]]:
+        """Register a new client and greet it. The id is 0 if the client was refused."""
+        if self.state is not UpstreamState.READY:
+            return 0, []
+        if len(self.clients) >= self.limits.max_clients:
+            log.warning("refusing client from %s: %d clients connected", peer.listener,
+                        len(self.clients))
+            return 0, []
+        cid = self._next_client
+        self._next_client += 1
+        framer = Framer(max_message_bytes=self.limits.max_message_bytes)
+        self.clients[cid] = Session(cid, peer, self._offered, framer)
+        _client_log.info(
+            "client %d: connected on %s (uid=%s pid=%s)", cid, peer.listener, peer.uid, peer.pid
+        )
+        self._out.append(ToClient(cid, self._greeting))
+        return cid, self._take()
+
+    def client_data(self, client: int, data: bytes) -> list[Action]:
+        session = self.clients.get(client)
+        if session is None or session.draining:
+            return []
+        for value in session.framer.feed(data):
+            verdict = session.judge(value)
+            if type(verdict) is Local:
+                if verdict.immediate:
+                    self._out.append(ToClient(client, verdict.data))
+                else:
+                    session.replies.append(verdict.data)
+            else:
+                assert isinstance(verdict, Command)
+                self._enqueue(session, verdict)
+        if session.phase is Phase.COMMAND and client not in self._negotiated:
+            self._flush(session)  # negotiation replies are local, so this empties the queue
+            self._negotiated[client] = session
+        else:
+            self._flush(session)
+        if not session.paused and session.pending >= self.limits.max_pending:
+            session.paused = True
+            self._out.append(PauseClient(client))
+        self._pump()
+        return self._take()
+
+    def client_eof(self, client: int) -> list[Action]:
+        """The client shut down its sending side: answer what it sent, then close."""
+        session = self.clients.get(client)
+        if session is not None:
+            session.draining = True
+            self._settle(session)
+        return self._take()
+
+    def client_closed(self, client: int) -> list[Action]:
+        """The connection is gone: drop its queued commands; late replies are discarded."""
+        session = self.clients.pop(client, None)
+        if session is None:
+            return []
+        session.closed = True
+        self._negotiated.pop(client, None)
+        session.queue.clear()
+        session.replies.clear()
+        _client_log.info("client %d: disconnected", client)
+        self._pump()
+        return self._take()
+
+    def _enqueue(self, session: Session, cmd: Command) -> None:
+        if cmd.oob:
+            # Out-of-band: straight to QEMU, which runs it at once in its I/O thread.
+            session.oob_inflight += 1
+            self._out.append(ToUpstream(self._issue(cmd)))
+            return
+        session.replies.append(cmd)
+        session.queue.append(cmd)
+        if not session.in_ready:
+            session.in_ready = True
+            self._ready.append(session)
+
+    def _issue(self, cmd: Command) -> bytes:
+        upstream_id = self._ids.take()
+        self._inflight[upstream_id] = cmd
+        return command_bytes(cmd.prefix, upstream_id)
+
+    def _pump(self) -> None:
+        """Fill the upstream window from the clients' queues, one command per client a turn."""
+        if self.state is not UpstreamState.READY:
+            return
+        window = self.limits.upstream_window
+        ready = self._ready
+        chunks: list[bytes] = []
+        while self._inband < window and ready:
+            session = ready.popleft()
+            if session.closed or not session.queue:
+                session.in_ready = False
+                continue
+            chunks.append(self._issue(session.queue.popleft()))
+            self._inband += 1
+            if session.queue:
+                ready.append(session)
+            else:
+                session.in_ready = False
+        if chunks:
+            self._out.append(ToUpstream(b"".join(chunks)))
+
+    def _flush(self, session: Session) -> None:
+        """Send the client's in-band replies that are ready, in input order."""
+        replies = session.replies
+        out = self._out
+        cid = session.id
+        while replies:
+            head = replies[0]
+            if type(head) is bytes:
+                out.append(ToClient(cid, head))
+            else:
+                assert isinstance(head, Command)
+                if head.reply is None:
+                    break
+                out.append(ToClient(cid, head.reply))
+            replies.popleft()
+        self._settle(session)
+
+    def _settle(self, session: Session) -> None:
+        """Flow control and half-close bookkeeping after the client's backlog shrank."""
+        if session.paused and session.pending <= self.limits.max_pending // 2:
+            session.paused = False
+            self._out.append(ResumeClient(session.id))
+        if session.draining and not session.pending:
+            self._out.append(CloseClient(session.id, "client finished sending"))

@@ -1,0 +1,34 @@
+"""Upstream command ids: the smallest free integers, so upstream commands stay short.
+
+QEMU reads its monitor one byte at a time (~3.7 us a byte), so qmpmux's ids are the
+smallest integers not in flight: with at most a few dozen commands outstanding they
+are one or two digits, forever. An id returns to the pool only when its reply has
+arrived, so a late reply can never be mistaken for a newer command's.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+
+class IdPool:
+    """Hands out the smallest integer not currently in use."""
+
+    __slots__ = ("_free", "_next")
+
+    def __init__(self) -> None:
+        self._free: list[int] = []
+        self._next = 0
+
+    def take(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        n = self._next
+        self._next += 1
+        return n
+
+    def give_back(self, n: int) -> None:
+        heapq.heappush(self._free, n)
+
+    def in_use(self) -> int:
+        return self._next - len(self._free)

@@ -1,0 +1,301 @@
+"""The asyncio shell around the hub: listening sockets, client and upstream channels.
+
+Everything here is plumbing: it turns socket readiness into hub inputs and hub actions
+into socket operations, flushing each touched channel once per batch so a burst of
+replies or an event fan-out costs one `send` per client. No protocol decision is made
+here; they all live in `hub.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from qmpmux.channel import Channel
+from qmpmux.config import Config, ConfigError, Listener
+from qmpmux.hub import (
+    Action,
+    CloseClient,
+    Exit,
+    Hub,
+    PauseClient,
+    ResumeClient,
+    ToClient,
+    ToUpstream,
+    UpstreamReady,
+)
+from qmpmux.session import Peer
+
+log = logging.getLogger("qmpmux.server")
+
+UPSTREAM = 0  # channel key of the QEMU connection; clients are numbered from 1
+_PEERCRED = struct.Struct("3i")
+CLIENT_READ_SIZE = 16384  # bounds the parsing work one client can cause per loop turn
+UPSTREAM_READ_SIZE = 262144
+
+
+class StartupError(Exception):
+    """qmpmux cannot start; the message is one line for the operator."""
+
+
+@dataclass
+class _Listening:
+    listener: Listener
+    sock: socket.socket
+    label: str
+
+
+def _check_stale_unix(path: str) -> None:
+    """Replace a socket file left by a dead process; refuse to steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"cannot listen on unix:{path}: file exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody accepts on it: stale
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise StartupError(f"cannot listen on unix:{path}: another process is serving it")
+
+
+def open_listener(listener: Listener) -> socket.socket:
+    """Bind and listen, with the unix socket's mode set before anyone can connect."""
+    address = listener.address
+    try:
+        if address.kind == "unix":
+            _check_stale_unix(address.path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o777)  # no window where the socket is reachable with a wide mode
+            try:
+                sock.bind(address.path)
+            finally:
+                os.umask(old)
+            os.chmod(address.path, listener.mode)
+        else:
+            infos = socket.getaddrinfo(
+                address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    return sock
+
+
+def peer_of(sock: socket.socket, label: str, profile: str) -> Peer:
+    if sock.family == socket.AF_UNIX:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            pid, uid, gid = _PEERCRED.unpack(raw)
+        except OSError:
+            return Peer(label, profile)
+        return Peer(label, profile, uid=uid, gid=gid, pid=pid)
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return Peer(label, profile)
+    return Peer(label, profile, address=f"{host}:{port}")
+
+
+class Proxy:
+    """Runs one hub: one upstream socket, any number of listeners and clients."""
+
+    def __init__(self, config: Config, upstream: socket.socket, hub: Hub | None = None) -> None:
+        self.config = config
+        self.hub = hub or Hub(config.limits)
+        self._loop = asyncio.get_running_loop()
+        self._upstream = Channel(
+            self._loop, upstream, self, UPSTREAM, read_size=UPSTREAM_READ_SIZE,
+            outbox_limit=1 << 30,
+        )
+        self._clients: dict[int, Channel] = {}
+        self._listening: list[_Listening] = []
+        self._ready: asyncio.Future[UpstreamReady] = self._loop.create_future()
+        self._done: asyncio.Future[int] = self._loop.create_future()
+        self._exit: Exit | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self, handshake_timeout: float = 10.0) -> UpstreamReady:
+        """Negotiate with QEMU, then open the listeners. Raises StartupError."""
+        self._upstream.start()
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._ready), handshake_timeout)
+        except TimeoutError:
+            self._upstream.abort("no greeting")
+            raise StartupError(
+                f"QEMU sent no QMP greeting within {handshake_timeout:g} s "
+                "(is another client already connected to that monitor?)"
+            ) from None
+        for listener in self.config.listeners:
+            sock = open_listener(listener)
+            entry = _Listening(listener, sock, str(listener.address))
+            self._listening.append(entry)
+            self._loop.add_reader(sock.fileno(), self._accept, entry)
+            log.info("listening on %s (profile %s)", entry.label, listener.profile)
+        return ready
+
+    async def wait(self) -> int:
+        """Wait until the upstream session ends; returns the exit code."""
+        return await self._done
+
+    def stop(self, reason: str, code: int = 0) -> None:
+        """Close everything, as when QEMU goes away."""
+        if self._exit is None:
+            self._finish(Exit(code, reason))
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    # --- accepting --------------------------------------------------------------------------
+
+    def _accept(self, entry: _Listening) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = entry.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.error("accept on %s failed: %s", entry.label, exc.strerror or exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    # Out of descriptors: back off instead of spinning on a readable socket.
+                    self._loop.remove_reader(entry.sock.fileno())
+                    self._loop.call_later(0.1, self._resume_accept, entry)
+                return
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = peer_of(conn, entry.label, entry.listener.profile)
+            cid, actions = self.hub.client_connected(peer)
+            if not cid:
+                conn.close()
+                continue
+            channel = Channel(
+                self._loop, conn, self, cid, read_size=CLIENT_READ_SIZE,
+                outbox_limit=self.config.limits.outbox_bytes, recv_fds=True,
+            )
+            self._clients[cid] = channel
+            channel.start()
+            self._apply(actions)
+
+    def _resume_accept(self, entry: _Listening) -> None:
+        if self._exit is None:
+            self._loop.add_reader(entry.sock.fileno(), self._accept, entry)
+
+    # --- channel events (ChannelHandler) ----------------------------------------------------
+
+    def channel_data(self, key: int, data: bytes, fds: list[int]) -> None:
+        if fds:
+            # Descriptor forwarding is not wired up yet: never leak what a client sent.
+            for fd in fds:
+                os.close(fd)
+            log.info("client %d: closed %d file descriptor(s) it passed", key, len(fds))
+        if key == UPSTREAM:
+            self._apply(self.hub.upstream_data(data))
+        elif data:
+            self._apply(self.hub.client_data(key, data))
+
+    def channel_eof(self, key: int) -> None:
+        if key == UPSTREAM:
+            self._upstream.close("QEMU closed the connection")
+        else:
+            self._apply(self.hub.client_eof(key))
+
+    def channel_closed(self, key: int, reason: str, error: bool) -> None:
+        if key == UPSTREAM:
+            self._apply(self.hub.upstream_closed(reason))
+            return
+        self._clients.pop(key, None)
+        if error:
+            log.warning("client %d: connection cut: %s", key, reason)
+        self._apply(self.hub.client_closed(key))
+        self._maybe_done()
+
+    # --- actions ----------------------------------------------------------------------------
+
+    def _apply(self, actions: Iterable[Action]) -> None:
+        dirty: set[Channel] = set()
+        clients = self._clients
+        for action in actions:
+            kind = type(action)
+            if kind is ToClient:
+                assert isinstance(action, ToClient)
+                channel = clients.get(action.client)
+                if channel is not None:
+                    channel.write(action.data)
+                    dirty.add(channel)
+            elif kind is ToUpstream:
+                assert isinstance(action, ToUpstream)
+                self._upstream.write(action.data)
+                dirty.add(self._upstream)
+            elif kind is CloseClient:
+                assert isinstance(action, CloseClient)
+                channel = clients.get(action.client)
+                if channel is not None:
+                    dirty.discard(channel)
+                    channel.close(action.reason)
+            elif kind is PauseClient:
+                assert isinstance(action, PauseClient)
+                if (channel := clients.get(action.client)) is not None:
+                    channel.pause_reading()
+            elif kind is ResumeClient:
+                assert isinstance(action, ResumeClient)
+                if (channel := clients.get(action.client)) is not None:
+                    channel.resume_reading()
+            elif kind is UpstreamReady:
+                assert isinstance(action, UpstreamReady)
+                if not self._ready.done():
+                    self._ready.set_result(action)
+            elif kind is Exit:
+                assert isinstance(action, Exit)
+                self._finish(action)
+        for channel in dirty:
+            channel.flush()
+
+    def _finish(self, exit_: Exit) -> None:
+        if self._exit is not None:
+            return
+        self._exit = exit_
+        level = logging.INFO if exit_.code == 0 else logging.ERROR
+        log.log(level, "upstream session over: %s", exit_.reason)
+        for entry in self._listening:
+            self._loop.remove_reader(entry.sock.fileno())
+            entry.sock.close()
+            if entry.listener.address.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.listener.address.path)
+        self._listening.clear()
+        for channel in list(self._clients.values()):
+            channel.close(exit_.reason, linger=2.0)
+        if not self._ready.done():
+            self._ready.set_exception(StartupError(exit_.reason))
+            self._ready.exception()  # retrieved: start() may already have given up
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._exit is not None and not self._clients and not self._done.done():
+            if not self._upstream.closed:
+                self._upstream.close("qmpmux exiting", linger=1.0)
+            self._done.set_result(self._exit.code)

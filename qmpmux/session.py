@@ -1,0 +1,226 @@
+"""One client's QMP session, run exactly as QEMU runs a monitor connection (I/O free).
+
+A session starts in negotiation mode, where only `qmp_capabilities` exists, and moves to
+command mode when that succeeds (qmp-spec "Capabilities Negotiation"). Each complete
+input value is judged here in QEMU's own order (monitor/qmp.c handle_qmp_command, then
+qapi/qmp-dispatch.c): parse errors and non-objects, the object's members walked in QDict
+hash order, then the command. The verdict is either a reply qmpmux writes itself or a
+`Command` for QEMU.
+
+Invariants:
+- `qmp_capabilities` is always answered here and never reaches QEMU.
+- Nothing is forwarded before negotiation; `exec-oob` only when this client enabled `oob`.
+- A local reply is `immediate` only where QEMU answers at once (the exec-oob path); all
+  others keep their place among the client's in-band replies.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from qmpmux.qjson import Framer, JsonValue, ParseError, qdict_order
+from qmpmux.wire import (
+    ARGUMENTS,
+    CAP_OOB,
+    COMMAND_NOT_FOUND,
+    EXEC_OOB,
+    EXECUTE,
+    GENERIC_ERROR,
+    ID,
+    NO_ID,
+    QMP_CAPABILITIES,
+    command_prefix,
+    encode_id,
+    error_reply,
+    return_reply,
+)
+
+KNOWN_CAPABILITIES: Final = frozenset({CAP_OOB})  # QMPCapability in qapi/control.json
+_PLAIN_KEYS: Final = frozenset({EXECUTE, ARGUMENTS, ID})
+
+
+class Phase(enum.Enum):
+    NEGOTIATING = "negotiating"
+    COMMAND = "command"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end, as far as the transport can tell."""
+
+    listener: str
+    profile: str = "full"
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    address: str = ""
+
+
+@dataclass(slots=True)
+class Local:
+    """A reply qmpmux makes itself."""
+
+    data: bytes
+    immediate: bool = False
+
+
+class Command:
+    """A client command bound for QEMU; `reply` is filled when QEMU answers."""
+
+    __slots__ = ("name", "oob", "prefix", "reply", "session", "wire_id")
+
+    def __init__(
+        self, session: Session, name: str, prefix: bytes, wire_id: bytes | None, oob: bool
+    ) -> None:
+        self.session = session
+        self.name = name
+        self.prefix = prefix
+        self.wire_id = wire_id
+        self.oob = oob
+        self.reply: bytes | None = None
+
+
+Verdict = Local | Command
+
+
+def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
+    """QEMU's qmp_dispatch_check_obj: the first problem in QDict hash order, or None."""
+    execute = obj.get(EXECUTE)
+    if (
+        isinstance(execute, str)
+        and _PLAIN_KEYS.issuperset(obj)
+        and isinstance(obj.get(ARGUMENTS, obj), dict)
+    ):
+        return None  # the common, valid shape: no order can matter
+    exec_key: str | None = None
+    for key in qdict_order(obj):
+        if key == EXECUTE or (key == EXEC_OOB and allow_oob):
+            if not isinstance(obj[key], str):
+                return f"QMP input member '{key}' must be a string"
+            if exec_key is not None:
+                return f"QMP input member '{key}' clashes with '{exec_key}'"
+            exec_key = key
+        elif key == ARGUMENTS:
+            if not isinstance(obj[key], dict):
+                return "QMP input member 'arguments' must be an object"
+        elif key != ID:
+            return f"QMP input member '{key}' is unexpected"
+    if exec_key is None:
+        return "QMP input lacks member 'execute'"
+    return None
+
+
+def check_capabilities_arguments(args: dict[str, JsonValue]) -> str | list[str]:
+    """Validate `qmp_capabilities` arguments as QEMU's generated visitor does.
+
+    Returns the requested capabilities, or the error desc QEMU would give.
+    """
+    requested: list[str] = []
+    if "enable" in args:
+        enable = args["enable"]
+        if not isinstance(enable, list):
+            return "Invalid parameter type for 'enable', expected: array"
+        for i, cap in enumerate(enable):
+            if not isinstance(cap, str):
+                return f"Invalid parameter type for 'enable[{i}]', expected: string"
+            if cap not in KNOWN_CAPABILITIES:
+                # QEMU names list elements 'null' in this message (qapi-visit-core.c).
+                return f"Parameter 'null' does not accept value '{cap}'"
+            requested.append(cap)
+    for key in qdict_order(args):
+        if key != "enable":
+            return f"Parameter '{key}' is unexpected"
+    return requested
+
+
+class Session:
+    """Protocol state of one client: phase, capabilities, input framing, reply order."""
+
+    __slots__ = (
+        "closed",
+        "draining",
+        "framer",
+        "id",
+        "in_ready",
+        "oob",
+        "oob_inflight",
+        "offered",
+        "paused",
+        "peer",
+        "phase",
+        "queue",
+        "replies",
+    )
+
+    def __init__(self, client_id: int, peer: Peer, offered: frozenset[str], framer: Framer) -> None:
+        self.id = client_id
+        self.peer = peer
+        self.offered = offered
+        self.framer = framer
+        self.phase = Phase.NEGOTIATING
+        self.oob = False
+        # In-band replies in input order: bytes are ready, a Command waits for QEMU.
+        self.replies: deque[bytes | Command] = deque()
+        # In-band commands not yet sent upstream (the hub sends them round-robin).
+        self.queue: deque[Command] = deque()
+        self.oob_inflight = 0
+        self.in_ready = False
+        self.paused = False
+        self.draining = False
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        """Inputs read but not yet answered: what flow control bounds."""
+        return len(self.replies) + self.oob_inflight
+
+    def judge(self, value: JsonValue | ParseError) -> Verdict:
+        """Decide what one complete input value gets: a local reply or a command for QEMU."""
+        if isinstance(value, ParseError):
+            return Local(error_reply(None, GENERIC_ERROR, value.desc))
+        if not isinstance(value, dict):
+            return Local(error_reply(None, GENERIC_ERROR, "QMP input must be a JSON object"))
+        wire_id = encode_id(value.get(ID, NO_ID))
+        oob_path = EXEC_OOB in value and EXECUTE not in value
+        problem = check_command(value, self.oob)
+        if problem is not None:
+            return Local(error_reply(wire_id, GENERIC_ERROR, problem), immediate=oob_path)
+        name = value[EXECUTE] if EXECUTE in value else value[EXEC_OOB]
+        assert isinstance(name, str)
+        args = value.get(ARGUMENTS)
+        assert args is None or isinstance(args, dict)
+        if self.phase is Phase.NEGOTIATING:
+            if name != QMP_CAPABILITIES:
+                return Local(
+                    error_reply(
+                        wire_id,
+                        COMMAND_NOT_FOUND,
+                        "Expecting capabilities negotiation with 'qmp_capabilities'",
+                    )
+                )
+            return self._negotiate(wire_id, args or {})
+        if name == QMP_CAPABILITIES:
+            if oob_path:
+                desc = "The command qmp_capabilities does not support OOB"
+                return Local(error_reply(wire_id, GENERIC_ERROR, desc), immediate=True)
+            checked = check_capabilities_arguments(args or {})
+            if isinstance(checked, str):
+                return Local(error_reply(wire_id, GENERIC_ERROR, checked))
+            desc = "Capabilities negotiation is already complete, command ignored"
+            return Local(error_reply(wire_id, COMMAND_NOT_FOUND, desc))
+        return Command(self, name, command_prefix(name, args, oob_path), wire_id, oob_path)
+
+    def _negotiate(self, wire_id: bytes | None, args: dict[str, JsonValue]) -> Local:
+        checked = check_capabilities_arguments(args)
+        if isinstance(checked, str):
+            return Local(error_reply(wire_id, GENERIC_ERROR, checked))
+        unavailable = [cap for cap in checked if cap not in self.offered]
+        if unavailable:
+            desc = f"Capability {', '.join(unavailable)} not available"
+            return Local(error_reply(wire_id, GENERIC_ERROR, desc))
+        self.phase = Phase.COMMAND
+        self.oob = CAP_OOB in checked
+        return Local(return_reply(wire_id))

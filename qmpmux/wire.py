@@ -1,0 +1,246 @@
+"""QMP messages on the wire: the one place that knows QMP's spellings and byte layout.
+
+Downstream, qmpmux must be byte-identical to QEMU, so everything it writes to a client
+goes through here: greetings, error and return replies (QEMU's member order: `return`
+before `id`, `id` before `error`), and upstream replies whose `id` is swapped for the
+client's own. Upstream, commands are written as compactly as possible (QEMU reads its
+socket one byte at a time, ~3.7 us a byte) with qmpmux's short integer ids.
+
+Invariants:
+- A reply from QEMU reaches a client with exactly one change: its `id` member.
+- Events are never re-encoded: the bytes QEMU sent are the bytes every client gets
+  (except from a `pretty=on` upstream monitor, whose output is compacted once here).
+- Every message written downstream ends in CRLF, as QEMU's monitor does.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterator
+from typing import Any, Final
+
+import msgspec
+
+from qmpmux.qjson import JsonValue, encode, encode_compact
+
+CRLF: Final = b"\r\n"
+
+# Member names, command names and error classes as QEMU spells them (QMP spec, qapi/error.json).
+EXECUTE: Final = "execute"
+EXEC_OOB: Final = "exec-oob"
+ARGUMENTS: Final = "arguments"
+ID: Final = "id"
+QMP_CAPABILITIES: Final = "qmp_capabilities"
+CAP_OOB: Final = "oob"
+GENERIC_ERROR: Final = "GenericError"
+COMMAND_NOT_FOUND: Final = "CommandNotFound"
+SHUTDOWN_EVENT: Final = "SHUTDOWN"
+
+
+class Absent(enum.Enum):
+    """Marks a command that carried no `id` (distinct from `"id": null`)."""
+
+    ID = 0
+
+
+NO_ID: Final = Absent.ID
+ClientId = JsonValue | Absent
+
+
+def encode_id(value: ClientId) -> bytes | None:
+    """A client's id as QEMU would echo it (re-serialised, not verbatim), or None if absent."""
+    if value is NO_ID:
+        return None
+    return encode(value)
+
+
+# --- messages qmpmux writes to clients ----------------------------------------------------
+
+
+def greeting(version: bytes, oob: bool) -> bytes:
+    """QEMU's greeting, with QEMU's own version object copied byte for byte."""
+    caps = b'["oob"]' if oob else b"[]"
+    return b'{"QMP": {"version": ' + version + b', "capabilities": ' + caps + b"}}" + CRLF
+
+
+def error_reply(wire_id: bytes | None, error_class: str, desc: str) -> bytes:
+    """`{"id": ..., "error": {"class": ..., "desc": ...}}` exactly as QEMU lays it out."""
+    body = b'"error": {"class": ' + encode(error_class) + b', "desc": ' + encode(desc) + b"}}"
+    if wire_id is None:
+        return b"{" + body + CRLF
+    return b'{"id": ' + wire_id + b", " + body + CRLF
+
+
+def return_reply(wire_id: bytes | None, value: bytes = b"{}") -> bytes:
+    """`{"return": ..., "id": ...}` for replies qmpmux answers itself."""
+    if wire_id is None:
+        return b'{"return": ' + value + b"}" + CRLF
+    return b'{"return": ' + value + b', "id": ' + wire_id + b"}" + CRLF
+
+
+# --- commands qmpmux writes to QEMU ---------------------------------------------------------
+
+_UPSTREAM_IDS: Final = [str(n).encode() for n in range(1024)]
+
+
+def upstream_id_bytes(n: int) -> bytes:
+    return _UPSTREAM_IDS[n] if n < 1024 else str(n).encode()
+
+
+def command_prefix(name: str, arguments: dict[str, JsonValue] | None, oob: bool) -> bytes:
+    """A command's upstream bytes up to (not including) its id: `{"execute":"x","arguments":{..}`.
+
+    Empty arguments are dropped: QEMU treats a missing `arguments` as `{}`, and every
+    byte costs QEMU ~3.7 us to read.
+    """
+    head = b'{"exec-oob":' if oob else b'{"execute":'
+    prefix = head + encode_compact(name)
+    if arguments:
+        prefix += b',"arguments":' + encode_compact(arguments)
+    return prefix
+
+
+def command_bytes(prefix: bytes, upstream_id: int) -> bytes:
+    return prefix + b',"id":' + upstream_id_bytes(upstream_id) + b"}"
+
+
+CAPABILITIES_OOB: Final = b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}'
+CAPABILITIES_PLAIN: Final = b'{"execute":"qmp_capabilities"}'
+
+
+# --- messages QEMU writes to qmpmux ---------------------------------------------------------
+
+
+class Upstream(msgspec.Struct):
+    """What qmpmux needs to route one upstream message; payloads stay undecoded (Raw)."""
+
+    QMP: msgspec.Raw = msgspec.Raw()  # empty (falsy) when absent
+    event: str | None = None
+    id: Any = NO_ID
+    error: msgspec.Raw = msgspec.Raw()
+
+
+class _Greeting(msgspec.Struct):
+    version: msgspec.Raw
+    capabilities: list[str]
+
+
+class _ErrorBody(msgspec.Struct):
+    desc: str = ""
+    cls: str = msgspec.field(default="", name="class")
+
+
+_decode_upstream = msgspec.json.Decoder(Upstream).decode
+_decode_greeting = msgspec.json.Decoder(_Greeting).decode
+_decode_error = msgspec.json.Decoder(_ErrorBody).decode
+_decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def decode_upstream(line: bytes) -> Upstream:
+    """Classify one upstream message; raises msgspec.DecodeError on anything not QMP-shaped."""
+    return _decode_upstream(line)
+
+
+def decode_greeting(raw: msgspec.Raw) -> tuple[bytes, list[str]]:
+    """(version bytes, offered capabilities) from the greeting's `QMP` member."""
+    g = _decode_greeting(raw)
+    return bytes(g.version), g.capabilities
+
+
+def describe_error(raw: msgspec.Raw) -> str:
+    """`Class: desc` of an upstream error member, for logs."""
+    try:
+        err = _decode_error(raw)
+    except msgspec.DecodeError:
+        return bytes(raw).decode("ascii", "replace")
+    return f"{err.cls}: {err.desc}"
+
+
+def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes:
+    """Give an upstream reply the client's id back, touching nothing else.
+
+    QEMU writes a reply as `{"return": R, "id": N}` or `{"id": N, "error": E}` (its hash
+    order), so the common case is a splice at a known end; anything else (a downstream
+    build adding members, say) takes the general path that rebuilds the top-level object.
+    """
+    n = upstream_id_bytes(upstream_id)
+    suffix = b', "id": ' + n + b"}\r\n"
+    if line.endswith(suffix):
+        return line[: -len(suffix)] + (b"}" if wire_id is None else b', "id": ' + wire_id + b"}") + CRLF
+    prefix = b'{"id": ' + n + b", "
+    if line.startswith(prefix):
+        return (b"{" if wire_id is None else b'{"id": ' + wire_id + b", ") + line[len(prefix) :]
+    members = []
+    for key, raw in _decode_members(line).items():
+        if key == ID:
+            if wire_id is None:
+                continue
+            value = wire_id
+        else:
+            value = bytes(raw)
+        members.append(encode(key) + b": " + value)
+    return b"{" + b", ".join(members) + b"}" + CRLF
+
+
+# A token-level rewrite from QEMU's pretty output to its compact form: strings are kept,
+# whitespace between tokens dropped, and `, ` / `: ` restored as QEMU's compact writer has them.
+_PRETTY_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[ \t\r\n]+|[,:]')
+
+
+def _compact_token(m: re.Match[bytes]) -> bytes:
+    tok = m.group()
+    if tok[0] == 0x22:  # '"'
+        return tok
+    if tok == b",":
+        return b", "
+    if tok == b":":
+        return b": "
+    return b""
+
+
+def compact_pretty(message: bytes) -> bytes:
+    """A `pretty=on` monitor's multi-line message as QEMU's one-line output, CRLF ended."""
+    return _PRETTY_TOKEN.sub(_compact_token, message) + CRLF
+
+
+class UpstreamFramer:
+    """Splits QEMU's output into messages: one per CRLF line, or one pretty-printed block.
+
+    A pretty monitor opens a message with a line `{` and closes it with a line `}` (inner
+    lines are indented), so both layouts are recognised without a full JSON parser.
+    Buffered input is bounded by `max_message_bytes`; more is a protocol failure.
+    """
+
+    __slots__ = ("_buf", "_max", "_pretty")
+
+    def __init__(self, max_message_bytes: int = 256 * 1024 * 1024) -> None:
+        self._buf = b""
+        self._pretty: list[bytes] | None = None
+        self._max = max_message_bytes
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Yield each complete message, CRLF ended; raise ValueError if one is too large."""
+        buf = self._buf + data if self._buf else data
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start : end + 1]
+            start = end + 1
+            if self._pretty is not None:
+                self._pretty.append(line)
+                if line.rstrip() == b"}":
+                    block = b"".join(self._pretty)
+                    self._pretty = None
+                    yield compact_pretty(block)
+                elif sum(map(len, self._pretty)) > self._max:
+                    raise ValueError("upstream message exceeds the size limit")
+            elif line.rstrip() == b"{":
+                self._pretty = [line]
+            elif line.strip():
+                yield line if line.endswith(CRLF) else line[:-1] + CRLF
+        self._buf = buf[start:]
+        if len(self._buf) > self._max:
+            raise ValueError("upstream message exceeds the size limit")
