@@ -1,0 +1,912 @@
+"""QEMU's QMP JSON dialect, byte-exact: a streaming reader and QEMU's writer.
+
+Role
+----
+qmpmux must look exactly like QEMU to each client. So every client's input is
+parsed the way QEMU 7.2's QMP monitor parses it (``qobject/json-lexer.c`` ->
+``json-streamer.c`` -> ``json-parser.c``), and every message qmpmux writes is
+formatted the way ``qobject/json-writer.c`` formats it.
+
+Reader (:class:`Framer`)
+------------------------
+A pipeline of three stages, each matching QEMU's:
+
+* Lexer: a byte-level state machine with QEMU's transition table, including
+  its error recovery (after a lexical error, skip bytes up to a structural
+  character, an ASCII control other than TAB, or 0xFE/0xFF; that byte is lexed
+  again). Its state is kept across :meth:`Framer.feed` calls, so input split at
+  any byte boundary gives the same result as the whole input, and input fed
+  one byte at a time costs a constant per byte (nothing is rescanned).
+* Streamer: counts ``{``/``[`` nesting and hands a message over when both
+  counts are 0 or either is negative (so ``[}`` ends a message at the ``}``,
+  as the real QEMU 7.2 does). It enforces QEMU's three limits
+  (``max_message_bytes`` as MAX_TOKEN_SIZE, ``max_tokens`` as MAX_TOKEN_COUNT,
+  ``max_nesting`` as MAX_NESTING) with QEMU's checks and recovery.
+* Parser: QEMU's recursive-descent parser, run incrementally as a push-down
+  automaton (one token at a time, no recursion, so nesting depth is not bound
+  by Python's stack). It reports QEMU's first error, in QEMU's order (e.g. an
+  error inside a value comes before that value's "duplicate key"). After the
+  first error it only counts, so a bad message holds no memory.
+
+Memory stays in proportion to ``max_message_bytes`` whatever the input: the
+token being lexed holds at most that plus one byte, and the part of the message
+already parsed comes from tokens that sum to less than that (a message past a
+limit is dropped at once, as QEMU drops it).
+
+Fast path: a complete message at a message boundary, made only of tokens on
+which QEMU and strict JSON agree (plain ASCII strings, small integers,
+``true``/``false``/``null``), is located by one compiled regex and decoded by
+msgspec. Whenever the fast path cannot decide (errors, QEMU extensions,
+non-ASCII, floats, duplicate keys, chunk boundaries) the exact state machine
+handles the message instead.
+
+Writer (:func:`encode`)
+-----------------------
+json-writer.c's non-pretty output: ``", "`` and ``": "`` separators, ASCII only
+(``\\uXXXX`` upper-case, surrogate pairs beyond the BMP, noncharacters and
+invalid sequences as ``\\uFFFD``), doubles as ``%.17g`` (so ``inf`` is printed
+as QEMU does), and dict members in QDict hash-table order (:func:`qdict_order`).
+
+:func:`encode_compact` is the opposite trade-off, for the upstream QEMU
+connection: QEMU reads its socket one byte at a time, so the shortest text that
+QEMU parses back to the same value.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Iterable
+from typing import NamedTuple, TypeAlias
+
+import msgspec
+
+__all__ = [
+    "Framer",
+    "JsonValue",
+    "ParseError",
+    "encode",
+    "encode_compact",
+    "qdict_order",
+]
+
+JsonValue: TypeAlias = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
+
+
+class ParseError(NamedTuple):
+    """One error QEMU reports with class GenericError and no id.
+
+    E.g. ``desc="JSON parse error, stray '\\x0c'"``.
+    """
+
+    desc: str  # encode(desc) gives exactly the bytes QEMU puts in the "desc" member
+
+
+# --------------------------------------------------------------------------
+# Lexer tables (qobject/json-lexer.c)
+# --------------------------------------------------------------------------
+
+# Token types.
+_T_LCURLY, _T_RCURLY, _T_LSQUARE, _T_RSQUARE, _T_COLON, _T_COMMA = range(6)
+_T_INTEGER, _T_FLOAT, _T_KEYWORD, _T_STRING = range(6, 10)
+
+# Lexer states.
+(
+    _S_START,
+    _S_RECOVERY,
+    _S_DQ,
+    _S_DQ_ESC,
+    _S_SQ,
+    _S_SQ_ESC,
+    _S_ZERO,
+    _S_SIGN,
+    _S_DIGITS,
+    _S_MANT,
+    _S_MANT_DIGITS,
+    _S_EXP_E,
+    _S_EXP_SIGN,
+    _S_EXP_DIGITS,
+    _S_KEYWORD,
+) = range(15)
+
+# Table actions: a state number (< 32) means "consume the byte, go there".
+_A_EMIT = 32  # + token type: consume the byte, the token is complete
+_A_LOOK = 64  # + token type: the token is complete, lex this byte again
+_A_ERROR = 96  # consume the byte, the token so far is a lexical error
+_A_RESYNC = 97  # recovery ends: lex this byte again from the start state
+
+
+def _build_table() -> list[list[int]]:
+    t = [[_A_ERROR] * 256 for _ in range(15)]
+    digits = range(0x30, 0x3A)
+
+    def terminal(state: int, ty: int) -> None:
+        t[state][:] = [_A_LOOK + ty] * 256
+
+    s = t[_S_START]
+    for c in b" \t\r\n":
+        s[c] = _S_START
+    for ty, c in enumerate(b"{}[]:,"):
+        s[c] = _A_EMIT + ty
+    s[0x22] = _S_DQ
+    s[0x27] = _S_SQ
+    s[0x30] = _S_ZERO
+    for c in range(0x31, 0x3A):
+        s[c] = _S_DIGITS
+    s[0x2D] = _S_SIGN
+    for c in range(0x61, 0x7B):
+        s[c] = _S_KEYWORD
+
+    r = t[_S_RECOVERY]
+    for c in range(256):
+        r[c] = _A_RESYNC if c < 0x20 or c >= 0xFE else _S_RECOVERY
+    r[0x09] = _S_RECOVERY
+    for c in b"[]{}:,":
+        r[c] = _A_RESYNC
+
+    for body, esc, quote in ((_S_DQ, _S_DQ_ESC, 0x22), (_S_SQ, _S_SQ_ESC, 0x27)):
+        for c in range(0x20, 0xFE):
+            t[body][c] = body
+            t[esc][c] = body
+        t[body][0x5C] = esc
+        t[body][quote] = _A_EMIT + _T_STRING
+
+    terminal(_S_ZERO, _T_INTEGER)
+    for c in digits:
+        t[_S_ZERO][c] = _A_ERROR
+    t[_S_ZERO][0x2E] = _S_MANT
+
+    terminal(_S_EXP_DIGITS, _T_FLOAT)
+    for c in digits:
+        t[_S_EXP_DIGITS][c] = _S_EXP_DIGITS
+        t[_S_EXP_SIGN][c] = _S_EXP_DIGITS
+        t[_S_EXP_E][c] = _S_EXP_DIGITS
+        t[_S_MANT][c] = _S_MANT_DIGITS
+    t[_S_EXP_E][0x2B] = t[_S_EXP_E][0x2D] = _S_EXP_SIGN
+
+    terminal(_S_MANT_DIGITS, _T_FLOAT)
+    for c in digits:
+        t[_S_MANT_DIGITS][c] = _S_MANT_DIGITS
+    t[_S_MANT_DIGITS][0x65] = t[_S_MANT_DIGITS][0x45] = _S_EXP_E
+
+    terminal(_S_DIGITS, _T_INTEGER)
+    for c in digits:
+        t[_S_DIGITS][c] = _S_DIGITS
+    t[_S_DIGITS][0x65] = t[_S_DIGITS][0x45] = _S_EXP_E
+    t[_S_DIGITS][0x2E] = _S_MANT
+
+    t[_S_SIGN][0x30] = _S_ZERO
+    for c in range(0x31, 0x3A):
+        t[_S_SIGN][c] = _S_DIGITS
+
+    terminal(_S_KEYWORD, _T_KEYWORD)
+    for c in range(0x61, 0x7B):
+        t[_S_KEYWORD][c] = _S_KEYWORD
+    return t
+
+
+_TABLE = _build_table()
+
+# Runs of bytes that leave a state unchanged, consumed with one regex call.
+_RUNS: list[re.Pattern[bytes] | None] = [None] * 15
+_RUNS[_S_START] = re.compile(rb"[ \t\r\n]+")
+_RUNS[_S_RECOVERY] = re.compile(rb"[\t\x20-\x2b\x2d-\x39\x3b-\x5a\x5c\x5e-\x7a\x7c\x7e-\xfd]+")
+_RUNS[_S_DQ] = re.compile(rb"[\x20\x21\x23-\x5b\x5d-\xfd]+")
+_RUNS[_S_SQ] = re.compile(rb"[\x20-\x26\x28-\x5b\x5d-\xfd]+")
+_RUNS[_S_DIGITS] = _RUNS[_S_MANT_DIGITS] = _RUNS[_S_EXP_DIGITS] = re.compile(rb"[0-9]+")
+_RUNS[_S_KEYWORD] = re.compile(rb"[a-z]+")
+
+# --------------------------------------------------------------------------
+# Fast path: a whole message of tokens on which QEMU and strict JSON agree
+# --------------------------------------------------------------------------
+
+_WS = rb"[ \t\r\n]*+"
+# Plain strings: printable ASCII (and DEL), the escapes msgspec and QEMU read
+# alike (not \' nor \"), and \u escapes of valid BMP characters (no surrogates,
+# no noncharacters). A string may not start with ':', so that every b'":' in a
+# fast message is a string followed by a colon token (used to detect duplicate
+# keys, which QEMU rejects and msgspec accepts).
+_FAST_STR = (
+    rb'"(?!:)(?:[\x20\x21\x23-\x5b\x5d-\x7f]++|\\[\\/bfnrt]'
+    rb"|\\u(?![dD][89a-fA-F]|[fF][dD][dDeE]|[fF]{3}[eEfF])[0-9a-fA-F]{4})*+\""
+)
+# Colons only directly after a string; integers short enough for int64 (and not
+# split in two: msgspec reads the text, not these tokens).
+_FAST_TOKEN = _FAST_STR + rb":?+|-?(?:0|[1-9][0-9]{0,17})(?![0-9])|true|false|null|,"
+_FAST_MAX_DEPTH = 32
+
+
+@functools.lru_cache(maxsize=8)
+def _fast_regex(depth: int) -> re.Pattern[bytes]:
+    # One bracket kind for both containers: msgspec rejects mismatched pairs,
+    # and properly nested ones end where QEMU's streamer ends the message.
+    body = _FAST_TOKEN
+    for _ in range(depth):
+        container = rb"[\[{](?:" + _WS + rb"(?:" + body + rb"))*+" + _WS + rb"[\]}]"
+        body = _FAST_TOKEN + rb"|" + container
+    return re.compile(_WS + container)
+
+
+_msgspec_decode = msgspec.json.Decoder().decode
+_msgspec_encode = msgspec.json.Encoder().encode
+
+
+class _NotFastError(Exception):
+    """The fast path cannot decide this message."""
+
+
+def _dict_entries(value: object) -> int:
+    if type(value) is dict:
+        return len(value) + sum(_dict_entries(v) for v in value.values())
+    if type(value) is list:
+        return sum(_dict_entries(v) for v in value)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Strings (json-parser.c parse_string, util/unicode.c)
+# --------------------------------------------------------------------------
+
+_NONCHAR_RE = re.compile(
+    "[\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(1, 17))
+    + "]"
+)
+_MIN_CP = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
+
+
+def _valid_cp(cp: int) -> bool:
+    """util/unicode.c is_valid_codepoint()."""
+    return (
+        0 <= cp <= 0x10FFFF
+        and not 0xFDD0 <= cp <= 0xFDEF
+        and (cp & 0xFFFE) != 0xFFFE
+        and not 0xD800 <= cp <= 0xDFFF
+    )
+
+
+def _mod_utf8_codepoint(b: bytes, i: int) -> tuple[int, int]:
+    """util/unicode.c mod_utf8_codepoint(): (codepoint or -1, end index)."""
+    n = len(b)
+    byte = b[i]
+    i += 1
+    if byte < 0x80:
+        return byte, i
+    if byte >= 0xFE or not byte & 0x40:
+        return -1, i
+    length = 0
+    mask = 0x80
+    while byte & mask:
+        length += 1
+        mask >>= 1
+    cp = byte & (mask - 1)
+    for _ in range(1, length):
+        nxt = b[i] if i < n else 0
+        if nxt & 0xC0 != 0x80:
+            return -1, i
+        i += 1
+        cp = (cp << 6) | (nxt & 0x3F)
+    if not _valid_cp(cp) or (cp < _MIN_CP[length - 2] and not (cp == 0 and length == 2)):
+        return -1, i
+    return cp, i
+
+
+def _writer_text(b: bytes) -> str:
+    """The text json-writer.c prints for C string ``b`` (invalid sequences -> U+FFFD)."""
+    b = b.split(b"\0", 1)[0]
+    if b.isascii():
+        return b.decode("ascii")
+    if b"\xc0\x80" not in b:
+        try:
+            s = b.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            if not _NONCHAR_RE.search(s):
+                return s
+    out: list[str] = []
+    i = 0
+    while i < len(b):
+        cp, i = _mod_utf8_codepoint(b, i)
+        out.append(chr(cp) if cp >= 0 else "\ufffd")
+    return "".join(out)
+
+
+class _Error(Exception):
+    """A parser error; args[0] is the message (bytes) after "JSON parse error, "."""
+
+
+def _literal(seg: bytes) -> str:
+    """Decode a run of raw string bytes (no backslash), as parse_string() validates it."""
+    if seg.isascii():
+        return seg.decode("ascii")
+    if b"\xc0\x80" not in seg:
+        try:
+            s = seg.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Error(b"invalid UTF-8 sequence in string") from None
+        if _NONCHAR_RE.search(s):
+            raise _Error(b"invalid UTF-8 sequence in string")
+        return s
+    out: list[str] = []
+    i = 0
+    while i < len(seg):
+        cp, i = _mod_utf8_codepoint(seg, i)
+        if cp < 0:
+            raise _Error(b"invalid UTF-8 sequence in string")
+        out.append(chr(cp))
+    return "".join(out)
+
+
+_SIMPLE_ESCAPES = {
+    0x22: '"',
+    0x27: "'",
+    0x5C: "\\",
+    0x2F: "/",
+    0x62: "\b",
+    0x66: "\f",
+    0x6E: "\n",
+    0x72: "\r",
+    0x74: "\t",
+}
+_HEX4 = re.compile(rb"[0-9a-fA-F]{4}")
+
+
+def _hex4(b: bytes, i: int) -> int:
+    """json-parser.c cvt4hex(): four hex digits at b[i:], else -1."""
+    return int(b[i : i + 4], 16) if _HEX4.match(b, i) else -1
+
+
+def _parse_string(tok: bytes) -> str:
+    """json-parser.c parse_string() on a complete string token (quotes included)."""
+    body = tok[1:-1]
+    if 0x5C not in body:
+        return _literal(body)
+    parts: list[str] = []
+    pos = 0
+    while True:
+        j = body.find(b"\\", pos)
+        if j < 0:
+            parts.append(_literal(body[pos:]))
+            return "".join(parts)
+        if j > pos:
+            parts.append(_literal(body[pos:j]))
+        esc = body[j + 1]  # the lexer never ends a string right after a backslash
+        simple = _SIMPLE_ESCAPES.get(esc)
+        if simple is not None:
+            parts.append(simple)
+            pos = j + 2
+            continue
+        if esc != 0x75:  # 'u'
+            raise _Error(b"invalid escape sequence in string")
+        cp = _hex4(body, j + 2)
+        end = j + 6
+        if 0xD800 <= cp <= 0xDBFF and body[end : end + 2] == b"\\u":
+            trailing = _hex4(body, end + 2)
+            if 0xDC00 <= trailing <= 0xDFFF:
+                cp = 0x10000 + ((cp & 0x3FF) << 10) + (trailing & 0x3FF)
+                end += 6
+            else:
+                cp = -1
+        if not _valid_cp(cp):
+            # "%.*s" of the escape; the C string ends after the closing quote
+            text = (body + tok[-1:])[j:end]
+            raise _Error(text + b" is not a valid Unicode character")
+        parts.append(chr(cp))
+        pos = end
+
+
+def _parse_integer(tok: bytes) -> int | float:
+    """int64 if it fits, else uint64 if it fits (and not negative), else strtod()."""
+    if len(tok) <= 21:
+        value = int(tok)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
+    return float(tok)
+
+
+# --------------------------------------------------------------------------
+# Framer: lexer + streamer + incremental parser
+# --------------------------------------------------------------------------
+
+# Parser frame phases.
+_P_OBJ_FIRST, _P_OBJ_KEY, _P_OBJ_COLON, _P_OBJ_VALUE, _P_OBJ_SEP = range(5)
+_P_ARR_FIRST, _P_ARR_VALUE, _P_ARR_SEP = range(5, 8)
+
+_PREFIX = b"JSON parse error, "
+_SIZE_ERROR = ParseError("JSON token size limit exceeded")
+_COUNT_ERROR = ParseError("JSON token count limit exceeded")
+_NESTING_ERROR = ParseError("JSON nesting depth limit exceeded")
+_KEYWORDS: dict[bytes, bool | None] = {b"true": True, b"false": False, b"null": None}
+
+
+class Framer:
+    """Per-connection streaming reader: bytes in, complete top-level values or errors out.
+
+    Results come out in input order, one per message QEMU's streamer would hand on.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        max_tokens: int = 2 * 1024 * 1024,
+        max_nesting: int = 1024,
+    ) -> None:
+        self._max_size = max_message_bytes
+        self._max_tokens = max_tokens
+        self._max_nesting = max_nesting
+        depth = min(_FAST_MAX_DEPTH, max_nesting)
+        self._fast = _fast_regex(depth) if depth > 0 else None
+        self._fast_window = min(max_message_bytes - 1, max_tokens)
+        # lexer
+        self._state = _S_START
+        self._tok = bytearray()
+        # streamer
+        self._brace = 0
+        self._bracket = 0
+        self._ntok = 0
+        self._size = 0
+        # parser
+        self._stack: list[_Object | _Array] = []
+        self._perr: bytes | None = None
+        self._done = False
+        self._result: JsonValue = None
+        self._out: list[JsonValue | ParseError] = []
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete message (memory accounting)."""
+        return len(self._tok) + self._size
+
+    def feed(self, data: bytes) -> list[JsonValue | ParseError]:
+        """Lex ``data``; return the values and errors QEMU would hand to its dispatcher."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        out: list[JsonValue | ParseError] = []
+        self._out = out
+        state = self._state
+        tok = self._tok
+        limit = self._max_size
+        table = _TABLE
+        runs = _RUNS
+        fast = self._fast
+        token = self._token
+        i = 0
+        n = len(data)
+        while i < n:
+            if state == _S_START and self._ntok == 0 and fast is not None:
+                m = fast.match(data, i, i + self._fast_window)
+                if m is not None:
+                    end = m.end()
+                    try:
+                        out.append(self._fast_value(data, i, end))
+                    except _NotFastError:
+                        pass  # the state machine decides
+                    else:
+                        i = end
+                        continue
+            run = runs[state]
+            if run is not None:
+                if state <= _S_RECOVERY:  # whitespace or skipped bytes: no token text
+                    # (the fast regex above already allowed for leading whitespace)
+                    m = run.match(data, i)
+                    if m is not None:
+                        i = m.end()
+                        if i >= n:
+                            break
+                else:
+                    m = run.match(data, i, i + limit + 1 - len(tok))
+                    if m is not None:
+                        j = m.end()
+                        tok += data[i:j]
+                        i = j
+                        if len(tok) > limit:
+                            self._size_exceeded()
+                            tok.clear()
+                            state = _S_START
+                            continue
+                        if i >= n:
+                            break
+            c = data[i]
+            action = table[state][c]
+            if action < 32:
+                if action > _S_RECOVERY:
+                    tok.append(c)
+                state = action
+                i += 1
+            elif action < _A_LOOK:
+                tok.append(c)
+                token(action - _A_EMIT, tok)
+                tok.clear()
+                state = _S_START
+                i += 1
+            elif action < _A_ERROR:
+                token(action - _A_LOOK, tok)
+                tok.clear()
+                state = _S_START
+            elif action == _A_ERROR:
+                tok.append(c)
+                self._stray(bytes(tok))
+                tok.clear()
+                state = _S_RECOVERY
+                i += 1
+            else:
+                state = _S_START
+            if len(tok) > limit:
+                self._size_exceeded()
+                tok.clear()
+                state = _S_START
+        self._state = state
+        self._out = []
+        return out
+
+    # -- fast path ---------------------------------------------------------
+
+    def _fast_value(self, data: bytes, start: int, end: int) -> JsonValue:
+        try:
+            value: JsonValue = _msgspec_decode(data[start:end])
+        except msgspec.DecodeError:
+            raise _NotFastError from None
+        pairs = data.count(b'":', start, end)
+        if (
+            pairs
+            and not (type(value) is dict and len(value) == pairs)
+            and _dict_entries(value) != pairs
+        ):
+            raise _NotFastError  # duplicate keys: QEMU rejects them
+        return value
+
+    # -- streamer (json-streamer.c json_message_process_token) -------------
+
+    def _stray(self, text: bytes) -> None:
+        """A lexical error: report it and drop the message so far."""
+        desc = _PREFIX + b"stray '" + text.split(b"\0", 1)[0] + b"'"
+        self._reset()
+        self._out.append(ParseError(_writer_text(desc)))
+
+    def _size_exceeded(self) -> None:
+        """The lexer's single-token limit: QEMU hands the partial token on, and it fails."""
+        self._reset()
+        self._out.append(_SIZE_ERROR)
+
+    def _token(self, ty: int, text: bytearray) -> None:
+        if ty <= _T_RSQUARE:
+            if ty == _T_LCURLY:
+                self._brace += 1
+            elif ty == _T_RCURLY:
+                self._brace -= 1
+            elif ty == _T_LSQUARE:
+                self._bracket += 1
+            else:
+                self._bracket -= 1
+        if self._size + len(text) + 1 > self._max_size:
+            self._reset()
+            self._out.append(_SIZE_ERROR)
+            return
+        if self._ntok + 1 > self._max_tokens:
+            self._reset()
+            self._out.append(_COUNT_ERROR)
+            return
+        if self._brace + self._bracket > self._max_nesting:
+            self._reset()
+            self._out.append(_NESTING_ERROR)
+            return
+        self._ntok += 1
+        self._size += len(text)
+        if self._perr is None:
+            try:
+                self._parse(ty, text)
+            except _Error as e:
+                self._perr = e.args[0]
+        if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 and self._bracket >= 0:
+            return
+        # the message is complete (or unbalanced): parse result out
+        if self._perr is not None:
+            result: JsonValue | ParseError = ParseError(_writer_text(_PREFIX + self._perr))
+        elif self._done:
+            result = self._result
+        else:
+            result = ParseError("JSON parse error, premature EOI")
+        self._reset()
+        self._out.append(result)
+
+    def _reset(self) -> None:
+        self._brace = self._bracket = self._ntok = self._size = 0
+        self._stack = []
+        self._perr = None
+        self._done = False
+        self._result = None
+
+    # -- parser (json-parser.c, one token at a time) -----------------------
+
+    def _parse(self, ty: int, text: bytearray) -> None:
+        stack = self._stack
+        if stack:
+            frame = stack[-1]
+            phase = frame.phase
+            if phase == _P_OBJ_COLON:
+                if ty != _T_COLON:
+                    raise _Error(b"missing : in object pair")
+                frame.phase = _P_OBJ_VALUE
+                return
+            if phase == _P_OBJ_SEP:
+                if ty == _T_RCURLY:
+                    stack.pop()
+                    self._deliver(frame.value)
+                elif ty == _T_COMMA:
+                    frame.phase = _P_OBJ_KEY
+                else:
+                    raise _Error(b"expected separator in dict")
+                return
+            if phase == _P_ARR_SEP:
+                if ty == _T_RSQUARE:
+                    stack.pop()
+                    self._deliver(frame.value)
+                elif ty == _T_COMMA:
+                    frame.phase = _P_ARR_VALUE
+                else:
+                    raise _Error(b"expected separator in list")
+                return
+            if (phase == _P_OBJ_FIRST and ty == _T_RCURLY) or (
+                phase == _P_ARR_FIRST and ty == _T_RSQUARE
+            ):
+                stack.pop()
+                self._deliver(frame.value)
+                return
+        elif self._done:
+            return  # cannot happen: the streamer ends a message with its value
+        # parse_value()
+        if ty == _T_STRING:
+            self._deliver(_parse_string(bytes(text)))
+        elif ty == _T_LCURLY:
+            stack.append(_Object())
+        elif ty == _T_LSQUARE:
+            stack.append(_Array())
+        elif ty == _T_INTEGER:
+            self._deliver(_parse_integer(bytes(text)))
+        elif ty == _T_FLOAT:
+            self._deliver(float(text))
+        elif ty == _T_KEYWORD:
+            word = bytes(text)
+            if word not in _KEYWORDS:
+                # vsnprintf() into a 1024-byte buffer
+                raise _Error((b"invalid keyword '" + word + b"'")[:1023])
+            self._deliver(_KEYWORDS[word])
+        else:
+            raise _Error(b"expecting value")
+
+    def _deliver(self, value: JsonValue) -> None:
+        """A complete value: the top-level result, a key, a member value or an element."""
+        stack = self._stack
+        if not stack:
+            self._result = value
+            self._done = True
+            return
+        frame = stack[-1]
+        if type(frame) is _Array:
+            frame.value.append(value)
+            frame.phase = _P_ARR_SEP
+        elif isinstance(frame, _Object):
+            if frame.phase == _P_OBJ_VALUE:
+                if frame.key in frame.value:
+                    raise _Error(b"duplicate key")
+                frame.value[frame.key] = value
+                frame.phase = _P_OBJ_SEP
+            else:  # _P_OBJ_FIRST or _P_OBJ_KEY: this value is a key
+                if type(value) is not str:
+                    raise _Error(b"key is not a string in object")
+                frame.key = value
+                frame.phase = _P_OBJ_COLON
+
+
+class _Object:
+    """An object being parsed: members so far, phase, and the key awaiting its value."""
+
+    __slots__ = ("key", "phase", "value")
+
+    def __init__(self) -> None:
+        self.value: dict[str, JsonValue] = {}
+        self.phase = _P_OBJ_FIRST
+        self.key = ""
+
+
+class _Array:
+    """An array being parsed: elements so far and phase."""
+
+    __slots__ = ("phase", "value")
+
+    def __init__(self) -> None:
+        self.value: list[JsonValue] = []
+        self.phase = _P_ARR_FIRST
+
+
+# --------------------------------------------------------------------------
+# Writer (qobject/json-writer.c, qobject/qdict.c)
+# --------------------------------------------------------------------------
+
+_QDICT_BUCKETS = 512
+
+
+@functools.lru_cache(maxsize=4096)
+def _bucket(key: str) -> int:
+    """qdict.c tdb_hash() % QDICT_BUCKET_MAX, over the key's modified UTF-8."""
+    raw = key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
+    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
+    for i, c in enumerate(raw):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
+
+
+def qdict_order(keys: Iterable[str]) -> list[str]:
+    """QEMU QDict iteration order for keys inserted in that order.
+
+    Buckets ascending; within a bucket the newest entry first (head insertion).
+    Re-inserting a key keeps its entry where it is.
+    """
+    first: dict[str, int] = {}
+    for index, key in enumerate(keys):
+        first.setdefault(key, index)
+    return sorted(first, key=lambda k: (_bucket(k), -first[k]))
+
+
+# Per key tuple (in insertion order): the keys in QDict order, each with its
+# printed '"key": ' prefix. Bounded: cleared when full.
+_ORDER_CACHE: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+_ORDER_CACHE_MAX = 4096
+
+
+def _members(keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    members = _ORDER_CACHE.get(keys)
+    if members is None:
+        members = [(k, _quote(k) + ": ") for k in qdict_order(keys)]
+        if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
+            _ORDER_CACHE.clear()
+        _ORDER_CACHE[keys] = members
+    return members
+
+
+class _EscapeTable(dict[int, str]):
+    """str.translate() table for json-writer.c quoted_str(), filled on demand."""
+
+    def __missing__(self, cp: int) -> str:
+        if 0xD800 <= cp <= 0xDFFF or not _valid_cp(cp):
+            text = "\\uFFFD"  # not encodable as modified UTF-8 / rejected when decoded
+        elif cp > 0xFFFF:
+            low = cp - 0x10000
+            text = f"\\u{0xD800 + (low >> 10):04X}\\u{0xDC00 + (low & 0x3FF):04X}"
+        elif cp < 0x20 or cp >= 0x7F:
+            text = f"\\u{cp:04X}"
+        else:
+            text = chr(cp)
+        if len(self) < 8192:
+            self[cp] = text
+        return text
+
+
+_ESCAPES = _EscapeTable({c: chr(c) for c in range(0x20, 0x7F)})
+_ESCAPES.update({0x22: '\\"', 0x5C: "\\\\", 8: "\\b", 12: "\\f", 10: "\\n", 13: "\\r", 9: "\\t"})
+_NEEDS_ESCAPE = re.compile("[^\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]")
+
+
+def _quote(s: str) -> str:
+    if _NEEDS_ESCAPE.search(s) is None:
+        return '"' + s + '"'
+    return '"' + s.translate(_ESCAPES) + '"'
+
+
+def _double(x: float) -> str:
+    """printf("%.17g"), including glibc's inf/-inf/nan/-nan."""
+    if math.isnan(x):
+        return "-nan" if math.copysign(1.0, x) < 0 else "nan"
+    return f"{x:.17g}"
+
+
+def _to_json(v: object) -> str:
+    if isinstance(v, str):
+        return _quote(v)
+    if isinstance(v, bool):  # before int
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return int.__repr__(v)
+    if isinstance(v, dict):
+        if not v:
+            return "{}"
+        return "{" + ", ".join([p + _to_json(v[k]) for k, p in _members(tuple(v))]) + "}"
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        return _double(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join([_to_json(x) for x in v]) + "]"
+    raise TypeError(f"not a JSON value: {type(v).__name__}")
+
+
+def encode(value: JsonValue) -> bytes:
+    """QEMU json-writer output for ``value`` (non-pretty), without the trailing CRLF."""
+    return _to_json(value).encode("ascii")
+
+
+# --------------------------------------------------------------------------
+# Compact encoding for the upstream QEMU
+# --------------------------------------------------------------------------
+
+_INT_MIN = -(1 << 63)
+_INT_END = 1 << 64
+
+
+def _plain(v: object) -> bool:
+    """True if msgspec's output parses in QEMU to ``v`` and is already shortest."""
+    if isinstance(v, str | bool) or v is None:
+        return True
+    if isinstance(v, int):
+        return _INT_MIN <= v < _INT_END
+    if isinstance(v, dict):
+        return all(map(_plain, v.values()))
+    if isinstance(v, list):
+        return all(map(_plain, v))
+    return False
+
+
+def _compact_float(x: float) -> bytes:
+    """The shortest text QEMU's lexer reads as a float and strtod() maps back to ``x``."""
+    if math.isnan(x):
+        raise ValueError("NaN has no representation QEMU can parse")
+    if math.isinf(x):
+        return b"-1e999" if x < 0 else b"1e999"
+    if x == 0:
+        return b"-0.0" if math.copysign(1.0, x) < 0 else b"0.0"
+    text = repr(x)  # shortest digits that round-trip
+    sign = ""
+    if text[0] == "-":
+        sign = "-"
+        text = text[1:]
+    mantissa, _, exp = text.partition("e")
+    whole, _, frac = mantissa.partition(".")
+    digits = (whole + frac).lstrip("0")
+    power = (int(exp) if exp else 0) - len(frac)
+    stripped = digits.rstrip("0")
+    power += len(digits) - len(stripped)
+    digits = stripped
+    # digits * 10**power, no leading or trailing zeros
+    candidates = [digits + "e" + str(power)]
+    if len(digits) > 1:
+        candidates.append(digits[0] + "." + digits[1:] + "e" + str(power + len(digits) - 1))
+    point = len(digits) + power
+    if power >= 0:
+        candidates.append(digits + "0" * power + ".0")
+    elif point > 0:
+        candidates.append(digits[:point] + "." + digits[point:])
+    else:
+        candidates.append("0." + "0" * -point + digits)
+    return (sign + min(candidates, key=len)).encode("ascii")
+
+
+def _rawify(v: object) -> object:
+    """``v`` with floats and out-of-range integers as pre-encoded msgspec.Raw text."""
+    if isinstance(v, float):
+        return msgspec.Raw(_compact_float(v))
+    if isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, int):
+        return msgspec.Raw(int.__repr__(v).encode("ascii"))
+    if isinstance(v, dict):
+        return {str(k): _rawify(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_rawify(x) for x in v]
+    if isinstance(v, str):
+        return str(v)
+    return v
+
+
+def encode_compact(value: JsonValue) -> bytes:
+    """Compact JSON for sending to QEMU: no whitespace, QEMU parses it back to ``value``.
+
+    Non-ASCII text is sent as raw UTF-8, U+0000 as ``\\u0000``; floats use the
+    shortest text that round-trips (always with '.' or 'e', so QEMU keeps them
+    floats); infinities become ``1e999``/``-1e999`` (strtod overflows to inf).
+    """
+    if _plain(value):
+        return _msgspec_encode(value)
+    return _msgspec_encode(_rawify(value))

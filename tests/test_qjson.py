@@ -1,0 +1,750 @@
+"""Unit tests for qmpmux.qjson: QEMU's JSON dialect, byte-exact.
+
+Expectations come from the QMP reference tables (qmp-semantics.md sections 1, 5
+and 6, all verified on QEMU 7.2) and from QEMU's source (json-lexer.c,
+json-streamer.c, json-parser.c, json-writer.c, qdict.c, util/unicode.c).
+tests/test_qjson_qemu.py checks the same behaviour against a real QEMU.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmpmux.qjson import (
+    Framer,
+    JsonValue,
+    ParseError,
+    encode,
+    encode_compact,
+    qdict_order,
+)
+
+Item = JsonValue | ParseError
+
+
+def pe(msg: str) -> ParseError:
+    """A parser error as QEMU words it."""
+    return ParseError("JSON parse error, " + msg)
+
+
+SIZE = ParseError("JSON token size limit exceeded")
+COUNT = ParseError("JSON token count limit exceeded")
+NESTING = ParseError("JSON nesting depth limit exceeded")
+
+
+def feed_whole(data: bytes, **limits: int) -> list[Item]:
+    return Framer(**limits).feed(data)
+
+
+def feed_bytewise(data: bytes, **limits: int) -> list[Item]:
+    framer = Framer(**limits)
+    out: list[Item] = []
+    for i in range(len(data)):
+        out += framer.feed(data[i : i + 1])
+    return out
+
+
+def feed_split(data: bytes, cuts: list[int], **limits: int) -> list[Item]:
+    framer = Framer(**limits)
+    out: list[Item] = []
+    last = 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        out += framer.feed(data[last:cut])
+        last = cut
+    return out
+
+
+def canon(items: Sequence[object]) -> list[str]:
+    """Comparable form: repr tells 1 from 1.0 and True, -0.0 from 0.0, and keeps dict order."""
+    return [repr(x) for x in items]
+
+
+def check(data: bytes, expected: Sequence[object], **limits: int) -> None:
+    want = canon(expected)
+    assert canon(feed_whole(data, **limits)) == want
+    assert canon(feed_bytewise(data, **limits)) == want
+
+
+# --------------------------------------------------------------------------
+# Reference section 6.2: malformed inputs, each ended by "\n"
+# --------------------------------------------------------------------------
+
+P = b'{"execute":"query-status","id":'  # the "..." prefix of the table
+QS: JsonValue = {"execute": "query-status"}
+
+MALFORMED: list[tuple[bytes, list[Item]]] = [
+    (b'{"execute": }\n', [pe("expecting value")]),
+    (b'{"execute":"query-status"\n{"execute":"query-status"}\n', []),
+    (
+        b'{"execute":"query-status"\n{"execute":"query-status"}\n}\n',
+        [pe("expected separator in dict")],
+    ),
+    (b'{"execute":"query-status\n', [pe("stray '\"query-status\n'")]),
+    (b"]\n", [pe("expecting value")]),
+    (b"}\n", [pe("expecting value")]),
+    (b'{"execute":"query-status",}\n', [pe("expecting value")]),
+    (b'{"execute" "query-status"}\n', [pe("missing : in object pair")]),
+    (b'{"execute":"query-status" "id":1}\n', [pe("expected separator in dict")]),
+    (b"[1 2]\n", [pe("expected separator in list")]),
+    (b'{"execute":nul}\n', [pe("invalid keyword 'nul'")]),
+    (P + b"True}\n", [pe("stray 'T'"), pe("expecting value")]),
+    (P + b"NaN}\n", [pe("stray 'N'"), pe("expecting value")]),
+    (P + b"Infinity}\n", [pe("stray 'I'"), pe("expecting value")]),
+    (P + b"+1}\n", [pe("stray '+'"), pe("expecting value")]),
+    (P + b"01}\n", [pe("stray '01'"), pe("expecting value")]),
+    (P + b"-}\n", [pe("stray '-}'")]),
+    (P + b"0x10}\n", [pe("expected separator in dict")]),
+    (P + b'"\\q"}\n', [pe("invalid escape sequence in string")]),
+    (P + b'"\\ud800"}\n', [pe("\\ud800 is not a valid Unicode character")]),
+    (P + b'"\xc3\x28"}\n', [pe("invalid UTF-8 sequence in string")]),
+    (P + b'"\xc0\xaf"}\n', [pe("invalid UTF-8 sequence in string")]),
+    (P + b'"a\tb"}\n', [pe("stray '\"a\t'"), pe("expecting value")]),
+    (
+        b'{"execute":"query-status",\x0c"id":1}\n',
+        [pe("stray '\x0c'"), pe("expecting value"), 1, pe("expecting value")],
+    ),
+    (b"\xff\n", [pe("stray '\ufffd'")]),
+    (b"\x00\n", [pe("stray ''")]),
+    (b"\x04\n", [pe("stray '\x04'")]),
+    (b"hello world\n", [pe("invalid keyword 'hello'"), pe("invalid keyword 'world'")]),
+    (b"// comment\n", [pe("stray '/'")]),
+    (b"<xml/>\n", [pe("stray '<'")]),
+    (b'{"execute":"query-status","id":1,"id":2}\n', [pe("duplicate key")]),
+    (b'"hello"\n', ["hello"]),
+    (b"42\n", [42]),
+    (b"true\n", [True]),
+    (b"null\n", [None]),
+    (b'[{"execute":"query-status"}]\n', [[QS]]),
+    (b"\n\n\n", []),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), MALFORMED, ids=[repr(d) for d, _ in MALFORMED])
+def test_malformed_inputs(data: bytes, expected: list[Item]) -> None:
+    check(data, expected)
+
+
+def test_malformed_inputs_followed_by_a_command_recover() -> None:
+    # Every row was verified on QEMU "each followed by a valid command that then worked";
+    # only the unclosed-brace row swallows it.
+    cmd = b'{"execute":"query-status"}'
+    for data, expected in MALFORMED:
+        if data.startswith(b'{"execute":"query-status"\n'):
+            continue
+        check(data + cmd, [*expected, QS])
+
+
+def test_other_parser_messages() -> None:
+    check(b"{1:2}", [pe("key is not a string in object")])
+    check(b'{[1]:2}{"a":[}]}', [pe("key is not a string in object")] + [pe("expecting value")] * 2)
+    # the first error wins: an error inside a value comes before "duplicate key"
+    check(b'{"a":1,"a":[}]', [pe("expecting value")])
+    check(b'{"a":1,"a":[1]}', [pe("duplicate key")])
+    check(b"%d\n%p ", [pe("stray '%'"), pe("stray '%'")])
+    # the message goes to a 1024-byte buffer
+    long_word = b"a" * 1100
+    check(long_word + b"\n", [pe(("invalid keyword '" + "a" * 1100)[:1023])])
+    check(b"x" * 1005 + b" ", [pe("invalid keyword '" + "x" * 1005 + "'")])
+    check(b"x" * 1006 + b" ", [pe("invalid keyword '" + "x" * 1006)])
+    # stray tokens are not truncated; their C string ends at a NUL
+    check(b'"' + b"y" * 2000 + b"\n", [pe("stray '\"" + "y" * 2000 + "\n'")])
+    check(b'"ab\x00', [pe("stray '\"ab'")])
+
+
+def test_unicode_escape_errors() -> None:
+    cases = {
+        b'"\\ud800\\u0041"': "\\ud800",
+        b'"\\udc00"': "\\udc00",
+        b'"\\uD83F\\uDFFE"': "\\uD83F\\uDFFE",  # U+1FFFE is a noncharacter
+        b'"\\uFFFF"': "\\uFFFF",
+        b'"\\ufdd0"': "\\ufdd0",
+        b'"\\u12x4"': "\\u12x4",
+        b'"\\u1"': '\\u1"',  # "%.*s" runs to the end of the token
+        b'"\\u"': '\\u"',
+        b"'\\u12'": "\\u12'",
+        b'"\\ud800\\u12"': "\\ud800",
+    }
+    for token, shown in cases.items():
+        check(token, [pe(shown + " is not a valid Unicode character")])
+
+
+def test_invalid_utf8() -> None:
+    bad = [
+        b"\xc3",  # truncated
+        b"\xe2\x82",
+        b"\x80",  # lone continuation
+        b"\xc0\xaf",  # overlong
+        b"\xe0\x80\xaf",
+        b"\xed\xa0\x80",  # surrogate (CESU)
+        b"\xf4\x90\x80\x80",  # beyond U+10FFFF
+        b"\xf8\x88\x80\x80\x80",
+        b"\xef\xbf\xbe",  # U+FFFE noncharacter
+        b"\xef\xb7\x90",  # U+FDD0 noncharacter
+        b"\xf0\x9f\xbf\xbf",  # U+1FFFF noncharacter
+    ]
+    for raw in bad:
+        check(b'"' + raw + b'" ', [pe("invalid UTF-8 sequence in string")])
+        check(b"'a\\n" + raw + b"' ", [pe("invalid UTF-8 sequence in string")])
+    # 0xFE/0xFF end the string token: lexical errors
+    check(b'"a\xfeb" ', [pe("stray '\"a\ufffd'")])
+    check(b'"a\xffb" ', [pe("stray '\"a\ufffd'")])
+
+
+def test_stray_text_is_printed_as_json_writer_does() -> None:
+    # the writer turns each invalid modified-UTF-8 sequence into one U+FFFD
+    check(b"\xc3\xa9 ", [pe("stray '\ufffd'")])
+    check(b"\xe2\x82\xac ", [pe("stray '\ufffd'")])
+    check(b'"\xe2\x82\xac\x01', [pe("stray '\"\u20ac\x01'")])
+    check(b'"\xc0\x80\x01', [pe("stray '\"\x00\x01'")])
+    check(b'"\xef\xbf\xbe\x01', [pe("stray '\"\ufffd\x01'")])
+    check(b'"\xe2\x82\x01', [pe("stray '\"\ufffd\x01'")])
+
+
+# --------------------------------------------------------------------------
+# Reference section 1: framing and QEMU's extensions
+# --------------------------------------------------------------------------
+
+
+def test_framing() -> None:
+    check(b'{"execute":"query-status"}', [QS])
+    check(b'{"execute":"query-status"}{"execute":"query-status"}', [QS, QS])
+    # scalars need a following character
+    framer = Framer()
+    assert framer.feed(b"42") == []
+    assert framer.feed(b"\n") == [42]
+    assert framer.feed(b"tru") == []
+    assert framer.feed(b"e ") == [True]
+    check(b'"x"', ["x"])
+    check(b" \t\r\n{ \t\r\n} \t\r\n", [{}])
+    check(b"\x0c", [pe("stray '\x0c'")])
+    check(b"\x0b{}", [pe("stray '\x0b'"), {}])
+
+
+def test_extensions() -> None:
+    check(b"{'execute':'query-status'}", [QS])
+    check(b"['it\\'s', \"it\\'s\", 'say \"hi\"', \"a'b\"]", [["it's", "it's", 'say "hi"', "a'b"]])
+    check(b'["a\xc0\x80b", "\\u0000"]', [["a\x00b", "\x00"]])
+    check(
+        b'["\\"\\\\\\/\\b\\f\\n\\r\\t", "\\u00e9\\u20AC\\ud83d\\ude00"]',
+        [['"\\/\b\f\n\r\t', "\u00e9\u20ac\U0001f600"]],
+    )
+    check(b'"\xc3\xa9\xf0\x9f\x98\x80\x7f"\n', ["\u00e9\U0001f600\x7f"])
+
+
+def test_numbers() -> None:
+    check(
+        b"[0, -0, 1, -1, 9223372036854775807, -9223372036854775808, 9223372036854775808,"
+        b" 18446744073709551615, 18446744073709551616, -9223372036854775809,"
+        b" 1.0, -0.0, 0.1, 1e3, 1E400, -1e400, 1e-400, 2.5e-3, 1E+2, 0.5]",
+        [
+            [
+                0,
+                0,
+                1,
+                -1,
+                2**63 - 1,
+                -(2**63),
+                2**63,
+                2**64 - 1,
+                1.8446744073709552e19,
+                -9.223372036854775808e18,
+                1.0,
+                -0.0,
+                0.1,
+                1000.0,
+                math.inf,
+                -math.inf,
+                0.0,
+                0.0025,
+                100.0,
+                0.5,
+            ]
+        ],
+    )
+    digits = b"1" * 5000  # beyond Python's int() digit limit: strtod
+    check(b"[" + digits + b"]", [[math.inf]])
+    # "0e5" is not a number in QEMU's lexer: 0, then keyword "e", then 5
+    check(b"[0e5]", [pe("expected separator in list")])
+    check(b"[1.]", [pe("stray '1.]'")])
+    check(b"[1e]", [pe("stray '1e]'")])
+    check(b"[1e+]", [pe("stray '1e+]'")])
+    check(b"[-a]", [pe("stray '-a'"), pe("expecting value")])
+
+
+def test_streamer_ends_a_message_when_either_count_is_negative() -> None:
+    # (a later json-streamer.c tests bracket_count >= 0 twice; QEMU 7.2 does not)
+    check(b"[}]", [pe("expecting value")] * 2)
+    check(b"[}}}]", [pe("expecting value")] * 4)
+    check(b"{]", [pe("expecting value")])
+    check(b"{]]", [pe("expecting value"), pe("expecting value")])
+    check(
+        b"[}" + b"[" * 1025 + b"]" * 1026,
+        [pe("expecting value"), NESTING] + [pe("expecting value")] * 1026,
+    )
+
+
+# --------------------------------------------------------------------------
+# Reference section 5: ids are re-serialised
+# --------------------------------------------------------------------------
+
+ID_TABLE: list[tuple[bytes, bytes]] = [
+    (b"1.0", b"1"),
+    (b"1e3", b"1000"),
+    (b"0.1", b"0.10000000000000001"),
+    (b"1.5", b"1.5"),
+    (b"-0", b"0"),
+    (b"-0.0", b"-0"),
+    (b"9223372036854775808", b"9223372036854775808"),
+    (b"18446744073709551616", b"1.8446744073709552e+19"),
+    (b"1E400", b"inf"),
+    (b"-1E400", b"-inf"),
+    (b'[1,"two",3.0]', b'[1, "two", 3]'),
+    (b"'single'", b'"single"'),
+    (b'"a\\/b"', b'"a/b"'),
+    (b'"\xc3\xa9"', b'"\\u00E9"'),
+    (b'"\xf0\x9f\x98\x80"', b'"\\uD83D\\uDE00"'),
+    (b'"\x7f"', b'"\\u007F"'),
+    (b'"\\u0000x"', b'"\\u0000x"'),
+    (b'"\\u00e9\\u20ac\\ud83d\\ude00"', b'"\\u00E9\\u20AC\\uD83D\\uDE00"'),
+    (b'""', b'""'),
+    (b"null", b"null"),
+    (b"true", b"true"),
+    (b"false", b"false"),
+    (b"{}", b"{}"),
+    (b"[]", b"[]"),
+    (b'{"b":[{}],"a":1}', b'{"a": 1, "b": [{}]}'),
+]
+
+
+@pytest.mark.parametrize(("sent", "echoed"), ID_TABLE, ids=[repr(s) for s, _ in ID_TABLE])
+def test_id_reserialisation(sent: bytes, echoed: bytes) -> None:
+    data = b'{"execute":"query-status","id":' + sent + b"}"
+    for items in (feed_whole(data), feed_bytewise(data)):
+        assert len(items) == 1
+        value = items[0]
+        assert isinstance(value, dict)
+        assert encode(value["id"]) == echoed
+        response: JsonValue = {"return": {}, "id": value["id"]}
+        assert encode(response) == b'{"return": {}, "id": ' + echoed + b"}"
+
+
+def test_cesu_surrogate_id_is_rejected() -> None:
+    check(P + b'"\xed\xa0\x80"}', [pe("invalid UTF-8 sequence in string")])
+
+
+# --------------------------------------------------------------------------
+# Reference section 6.3: limits (small limits here; same checks as QEMU's)
+# --------------------------------------------------------------------------
+
+
+def test_single_token_size_limit() -> None:
+    # the lexer hands on the partial token at limit + 1 bytes; the rest is lexed afresh
+    data = b'{"id":"' + b"a" * 29 + b'"}\n'
+    check(
+        data,
+        [SIZE, pe("invalid keyword '" + "a" * 13 + "'"), pe("stray '\"}\n'")],
+        max_message_bytes=16,
+    )
+    # the same with QEMU's numbers, scaled: token of exactly the limit is refused by the streamer
+    check(b'"' + b"b" * 14 + b'" ', [SIZE], max_message_bytes=16)
+    check(b'"' + b"b" * 13 + b'" ', ["b" * 13], max_message_bytes=16)
+
+
+def test_message_size_limit() -> None:
+    # token sizes 1+3+1+1+1 = 7, then '"b"' makes 7 + 3 + 1 > 10
+    check(
+        b'{"a":1,"b":2}',
+        [SIZE, pe("expecting value"), 2, pe("expecting value")],
+        max_message_bytes=10,
+    )
+    check(b'{"a":1,"b":2}', [{"a": 1, "b": 2}], max_message_bytes=14)
+    check(b'{"a":1,"b":2}', [SIZE], max_message_bytes=13)  # the closing brace: 12 + 1 + 1 > 13
+
+
+def test_token_count_limit() -> None:
+    check(b"[1,2,3]", [COUNT, pe("expecting value")], max_tokens=5)
+    check(b"[1,2,3]", [[1, 2, 3]], max_tokens=7)
+    check(b"[1,2,3]", [COUNT], max_tokens=6)
+
+
+def test_nesting_limit() -> None:
+    check(b"[[[1]]]", [[[[1]]]], max_nesting=3)
+    check(b"[[[[1]]]]", [NESTING, 1] + [pe("expecting value")] * 4, max_nesting=3)
+    # 1 + 4 + 4 errors and values: with 1025 objects QEMU gave 1029 errors
+    check(
+        b'{"a":{"a":{"a":{"a":1}}}}',
+        [NESTING, "a", pe("expecting value"), 1] + [pe("expecting value")] * 4,
+        max_nesting=3,
+    )
+
+
+def depth_of(value: JsonValue) -> int:
+    depth = 0
+    while isinstance(value, list) and len(value) == 1:
+        value = value[0]
+        depth += 1
+    assert value == 1
+    return depth
+
+
+def test_qemu_nesting_limits() -> None:
+    # depth 1024 is accepted, 1025 fails (compared by hand: repr() would recurse too deep)
+    data = b"[" * 1024 + b"1" + b"]" * 1024
+    for items in (feed_whole(data), feed_bytewise(data)):
+        assert len(items) == 1
+        assert not isinstance(items[0], ParseError)
+        assert depth_of(items[0]) == 1024
+    check(b"[" * 1025 + b"]" * 1025, [NESTING] + [pe("expecting value")] * 1025)
+    check(b"{}" + b"[" * 1025, [{}, NESTING])
+
+
+def test_buffered_memory_is_bounded() -> None:
+    limit = 1000
+    rng = random.Random(7)
+    framer = Framer(max_message_bytes=limit)
+    inputs = [
+        b'"' + b"x" * 100_000,  # one huge token
+        b"[" + b"1," * 50_000,  # a huge message of small tokens
+        b'{"a":"' + b"y" * 5000,
+        bytes(rng.randrange(256) for _ in range(20_000)),
+    ]
+    for data in inputs:
+        for i in range(0, len(data), 777):
+            framer.feed(data[i : i + 777])
+            assert framer.buffered <= limit + 1
+        framer.feed(b"\x04")
+        assert framer.buffered == 0
+
+
+def test_one_byte_feeds_cost_linear_time() -> None:
+    data = b'{"execute":"guest-file-write","id":"' + b"z" * 200_000 + b'"}'
+    framer = Framer()
+    start = time.perf_counter()
+    out: list[Item] = []
+    for i in range(len(data)):
+        out += framer.feed(data[i : i + 1])
+    assert time.perf_counter() - start < 5  # quadratic rescans would take minutes
+    assert out == [{"execute": "guest-file-write", "id": "z" * 200_000}]
+    garbage = b"\x04" * 100_000
+    start = time.perf_counter()
+    assert len(Framer().feed(garbage)) == 100_000
+    assert time.perf_counter() - start < 5
+
+
+# --------------------------------------------------------------------------
+# Split invariance: whole input, one byte at a time, random splits
+# --------------------------------------------------------------------------
+
+FRAGMENTS = [
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b":",
+    b",",
+    b'"',
+    b"'",
+    b"\\",
+    b" ",
+    b"\n",
+    b"\t",
+    b"\r",
+    b'"execute"',
+    b'"id"',
+    b'"nope-x"',
+    b"'sq'",
+    b'"\\u00e9"',
+    b'"\\ud83d\\ude00"',
+    b"\\u",
+    b"\\ud800",
+    b'"\\""',
+    b"1",
+    b"0",
+    b"-",
+    b"12345678901234567890",
+    b"1.5",
+    b"e",
+    b"E+3",
+    b".",
+    b"true",
+    b"nul",
+    b"null",
+    b"x",
+    b"%d",
+    b"\x00",
+    b"\x04",
+    b"\x0c",
+    b"\x7f",
+    b"\xff",
+    b"\xfe",
+    b"\xc3\xa9",
+    b"\xc0\x80",
+    b"\xed\xa0\x80",
+    b"\xf0\x9f\x98\x80",
+    b'{"execute":"nope-a","id":1}',
+    b'{"execute":"nope-b","id":[1,{"k":"v"}],"arguments":{}}',
+    b"{'execute':'nope-c','id':-0.0}",
+    b'{"a":1,"a":2}',
+]
+
+garbage = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=3)), max_size=30).map(
+    b"".join
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=garbage, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+def test_split_invariance(data: bytes, cuts: list[int]) -> None:
+    whole = canon(feed_whole(data))
+    assert canon(feed_bytewise(data)) == whole
+    assert canon(feed_split(data, cuts)) == whole
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=garbage, cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+def test_split_invariance_with_small_limits(data: bytes, cuts: list[int]) -> None:
+    limits = {"max_message_bytes": 24, "max_tokens": 9, "max_nesting": 3}
+    whole = canon(feed_whole(data, **limits))
+    assert canon(feed_bytewise(data, **limits)) == whole
+    assert canon(feed_split(data, cuts, **limits)) == whole
+
+
+# --------------------------------------------------------------------------
+# Writer: QDict order and json-writer.c formatting
+# --------------------------------------------------------------------------
+
+
+def test_qdict_order() -> None:
+    assert qdict_order(["return", "id"]) == ["return", "id"]
+    assert qdict_order(["id", "return"]) == ["return", "id"]
+    assert qdict_order(["error", "id"]) == ["id", "error"]
+    assert qdict_order(["id", "error"]) == ["id", "error"]
+    assert qdict_order(["class", "desc"]) == ["class", "desc"]
+    for keys in (
+        ["timestamp", "event", "data"],
+        ["data", "event", "timestamp"],
+        ["event", "data", "timestamp"],
+    ):
+        assert qdict_order(keys) == ["timestamp", "event", "data"]
+    # "status" and "singlestep" share a bucket: the later insertion comes first.
+    # QEMU inserts StatusInfo members in schema order (running, singlestep, status).
+    assert qdict_order(["running", "singlestep", "status"]) == ["status", "singlestep", "running"]
+    assert qdict_order(["status", "singlestep", "running"]) == ["singlestep", "status", "running"]
+    assert qdict_order(["qemu", "package"]) == ["qemu", "package"]
+    assert qdict_order(["major", "minor", "micro"]) == ["micro", "minor", "major"]
+    assert qdict_order(["version", "capabilities"]) == ["version", "capabilities"]
+    assert qdict_order(["a", "b", "a"]) == qdict_order(["a", "b"])
+    assert qdict_order([]) == []
+
+
+def test_encode_messages() -> None:
+    greeting: JsonValue = {
+        "QMP": {
+            "version": {
+                "qemu": {"major": 7, "minor": 2, "micro": 22},
+                "package": "Debian 1:7.2+dfsg-7+deb12u18+b3",
+            },
+            "capabilities": ["oob"],
+        }
+    }
+    assert encode(greeting) == (
+        b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7},'
+        b' "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}'
+    )
+    status: JsonValue = {
+        "return": {"running": True, "singlestep": False, "status": "running"},
+        "id": 1,
+    }
+    assert encode(status) == (
+        b'{"return": {"status": "running", "singlestep": false, "running": true}, "id": 1}'
+    )
+    event: JsonValue = {
+        "event": "STOP",
+        "timestamp": {"seconds": 1795572380, "microseconds": 473494},
+    }
+    assert encode(event) == (
+        b'{"timestamp": {"seconds": 1795572380, "microseconds": 473494}, "event": "STOP"}'
+    )
+    error: JsonValue = {
+        "error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}
+    }
+    assert encode(error) == (
+        b'{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}'
+    )
+    assert encode({"error": {"class": "CommandNotFound", "desc": "x"}, "id": 1}) == (
+        b'{"id": 1, "error": {"class": "CommandNotFound", "desc": "x"}}'
+    )
+    assert encode({}) == b"{}"
+    assert encode([]) == b"[]"
+    assert encode({"return": {}}) == b'{"return": {}}'
+
+
+def test_encode_scalars() -> None:
+    assert encode(True) == b"true"
+    assert encode(False) == b"false"
+    assert encode(None) == b"null"
+    assert encode(0) == b"0"
+    assert encode(-(2**63)) == b"-9223372036854775808"
+    assert encode(2**64 - 1) == b"18446744073709551615"
+    floats = [
+        (1.0, b"1"),
+        (0.1, b"0.10000000000000001"),
+        (-0.0, b"-0"),
+        (0.0, b"0"),
+        (1.5, b"1.5"),
+        (1e3, b"1000"),
+        (1e17, b"1e+17"),
+        (1e16, b"10000000000000000"),
+        (1.8446744073709552e19, b"1.8446744073709552e+19"),
+        (5e-324, b"4.9406564584124654e-324"),
+        (1e-5, b"1.0000000000000001e-05"),
+        (math.inf, b"inf"),
+        (-math.inf, b"-inf"),
+        (math.nan, b"nan"),
+        (-math.nan, b"-nan"),
+    ]
+    for value, text in floats:
+        assert encode(value) == text, value
+    assert encode([True, 1, 1.0]) == b"[true, 1, 1]"
+
+
+def test_encode_strings() -> None:
+    assert encode('"\\/\b\f\n\r\t') == b'"\\"\\\\/\\b\\f\\n\\r\\t"'
+    assert encode("\x00\x01\x1f\x7f") == b'"\\u0000\\u0001\\u001F\\u007F"'
+    assert (
+        encode("\u00e9\u20ac\U0001f600\U0010fffd")
+        == b'"\\u00E9\\u20AC\\uD83D\\uDE00\\uDBFF\\uDFFD"'
+    )
+    assert encode(" ~azAZ09") == b'" ~azAZ09"'
+    # escapes are cached per character: U+10000 must not land on U+0000's entry
+    assert encode(["\U00010000", "\x00", "\U00010001", "\x01"]) == (
+        b'["\\uD800\\uDC00", "\\u0000", "\\uD800\\uDC01", "\\u0001"]'
+    )
+    # noncharacters and lone surrogates cannot come out of QEMU's decoder: U+FFFD
+    assert encode("\ufffe\uffff\ufdd0\U0001ffff\ud800x") == b'"' + b"\\uFFFD" * 5 + b'x"'
+    assert encode({"\u00e9\x00": 1}) == b'{"\\u00E9\\u0000": 1}'
+
+
+def test_encode_desc_of_stray_bytes() -> None:
+    (err,) = Framer().feed(b"\xff")
+    assert isinstance(err, ParseError)
+    assert encode(err.desc) == b"\"JSON parse error, stray '\\uFFFD'\""
+    (err,) = Framer().feed(b"\x04")
+    assert isinstance(err, ParseError)
+    assert encode(err.desc) == b"\"JSON parse error, stray '\\u0004'\""
+    (err,) = Framer().feed(b'{"id":"\\ud800"}')
+    assert isinstance(err, ParseError)
+    assert encode(err.desc) == b'"JSON parse error, \\\\ud800 is not a valid Unicode character"'
+
+
+def test_encode_rejects_non_json() -> None:
+    with pytest.raises(TypeError):
+        encode(object())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------
+# encode_compact: what goes upstream must parse in QEMU to the same value
+# --------------------------------------------------------------------------
+
+
+def reparse(data: bytes) -> JsonValue:
+    items = Framer().feed(data + b"\n")
+    assert len(items) == 1, items
+    assert not isinstance(items[0], ParseError), items
+    return items[0]
+
+
+def test_encode_compact_examples() -> None:
+    assert (
+        encode_compact({"execute": "query-status", "id": 1}) == b'{"execute":"query-status","id":1}'
+    )
+    assert encode_compact({"a": [1, True, None, "x"]}) == b'{"a":[1,true,null,"x"]}'
+    assert encode_compact("\x00\u00e9\x7f\n") == b'"\\u0000\xc3\xa9\x7f\\n"'
+    floats = [
+        (1.0, b"1e0"),
+        (100.0, b"1e2"),
+        (1.5e10, b"15e9"),
+        (0.001, b"1e-3"),
+        (0.1, b"0.1"),
+        (123.456, b"123.456"),
+        (-2.5, b"-2.5"),
+        (0.0, b"0.0"),
+        (-0.0, b"-0.0"),
+        (math.inf, b"1e999"),
+        (-math.inf, b"-1e999"),
+        (1.8446744073709552e19, b"18446744073709552e3"),
+        (5e-324, b"5e-324"),
+        (1.2345678901234567e-100, b"1.2345678901234567e-100"),
+    ]
+    for value, text in floats:
+        got = encode_compact(value)
+        assert len(got) <= len(text), (value, got)
+        assert repr(reparse(got)) == repr(value)
+    assert encode_compact(2**64 - 1) == b"18446744073709551615"
+    assert encode_compact(-(2**63)) == b"-9223372036854775808"
+    with pytest.raises(ValueError):
+        encode_compact(math.nan)
+
+
+ALL_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8").filter(
+        lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or (ord(c) & 0xFFFE) == 0xFFFE)
+    ),
+    max_size=8,
+)
+JSON_VALUES: st.SearchStrategy[JsonValue] = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | ALL_TEXT,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(ALL_TEXT, children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES)
+def test_encode_compact_round_trips(value: JsonValue) -> None:
+    data = encode_compact(value)
+    assert not set(data) & set(b" \t\r\n") or b'"' in data
+    assert repr(reparse(data)) == repr(value)
+
+
+def numbers_as_floats(value: JsonValue) -> object:
+    """Order-free comparable form; QEMU prints integral doubles without '.' or 'e'."""
+    if isinstance(value, dict):
+        return sorted((k, repr(numbers_as_floats(v))) for k, v in value.items())
+    if isinstance(value, list):
+        return [numbers_as_floats(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def has_inf(value: JsonValue) -> bool:
+    if isinstance(value, dict):
+        return any(has_inf(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_inf(v) for v in value)
+    return isinstance(value, float) and math.isinf(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=JSON_VALUES)
+def test_encode_reads_back(value: JsonValue) -> None:
+    text = encode(value)
+    assert text.isascii()
+    if has_inf(value):
+        assert b"inf" in text
+        return  # QEMU prints inf, which no JSON reader takes back
+    assert numbers_as_floats(reparse(text)) == numbers_as_floats(value)
