@@ -138,16 +138,17 @@ class Channel:
             self._out_size += len(data)
 
     def flush(self) -> None:
-        if self._writing or not self._out or self._done:
+        if self._done or not self._out:
             return
-        self._send()
-        if self._done:
-            return
+        if not self._writing:
+            self._send()
+            if self._done:
+                return
+            if self._out:
+                self._writing = True
+                self._loop.add_writer(self.sock.fileno(), self._on_writable)
         if self._out_size > self.outbox_limit:
             self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
-        elif self._out:
-            self._writing = True
-            self._loop.add_writer(self.sock.fileno(), self._on_writable)
 
     def _send(self) -> None:
         out = self._out
@@ -199,6 +200,16 @@ class Channel:
         """Close at once, dropping anything queued."""
         self._finish(reason, error=True)
 
+    def _discard_input(self) -> None:
+        """Read away unread input: closing with data pending would reset the connection,
+        and a reset can destroy what the peer has not read yet (its last replies)."""
+        try:
+            for _ in range(64):
+                if not self.sock.recv(65536):
+                    return
+        except OSError:
+            pass
+
     def _finish(self, reason: str, error: bool = False) -> None:
         if self._done:
             return
@@ -213,5 +224,7 @@ class Channel:
         self._reading = self._writing = False
         self._out.clear()
         self._out_size = 0
+        if not error:
+            self._discard_input()
         self.sock.close()
         self.handler.channel_closed(self.key, reason, error)

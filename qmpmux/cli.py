@@ -88,21 +88,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = Limits()
     p.add_argument(
-        "--max-clients", type=int, default=defaults.max_clients, metavar="N",
+        "--max-clients",
+        type=int,
+        default=defaults.max_clients,
+        metavar="N",
         help=f"refuse connections beyond N clients (default: {defaults.max_clients})",
     )
     p.add_argument(
-        "--max-message-bytes", type=int, default=defaults.max_message_bytes, metavar="N",
+        "--max-message-bytes",
+        type=int,
+        default=defaults.max_message_bytes,
+        metavar="N",
         help="largest command a client may send; larger gets QEMU's token-size error "
         f"(default: {defaults.max_message_bytes})",
     )
     p.add_argument(
-        "--outbox-bytes", type=int, default=defaults.outbox_bytes, metavar="N",
+        "--outbox-bytes",
+        type=int,
+        default=defaults.outbox_bytes,
+        metavar="N",
         help="output queued for a client that does not read before it is disconnected "
         f"(default: {defaults.outbox_bytes})",
     )
     p.add_argument(
-        "--spawn", action="store_true",
+        "--spawn",
+        action="store_true",
         help="start QEMU: everything after --spawn [--] is its command line",
     )
     p.add_argument("--version", action="version", version=f"qmpmux {__version__}")
@@ -145,25 +155,31 @@ def parse_args(argv: Sequence[str]) -> Config:
 async def serve(config: Config) -> int:
     """Run until the upstream session ends; returns the process exit status."""
     loop = asyncio.get_running_loop()
+    proxy = Proxy(config)
+    proxy.bind()  # before QEMU is touched: a busy socket must not cost a VM start
     process = None
-    if config.spawn:
-        process, sock = await spawn(config.spawn)
-    else:
-        assert config.upstream is not None
-        sock = await connect(config.upstream, config.connect_timeout)
-    proxy = Proxy(config, sock)
+    try:
+        if config.spawn:
+            process, sock = await spawn(config.spawn)
+        else:
+            assert config.upstream is not None
+            sock = await connect(config.upstream, config.connect_timeout)
+    except StartupError:
+        proxy.unbind()
+        raise
+    stopping: list[asyncio.Task[int]] = []
 
     def on_signal(name: str) -> None:
         log.info("received %s: shutting down", name)
         if process is not None:
-            loop.create_task(stop_qemu(process))  # QEMU's exit ends the session
+            stopping.append(loop.create_task(stop_qemu(process)))  # QEMU's exit ends the session
         else:
             proxy.stop(f"received {name}", 0)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
-        ready = await proxy.start()
+        ready = await proxy.start(sock)
     except StartupError as exc:
         if process is None:
             raise

@@ -26,7 +26,6 @@ import enum
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Final
 
 import msgspec
 
@@ -219,19 +218,12 @@ class Hub:
         assert isinstance(upstream_id, int)
         self._ids.give_back(upstream_id)
         session = cmd.session
-        if cmd.oob:
-            session.oob_inflight -= 1
-        else:
+        if not cmd.oob:
             self._inband -= 1
         if session.closed:
             return  # its client has gone: the reply is nobody else's
-        data = rewrite_reply(line, upstream_id, cmd.wire_id)
-        if cmd.oob:
-            self._out.append(ToClient(session.id, data))
-            self._settle(session)
-        else:
-            cmd.reply = data
-            self._flush(session)
+        cmd.reply = rewrite_reply(line, upstream_id, cmd.wire_id)
+        self._flush(session)
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -240,8 +232,9 @@ class Hub:
         if self.state is not UpstreamState.READY:
             return 0, []
         if len(self.clients) >= self.limits.max_clients:
-            log.warning("refusing client from %s: %d clients connected", peer.listener,
-                        len(self.clients))
+            log.warning(
+                "refusing client from %s: %d clients connected", peer.listener, len(self.clients)
+            )
             return 0, []
         cid = self._next_client
         self._next_client += 1
@@ -260,18 +253,15 @@ class Hub:
         for value in session.framer.feed(data):
             verdict = session.judge(value)
             if type(verdict) is Local:
-                if verdict.immediate:
-                    self._out.append(ToClient(client, verdict.data))
-                else:
-                    session.replies.append(verdict.data)
+                (session.oob_replies if verdict.oob else session.replies).append(verdict.data)
             else:
                 assert isinstance(verdict, Command)
                 self._enqueue(session, verdict)
+        self._flush(session)
         if session.phase is Phase.COMMAND and client not in self._negotiated:
-            self._flush(session)  # negotiation replies are local, so this empties the queue
+            # Negotiation replies are all local, so the success reply has just been sent:
+            # events flow from here on, never before.
             self._negotiated[client] = session
-        else:
-            self._flush(session)
         if not session.paused and session.pending >= self.limits.max_pending:
             session.paused = True
             self._out.append(PauseClient(client))
@@ -295,6 +285,7 @@ class Hub:
         self._negotiated.pop(client, None)
         session.queue.clear()
         session.replies.clear()
+        session.oob_replies.clear()
         _client_log.info("client %d: disconnected", client)
         self._pump()
         return self._take()
@@ -302,7 +293,7 @@ class Hub:
     def _enqueue(self, session: Session, cmd: Command) -> None:
         if cmd.oob:
             # Out-of-band: straight to QEMU, which runs it at once in its I/O thread.
-            session.oob_inflight += 1
+            session.oob_replies.append(cmd)
             self._out.append(ToUpstream(self._issue(cmd)))
             return
         session.replies.append(cmd)
@@ -338,20 +329,20 @@ class Hub:
             self._out.append(ToUpstream(b"".join(chunks)))
 
     def _flush(self, session: Session) -> None:
-        """Send the client's in-band replies that are ready, in input order."""
-        replies = session.replies
+        """Send the client's replies that are ready, each stream in input order."""
         out = self._out
         cid = session.id
-        while replies:
-            head = replies[0]
-            if type(head) is bytes:
-                out.append(ToClient(cid, head))
-            else:
-                assert isinstance(head, Command)
-                if head.reply is None:
-                    break
-                out.append(ToClient(cid, head.reply))
-            replies.popleft()
+        for replies in (session.oob_replies, session.replies):
+            while replies:
+                head = replies[0]
+                if type(head) is bytes:
+                    out.append(ToClient(cid, head))
+                else:
+                    assert isinstance(head, Command)
+                    if head.reply is None:
+                        break
+                    out.append(ToClient(cid, head.reply))
+                replies.popleft()
         self._settle(session)
 
     def _settle(self, session: Session) -> None:

@@ -122,14 +122,11 @@ def peer_of(sock: socket.socket, label: str, profile: str) -> Peer:
 class Proxy:
     """Runs one hub: one upstream socket, any number of listeners and clients."""
 
-    def __init__(self, config: Config, upstream: socket.socket, hub: Hub | None = None) -> None:
+    def __init__(self, config: Config, hub: Hub | None = None) -> None:
         self.config = config
         self.hub = hub or Hub(config.limits)
         self._loop = asyncio.get_running_loop()
-        self._upstream = Channel(
-            self._loop, upstream, self, UPSTREAM, read_size=UPSTREAM_READ_SIZE,
-            outbox_limit=1 << 30,
-        )
+        self._upstream: Channel | None = None
         self._clients: dict[int, Channel] = {}
         self._listening: list[_Listening] = []
         self._ready: asyncio.Future[UpstreamReady] = self._loop.create_future()
@@ -138,23 +135,49 @@ class Proxy:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def start(self, handshake_timeout: float = 10.0) -> UpstreamReady:
-        """Negotiate with QEMU, then open the listeners. Raises StartupError."""
+    def bind(self) -> None:
+        """Bind every listener before QEMU is touched, so conflicts fail fast.
+
+        Clients that connect early wait in the backlog until `start` has QEMU ready.
+        """
+        try:
+            for listener in self.config.listeners:
+                sock = open_listener(listener)
+                self._listening.append(_Listening(listener, sock, str(listener.address)))
+        except StartupError:
+            self.unbind()
+            raise
+
+    async def start(
+        self, upstream: socket.socket, handshake_timeout: float = 10.0
+    ) -> UpstreamReady:
+        """Negotiate with QEMU on `upstream`, then accept clients. Raises StartupError."""
+        if not self._listening:
+            self.bind()
+        self._upstream = Channel(
+            self._loop,
+            upstream,
+            self,
+            UPSTREAM,
+            read_size=UPSTREAM_READ_SIZE,
+            outbox_limit=1 << 30,
+        )
         self._upstream.start()
         try:
             ready = await asyncio.wait_for(asyncio.shield(self._ready), handshake_timeout)
         except TimeoutError:
             self._upstream.abort("no greeting")
+            self.unbind()
             raise StartupError(
                 f"QEMU sent no QMP greeting within {handshake_timeout:g} s "
                 "(is another client already connected to that monitor?)"
             ) from None
-        for listener in self.config.listeners:
-            sock = open_listener(listener)
-            entry = _Listening(listener, sock, str(listener.address))
-            self._listening.append(entry)
-            self._loop.add_reader(sock.fileno(), self._accept, entry)
-            log.info("listening on %s (profile %s)", entry.label, listener.profile)
+        except StartupError:
+            self.unbind()
+            raise
+        for entry in self._listening:
+            self._loop.add_reader(entry.sock.fileno(), self._accept, entry)
+            log.info("listening on %s (profile %s)", entry.label, entry.listener.profile)
         return ready
 
     async def wait(self) -> int:
@@ -193,8 +216,13 @@ class Proxy:
                 conn.close()
                 continue
             channel = Channel(
-                self._loop, conn, self, cid, read_size=CLIENT_READ_SIZE,
-                outbox_limit=self.config.limits.outbox_bytes, recv_fds=True,
+                self._loop,
+                conn,
+                self,
+                cid,
+                read_size=CLIENT_READ_SIZE,
+                outbox_limit=self.config.limits.outbox_bytes,
+                recv_fds=True,
             )
             self._clients[cid] = channel
             channel.start()
@@ -219,6 +247,7 @@ class Proxy:
 
     def channel_eof(self, key: int) -> None:
         if key == UPSTREAM:
+            assert self._upstream is not None
             self._upstream.close("QEMU closed the connection")
         else:
             self._apply(self.hub.client_eof(key))
@@ -247,7 +276,7 @@ class Proxy:
                     channel.write(action.data)
                     dirty.add(channel)
             elif kind is ToUpstream:
-                assert isinstance(action, ToUpstream)
+                assert isinstance(action, ToUpstream) and self._upstream is not None
                 self._upstream.write(action.data)
                 dirty.add(self._upstream)
             elif kind is CloseClient:
@@ -280,13 +309,7 @@ class Proxy:
         self._exit = exit_
         level = logging.INFO if exit_.code == 0 else logging.ERROR
         log.log(level, "upstream session over: %s", exit_.reason)
-        for entry in self._listening:
-            self._loop.remove_reader(entry.sock.fileno())
-            entry.sock.close()
-            if entry.listener.address.kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.listener.address.path)
-        self._listening.clear()
+        self.unbind()
         for channel in list(self._clients.values()):
             channel.close(exit_.reason, linger=2.0)
         if not self._ready.done():
@@ -294,8 +317,18 @@ class Proxy:
             self._ready.exception()  # retrieved: start() may already have given up
         self._maybe_done()
 
+    def unbind(self) -> None:
+        """Stop listening and remove the unix socket files."""
+        for entry in self._listening:
+            self._loop.remove_reader(entry.sock.fileno())
+            entry.sock.close()
+            if entry.listener.address.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.listener.address.path)
+        self._listening.clear()
+
     def _maybe_done(self) -> None:
         if self._exit is not None and not self._clients and not self._done.done():
-            if not self._upstream.closed:
+            if self._upstream is not None and not self._upstream.closed:
                 self._upstream.close("qmpmux exiting", linger=1.0)
             self._done.set_result(self._exit.code)

@@ -10,8 +10,9 @@ hash order, then the command. The verdict is either a reply qmpmux writes itself
 Invariants:
 - `qmp_capabilities` is always answered here and never reaches QEMU.
 - Nothing is forwarded before negotiation; `exec-oob` only when this client enabled `oob`.
-- A local reply is `immediate` only where QEMU answers at once (the exec-oob path); all
-  others keep their place among the client's in-band replies.
+- Replies keep QEMU's order: a client without `oob` gets everything in input order
+  (QEMU reads such a monitor one command at a time); a client with `oob` has two ordered
+  streams, in-band and out-of-band, the latter overtaking the former.
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ class Peer:
 
 @dataclass(slots=True)
 class Local:
-    """A reply qmpmux makes itself."""
+    """A reply qmpmux makes itself; `oob` when it belongs to the out-of-band stream."""
 
     data: bytes
-    immediate: bool = False
+    oob: bool = False
 
 
 class Command:
@@ -145,9 +146,9 @@ class Session:
         "framer",
         "id",
         "in_ready",
-        "oob",
-        "oob_inflight",
         "offered",
+        "oob",
+        "oob_replies",
         "paused",
         "peer",
         "phase",
@@ -162,11 +163,11 @@ class Session:
         self.framer = framer
         self.phase = Phase.NEGOTIATING
         self.oob = False
-        # In-band replies in input order: bytes are ready, a Command waits for QEMU.
+        # Replies in input order, one stream per path: bytes are ready, a Command waits.
         self.replies: deque[bytes | Command] = deque()
+        self.oob_replies: deque[bytes | Command] = deque()
         # In-band commands not yet sent upstream (the hub sends them round-robin).
         self.queue: deque[Command] = deque()
-        self.oob_inflight = 0
         self.in_ready = False
         self.paused = False
         self.draining = False
@@ -175,7 +176,7 @@ class Session:
     @property
     def pending(self) -> int:
         """Inputs read but not yet answered: what flow control bounds."""
-        return len(self.replies) + self.oob_inflight
+        return len(self.replies) + len(self.oob_replies)
 
     def judge(self, value: JsonValue | ParseError) -> Verdict:
         """Decide what one complete input value gets: a local reply or a command for QEMU."""
@@ -184,10 +185,12 @@ class Session:
         if not isinstance(value, dict):
             return Local(error_reply(None, GENERIC_ERROR, "QMP input must be a JSON object"))
         wire_id = encode_id(value.get(ID, NO_ID))
+        # QEMU answers the exec-oob path at once, but it only reads a monitor without oob
+        # after the previous command finished, so for such a client that is in order too.
         oob_path = EXEC_OOB in value and EXECUTE not in value
         problem = check_command(value, self.oob)
         if problem is not None:
-            return Local(error_reply(wire_id, GENERIC_ERROR, problem), immediate=oob_path)
+            return Local(error_reply(wire_id, GENERIC_ERROR, problem), oob=oob_path and self.oob)
         name = value[EXECUTE] if EXECUTE in value else value[EXEC_OOB]
         assert isinstance(name, str)
         args = value.get(ARGUMENTS)
@@ -205,7 +208,7 @@ class Session:
         if name == QMP_CAPABILITIES:
             if oob_path:
                 desc = "The command qmp_capabilities does not support OOB"
-                return Local(error_reply(wire_id, GENERIC_ERROR, desc), immediate=True)
+                return Local(error_reply(wire_id, GENERIC_ERROR, desc), oob=True)
             checked = check_capabilities_arguments(args or {})
             if isinstance(checked, str):
                 return Local(error_reply(wire_id, GENERIC_ERROR, checked))

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from qmpmux.config import Address
 from qmpmux.server import StartupError
@@ -33,14 +34,14 @@ async def connect(address: Address, timeout: float) -> socket.socket:
     while True:
         if address.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: str | tuple[str, int] = address.path
+            target: str | tuple[Any, ...] = address.path
         else:
             infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
             if not infos:
                 raise StartupError(f"cannot resolve {address}")
             family, kind, proto, _, sockaddr = infos[0]
             sock = socket.socket(family, kind, proto)
-            target = sockaddr[:2]
+            target = sockaddr
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, target)
@@ -69,7 +70,12 @@ def _die_with_parent() -> None:
 
 
 def monitor_args(fd: int) -> list[str]:
-    return ["-chardev", f"socket,id={MONITOR_ID},fd={fd}", "-mon", f"chardev={MONITOR_ID},mode=control"]
+    return [
+        "-chardev",
+        f"socket,id={MONITOR_ID},fd={fd}",
+        "-mon",
+        f"chardev={MONITOR_ID},mode=control",
+    ]
 
 
 async def spawn(argv: Sequence[str]) -> tuple[asyncio.subprocess.Process, socket.socket]:
@@ -77,7 +83,8 @@ async def spawn(argv: Sequence[str]) -> tuple[asyncio.subprocess.Process, socket
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         process = await asyncio.create_subprocess_exec(
-            *argv, *monitor_args(theirs.fileno()),
+            *argv,
+            *monitor_args(theirs.fileno()),
             stdin=asyncio.subprocess.DEVNULL,
             pass_fds=(theirs.fileno(),),
             preexec_fn=_die_with_parent,
@@ -111,4 +118,3 @@ async def stop_qemu(process: asyncio.subprocess.Process, grace: float = 10.0) ->
 def exit_status(returncode: int) -> int:
     """A shell-style exit status for a child's return code (negative = killed by signal)."""
     return 128 - returncode if returncode < 0 else returncode
-

@@ -167,7 +167,11 @@ def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes
     n = upstream_id_bytes(upstream_id)
     suffix = b', "id": ' + n + b"}\r\n"
     if line.endswith(suffix):
-        return line[: -len(suffix)] + (b"}" if wire_id is None else b', "id": ' + wire_id + b"}") + CRLF
+        return (
+            line[: -len(suffix)]
+            + (b"}" if wire_id is None else b', "id": ' + wire_id + b"}")
+            + CRLF
+        )
     prefix = b'{"id": ' + n + b", "
     if line.startswith(prefix):
         return (b"{" if wire_id is None else b'{"id": ' + wire_id + b", ") + line[len(prefix) :]

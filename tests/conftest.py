@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import uvloop
 
+from qmpmux.config import Address, Config, Limits, Listener
+from qmpmux.server import Proxy
+from qmpmux.upstream import connect
 from tests.realqemu import Qemu, start_qemu
 
 
@@ -27,3 +31,36 @@ def qemu(tmp_path: Path) -> Iterator[Qemu]:
         yield vm
     finally:
         vm.stop()
+
+
+@dataclass
+class Mux:
+    """qmpmux running in the test's event loop in front of a real QEMU."""
+
+    proxy: Proxy
+    path: Path  # where clients connect
+    direct: Path  # a second, independent monitor of the same QEMU, for comparison
+    qemu: Qemu
+
+
+async def start_mux(qemu: Qemu, tmp_path: Path, limits: Limits | None = None) -> Mux:
+    path = tmp_path / "mux.sock"
+    config = Config(
+        listeners=(Listener(Address("unix", path=str(path))),),
+        upstream=Address("unix", path=str(qemu.monitors[0])),
+        limits=limits or Limits(),
+    )
+    assert config.upstream is not None
+    proxy = Proxy(config)
+    await proxy.start(await connect(config.upstream, 5))
+    return Mux(proxy, path, qemu.monitors[1], qemu)
+
+
+@pytest.fixture
+async def mux(qemu: Qemu, tmp_path: Path) -> AsyncIterator[Mux]:
+    m = await start_mux(qemu, tmp_path)
+    try:
+        yield m
+    finally:
+        m.proxy.stop("test over")
+        await asyncio.wait_for(m.proxy.wait(), 10)

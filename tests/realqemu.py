@@ -8,6 +8,7 @@ offers a tiny raw client that speaks bytes, so tests can compare exact wire outp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -65,8 +66,10 @@ def start_qemu(workdir: Path, monitors: int = 2, extra: Sequence[str] = ()) -> Q
         path = workdir / f"mon{n}.sock"
         paths.append(path)
         args += [
-            "-chardev", f"socket,id=mon{n},path={path},server=on,wait=off",
-            "-mon", f"chardev=mon{n},mode=control",
+            "-chardev",
+            f"socket,id=mon{n},path={path},server=on,wait=off",
+            "-mon",
+            f"chardev=mon{n},mode=control",
         ]
     args += list(extra)
     log = workdir / "qemu.log"
@@ -131,15 +134,15 @@ class RawClient:
 
     async def eof(self, timeout: float = 10) -> bool:
         """True if the peer closes the connection (any unread messages are drained)."""
+
         async def drain() -> None:
             while await self.reader.read(65536):
                 pass
+
         await asyncio.wait_for(drain(), timeout)
         return True
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
-        except (ConnectionError, BrokenPipeError):
-            pass

@@ -1,5 +1,9 @@
 """The test harness itself talks to a real QEMU."""
 
+import asyncio
+
+import uvloop
+
 from tests.realqemu import Qemu, RawClient
 
 
@@ -13,8 +17,4 @@ async def test_direct_monitor_answers(qemu: Qemu) -> None:
 
 
 async def test_tests_run_on_uvloop() -> None:
-    import asyncio
-
-    import uvloop
-
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)

@@ -1,0 +1,1 @@
+"""Benchmarks: qmpmux against a direct QEMU monitor, measured side by side in one run."""

@@ -1,0 +1,215 @@
+"""The qmpmux command as operators run it: argument errors, listeners, spawn, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tests.realqemu import BASE_ARGS, RawClient, qemu_path, start_qemu
+
+
+async def run(*args: str, timeout: float = 20) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "qmpmux",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode()
+
+
+class Running:
+    """A qmpmux process that has logged its ready line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: list[str]) -> None:
+        self.proc, self.log = proc, log
+
+    @classmethod
+    async def start(cls, *args: str) -> Running:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "qmpmux",
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        log: list[str] = []
+        assert proc.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+            assert line, f"qmpmux exited before ready: {''.join(log)}"
+            log.append(line)
+            if " ready: " in line:
+                return cls(proc, log)
+
+    async def wait(self) -> int:
+        assert self.proc.stderr is not None
+        rest = await asyncio.wait_for(self.proc.stderr.read(), 20)
+        self.log.append(rest.decode())
+        return await self.proc.wait()
+
+
+def spawn_args(sock: Path, *extra: str) -> list[str]:
+    return ["--listen", f"unix:{sock}", *extra, "--spawn", "--", qemu_path(), *BASE_ARGS]
+
+
+def one_line_error(output: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    assert "Traceback" not in output, output
+    assert len(lines) == 1 and lines[0].startswith("qmpmux: error: "), output
+    return lines[0]
+
+
+async def test_help_documents_the_command_line() -> None:
+    code, out = await run("--help")
+    assert code == 0
+    for word in (
+        "--upstream",
+        "--listen",
+        "--spawn",
+        "profile=",
+        "mode=",
+        "--allow-remote",
+        "--log-level",
+        "unix:PATH",
+        "tcp:HOST:PORT",
+    ):
+        assert word in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "bogus:x", "--upstream", "unix:/x"], "bad address 'bogus:x'"),
+        (["--listen", "unix:/tmp/x,profile=readonly", "--upstream", "unix:/x"], "unknown profile"),
+        (["--listen", "unix:/tmp/x,mode=999", "--upstream", "unix:/x"], "bad mode"),
+        (["--listen", "tcp:0.0.0.0:4444", "--upstream", "unix:/x"], "without --allow-remote"),
+        (["--listen", "unix:/tmp/x"], "exactly one of --upstream"),
+        (["--upstream", "unix:/x"], "no --listen"),
+        (["--listen", "unix:/tmp/x", "--spawn"], "--spawn needs a QEMU command line"),
+    ],
+)
+async def test_bad_arguments_are_one_clear_line(args: list[str], message: str) -> None:
+    code, out = await run(*args)
+    assert code == 2
+    assert message in one_line_error(out)
+
+
+async def test_missing_upstream_is_one_line_after_retrying(tmp_path: Path) -> None:
+    code, out = await run(
+        "--listen",
+        f"unix:{tmp_path}/m.sock",
+        "--upstream",
+        f"unix:{tmp_path}/absent.sock",
+        "--connect-timeout",
+        "0.3",
+    )
+    assert code == 1
+    assert "cannot connect to QEMU" in one_line_error(out)
+
+
+async def test_missing_qemu_binary_is_one_line(tmp_path: Path) -> None:
+    code, out = await run(
+        "--listen", f"unix:{tmp_path}/m.sock", "--spawn", "--", "/nonexistent/qemu-system-x86_64"
+    )
+    assert code == 1
+    assert "command not found" in one_line_error(out)
+
+
+async def test_qemu_refusing_its_arguments_is_reported(tmp_path: Path) -> None:
+    code, out = await run(
+        *spawn_args(tmp_path / "m.sock", "--log-level", "error"), "-no-such-option"
+    )
+    assert code == 1
+    assert "QEMU exited with status 1 before it was ready" in out
+    assert "Traceback" not in out
+
+
+async def test_spawn_serves_clients_and_sigterm_shuts_qemu_down_cleanly(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    mux = await Running.start(*spawn_args(sock))
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    client = await RawClient.connect(sock)
+    assert msgspec.json.decode(client.greeting)["QMP"]["version"]["qemu"]["major"] >= 7
+    await client.negotiate()
+    reply = await client.command(b'{"execute":"query-status","id":1}')
+    assert reply.startswith(b'{"return": {"status": "running"')
+    mux.proc.send_signal(signal.SIGTERM)
+    event = msgspec.json.decode(await client.read())
+    assert event["event"] == "SHUTDOWN" and event["data"]["reason"] == "host-signal"
+    assert await client.eof()
+    assert await mux.wait() == 0
+    assert not sock.exists()
+
+
+async def test_spawned_qemu_quitting_ends_qmpmux_with_its_status(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    mux = await Running.start(*spawn_args(sock, "--listen", f"unix:{tmp_path}/b.sock,mode=0660"))
+    assert stat.S_IMODE(os.stat(tmp_path / "b.sock").st_mode) == 0o660
+    client = await RawClient.connect(sock)
+    await client.negotiate()
+    await client.send(b'{"execute":"quit"}')
+    assert b"SHUTDOWN" in await client.read()
+    assert await client.read() == b'{"return": {}}\r\n'
+    assert await mux.wait() == 0
+
+
+async def test_live_socket_is_refused_and_stale_one_replaced(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()  # a socket file nobody listens on
+    mux = await Running.start(*spawn_args(sock))
+    try:
+        code, out = await run(*spawn_args(sock))
+        assert code == 1
+        assert "another process is serving it" in one_line_error(out)
+        client = await RawClient.connect(sock)  # the first one is unharmed
+        await client.negotiate()
+    finally:
+        mux.proc.send_signal(signal.SIGINT)
+        assert await mux.wait() == 0
+
+
+async def test_tcp_listener_on_loopback(tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    mux = await Running.start(
+        "--listen", f"tcp:127.0.0.1:{port}", "--spawn", "--", qemu_path(), *BASE_ARGS
+    )
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await reader.readline()).startswith(b'{"QMP": ')
+        writer.close()
+    finally:
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
+
+
+async def test_upstream_mode_exits_nonzero_when_qemu_is_killed(tmp_path: Path) -> None:
+    vm = start_qemu(tmp_path, monitors=1)
+    try:
+        mux = await Running.start(
+            "--listen", f"unix:{tmp_path}/m.sock", "--upstream", f"unix:{vm.monitors[0]}"
+        )
+        vm.proc.kill()
+        assert await mux.wait() == 1
+        assert any("QEMU closed the monitor connection" in line for line in mux.log)
+    finally:
+        vm.stop()

@@ -1,0 +1,399 @@
+"""Playbook tests of the sans-IO hub: exact inputs, exact actions, no sockets."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+
+from qmpmux.config import Limits
+from qmpmux.hub import (
+    CloseClient,
+    Exit,
+    Hub,
+    PauseClient,
+    ResumeClient,
+    ToClient,
+    ToUpstream,
+    UpstreamReady,
+)
+from qmpmux.session import Peer
+from tests.playbook import (
+    CAPS_OOB,
+    GREETING_OOB,
+    STOP_EVENT,
+    VERSION,
+    connect,
+    expect,
+    ready_hub,
+)
+
+STATUS = b'{"status": "running", "singlestep": false, "running": true}'
+
+
+def test_upstream_handshake_negotiates_oob_and_reports_ready() -> None:
+    hub = Hub()
+    expect(hub.upstream_data(GREETING_OOB[:10]), [])
+    expect(hub.upstream_data(GREETING_OOB[10:]), [ToUpstream(CAPS_OOB)])
+    expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, True)])
+
+
+def test_upstream_without_oob_offers_none_to_clients() -> None:
+    hub = ready_hub(oob=False)
+    cid = connect(hub, negotiate=False)
+    expect(
+        hub.client_data(
+            cid, b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":1}'
+        ),
+        [
+            ToClient(
+                cid,
+                b'{"id": 1, "error": {"class": "GenericError", '
+                b'"desc": "Capability oob not available"}}\r\n',
+            )
+        ],
+    )
+
+
+def test_upstream_refusing_capabilities_ends_the_session() -> None:
+    hub = Hub()
+    hub.upstream_data(GREETING_OOB)
+    err = b'{"error": {"class": "GenericError", "desc": "nope"}}\r\n'
+    expect(hub.upstream_data(err), [Exit(1, "QEMU refused qmp_capabilities: GenericError: nope")])
+
+
+def test_no_client_is_accepted_before_the_upstream_is_ready() -> None:
+    hub = Hub()
+    assert hub.client_connected(Peer("unix:x")) == (0, [])
+
+
+def test_negotiation_mode_replies_exactly_like_qemu() -> None:
+    hub = ready_hub()
+    cid = connect(hub, negotiate=False)
+    expect(
+        hub.client_data(cid, b'{"execute":"query-status","id":1}'),
+        [
+            ToClient(
+                cid,
+                b'{"id": 1, "error": {"class": "CommandNotFound", "desc": '
+                b"\"Expecting capabilities negotiation with 'qmp_capabilities'\"}}\r\n",
+            )
+        ],
+    )
+    expect(
+        hub.client_data(
+            cid, b'{"execute":"qmp_capabilities","arguments":{"enable":["foo"]},"id":6}'
+        ),
+        [
+            ToClient(
+                cid,
+                b'{"id": 6, "error": {"class": "GenericError", '
+                b"\"desc\": \"Parameter 'null' does not accept value 'foo'\"}}\r\n",
+            )
+        ],
+    )
+    expect(
+        hub.client_data(cid, b'{"execute":"qmp_capabilities","id":"c"}'),
+        [ToClient(cid, b'{"return": {}, "id": "c"}\r\n')],
+    )
+    expect(
+        hub.client_data(cid, b'{"execute":"qmp_capabilities","id":"again"}'),
+        [
+            ToClient(
+                cid,
+                b'{"id": "again", "error": {"class": "CommandNotFound", "desc": '
+                b'"Capabilities negotiation is already complete, command ignored"}}\r\n',
+            )
+        ],
+    )
+
+
+def test_reply_gets_the_client_id_back_and_upstream_ids_are_small() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    expect(
+        hub.client_data(cid, b'{"execute":"query-status","id":{"deep":[1,2.0]}}'),
+        [ToUpstream(b'{"execute":"query-status","id":0}')],
+    )
+    expect(
+        hub.upstream_data(b'{"return": ' + STATUS + b', "id": 0}\r\n'),
+        [ToClient(cid, b'{"return": ' + STATUS + b', "id": {"deep": [1, 2]}}\r\n')],
+    )
+
+
+@pytest.mark.parametrize(
+    ("client_id", "echoed"),
+    [
+        (b"", b""),
+        (b',"id":null', b', "id": null'),
+        (b',"id":"x"', b', "id": "x"'),
+        (b',"id":1.0', b', "id": 1'),
+        (b',"id":[]', b', "id": []'),
+    ],
+)
+def test_id_absent_stays_absent_and_null_stays_null(client_id: bytes, echoed: bytes) -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    hub.client_data(cid, b'{"execute":"stop"' + client_id + b"}")
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [ToClient(cid, b'{"return": {}' + echoed + b"}\r\n")],
+    )
+    hub.client_data(cid, b'{"execute":"nope"' + client_id + b"}")
+    err = b'"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}'
+    want = b"{" + echoed[2:] + b", " + err if echoed else b"{" + err
+    expect(hub.upstream_data(b'{"id": 0, ' + err + b"\r\n"), [ToClient(cid, want + b"\r\n")])
+
+
+def test_colliding_client_ids_are_routed_to_their_owners() -> None:
+    hub = ready_hub()
+    a, b = connect(hub), connect(hub)
+    hub.client_data(a, b'{"execute":"query-name","id":1}')
+    hub.client_data(b, b'{"execute":"query-uuid","id":1}')
+    expect(
+        hub.upstream_data(b'{"return": {"name": "b"}, "id": 1}\r\n{"return": {}, "id": 0}\r\n'),
+        [
+            ToClient(b, b'{"return": {"name": "b"}, "id": 1}\r\n'),
+            ToClient(a, b'{"return": {}, "id": 1}\r\n'),
+        ],
+    )
+
+
+def test_local_errors_wait_behind_the_clients_pending_commands() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    expect(
+        hub.client_data(cid, b'{"execute":"stop","id":1}{"execute":5,"id":2}[3]'),
+        [ToUpstream(b'{"execute":"stop","id":0}')],
+    )
+    expect(
+        hub.upstream_data(STOP_EVENT + b'{"return": {}, "id": 0}\r\n'),
+        [
+            ToClient(cid, STOP_EVENT),
+            ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
+            ToClient(
+                cid,
+                b'{"id": 2, "error": {"class": "GenericError", '
+                b'"desc": "QMP input member \'execute\' must be a string"}}\r\n',
+            ),
+            ToClient(
+                cid,
+                b'{"error": {"class": "GenericError", '
+                b'"desc": "QMP input must be a JSON object"}}\r\n',
+            ),
+        ],
+    )
+
+
+def test_exec_oob_goes_straight_up_and_its_reply_overtakes() -> None:
+    hub = ready_hub()
+    cid = connect(hub, oob=True)
+    expect(
+        hub.client_data(
+            cid,
+            b'{"execute":"stop","id":"ib"}{"exec-oob":"yank","arguments":{"instances":[]},"id":"o"}',
+        ),
+        [
+            ToUpstream(b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}'),
+            ToUpstream(b'{"execute":"stop","id":1}'),
+        ],
+    )
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [ToClient(cid, b'{"return": {}, "id": "o"}\r\n')],
+    )
+
+
+def test_exec_oob_without_oob_enabled_is_refused_in_order() -> None:
+    hub = ready_hub()
+    cid = connect(hub)  # negotiated without oob: QEMU reads it one command at a time
+    hub.client_data(cid, b'{"execute":"stop","id":1}')
+    expect(hub.client_data(cid, b'{"exec-oob":"yank","id":2}'), [])
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [
+            ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
+            ToClient(
+                cid,
+                b'{"id": 2, "error": {"class": "GenericError", '
+                b'"desc": "QMP input member \'exec-oob\' is unexpected"}}\r\n',
+            ),
+        ],
+    )
+
+
+def test_oob_stream_keeps_its_own_order() -> None:
+    hub = ready_hub()
+    cid = connect(hub, oob=True)
+    hub.client_data(
+        cid, b'{"exec-oob":"query-yank","id":"y"}{"exec-oob":"qmp_capabilities","id":7}'
+    )
+    expect(
+        hub.upstream_data(b'{"return": [], "id": 0}\r\n'),
+        [
+            ToClient(cid, b'{"return": [], "id": "y"}\r\n'),
+            ToClient(
+                cid,
+                b'{"id": 7, "error": {"class": "GenericError", '
+                b'"desc": "The command qmp_capabilities does not support OOB"}}\r\n',
+            ),
+        ],
+    )
+
+
+def test_upstream_window_holds_at_most_eight_in_band_commands() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    actions = hub.client_data(cid, b"".join(b'{"execute":"stop","id":%d}' % i for i in range(10)))
+    expect(actions, [ToUpstream(b"".join(b'{"execute":"stop","id":%d}' % i for i in range(8)))])
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [ToClient(cid, b'{"return": {}, "id": 0}\r\n'), ToUpstream(b'{"execute":"stop","id":0}')],
+    )  # the freed id 0 is reused
+
+
+def test_clients_are_served_round_robin() -> None:
+    hub = ready_hub(limits=Limits(upstream_window=1))
+    a, b = connect(hub), connect(hub)
+    hub.client_data(a, b"".join(b'{"execute":"query-name","id":"a%d"}' % i for i in range(1, 4)))
+    hub.client_data(b, b'{"execute":"query-uuid","id":"b1"}')
+    order = []
+    for _ in range(3):
+        (up,) = [
+            x
+            for x in hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+            if isinstance(x, ToUpstream)
+        ]
+        order.append(up.data)
+    # a1 went first; a was already back in line for a2 when b joined; then b before a3.
+    assert order == [
+        b'{"execute":"query-name","id":0}',
+        b'{"execute":"query-uuid","id":0}',
+        b'{"execute":"query-name","id":0}',
+    ]
+    assert hub.upstream_data(b'{"return": {}, "id": 0}\r\n') == [
+        ToClient(a, b'{"return": {}, "id": "a3"}\r\n')
+    ]
+
+
+def test_events_reach_negotiated_clients_as_the_same_bytes() -> None:
+    hub = ready_hub()
+    a, b = connect(hub), connect(hub)
+    connect(hub, negotiate=False)
+    actions = hub.upstream_data(STOP_EVENT)
+    expect(actions, [ToClient(a, STOP_EVENT), ToClient(b, STOP_EVENT)])
+    assert all(isinstance(x, ToClient) and x.data is actions[0].data for x in actions)  # type: ignore[union-attr]
+
+
+def test_reply_for_a_departed_client_goes_to_nobody(caplog: pytest.LogCaptureFixture) -> None:
+    hub = ready_hub()
+    a, b = connect(hub), connect(hub)
+    hub.client_data(a, b'{"execute":"stop","id":1}')
+    expect(hub.client_closed(a), [])
+    expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n'), [])
+    hub.client_data(b, b'{"execute":"cont","id":1}')  # id 0 is free again
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [ToClient(b, b'{"return": {}, "id": 1}\r\n')],
+    )
+
+
+def test_queued_commands_of_a_departed_client_are_never_sent() -> None:
+    hub = ready_hub(limits=Limits(upstream_window=1))
+    a, b = connect(hub), connect(hub)
+    hub.client_data(a, b'{"execute":"query-name"}{"execute":"stop"}')
+    hub.client_closed(a)
+    hub.client_data(b, b'{"execute":"cont"}')
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [ToUpstream(b'{"execute":"cont","id":0}')],
+    )
+
+
+def test_unknown_ids_and_idless_errors_are_logged_and_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = ready_hub()
+    connect(hub)
+    with caplog.at_level(logging.WARNING):
+        expect(hub.upstream_data(b'{"return": {}, "id": 77}\r\n'), [])
+        expect(hub.upstream_data(b'{"return": {}, "id": "__qmp#1"}\r\n'), [])
+        expect(hub.upstream_data(b'{"error": {"class": "GenericError", "desc": "x"}}\r\n'), [])
+        expect(hub.upstream_data(b"garbage\r\n"), [])
+    text = caplog.text
+    assert "did not issue" in text and "without id" in text and "malformed" in text
+
+
+def test_upstream_loss_closes_every_client_and_exits_nonzero() -> None:
+    hub = ready_hub()
+    a, b = connect(hub), connect(hub)
+    hub.client_data(a, b'{"execute":"stop","id":1}')
+    reason = "QEMU closed the monitor connection"
+    expect(hub.upstream_closed(), [CloseClient(a, reason), CloseClient(b, reason), Exit(1, reason)])
+
+
+def test_upstream_loss_after_shutdown_is_clean() -> None:
+    hub = ready_hub()
+    a = connect(hub)
+    shutdown = (
+        b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {}}\r\n'
+    )
+    hub.upstream_data(shutdown)
+    expect(hub.upstream_closed(), [CloseClient(a, "QEMU shut down"), Exit(0, "QEMU shut down")])
+
+
+def test_a_client_flooding_commands_is_paused_then_resumed() -> None:
+    hub = ready_hub(limits=Limits(max_pending=4, upstream_window=8))
+    cid = connect(hub)
+    actions = hub.client_data(cid, b'{"execute":"stop"}' * 4)
+    assert PauseClient(cid) in actions
+    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    actions = hub.upstream_data(b'{"return": {}, "id": 1}\r\n')
+    assert ResumeClient(cid) in actions
+
+
+def test_half_closed_client_gets_its_replies_then_is_closed() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    hub.client_data(cid, b'{"execute":"stop","id":1}')
+    expect(hub.client_eof(cid), [])
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [
+            ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
+            CloseClient(cid, "client finished sending"),
+        ],
+    )
+
+
+def test_pretty_upstream_output_is_compacted() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    hub.client_data(cid, b'{"execute":"query-status","id":"p"}')
+    pretty = (
+        b'{\r\n    "return": {\r\n        "status": "running",\r\n        "running": true'
+        b'\r\n    },\r\n    "id": 0\r\n}\r\n'
+    )
+    expect(
+        hub.upstream_data(pretty),
+        [ToClient(cid, b'{"return": {"status": "running", "running": true}, "id": "p"}\r\n')],
+    )
+
+
+def test_core_modules_do_no_io() -> None:
+    """The protocol core is sans-IO: it never imports asyncio, socket or the shell."""
+    core = ["qjson", "wire", "ids", "session", "hub", "config"]
+    banned = {"asyncio", "socket", "selectors", "uvloop", "qmpmux.server", "qmpmux.channel"}
+    root = Path(__file__).resolve().parent.parent / "qmpmux"
+    for name in core:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                mods = {node.module or ""}
+            else:
+                continue
+            assert not mods & banned, f"{name}.py imports {mods & banned}"
