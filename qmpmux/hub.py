@@ -11,7 +11,10 @@ owns every routing decision:
 - At most `upstream_window` in-band commands are in flight upstream (QEMU queues 8 per
   monitor and stops reading past that, which would strand exec-oob commands); clients
   with queued commands are served round-robin, one command per turn.
-- Events are fanned out as QEMU's original bytes to every negotiated client.
+- Events are fanned out as QEMU's original bytes to every negotiated client whose
+  profile allows them (encoded once per profile when a profile strips `__` members).
+- Each client's profile (`policy.py`) decides its commands and events; introspection
+  replies are narrowed to what it may use; one audit record is made per command.
 
 Invariants:
 - A reply goes only to the client whose command it answers; a reply for a client that
@@ -24,15 +27,20 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
 
 from qmpmux.config import Limits
 from qmpmux.ids import IdPool
-from qmpmux.qjson import Framer
-from qmpmux.session import Command, Local, Peer, Phase, Session
+from qmpmux.introspect import FILTERS, replace_return, strip_message
+from qmpmux.policy import DEFAULT_POLICY, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
+from qmpmux.qjson import Framer, JsonValue, encode
+from qmpmux.redact import redact
+from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
 from qmpmux.wire import (
     CAP_OOB,
     CAPABILITIES_OOB,
@@ -44,7 +52,10 @@ from qmpmux.wire import (
     decode_greeting,
     decode_upstream,
     describe_error,
+    error_class,
+    error_reply,
     greeting,
+    return_reply,
     rewrite_reply,
 )
 
@@ -97,7 +108,16 @@ class Exit:
     reason: str
 
 
-Action = ToClient | ToUpstream | CloseClient | PauseClient | ResumeClient | UpstreamReady | Exit
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """One audit record, a JSON line."""
+
+    record: bytes
+
+
+Action = (
+    ToClient | ToUpstream | CloseClient | PauseClient | ResumeClient | UpstreamReady | Exit | Audit
+)
 
 
 class UpstreamState(enum.Enum):
@@ -113,8 +133,27 @@ _client_log = logging.getLogger("qmpmux.client")
 class Hub:
     """All proxy state and decisions; no I/O. Each input method returns the actions to do."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        policy: Policy = DEFAULT_POLICY,
+        *,
+        audit: bool = False,
+        protected: frozenset[str] = frozenset(),
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+    ) -> None:
         self.limits = limits or Limits()
+        self.policy = policy
+        self.audit = audit
+        # Chardev ids of qmpmux's own upstream monitor; empty means unknown (refuse all).
+        self.protected = protected
+        self._clock = clock
+        self._wallclock = wallclock
+        # How many bytes the shell holds for a client (for list-clients); set by the shell.
+        self.queued_bytes: Callable[[int], int] = lambda client: 0
+        # Narrowed introspection replies, per (profile, command, QEMU's reply value).
+        self._views: dict[tuple[int, str, bytes], bytes] = {}
         self.state = UpstreamState.GREETING
         self.version = b""
         self.oob = False
@@ -200,8 +239,7 @@ class Hub:
         if msg.event is not None:
             if msg.event == SHUTDOWN_EVENT:
                 self.shutdown_seen = True
-            for session in self._negotiated.values():
-                self._out.append(ToClient(session.id, line))
+            self._fan_out(msg.event, line)
         elif msg.id is not NO_ID:
             self._route_reply(line, msg.id)
         elif msg.error:
@@ -209,6 +247,26 @@ class Hub:
             log.error("QEMU reported an error without id: %s", describe_error(msg.error))
         else:
             log.warning("dropping unexpected message from QEMU: %.200r", line)
+
+    def _fan_out(self, name: str, line: bytes) -> None:
+        """One event to every negotiated client allowed it: decided and encoded once per
+        profile, the same bytes object for every client that shares the profile."""
+        out = self._out
+        views: dict[Profile, bytes | None] = {}
+        for session in self._negotiated.values():
+            profile = session.profile
+            if profile in views:
+                data = views[profile]
+            else:
+                data = views[profile] = self._event_view(profile, name, line)
+            if data is not None:
+                out.append(ToClient(session.id, data))
+
+    @staticmethod
+    def _event_view(profile: Profile, name: str, line: bytes) -> bytes | None:
+        if not profile.event(name):
+            return None
+        return strip_message(line) if profile.strip_extensions else line
 
     def _route_reply(self, line: bytes, upstream_id: object) -> None:
         cmd = self._inflight.pop(upstream_id, None) if type(upstream_id) is int else None
@@ -222,8 +280,35 @@ class Hub:
             self._inband -= 1
         if session.closed:
             return  # its client has gone: the reply is nobody else's
-        cmd.reply = rewrite_reply(line, upstream_id, cmd.wire_id)
+        data = rewrite_reply(line, upstream_id, cmd.wire_id)
+        profile = session.profile
+        if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
+            data = self._narrow(profile, cmd.name, data, cmd.wire_id)
+        if profile.strip_extensions:
+            data = strip_message(data)
+        cmd.reply = data
+        if self.audit:
+            self._record(session, cmd.name, cmd.decision, data, cmd.arguments, cmd.started)
         self._flush(session)
+
+    def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
+        """An introspection reply as this profile may see it (cached: QEMU's is static)."""
+        narrow = FILTERS[name]
+
+        def view(value: bytes) -> bytes:
+            key = (id(profile), name, value)
+            cached = self._views.get(key)
+            if cached is None:
+                if len(self._views) >= 64:
+                    self._views.clear()
+                cached = self._views[key] = narrow(value, profile)
+            return cached
+
+        try:
+            return replace_return(reply, view)
+        except msgspec.DecodeError:
+            log.warning("could not narrow a malformed %s reply; withholding it", name)
+            return error_reply(wire_id, "GenericError", f"qmpmux could not filter {name}")
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -239,10 +324,12 @@ class Hub:
         cid = self._next_client
         self._next_client += 1
         framer = Framer(max_message_bytes=self.limits.max_message_bytes)
-        self.clients[cid] = Session(cid, peer, self._offered, framer)
+        profile = self._assign(peer)
+        self.clients[cid] = Session(cid, peer, self._offered, framer, profile, self.protected)
         _client_log.info(
-            "client %d: connected on %s (uid=%s pid=%s)", cid, peer.listener, peer.uid, peer.pid
-        )
+            "client %d: connected on %s (uid=%s pid=%s exe=%s), profile %s",
+            cid, peer.listener, peer.uid, peer.pid, peer.exe, profile.name,
+        )  # fmt: skip
         self._out.append(ToClient(cid, self._greeting))
         return cid, self._take()
 
@@ -252,11 +339,20 @@ class Hub:
             return []
         for value in session.framer.feed(data):
             verdict = session.judge(value)
-            if type(verdict) is Local:
-                (session.oob_replies if verdict.oob else session.replies).append(verdict.data)
-            else:
+            kind = type(verdict)
+            if kind is Command:
                 assert isinstance(verdict, Command)
+                if self.audit:
+                    verdict.started = self._clock()
                 self._enqueue(session, verdict)
+                continue
+            if kind is Extension:
+                assert isinstance(verdict, Extension)
+                verdict = self._extension(session, verdict)
+            assert isinstance(verdict, Local)
+            (session.oob_replies if verdict.oob else session.replies).append(verdict.data)
+            if verdict.decision is not None:
+                self._judged_locally(session, verdict)
         self._flush(session)
         if session.phase is Phase.COMMAND and client not in self._negotiated:
             # Negotiation replies are all local, so the success reply has just been sent:
@@ -267,6 +363,96 @@ class Hub:
             self._out.append(PauseClient(client))
         self._pump()
         return self._take()
+
+    def reload(self, policy: Policy) -> None:
+        """Apply a new policy to every client's next command and event."""
+        self.policy = policy
+        self._views.clear()
+        for session in self.clients.values():
+            session.profile = self._assign(session.peer)
+
+    def _assign(self, peer: Peer) -> Profile:
+        return self.policy.assign(peer.listener, peer.profile, peer.uid, peer.gid, peer.exe)
+
+    def _judged_locally(self, session: Session, verdict: Local) -> None:
+        assert verdict.name is not None and verdict.decision is not None
+        if verdict.decision is Decision.DENY:
+            _client_log.warning(
+                "client %d: %s denied by profile %s", session.id, verdict.name,
+                session.profile.name,
+            )  # fmt: skip
+        if self.audit:
+            self._record(
+                session, verdict.name, verdict.decision, verdict.data, verdict.arguments, None
+            )
+
+    def _record(
+        self,
+        session: Session,
+        name: str,
+        decision: Decision,
+        reply: bytes,
+        arguments: dict[str, JsonValue] | None,
+        started: float | None,
+    ) -> None:
+        """One audit record: who ran what, what the policy said, and how it went."""
+        peer = session.peer
+        now = self._wallclock()
+        record: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
+            "client": session.id,
+            "listener": peer.listener,
+            "uid": peer.uid,
+            "gid": peer.gid,
+            "pid": peer.pid,
+            "profile": session.profile.name,
+            "command": name,
+            "decision": decision.value,
+            "result": error_class(reply) or "ok",
+            "latency_ms": round((self._clock() - started) * 1000, 3) if started else 0.0,
+        }
+        if arguments is not None:
+            record["arguments"] = redact(name, arguments)
+        if decision is Decision.AUDIT:
+            _client_log.warning(
+                "client %d: %s would be denied by profile %s (audit-only)", session.id, name,
+                session.profile.name,
+            )  # fmt: skip
+        self._out.append(Audit(msgspec.json.encode(record) + b"\n"))
+
+    def _extension(self, session: Session, ext: Extension) -> Local:
+        """qmpmux's own commands (`__org.qmpmux_*`), answered in the client's order."""
+        if ext.name == WHOAMI:
+            value: JsonValue = self._identity(session)
+        elif ext.name == LIST_CLIENTS:
+            value = [self._identity(s) for s in self.clients.values()]
+        else:
+            desc = f"The command {ext.name} has not been found"
+            reply = error_reply(ext.wire_id, "CommandNotFound", desc)
+            return Local(reply, ext.oob, ext.name, ext.decision, ext.arguments)
+        reply = return_reply(ext.wire_id, encode(value))
+        return Local(reply, ext.oob, ext.name, ext.decision, ext.arguments)
+
+    def _identity(self, session: Session) -> dict[str, JsonValue]:
+        peer = session.peer
+        inflight = sum(1 for c in session.replies if type(c) is Command) + sum(
+            1 for c in session.oob_replies if type(c) is Command
+        )
+        return {
+            "client": session.id,
+            "listener": peer.listener,
+            "profile": session.profile.name,
+            "uid": peer.uid,
+            "gid": peer.gid,
+            "pid": peer.pid,
+            "exe": peer.exe,
+            "address": peer.address or None,
+            "negotiated": session.phase is Phase.COMMAND,
+            "oob": session.oob,
+            "commands-in-flight": inflight,
+            "bytes-queued": self.queued_bytes(session.id),
+        }
 
     def client_eof(self, client: int) -> list[Action]:
         """The client shut down its sending side: answer what it sent, then close."""

@@ -4,11 +4,13 @@ A session starts in negotiation mode, where only `qmp_capabilities` exists, and 
 command mode when that succeeds (qmp-spec "Capabilities Negotiation"). Each complete
 input value is judged here in QEMU's own order (monitor/qmp.c handle_qmp_command, then
 qapi/qmp-dispatch.c): parse errors and non-objects, the object's members walked in QDict
-hash order, then the command. The verdict is either a reply qmpmux writes itself or a
-`Command` for QEMU.
+hash order, then the command. After negotiation the client's policy profile decides
+(`policy.py`). The verdict is a reply qmpmux writes itself, a `Command` for QEMU, or an
+`Extension` (one of qmpmux's own `__org.qmpmux_` commands) for the hub to answer.
 
 Invariants:
 - `qmp_capabilities` is always answered here and never reaches QEMU.
+- A command the profile denies never becomes a `Command`: it is answered here.
 - Nothing is forwarded before negotiation; `exec-oob` only when this client enabled `oob`.
 - Replies keep QEMU's order: a client without `oob` gets everything in input order
   (QEMU reads such a monitor one command at a time); a client with `oob` has two ordered
@@ -22,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
+from qmpmux.policy import DEFAULT_POLICY, FULL, QMPMUX_PREFIX, Decision, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, qdict_order
 from qmpmux.wire import (
     ARGUMENTS,
@@ -58,33 +61,70 @@ class Peer:
     gid: int | None = None
     pid: int | None = None
     address: str = ""
+    exe: str | None = None
 
 
 @dataclass(slots=True)
 class Local:
-    """A reply qmpmux makes itself; `oob` when it belongs to the out-of-band stream."""
+    """A reply qmpmux makes itself; `oob` when it belongs to the out-of-band stream.
+
+    `name` and `decision` are set when it answers a command (for the audit log)."""
 
     data: bytes
     oob: bool = False
+    name: str | None = None
+    decision: Decision | None = None
+    arguments: dict[str, JsonValue] | None = None
+
+
+@dataclass(slots=True)
+class Extension:
+    """One of qmpmux's own commands, answered by the hub (it needs the hub's state)."""
+
+    name: str
+    wire_id: bytes | None
+    oob: bool
+    decision: Decision
+    arguments: dict[str, JsonValue] | None
 
 
 class Command:
     """A client command bound for QEMU; `reply` is filled when QEMU answers."""
 
-    __slots__ = ("name", "oob", "prefix", "reply", "session", "wire_id")
+    __slots__ = (
+        "arguments",
+        "decision",
+        "name",
+        "oob",
+        "prefix",
+        "reply",
+        "session",
+        "started",
+        "wire_id",
+    )
 
     def __init__(
-        self, session: Session, name: str, prefix: bytes, wire_id: bytes | None, oob: bool
+        self,
+        session: Session,
+        name: str,
+        prefix: bytes,
+        wire_id: bytes | None,
+        oob: bool,
+        decision: Decision = Decision.ALLOW,
+        arguments: dict[str, JsonValue] | None = None,
     ) -> None:
         self.session = session
         self.name = name
         self.prefix = prefix
         self.wire_id = wire_id
         self.oob = oob
+        self.decision = decision
+        self.arguments = arguments  # kept only for the audit log, when it records them
         self.reply: bytes | None = None
+        self.started = 0.0
 
 
-Verdict = Local | Command
+Verdict = Local | Command | Extension
 
 
 def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
@@ -152,15 +192,28 @@ class Session:
         "paused",
         "peer",
         "phase",
+        "profile",
+        "protected",
         "queue",
         "replies",
     )
 
-    def __init__(self, client_id: int, peer: Peer, offered: frozenset[str], framer: Framer) -> None:
+    def __init__(
+        self,
+        client_id: int,
+        peer: Peer,
+        offered: frozenset[str],
+        framer: Framer,
+        profile: Profile = DEFAULT_POLICY.profiles[FULL],
+        protected: frozenset[str] = frozenset(),
+    ) -> None:
         self.id = client_id
         self.peer = peer
         self.offered = offered
         self.framer = framer
+        self.profile = profile
+        # Chardev ids of qmpmux's own upstream monitor, which nobody may yank.
+        self.protected = protected
         self.phase = Phase.NEGOTIATING
         self.oob = False
         # Replies in input order, one stream per path: bytes are ready, a Command waits.
@@ -214,7 +267,30 @@ class Session:
                 return Local(error_reply(wire_id, GENERIC_ERROR, checked))
             desc = "Capabilities negotiation is already complete, command ignored"
             return Local(error_reply(wire_id, COMMAND_NOT_FOUND, desc))
-        return Command(self, name, command_prefix(name, args, oob_path), wire_id, oob_path)
+        return self._authorize(name, args, wire_id, oob_path)
+
+    def _authorize(
+        self, name: str, args: dict[str, JsonValue] | None, wire_id: bytes | None, oob: bool
+    ) -> Verdict:
+        """The profile's decision on a well-formed command (exec-oob takes the same road)."""
+        profile = self.profile
+        decision = profile.command(name)
+        audited = args if profile.audit_arguments else None
+        problem = None
+        if decision is Decision.DENY:
+            problem = f"The command {name} has been refused by qmpmux policy"
+            error_class = COMMAND_NOT_FOUND
+        else:
+            problem = profile.argument_problem(name, args, self.protected)
+            error_class = GENERIC_ERROR
+            if problem is not None and profile.audit_only:
+                decision, problem = Decision.AUDIT, None
+        if problem is not None:
+            reply = error_reply(wire_id, error_class, problem)
+            return Local(reply, oob=oob, name=name, decision=Decision.DENY, arguments=audited)
+        if name.startswith(QMPMUX_PREFIX):
+            return Extension(name, wire_id, oob, decision, audited)
+        return Command(self, name, command_prefix(name, args, oob), wire_id, oob, decision, audited)
 
     def _negotiate(self, wire_id: bytes | None, args: dict[str, JsonValue]) -> Local:
         checked = check_capabilities_arguments(args)

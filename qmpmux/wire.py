@@ -157,6 +157,18 @@ def describe_error(raw: msgspec.Raw) -> str:
     return f"{err.cls}: {err.desc}"
 
 
+_ERROR_CLASS: Final = b'"error": {"class": "'
+
+
+def error_class(reply: bytes) -> str:
+    """The error class of a reply, or "" for a success (for audit records)."""
+    at = reply.find(_ERROR_CLASS)
+    if at < 0:
+        return ""
+    start = at + len(_ERROR_CLASS)
+    return reply[start : reply.find(b'"', start)].decode("ascii", "replace")
+
+
 def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes:
     """Give an upstream reply the client's id back, touching nothing else.
 

@@ -1,0 +1,382 @@
+"""Who may do what: profiles compiled once into frozen objects the hot path only looks up.
+
+A profile is an allowlist of commands and events (exact names and globs), a denylist
+that always wins, and a few switches. Built-in profiles: `full` (everything), `readonly`
+(commands that can neither change the VM or the host nor reveal secrets: the R class of
+the reference's section 11) and `vm-control` (readonly plus run-state control). Custom
+profiles start from nothing, or from a `base`, and deny whatever they do not allow.
+
+Downstream extensions (QMP spec "Downstream extension of QMP"): names starting with `__`
+are never matched by a glob that does not itself start with `__`, so `*` does not open
+them; a profile must name them (`__com.example_*`).
+
+Invariants:
+- Deny wins over allow; no match means deny. There is no way to fail open.
+- Decisions are pure functions of (profile, name, arguments); compiled profiles are
+  immutable and replaced wholesale on reload.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Final
+
+import msgspec
+
+from qmpmux.qjson import JsonValue
+
+EXTENSION_PREFIX: Final = "__"
+# qmpmux's own commands live in its own downstream namespace (QMP spec section 6).
+QMPMUX_PREFIX: Final = "__org.qmpmux_"
+WHOAMI: Final = QMPMUX_PREFIX + "whoami"
+LIST_CLIENTS: Final = QMPMUX_PREFIX + "list-clients"
+
+FULL: Final = "full"
+READONLY: Final = "readonly"
+VM_CONTROL: Final = "vm-control"
+
+
+class PolicyError(ValueError):
+    """A policy definition problem; `path` names the offending key (e.g. profiles.x.base)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+class Decision(enum.Enum):
+    ALLOW = "allowed"
+    DENY = "denied"
+    AUDIT = "audit-only"  # would be denied; let through and recorded
+
+
+# --- configuration shapes -------------------------------------------------------------------
+
+
+class ProfileSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    """A profile as written in the config file."""
+
+    base: str | None = None
+    commands: tuple[str, ...] = ()
+    deny_commands: tuple[str, ...] = ()
+    events: tuple[str, ...] = ()
+    deny_events: tuple[str, ...] = ()
+    audit_only: bool | None = None
+    audit_arguments: bool | None = None
+    strip_extensions: bool | None = None
+    secret_properties: bool | None = None
+
+
+class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    """Give `profile` to unix clients whose peer credentials match every field given."""
+
+    profile: str
+    uid: int | None = None
+    gid: int | None = None
+    exe: str | None = None
+    listener: str | None = None
+
+
+# The R class of the reference (section 11): reads that neither change the VM or the host
+# nor reveal secrets, plus the introspection qmpmux filters per client and `qom-get`, which
+# is allowed only with the secret-property restriction below.
+READONLY_COMMANDS: Final = (
+    "device-list-properties", "qom-list", "qom-list-properties", "qom-list-types", "qom-get",
+    "query-acpi-ospm-status", "query-balloon", "query-block-exports", "query-block-jobs",
+    "query-blockstats", "query-chardev-backends", "query-colo-status",
+    "query-command-line-options", "query-commands", "query-cpu-model-expansion",
+    "query-cpus-fast", "query-current-machine", "query-dirty-rate", "query-display-options",
+    "query-dump", "query-dump-guest-memory-capability", "query-events",
+    "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-kvm", "query-machines",
+    "query-memdev", "query-memory-devices", "query-memory-size-summary", "query-mice",
+    "query-migrate", "query-migrate-capabilities", "query-migrate-parameters", "query-name",
+    "query-pci", "query-pr-managers", "query-qmp-schema", "query-replay", "query-rocker",
+    "query-rocker-of-dpa-flows", "query-rocker-of-dpa-groups", "query-rocker-ports",
+    "query-rx-filter", "query-sev", "query-sev-capabilities", "query-sgx",
+    "query-sgx-capabilities", "query-stats-schemas", "query-status", "query-target",
+    "query-tpm", "query-tpm-models", "query-tpm-types", "query-uuid",
+    "query-vcpu-dirty-limit", "query-version", "query-vm-generation-id",
+    "query-xen-replication-status", "query-yank", "trace-event-get-state", WHOAMI,
+)  # fmt: skip
+# Named explicitly so that a base profile's allowlist can never reopen them.
+READONLY_DENIED: Final = (
+    "human-monitor-command", "qom-set", "transaction", "ringbuf-read", "yank",
+)  # fmt: skip
+
+BUILTIN: Final[Mapping[str, ProfileSpec]] = {
+    FULL: ProfileSpec(commands=("*", "__*"), events=("*", "__*"), secret_properties=True),
+    READONLY: ProfileSpec(commands=READONLY_COMMANDS, deny_commands=READONLY_DENIED, events=("*",)),
+    VM_CONTROL: ProfileSpec(
+        base=READONLY,
+        commands=("stop", "cont", "system_powerdown", "system_reset", "system_wakeup"),
+    ),
+}
+
+# QOM properties that hold secrets (secret.data, secret_keyring.serial, tls-creds-psk
+# username, passwords): `qom-get` returns them in plaintext (reference section 11).
+SECRET_PROPERTIES: Final = frozenset(
+    {"data", "serial", "username", "password", "passwords", "key", "secret", "cookie"}
+)
+
+_PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]!-]+$")
+
+
+def check_pattern(pattern: str, path: str) -> None:
+    if not _PATTERN.match(pattern):
+        raise PolicyError(path, f"invalid name or glob {pattern!r}")
+    depth = 0
+    for ch in pattern:
+        if ch == "[":
+            if depth:
+                raise PolicyError(path, f"invalid glob {pattern!r}: nested '['")
+            depth = 1
+        elif ch == "]" and depth:
+            depth = 0
+    if depth:
+        raise PolicyError(path, f"invalid glob {pattern!r}: unclosed '['")
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """Exact names and globs; `__` names only match globs that start with `__`."""
+
+    exact: frozenset[str] = frozenset()
+    globs: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, patterns: Iterable[str]) -> Patterns:
+        exact, globs = set(), []
+        for p in patterns:
+            if any(c in p for c in "*?["):
+                globs.append(p)
+            else:
+                exact.add(p)
+        return cls(frozenset(exact), tuple(globs))
+
+    def match(self, name: str) -> bool:
+        if name in self.exact:
+            return True
+        extension = name.startswith(EXTENSION_PREFIX)
+        return any(
+            fnmatchcase(name, g) for g in self.globs if g.startswith(EXTENSION_PREFIX) == extension
+        )
+
+    def names(self) -> list[str]:
+        return [*sorted(self.exact), *self.globs]
+
+
+_CACHE_LIMIT: Final = 4096
+
+
+@dataclass(frozen=True, eq=False)
+class Profile:
+    """A compiled profile. Lookups are memoised per name (bounded)."""
+
+    name: str
+    allow_commands: Patterns
+    deny_commands: Patterns
+    allow_events: Patterns
+    deny_events: Patterns
+    audit_only: bool = False
+    audit_arguments: bool = False
+    strip_extensions: bool = False
+    secret_properties: bool = False
+    _commands: dict[str, Decision] = field(default_factory=dict, repr=False, compare=False)
+    _events: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
+
+    def command(self, name: str) -> Decision:
+        decision = self._commands.get(name)
+        if decision is None:
+            allowed = self.allow_commands.match(name) and not self.deny_commands.match(name)
+            if allowed:
+                decision = Decision.ALLOW
+            else:
+                decision = Decision.AUDIT if self.audit_only else Decision.DENY
+            if len(self._commands) < _CACHE_LIMIT:
+                self._commands[name] = decision
+        return decision
+
+    def event(self, name: str) -> bool:
+        allowed = self._events.get(name)
+        if allowed is None:
+            allowed = self.allow_events.match(name) and not self.deny_events.match(name)
+            if self.audit_only:
+                allowed = True
+            if len(self._events) < _CACHE_LIMIT:
+                self._events[name] = allowed
+        return allowed
+
+    @functools.cached_property
+    def everything(self) -> bool:
+        """True for a profile that allows every command and event and changes nothing."""
+        return (
+            "*" in self.allow_commands.globs
+            and "__*" in self.allow_commands.globs
+            and "*" in self.allow_events.globs
+            and "__*" in self.allow_events.globs
+            and not self.deny_commands.exact
+            and not self.deny_commands.globs
+            and not self.deny_events.exact
+            and not self.deny_events.globs
+            and not self.strip_extensions
+        )
+
+    def argument_problem(
+        self, name: str, args: Mapping[str, JsonValue] | None, protected: frozenset[str]
+    ) -> str | None:
+        """Argument-level refusals that apply even where the command itself is allowed."""
+        if name == "yank" and args:
+            instances = args.get("instances")
+            if isinstance(instances, list):
+                for inst in instances:
+                    if (
+                        isinstance(inst, dict)
+                        and inst.get("type") == "chardev"
+                        and (inst.get("id") in protected or not protected)
+                    ):
+                        return (
+                            f"yank of chardev '{inst.get('id')}' refused by qmpmux policy: "
+                            "it may be qmpmux's own connection to QEMU"
+                        )
+        if name == "qom-get" and not self.secret_properties and args:
+            prop = args.get("property")
+            if isinstance(prop, str) and prop.lower() in SECRET_PROPERTIES:
+                return (
+                    f"qom-get of property '{prop}' refused by qmpmux policy "
+                    f"(profile '{self.name}' may not read secret-bearing properties)"
+                )
+        return None
+
+    def describe(self) -> dict[str, object]:
+        """The effective policy, for `check-config`."""
+        return {
+            "commands": self.allow_commands.names(),
+            "deny-commands": self.deny_commands.names(),
+            "events": self.allow_events.names(),
+            "deny-events": self.deny_events.names(),
+            "audit-only": self.audit_only,
+            "audit-arguments": self.audit_arguments,
+            "strip-extensions": self.strip_extensions,
+            "secret-properties": self.secret_properties,
+        }
+
+
+@dataclass(frozen=True)
+class Rule:
+    profile: Profile
+    uid: int | None
+    gid: int | None
+    exe: str | None
+    listener: str | None
+
+    def matches(self, listener: str, uid: int | None, gid: int | None, exe: str | None) -> bool:
+        if uid is None and gid is None:
+            return False  # not a unix peer: rules never apply
+        return (
+            (self.uid is None or self.uid == uid)
+            and (self.gid is None or self.gid == gid)
+            and (self.exe is None or self.exe == exe)
+            and (self.listener is None or self.listener == listener)
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Every compiled profile plus the rules that assign them to clients."""
+
+    profiles: Mapping[str, Profile]
+    rules: tuple[Rule, ...] = ()
+
+    @property
+    def needs_exe(self) -> bool:
+        return any(r.exe is not None for r in self.rules)
+
+    def assign(
+        self,
+        listener: str,
+        listener_profile: str,
+        uid: int | None = None,
+        gid: int | None = None,
+        exe: str | None = None,
+    ) -> Profile:
+        for rule in self.rules:
+            if rule.matches(listener, uid, gid, exe):
+                return rule.profile
+        return self.profiles[listener_profile]
+
+
+def _resolve(
+    name: str, specs: Mapping[str, ProfileSpec], path: str, seen: tuple[str, ...] = ()
+) -> ProfileSpec:
+    """Flatten a profile's base chain: lists are united, switches inherited unless set."""
+    if name in seen:
+        raise PolicyError(path, f"profile base cycle: {' -> '.join((*seen, name))}")
+    spec = specs[name]
+    if spec.base is None:
+        return spec
+    if spec.base not in specs:
+        raise PolicyError(f"{path}.base", f"unknown profile {spec.base!r}")
+    base = _resolve(spec.base, specs, f"profiles.{spec.base}", (*seen, name))
+
+    def pick(own: bool | None, inherited: bool | None) -> bool | None:
+        return inherited if own is None else own
+
+    return ProfileSpec(
+        commands=base.commands + spec.commands,
+        deny_commands=base.deny_commands + spec.deny_commands,
+        events=base.events + spec.events,
+        deny_events=base.deny_events + spec.deny_events,
+        audit_only=pick(spec.audit_only, base.audit_only),
+        audit_arguments=pick(spec.audit_arguments, base.audit_arguments),
+        strip_extensions=pick(spec.strip_extensions, base.strip_extensions),
+        secret_properties=pick(spec.secret_properties, base.secret_properties),
+    )
+
+
+def compile_policy(
+    custom: Mapping[str, ProfileSpec] | None = None, rules: Sequence[RuleSpec] = ()
+) -> Policy:
+    """Check and compile profiles and rules; raises PolicyError naming the bad key."""
+    custom = custom or {}
+    for name in custom:
+        if name in BUILTIN:
+            raise PolicyError(f"profiles.{name}", "built-in profiles cannot be redefined")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise PolicyError(f"profiles.{name}", "profile names use letters, digits, _ . -")
+    specs: dict[str, ProfileSpec] = {**BUILTIN, **custom}
+    profiles: dict[str, Profile] = {}
+    for name, spec in specs.items():
+        path = f"profiles.{name}"
+        for key in ("commands", "deny_commands", "events", "deny_events"):
+            for i, pattern in enumerate(getattr(spec, key)):
+                check_pattern(pattern, f"{path}.{key.replace('_', '-')}[{i}]")
+        flat = _resolve(name, specs, path)
+        profiles[name] = Profile(
+            name=name,
+            allow_commands=Patterns.of(flat.commands),
+            deny_commands=Patterns.of(flat.deny_commands),
+            allow_events=Patterns.of(flat.events),
+            deny_events=Patterns.of(flat.deny_events),
+            audit_only=bool(flat.audit_only),
+            audit_arguments=bool(flat.audit_arguments),
+            strip_extensions=bool(flat.strip_extensions),
+            secret_properties=bool(flat.secret_properties),
+        )
+    compiled_rules = []
+    for i, rule in enumerate(rules):
+        if rule.profile not in profiles:
+            raise PolicyError(f"rules[{i}].profile", f"unknown profile {rule.profile!r}")
+        if rule.uid is None and rule.gid is None and rule.exe is None:
+            raise PolicyError(f"rules[{i}]", "a rule needs at least one of uid, gid, exe")
+        compiled_rules.append(
+            Rule(profiles[rule.profile], rule.uid, rule.gid, rule.exe, rule.listener)
+        )
+    return Policy(profiles, tuple(compiled_rules))
+
+
+DEFAULT_POLICY: Final = compile_policy()
