@@ -14,12 +14,27 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import msgspec
 import uvloop
 
 from qmpmux import __version__
-from qmpmux.config import Config, ConfigError, Limits, check, parse_address, parse_listener
-from qmpmux.server import Proxy, StartupError
-from qmpmux.upstream import connect, exit_status, spawn, stop_qemu
+from qmpmux.checkconfig import check_config
+from qmpmux.config import (
+    Config,
+    ConfigError,
+    FileConfig,
+    Limits,
+    check,
+    listeners_of,
+    parse_address,
+    parse_listener,
+    policy_of,
+    read_file,
+)
+from qmpmux.hub import Hub
+from qmpmux.policy import Policy
+from qmpmux.server import Proxy, StartupError, open_audit
+from qmpmux.upstream import MONITOR_ID, connect, exit_status, spawn, stop_qemu
 
 log = logging.getLogger("qmpmux")
 
@@ -62,27 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "--config", metavar="FILE", help="TOML config file (flags given here override it)"
+    )
     p.add_argument("--upstream", metavar="ADDR", help="QEMU's QMP monitor to connect to")
     p.add_argument(
         "--listen",
         metavar="ADDR[,profile=NAME][,mode=OCTAL]",
         action="append",
         default=[],
-        help="where clients connect (repeatable)",
+        help="where clients connect (repeatable; replaces the file's listeners)",
     )
     p.add_argument(
         "--allow-remote", action="store_true", help="allow TCP listeners on non-loopback hosts"
     )
     p.add_argument(
         "--log-level",
-        default="info",
         choices=["debug", "info", "warning", "error"],
         help="log verbosity on stderr (default: info)",
     )
     p.add_argument(
+        "--audit",
+        metavar="FILE",
+        help='write one JSON audit record per command to FILE ("stderr" for journald)',
+    )
+    p.add_argument(
         "--connect-timeout",
         type=float,
-        default=5.0,
         metavar="SECONDS",
         help="how long to retry connecting to --upstream (default: 5)",
     )
@@ -90,14 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-clients",
         type=int,
-        default=defaults.max_clients,
         metavar="N",
         help=f"refuse connections beyond N clients (default: {defaults.max_clients})",
     )
     p.add_argument(
         "--max-message-bytes",
         type=int,
-        default=defaults.max_message_bytes,
         metavar="N",
         help="largest command a client may send; larger gets QEMU's token-size error "
         f"(default: {defaults.max_message_bytes})",
@@ -105,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--outbox-bytes",
         type=int,
-        default=defaults.outbox_bytes,
         metavar="N",
         help="output queued for a client that does not read before it is disconnected "
         f"(default: {defaults.outbox_bytes})",
@@ -119,43 +137,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Sequence[str]) -> Config:
-    """argv to a checked Config; raises ConfigError (or SystemExit from argparse)."""
+def _split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(qmpmux's own arguments, QEMU's command line after --spawn [--])."""
     argv = list(argv)
-    qemu: list[str] = []
-    if "--spawn" in argv:
-        at = argv.index("--spawn")
-        qemu = argv[at + 1 :]
-        argv = argv[: at + 1]
-        if qemu[:1] == ["--"]:
-            qemu = qemu[1:]
-        if not qemu:
-            raise ConfigError("--spawn needs a QEMU command line after it")
-    args = build_parser().parse_args(argv)
-    for name in ("max_clients", "max_message_bytes", "outbox_bytes"):
-        if getattr(args, name) <= 0:
+    if "--spawn" not in argv:
+        return argv, []
+    at = argv.index("--spawn")
+    qemu = argv[at + 1 :]
+    if qemu[:1] == ["--"]:
+        qemu = qemu[1:]
+    if not qemu:
+        raise ConfigError("--spawn needs a QEMU command line after it")
+    return argv[: at + 1], qemu
+
+
+_LIMIT_FLAGS = ("max_clients", "max_message_bytes", "outbox_bytes")
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """argv (and the --config file) to a checked Config; raises ConfigError."""
+    own, qemu = _split_spawn(argv)
+    args = build_parser().parse_args(own)
+    file = read_file(args.config) if args.config else FileConfig()
+    origin = args.config or "command line"
+    overrides = {name: getattr(args, name) for name in _LIMIT_FLAGS if getattr(args, name)}
+    for name in _LIMIT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    upstream_text = args.upstream if (args.upstream or qemu) else file.upstream
+    audit = args.audit or (file.audit.file if file.audit else None)
     config = Config(
-        listeners=tuple(parse_listener(text) for text in args.listen),
-        upstream=parse_address(args.upstream) if args.upstream else None,
-        spawn=tuple(qemu),
-        allow_remote=args.allow_remote,
-        log_level=args.log_level,
-        connect_timeout=args.connect_timeout,
-        limits=Limits(
-            max_clients=args.max_clients,
-            max_message_bytes=args.max_message_bytes,
-            outbox_bytes=args.outbox_bytes,
+        listeners=(
+            tuple(parse_listener(text) for text in args.listen)
+            if args.listen
+            else listeners_of(file, origin)
         ),
+        upstream=parse_address(upstream_text) if upstream_text else None,
+        spawn=tuple(qemu) if qemu else (() if args.upstream else file.spawn),
+        allow_remote=args.allow_remote or file.allow_remote,
+        log_level=args.log_level or file.log_level,
+        connect_timeout=args.connect_timeout or file.connect_timeout,
+        limits=msgspec.structs.replace(file.limits, **overrides),
+        policy=policy_of(file, origin),
+        audit=audit,
+        source=args.config,
     )
     check(config)
     return config
 
 
+def reload_policy(config: Config) -> Policy:
+    """Re-read the config file's profiles and rules (SIGHUP). Raises ConfigError."""
+    assert config.source is not None
+    file = read_file(config.source)
+    policy = policy_of(file, config.source)
+    for listener in config.listeners:
+        if listener.profile not in policy.profiles:
+            raise ConfigError(
+                f"{config.source}: profile {listener.profile!r} of {listener.address} "
+                "is no longer defined"
+            )
+    return policy
+
+
 async def serve(config: Config) -> int:
     """Run until the upstream session ends; returns the process exit status."""
     loop = asyncio.get_running_loop()
-    proxy = Proxy(config)
+    audit = open_audit(config.audit) if config.audit else None
+    hub = Hub(
+        config.limits,
+        config.policy,
+        audit=audit is not None,
+        protected=frozenset({MONITOR_ID}) if config.spawn else frozenset(),
+    )
+    proxy = Proxy(config, hub, audit=audit)
     proxy.bind()  # before QEMU is touched: a busy socket must not cost a VM start
     process = None
     try:
@@ -176,8 +232,22 @@ async def serve(config: Config) -> int:
         else:
             proxy.stop(f"received {name}", 0)
 
+    def on_reload() -> None:
+        if config.source is None:
+            log.warning("SIGHUP ignored: no --config file to reload")
+            return
+        try:
+            policy = reload_policy(config)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the current policy: %s", exc)
+            return
+        hub.reload(policy)
+        log.info("policy reloaded from %s: %d profile(s), %d rule(s)",
+                 config.source, len(policy.profiles), len(policy.rules))  # fmt: skip
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         ready = await proxy.start(sock)
     except StartupError as exc:
@@ -209,8 +279,11 @@ def _raise_fd_limit() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["check-config"]:
+        return check_config(argv[1:])
     try:
-        config = parse_args(sys.argv[1:] if argv is None else argv)
+        config = parse_args(argv)
     except ConfigError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
         return 2

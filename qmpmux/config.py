@@ -1,20 +1,31 @@
-"""Typed configuration: what to proxy, where to listen, and the bounds that keep clients apart.
+"""Typed configuration: what to proxy, where to listen, who may do what, and the bounds.
 
-Structs are msgspec `forbid_unknown_fields` so that a typo fails at load time instead of
-silently falling back to a default (a config that fails open is a security bug).
-Addresses are parsed and checked here, once, before anything listens.
+The TOML file and the command line both end up in one frozen `Config`. File structs are
+msgspec `forbid_unknown_fields` so that a typo fails at load time instead of silently
+falling back to a default (a config that fails open is a security bug); every load error
+names the key path (`profiles.monitoring.comands`). Addresses are parsed and checked here,
+once, before anything listens.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Literal
 
 import msgspec
 
+from qmpmux.policy import (
+    DEFAULT_POLICY,
+    Policy,
+    PolicyError,
+    ProfileSpec,
+    RuleSpec,
+    compile_policy,
+)
+
 DEFAULT_PROFILE = "full"
-KNOWN_PROFILES = frozenset({DEFAULT_PROFILE})
 
 
 class ConfigError(ValueError):
@@ -77,6 +88,85 @@ class Config(msgspec.Struct, frozen=True):
     log_level: str = "info"
     connect_timeout: float = 5.0
     limits: Limits = Limits()
+    policy: Policy = DEFAULT_POLICY
+    audit: str | None = None  # a file path, or "stderr"
+    source: str | None = None  # the config file, re-read on SIGHUP
+
+
+# --- the config file ------------------------------------------------------------------------
+
+
+class ListenSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    address: str
+    profile: str = DEFAULT_PROFILE
+    mode: int = 0o600
+
+
+class AuditSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    file: str  # a path, or "stderr" (for journald)
+
+
+class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    """The TOML file, as written."""
+
+    upstream: str | None = None
+    spawn: tuple[str, ...] = ()
+    listen: tuple[ListenSpec, ...] = ()
+    allow_remote: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    connect_timeout: float = 5.0
+    limits: Limits = Limits()
+    audit: AuditSpec | None = None
+    profiles: dict[str, ProfileSpec] = {}
+    rules: tuple[RuleSpec, ...] = ()
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
+
+
+def _key_path(error: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    """msgspec's `... - at `$.a.b[0]`` as `a.b[0]: ...`, unknown fields named in the path."""
+    m = _AT.match(str(error))
+    assert m is not None
+    msg, path = m["msg"], (m["path"] or "").lstrip(".")
+    unknown = _UNKNOWN.match(msg)
+    if unknown:
+        key = unknown["key"]
+        return f"{path}.{key}: unknown key" if path else f"{key}: unknown key"
+    return f"{path}: {msg[0].lower()}{msg[1:]}" if path else msg
+
+
+def read_file(path: str) -> FileConfig:
+    """Load and type-check a TOML config; ConfigError names the file and the key path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        return msgspec.toml.decode(data, type=FileConfig)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{path}: {_key_path(exc)}") from None
+
+
+def policy_of(file: FileConfig, origin: str) -> Policy:
+    try:
+        return compile_policy(file.profiles, file.rules)
+    except PolicyError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def listeners_of(file: FileConfig, origin: str) -> tuple[Listener, ...]:
+    out = []
+    for i, spec in enumerate(file.listen):
+        try:
+            address = parse_address(spec.address)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: listen[{i}].address: {exc}") from None
+        if not 0 <= spec.mode <= 0o777:
+            raise ConfigError(f"{origin}: listen[{i}].mode: expected 0o000..0o777")
+        out.append(Listener(address, spec.profile, spec.mode))
+    return tuple(out)
 
 
 _TCP = re.compile(r"^tcp:(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
@@ -107,10 +197,7 @@ def parse_listener(text: str) -> Listener:
         if not sep or not value:
             raise ConfigError(f"bad listener option {option!r} in {text!r}: expected KEY=VALUE")
         if key == "profile":
-            if value not in KNOWN_PROFILES:
-                known = ", ".join(sorted(KNOWN_PROFILES))
-                raise ConfigError(f"unknown profile {value!r} in {text!r} (known: {known})")
-            profile = value
+            profile = value  # checked against the policy in check()
         elif key == "mode":
             if address.kind != "unix":
                 raise ConfigError(f"mode= applies to unix sockets only, in {text!r}")
@@ -139,3 +226,9 @@ def check(config: Config) -> None:
     paths = [str(lst.address) for lst in config.listeners]
     if len(set(paths)) != len(paths):
         raise ConfigError("the same --listen address is given twice")
+    for listener in config.listeners:
+        if listener.profile not in config.policy.profiles:
+            known = ", ".join(sorted(config.policy.profiles))
+            raise ConfigError(
+                f"unknown profile {listener.profile!r} for {listener.address} (known: {known})"
+            )

@@ -16,13 +16,15 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from qmpmux.channel import Channel
 from qmpmux.config import Config, ConfigError, Listener
 from qmpmux.hub import (
     Action,
+    Audit,
     CloseClient,
     Exit,
     Hub,
@@ -104,6 +106,34 @@ def open_listener(listener: Listener) -> socket.socket:
     return sock
 
 
+def open_audit(target: str) -> Callable[[bytes], None]:
+    """A writer of audit records: a file only its owner can read, or stderr (journald)."""
+    if target == "stderr":
+        stream = sys.stderr.buffer
+
+        def write_stderr(record: bytes) -> None:
+            stream.write(record)
+            stream.flush()
+
+        return write_stderr
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot open audit log {target}: {exc.strerror}") from None
+
+    def write_file(record: bytes) -> None:
+        os.write(fd, record)  # one append per record: lines never interleave
+
+    return write_file
+
+
+def _executable(pid: int) -> str | None:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return None
+
+
 def peer_of(sock: socket.socket, label: str, profile: str) -> Peer:
     if sock.family == socket.AF_UNIX:
         try:
@@ -111,7 +141,7 @@ def peer_of(sock: socket.socket, label: str, profile: str) -> Peer:
             pid, uid, gid = _PEERCRED.unpack(raw)
         except OSError:
             return Peer(label, profile)
-        return Peer(label, profile, uid=uid, gid=gid, pid=pid)
+        return Peer(label, profile, uid=uid, gid=gid, pid=pid, exe=_executable(pid))
     try:
         host, port = sock.getpeername()[:2]
     except OSError:
@@ -122,9 +152,15 @@ def peer_of(sock: socket.socket, label: str, profile: str) -> Peer:
 class Proxy:
     """Runs one hub: one upstream socket, any number of listeners and clients."""
 
-    def __init__(self, config: Config, hub: Hub | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub | None = None,
+        audit: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.config = config
-        self.hub = hub or Hub(config.limits)
+        self.hub = hub or Hub(config.limits, config.policy, audit=audit is not None)
+        self._audit = audit
         self._loop = asyncio.get_running_loop()
         self._upstream: Channel | None = None
         self._clients: dict[int, Channel] = {}
@@ -132,6 +168,11 @@ class Proxy:
         self._ready: asyncio.Future[UpstreamReady] = self._loop.create_future()
         self._done: asyncio.Future[int] = self._loop.create_future()
         self._exit: Exit | None = None
+        self.hub.queued_bytes = self._queued_bytes
+
+    def _queued_bytes(self, client: int) -> int:
+        channel = self._clients.get(client)
+        return channel.queued if channel is not None else 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -297,6 +338,12 @@ class Proxy:
                 assert isinstance(action, UpstreamReady)
                 if not self._ready.done():
                     self._ready.set_result(action)
+            elif kind is Audit:
+                assert isinstance(action, Audit) and self._audit is not None
+                try:
+                    self._audit(action.record)
+                except OSError as exc:
+                    log.error("audit log write failed: %s", exc.strerror or exc)
             elif kind is Exit:
                 assert isinstance(action, Exit)
                 self._finish(action)

@@ -95,7 +95,7 @@ async def test_help_documents_the_command_line() -> None:
     ("args", "message"),
     [
         (["--listen", "bogus:x", "--upstream", "unix:/x"], "bad address 'bogus:x'"),
-        (["--listen", "unix:/tmp/x,profile=readonly", "--upstream", "unix:/x"], "unknown profile"),
+        (["--listen", "unix:/tmp/x,profile=nosuch", "--upstream", "unix:/x"], "unknown profile"),
         (["--listen", "unix:/tmp/x,mode=999", "--upstream", "unix:/x"], "bad mode"),
         (["--listen", "tcp:0.0.0.0:4444", "--upstream", "unix:/x"], "without --allow-remote"),
         (["--listen", "unix:/tmp/x"], "exactly one of --upstream"),

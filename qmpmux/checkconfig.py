@@ -1,0 +1,169 @@
+"""`qmpmux check-config FILE [--upstream ADDR | --spawn -- QEMU ARGS...]`.
+
+Validates a config file exactly as `qmpmux --config` would and prints the effective
+policy: listeners, rules, and for every profile what it allows. Given a QEMU (to connect
+to, or to start for the purpose), the patterns are resolved against that QEMU's real
+`query-commands` and `query-qmp-schema` events, so an operator sees the concrete list a
+client will get before anyone connects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import msgspec
+
+from qmpmux.config import (
+    Address,
+    ConfigError,
+    listeners_of,
+    parse_address,
+    policy_of,
+    read_file,
+)
+from qmpmux.policy import Decision, Policy, Profile
+from qmpmux.upstream import monitor_args
+
+_TIMEOUT = 10.0
+
+
+class _Monitor:
+    """A minimal blocking QMP client, enough to ask QEMU what it has."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(_TIMEOUT)
+        self.file = sock.makefile("rb")
+        self.sock = sock
+        self.file.readline()  # greeting
+        self.call("qmp_capabilities")
+
+    def call(self, command: str) -> object:
+        self.sock.sendall(msgspec.json.encode({"execute": command, "id": command}))
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("QEMU closed the monitor")
+            msg = msgspec.json.decode(line)
+            if isinstance(msg, dict) and msg.get("id") == command:
+                if "error" in msg:
+                    raise ConnectionError(f"{command}: {msg['error']}")
+                return msg.get("return")
+
+
+def _connect(address: Address) -> socket.socket:
+    if address.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(address.path)
+    else:
+        sock = socket.create_connection((address.host, address.port), _TIMEOUT)
+    return sock
+
+
+def _introspect(monitor: _Monitor) -> tuple[list[str], list[str]]:
+    commands = monitor.call("query-commands")
+    schema = monitor.call("query-qmp-schema")
+    assert isinstance(commands, list) and isinstance(schema, list)
+    names = sorted(c["name"] for c in commands if isinstance(c, dict))
+    events = sorted(e["name"] for e in schema if isinstance(e, dict) and e["meta-type"] == "event")
+    return names, events
+
+
+def query_qemu(upstream: Address | None, qemu: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(commands, events) of a running QEMU, or of one started just for this."""
+    if upstream is not None:
+        with _connect(upstream) as sock:
+            return _introspect(_Monitor(sock))
+    ours, theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen(
+            [*qemu, *monitor_args(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        theirs.close()
+    try:
+        with ours:
+            return _introspect(_Monitor(ours))
+    finally:
+        proc.terminate()
+        proc.wait(_TIMEOUT)
+
+
+def _allowed(profile: Profile, names: list[str], events: bool) -> list[str]:
+    if events:
+        return [n for n in names if profile.event(n)]
+    return [n for n in names if profile.command(n) is not Decision.DENY]
+
+
+def render(policy: Policy, qemu: tuple[list[str], list[str]] | None) -> str:
+    lines = []
+    for rule in policy.rules:
+        match = ", ".join(
+            f"{k}={v}"
+            for k, v in (("uid", rule.uid), ("gid", rule.gid), ("exe", rule.exe),
+                         ("listener", rule.listener))
+            if v is not None
+        )  # fmt: skip
+        lines.append(f"rule: {match} -> profile {rule.profile.name}")
+    for name, profile in policy.profiles.items():
+        lines.append(f"profile {name}:")
+        info = profile.describe()
+        switches = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items()
+                             if isinstance(v, bool))  # fmt: skip
+        lines.append(f"  {switches}")
+        if qemu is None:
+            for key in ("commands", "deny-commands", "events", "deny-events"):
+                value = info[key]
+                assert isinstance(value, list)
+                lines.append(f"  {key}: {', '.join(value) or '(none)'}")
+            continue
+        commands, events = qemu
+        allowed = _allowed(profile, commands, events=False)
+        lines.append(f"  commands ({len(allowed)} of {len(commands)}): {', '.join(allowed)}")
+        allowed = _allowed(profile, events, events=True)
+        lines.append(f"  events ({len(allowed)} of {len(events)}): {', '.join(allowed)}")
+    return "\n".join(lines)
+
+
+def check_config(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    qemu: list[str] = []
+    if "--spawn" in argv:
+        at = argv.index("--spawn")
+        qemu = argv[at + 1 :]
+        qemu = qemu[1:] if qemu[:1] == ["--"] else qemu
+        argv = argv[:at]
+    parser = argparse.ArgumentParser(
+        prog="qmpmux check-config",
+        description="Validate a qmpmux config file and print its effective policy.",
+    )
+    parser.add_argument("file", metavar="FILE")
+    parser.add_argument("--upstream", metavar="ADDR", help="resolve against this QEMU monitor")
+    args = parser.parse_args(argv)
+    try:
+        file = read_file(args.file)
+        policy = policy_of(file, args.file)
+        for i, listener in enumerate(listeners_of(file, args.file)):
+            if listener.profile not in policy.profiles:
+                raise ConfigError(
+                    f"{args.file}: listen[{i}].profile: unknown profile {listener.profile!r}"
+                )
+        upstream = parse_address(args.upstream) if args.upstream else None
+    except ConfigError as exc:
+        print(f"qmpmux: error: {exc}", file=sys.stderr)
+        return 2
+    resolved = None
+    if upstream is not None or qemu:
+        try:
+            resolved = query_qemu(upstream, qemu)
+        except (OSError, ConnectionError, subprocess.SubprocessError) as exc:
+            print(f"qmpmux: error: cannot ask QEMU: {exc}", file=sys.stderr)
+            return 1
+    print(f"{args.file}: valid")
+    print(render(policy, resolved))
+    return 0
