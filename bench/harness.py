@@ -19,6 +19,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -59,7 +60,7 @@ def popen(
         stdout=stdout,
         stderr=stderr,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 (the bench starts no threads)
         cwd=REPO,
         env=env,
     )
@@ -112,6 +113,25 @@ def self_cpu_seconds() -> float:
 # --- a lean blocking client -----------------------------------------------------------------
 
 
+def connect(path: Path, timeout: float) -> socket.socket:
+    """A blocking unix socket whose reads and writes fail after `timeout` seconds.
+
+    The timeouts are the kernel's (SO_RCVTIMEO/SO_SNDTIMEO) rather than Python's
+    `settimeout`, which would add a poll() before every recv on the hot path.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    whole = int(timeout)
+    timeval = struct.pack("ll", whole, int((timeout - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)  # bounds connect() too
+    try:
+        sock.connect(str(path))  # blocking: waits while the listener's backlog is full
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Client:
     """A blocking QMP client on a unix socket that speaks raw bytes and reads CRLF lines.
 
@@ -121,13 +141,7 @@ class Client:
     __slots__ = ("_buf", "_scan", "events", "greeting", "sock")
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(path))
-        except OSError:
-            self.sock.close()
-            raise
+        self.sock = connect(path, timeout)
         self._buf = bytearray()
         self._scan = 0
         self.events = 0
@@ -207,7 +221,7 @@ def wait_greeting(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> 
             if time.monotonic() > deadline:
                 raise BenchError(f"{path} did not accept connections in {timeout:g} s") from None
             time.sleep(0.02)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise BenchError(f"{path} accepted but sent no greeting in {timeout:g} s") from None
 
 
@@ -355,9 +369,7 @@ class Swarm:
         """Connect and negotiate clients until there are `total`."""
         start = len(self.socks)
         for _ in range(start, total):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(str(self.path))  # blocks while qmpmux's accept backlog is full
+            sock = connect(self.path, timeout)  # waits while qmpmux's backlog is full
             sock.sendall(CAPABILITIES)
             self._index[sock.fileno()] = len(self.socks)
             self.socks.append(sock)

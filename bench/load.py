@@ -23,12 +23,12 @@ from bench.harness import Client, Swarm
 SCHEMA = b'{"execute":"query-qmp-schema","id":1}'
 
 
-class _Stop(Exception):
-    pass
+class _StopError(Exception):
+    """SIGTERM: the bench is done with this load."""
 
 
 def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
+    raise _StopError
 
 
 def _ready() -> None:
@@ -48,7 +48,7 @@ def schema(path: Path, depth: int) -> str:
             client.send(SCHEMA)
             client.reply()
             replies += 1
-    except _Stop:
+    except _StopError:
         return f"{replies} schema replies"
 
 
@@ -61,14 +61,17 @@ def fanout(path: Path, clients: int) -> str:
     _ready()
     try:
         while True:
-            for command, event in ((b'{"execute":"stop"}', b"STOP"), (b'{"execute":"cont"}', b"RESUME")):
+            for command, event in (
+                (b'{"execute":"stop"}', b"STOP"),
+                (b'{"execute":"cont"}', b"RESUME"),
+            ):
                 driver.send(command)
                 _, missed = swarm.collect(event, timeout=10)
                 lost += missed
                 driver.event(event)
                 driver.reply()
                 rounds += 1
-    except _Stop:
+    except _StopError:
         pass
     took = time.monotonic() - started
     return f"{rounds} events to {clients} clients in {took:.1f} s, {lost} lost"
@@ -77,7 +80,7 @@ def fanout(path: Path, clients: int) -> str:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench ends us
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     kind, path, arg = argv[0], Path(argv[1]), int(argv[2])
     summary = schema(path, arg) if kind == "schema" else fanout(path, arg)

@@ -97,7 +97,7 @@ def query_qemu(upstream: Address | None, qemu: Sequence[str]) -> tuple[list[str]
 def _allowed(profile: Profile, names: list[str], events: bool) -> list[str]:
     if events:
         return [n for n in names if profile.event(n)]
-    return [n for n in names if profile.command(n) is not Decision.DENY]
+    return [n for n in names if profile.command(n) is Decision.ALLOW]
 
 
 def render(policy: Policy, qemu: tuple[list[str], list[str]] | None) -> str:
@@ -125,6 +125,9 @@ def render(policy: Policy, qemu: tuple[list[str], list[str]] | None) -> str:
         commands, events = qemu
         allowed = _allowed(profile, commands, events=False)
         lines.append(f"  commands ({len(allowed)} of {len(commands)}): {', '.join(allowed)}")
+        audited = [n for n in commands if profile.command(n) is Decision.AUDIT]
+        if audited:
+            lines.append(f"  audit-only, would be denied ({len(audited)}): {', '.join(audited)}")
         allowed = _allowed(profile, events, events=True)
         lines.append(f"  events ({len(allowed)} of {len(events)}): {', '.join(allowed)}")
     return "\n".join(lines)

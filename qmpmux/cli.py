@@ -166,6 +166,11 @@ def parse_args(argv: Sequence[str]) -> Config:
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     upstream_text = args.upstream if (args.upstream or qemu) else file.upstream
+    if upstream_text and not args.upstream and not qemu:
+        try:
+            parse_address(upstream_text)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: upstream: {exc}") from None
     audit = args.audit or (file.audit.file if file.audit else None)
     config = Config(
         listeners=(

@@ -145,8 +145,24 @@ def read_file(path: str) -> FileConfig:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     try:
         return msgspec.toml.decode(data, type=FileConfig)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except msgspec.ValidationError as exc:  # a subclass of DecodeError: first
+        raise ConfigError(f"{path}: {_name_profile(data) or _key_path(exc)}") from None
+    except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: {_key_path(exc)}") from None
+
+
+def _name_profile(data: bytes) -> str | None:
+    """msgspec says `profiles[...]` for a bad profile; check each one to name it."""
+    profiles = msgspec.toml.decode(data).get("profiles")
+    if not isinstance(profiles, dict):
+        return None
+    for name, spec in profiles.items():
+        try:
+            msgspec.convert(spec, ProfileSpec)
+        except msgspec.ValidationError as exc:
+            where = _key_path(exc)
+            return f"profiles.{name}.{where}" if not where.startswith(":") else None
+    return None
 
 
 def policy_of(file: FileConfig, origin: str) -> Policy:

@@ -1,0 +1,101 @@
+"""The config file: typed, strict, errors that name the key, flags that override it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qmpmux.cli import parse_args, reload_policy
+from qmpmux.config import ConfigError, read_file
+from qmpmux.policy import Decision
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "qmpmux.toml.example"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "qmpmux.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_the_shipped_example_loads_and_means_what_it_says() -> None:
+    config = parse_args(["--config", str(EXAMPLE)])
+    assert [str(lst.address) for lst in config.listeners] == [
+        "unix:/run/qmpmux/vm1.sock",
+        "unix:/run/qmpmux/vm1-monitoring.sock",
+    ]
+    assert config.listeners[1].profile == "readonly" and config.listeners[1].mode == 0o660
+    assert config.audit == "/var/log/qmpmux/vm1-audit.jsonl"
+    backup = config.policy.profiles["backup-agent"]
+    assert backup.command("blockdev-backup") is Decision.ALLOW
+    assert backup.command("block-job-set-speed") is Decision.DENY
+    assert backup.command("query-status") is Decision.ALLOW  # from its base
+    assert config.policy.profiles["learning"].command("stop") is Decision.AUDIT
+    assert config.policy.assign("unix:/x", "readonly", 0, 0, "virsh").name == "full"
+
+
+BAD = [
+    ('upstream = "unix:/q"\nlisten = [{address = "unix:/s"}]\nlog-levl = "info"\n',
+     "log-levl: unknown key"),
+    ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nprofle = "full"\n',
+     "listen[0].profle: unknown key"),
+    ('upstream = "unix:/q"\n[limits]\nmax-pending = "many"\n',
+     "limits.max-pending: expected `int`, got `str`"),
+    ('[profiles.mon]\ncomands = ["query-*"]\n', "profiles.mon.comands: unknown key"),
+    ('[profiles.mon]\ncommands = "query-status"\n', "profiles.mon.commands: expected `array`"),
+    ('[profiles.mon]\ncommands = ["query status"]\n', "profiles.mon.commands[0]"),
+    ('[profiles.mon]\nbase = "redonly"\n', "profiles.mon.base: unknown profile 'redonly'"),
+    ('[profiles.readonly]\ncommands = ["stop"]\n', "profiles.readonly: built-in"),
+    ('[[rules]]\nuid = 1000\nprofile = "monitoring"\n', "rules[0].profile: unknown profile"),
+    ('[[rules]]\nuid = "root"\nprofile = "full"\n', "rules[0].uid: expected `int | null`"),
+    ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nprofile = "nope"\n',
+     "unknown profile 'nope'"),
+    ('upstream = "nowhere"\n[[listen]]\naddress = "unix:/s"\n', "bad address 'nowhere'"),
+    ("this is = not toml =", "qmpmux.toml"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=range(len(BAD)))
+def test_a_bad_file_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", write(tmp_path, text)])
+    assert message in str(err.value)
+    assert str(tmp_path) in str(err.value) or "nope" in str(err.value)
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'upstream = "unix:/file-qemu"\nlog-level = "debug"\n'
+        '[[listen]]\naddress = "unix:/file.sock"\nprofile = "readonly"\n'
+        "[limits]\nmax-pending = 7\nmax-clients = 9\n",
+    )
+    config = parse_args(
+        ["--config", path, "--listen", "unix:/cli.sock", "--max-clients", "3",
+         "--log-level", "warning"]
+    )  # fmt: skip
+    assert [str(lst.address) for lst in config.listeners] == ["unix:/cli.sock"]
+    assert config.listeners[0].profile == "full"
+    assert str(config.upstream) == "unix:/file-qemu"
+    assert config.limits.max_clients == 3 and config.limits.max_pending == 7
+    assert config.log_level == "warning"
+    spawned = parse_args(["--config", path, "--spawn", "--", "qemu-system-x86_64"])
+    assert spawned.upstream is None and spawned.spawn == ("qemu-system-x86_64",)
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        read_file(str(tmp_path / "absent.toml"))
+
+
+def test_reload_refuses_a_policy_that_drops_a_listeners_profile(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nprofile = "mon"\n'
+        '[profiles.mon]\nbase = "readonly"\n',
+    )
+    config = parse_args(["--config", path])
+    Path(path).write_text('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\n')
+    with pytest.raises(ConfigError, match="'mon' of unix:/s is no longer defined"):
+        reload_policy(config)

@@ -1,0 +1,218 @@
+"""Policy compilation and decisions, and the property that nothing denied reaches QEMU."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmpmux.config import Limits
+from qmpmux.hub import ToClient, ToUpstream
+from qmpmux.policy import (
+    DEFAULT_POLICY,
+    READONLY_COMMANDS,
+    Decision,
+    PolicyError,
+    ProfileSpec,
+    RuleSpec,
+    compile_policy,
+)
+from qmpmux.qjson import JsonValue
+from qmpmux.session import Peer
+from tests.playbook import ready_hub
+
+READONLY = DEFAULT_POLICY.profiles["readonly"]
+VM_CONTROL = DEFAULT_POLICY.profiles["vm-control"]
+FULL = DEFAULT_POLICY.profiles["full"]
+
+MUTATING = [
+    "stop", "cont", "quit", "system_reset", "system_powerdown", "qom-set",
+    "human-monitor-command", "transaction", "ringbuf-read", "yank", "migrate", "device_add",
+    "object-add", "blockdev-add", "__com.redhat_drive_add", "__org.qmpmux_list-clients",
+    "x-exit-preconfig", "Query-Status", "query-status ", "",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MUTATING)
+def test_readonly_denies_everything_that_changes_or_leaks(name: str) -> None:
+    assert READONLY.command(name) is Decision.DENY
+
+
+@pytest.mark.parametrize("name", ["query-status", "qom-list", "query-qmp-schema", "qom-get"])
+def test_readonly_allows_reads(name: str) -> None:
+    assert READONLY.command(name) is Decision.ALLOW
+
+
+def test_vm_control_is_readonly_plus_run_state() -> None:
+    for name in ("stop", "cont", "system_powerdown", "system_reset", "system_wakeup"):
+        assert VM_CONTROL.command(name) is Decision.ALLOW
+        assert READONLY.command(name) is Decision.DENY
+    for name in READONLY_COMMANDS:
+        assert VM_CONTROL.command(name) is Decision.ALLOW
+    for name in ("quit", "human-monitor-command", "qom-set", "migrate"):
+        assert VM_CONTROL.command(name) is Decision.DENY
+
+
+def test_full_allows_everything_including_extensions() -> None:
+    for name in (*MUTATING[:-3], "anything"):
+        assert FULL.command(name) is Decision.ALLOW
+    assert FULL.event("__com.example_EVENT") and FULL.everything
+
+
+def test_glob_star_does_not_open_downstream_extensions() -> None:
+    policy = compile_policy({"p": ProfileSpec(commands=("*",), events=("*",))})
+    p = policy.profiles["p"]
+    assert p.command("query-status") is Decision.ALLOW
+    assert p.command("__com.redhat_drive_add") is Decision.DENY
+    assert not p.event("__com.example_EVENT") and p.event("STOP")
+    q = compile_policy({"q": ProfileSpec(commands=("__com.redhat_*",))}).profiles["q"]
+    assert q.command("__com.redhat_drive_add") is Decision.ALLOW
+    assert q.command("query-status") is Decision.DENY
+
+
+def test_deny_wins_and_custom_profiles_deny_by_default() -> None:
+    spec = ProfileSpec(
+        commands=("query-*", "stop"), deny_commands=("query-sev*",), events=("STOP",)
+    )
+    p = compile_policy({"p": spec}).profiles["p"]
+    assert p.command("query-status") is Decision.ALLOW
+    assert p.command("query-sev-capabilities") is Decision.DENY
+    assert p.command("cont") is Decision.DENY
+    assert p.event("STOP") and not p.event("RESUME")
+
+
+def test_base_profiles_are_extended_and_their_denials_kept() -> None:
+    specs = {
+        "a": ProfileSpec(base="readonly", commands=("stop", "human-monitor-command")),
+        "b": ProfileSpec(base="a", deny_commands=("query-name",), strip_extensions=True),
+    }
+    policy = compile_policy(specs)
+    a, b = policy.profiles["a"], policy.profiles["b"]
+    assert a.command("stop") is Decision.ALLOW and a.command("query-status") is Decision.ALLOW
+    assert a.command("human-monitor-command") is Decision.DENY  # readonly's denial wins
+    assert b.command("query-name") is Decision.DENY and b.command("stop") is Decision.ALLOW
+    assert b.strip_extensions and not a.strip_extensions
+
+
+def test_audit_only_lets_through_but_says_so() -> None:
+    p = compile_policy({"p": ProfileSpec(base="readonly", audit_only=True)}).profiles["p"]
+    assert p.command("stop") is Decision.AUDIT
+    assert p.command("query-status") is Decision.ALLOW
+
+
+@pytest.mark.parametrize(
+    ("specs", "rules", "path"),
+    [
+        ({"full": ProfileSpec()}, [], "profiles.full"),
+        ({"p": ProfileSpec(base="nope")}, [], "profiles.p.base"),
+        ({"p": ProfileSpec(base="q"), "q": ProfileSpec(base="p")}, [], "profiles."),
+        ({"p": ProfileSpec(commands=("ok", "bad name"))}, [], "profiles.p.commands[1]"),
+        ({"p": ProfileSpec(deny_events=("[oops",))}, [], "profiles.p.deny-events[0]"),
+        ({}, [RuleSpec(profile="nope", uid=1)], "rules[0].profile"),
+        ({}, [RuleSpec(profile="full")], "rules[0]"),
+    ],
+)
+def test_bad_policy_names_the_key(
+    specs: dict[str, ProfileSpec], rules: list[RuleSpec], path: str
+) -> None:
+    with pytest.raises(PolicyError) as err:
+        compile_policy(specs, rules)
+    assert err.value.path.startswith(path)
+
+
+def test_rules_match_unix_credentials_and_executable() -> None:
+    policy = compile_policy(
+        {"mon": ProfileSpec(base="readonly")},
+        [
+            RuleSpec(profile="mon", uid=1000, exe="collectd"),
+            RuleSpec(profile="vm-control", gid=50, listener="unix:/a"),
+        ],
+    )
+    assert policy.assign("unix:/a", "full", 1000, 1, "collectd").name == "mon"
+    assert policy.assign("unix:/a", "full", 1000, 1, "bash").name == "full"
+    assert policy.assign("unix:/a", "full", 7, 50, None).name == "vm-control"
+    assert policy.assign("unix:/b", "readonly", 7, 50, None).name == "readonly"
+    assert policy.assign("tcp:127.0.0.1:1", "readonly").name == "readonly"  # no creds
+
+
+def test_qom_get_of_secret_properties_needs_the_switch() -> None:
+    args: dict[str, JsonValue] = {"path": "/objects/sec0", "property": "data"}
+    assert READONLY.argument_problem("qom-get", args, frozenset()) is not None
+    assert FULL.argument_problem("qom-get", args, frozenset()) is None
+    ok: dict[str, JsonValue] = {"path": "/machine", "property": "type"}
+    assert READONLY.argument_problem("qom-get", ok, frozenset()) is None
+
+
+def test_nobody_may_yank_qmpmux_upstream_chardev() -> None:
+    mine: dict[str, JsonValue] = {"instances": [{"type": "chardev", "id": "qmpmux0"}]}
+    other: dict[str, JsonValue] = {
+        "instances": [{"type": "chardev", "id": "serial0"}, {"type": "block-node"}]
+    }
+    protected = frozenset({"qmpmux0"})
+    assert FULL.argument_problem("yank", mine, protected) is not None
+    assert FULL.argument_problem("yank", other, protected) is None
+    # Upstream chardev unknown (--upstream mode): every chardev yank is refused.
+    assert FULL.argument_problem("yank", other, frozenset()) is not None
+
+
+# --- property: for any profile, no denied command is ever forwarded ------------------------
+
+NAMES = st.sampled_from(
+    ["query-status", "stop", "cont", "quit", "qom-set", "qom-get", "yank", "transaction",
+     "human-monitor-command", "__com.redhat_x", "query-sev", "system_reset", "migrate",
+     "__org.qmpmux_whoami", "query-commands"]
+) | st.from_regex(r"\A[a-z_][a-z0-9_-]{0,12}\Z")  # fmt: skip
+FORWARDED = re.compile(rb'"(?:execute|exec-oob)":"([^"]*)"')
+PATTERNS = NAMES | st.sampled_from(["*", "query-*", "__*", "q*", "*-*", "[qs]*", "?top"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    allow=st.lists(PATTERNS, max_size=5),
+    deny=st.lists(PATTERNS, max_size=3),
+    base=st.sampled_from([None, "readonly", "vm-control", "full"]),
+    commands=st.lists(st.tuples(NAMES, st.booleans()), min_size=1, max_size=12),
+)
+def test_nothing_denied_ever_reaches_qemu(
+    allow: list[str],
+    deny: list[str],
+    base: str | None,
+    commands: list[tuple[str, bool]],
+) -> None:
+    spec = ProfileSpec(base=base, commands=tuple(allow), deny_commands=tuple(deny))
+    policy = compile_policy({"p": spec})
+    profile = policy.profiles["p"]
+    hub = ready_hub(limits=Limits(upstream_window=1000))
+    hub.reload(policy)
+    cid, _ = hub.client_connected(Peer("unix:t", profile="p"))
+    hub.client_data(cid, b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}')
+    for i, (name, oob) in enumerate(commands):
+        key = b"exec-oob" if oob else b"execute"
+        data = b'{"%s":"%s","id":%d}' % (key, name.encode(), i)
+        for action in hub.client_data(cid, data):
+            if isinstance(action, ToUpstream):
+                for forwarded in FORWARDED.findall(action.data):
+                    assert profile.command(forwarded.decode()) is Decision.ALLOW, forwarded
+            else:
+                assert isinstance(action, ToClient)
+
+
+def test_denied_command_is_answered_locally_in_order() -> None:
+    hub = ready_hub()
+    hub.reload(DEFAULT_POLICY)
+    cid, _ = hub.client_connected(Peer("unix:t", profile="readonly"))
+    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    assert hub.client_data(cid, b'{"execute":"query-status","id":1}') == [
+        ToUpstream(b'{"execute":"query-status","id":0}')
+    ]
+    assert hub.client_data(cid, b'{"execute":"stop","id":2}') == []  # waits behind id 1
+    assert hub.upstream_data(b'{"return": {}, "id": 0}\r\n') == [
+        ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
+        ToClient(
+            cid,
+            b'{"id": 2, "error": {"class": "CommandNotFound", '
+            b'"desc": "The command stop has been refused by qmpmux policy"}}\r\n',
+        ),
+    ]
