@@ -8,11 +8,13 @@ this machine today. The numbers are for reading, not for passing or failing.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import math
 import os
 import platform
+import re
 import resource
 import signal
 import subprocess
@@ -184,6 +186,12 @@ def print_table(rows: list[Row]) -> None:
         print(format_row(row))
 
 
+def summarise_log(lines: list[str]) -> dict[str, Any]:
+    """qmpmux's warnings grouped by shape (numbers masked), plus the last few verbatim."""
+    patterns = collections.Counter(re.sub(r"\d+", "N", line)[:200] for line in lines)
+    return {"lines": len(lines), "patterns": dict(patterns.most_common(20)), "last": lines[-20:]}
+
+
 # --- running --------------------------------------------------------------------------------
 
 
@@ -236,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
             qmpmux_status = end_process(b.qmpmux)
             meta["qmpmux_exit_status"] = qmpmux_status
             log = b.qmpmux_log_lines()
-            meta["qmpmux_log"] = log[-50:]
+            meta["qmpmux_log"] = summarise_log(log)
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     print(
         f"\nqmpmux {meta['qmpmux_revision']} vs QEMU {meta['qemu']}, {meta['mode']} run, "
@@ -246,9 +254,9 @@ def run(args: argparse.Namespace) -> int:
     if qmpmux_status != 0:
         print(f"\nqmpmux exited with status {qmpmux_status} on SIGTERM")
     if log:
-        print(f"\nqmpmux logged {len(log)} line(s) at warning or above; last ones:")
-        for line in log[-5:]:
-            print(f"  {line}")
+        print(f"\nqmpmux logged {len(log)} line(s) at warning or above:")
+        for pattern, count in meta["qmpmux_log"]["patterns"].items():
+            print(f"  {count:6d} x {pattern}")
     if args.json is not None:
         args.json.write_text(json.dumps({"meta": meta, **res.as_json()}, indent=2, default=str))
         print(f"\nwrote {args.json}")
@@ -265,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; QEMU and qmpmux have been stopped", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        print("\nstopped by a signal; QEMU and qmpmux have been stopped", file=sys.stderr)
+        raise exc
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -205,6 +205,13 @@ class Client:
         return self.reply()
 
     def close(self) -> None:
+        """Half-close, read what is still coming until EOF, then close: closing with unread
+        input would reset the connection, which qmpmux rightly logs as a fault."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 5
+            while self.sock.recv(262144) and time.monotonic() < deadline:
+                pass
         self.sock.close()
 
 
@@ -452,7 +459,26 @@ class Swarm:
                 for name, counts in self.counts.items():
                     counts[i] += data.count(b'"event": "' + name + b'"', 0, cut)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Half-close every client and read until EOF (see `Client.close`), then close."""
+        open_ = {}
+        for fd, i in self._index.items():
+            with contextlib.suppress(OSError):
+                self.socks[i].shutdown(socket.SHUT_WR)
+                open_[fd] = self.socks[i]
+        deadline = time.monotonic() + timeout
+        while open_ and (left := deadline - time.monotonic()) > 0:
+            for fd, _ in self.ep.poll(left):
+                sock = open_.get(fd)
+                if sock is None:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.ep.unregister(fd)
+                    del open_[fd]
         self.ep.close()
         for sock in self.socks:
             sock.close()

@@ -21,14 +21,16 @@ from types import FrameType
 from bench.harness import Client, Swarm
 
 SCHEMA = b'{"execute":"query-qmp-schema","id":1}'
+STOP = (b'{"execute":"stop"}', b"STOP")
+CONT = (b'{"execute":"cont"}', b"RESUME")
 
 
-class _StopError(Exception):
-    """SIGTERM: the bench is done with this load."""
+_stopping = False
 
 
 def _on_term(signum: int, frame: FrameType | None) -> None:
-    raise _StopError
+    global _stopping
+    _stopping = True  # a blocked recv is retried (PEP 475): the loop stops at a safe point
 
 
 def _ready() -> None:
@@ -39,17 +41,15 @@ def _ready() -> None:
 def schema(path: Path, depth: int) -> str:
     client = Client(path, timeout=60).negotiate()
     client.send(SCHEMA * depth)
-    replies = 0
-    try:
+    client.reply()
+    replies = 1
+    _ready()
+    while not _stopping:
+        client.send(SCHEMA)
         client.reply()
         replies += 1
-        _ready()
-        while True:
-            client.send(SCHEMA)
-            client.reply()
-            replies += 1
-    except _StopError:
-        return f"{replies} schema replies"
+    client.close()  # reads the replies still in flight
+    return f"{replies} schema replies"
 
 
 def fanout(path: Path, clients: int) -> str:
@@ -59,20 +59,16 @@ def fanout(path: Path, clients: int) -> str:
     rounds = lost = 0
     started = time.monotonic()
     _ready()
-    try:
-        while True:
-            for command, event in (
-                (b'{"execute":"stop"}', b"STOP"),
-                (b'{"execute":"cont"}', b"RESUME"),
-            ):
-                driver.send(command)
-                _, missed = swarm.collect(event, timeout=10)
-                lost += missed
-                driver.event(event)
-                driver.reply()
-                rounds += 1
-    except _StopError:
-        pass
+    while not _stopping:
+        for command, event in (STOP, CONT):
+            driver.send(command)
+            _, missed = swarm.collect(event, timeout=10)
+            lost += missed
+            driver.event(event)
+            driver.reply()
+            rounds += 1
+    swarm.close()
+    driver.close()
     took = time.monotonic() - started
     return f"{rounds} events to {clients} clients in {took:.1f} s, {lost} lost"
 

@@ -11,6 +11,7 @@ import pytest
 import uvloop
 
 from qmpmux.config import Address, Config, Limits, Listener
+from qmpmux.policy import DEFAULT_POLICY, Policy
 from qmpmux.server import Proxy
 from qmpmux.upstream import connect
 from tests.realqemu import Qemu, start_qemu
@@ -38,22 +39,34 @@ class Mux:
     """qmpmux running in the test's event loop in front of a real QEMU."""
 
     proxy: Proxy
-    path: Path  # where clients connect
+    path: Path  # where clients connect (profile full)
     direct: Path  # a second, independent monitor of the same QEMU, for comparison
     qemu: Qemu
+    sockets: dict[str, Path]  # one listener per profile given to start_mux
 
 
-async def start_mux(qemu: Qemu, tmp_path: Path, limits: Limits | None = None) -> Mux:
-    path = tmp_path / "mux.sock"
+async def start_mux(
+    qemu: Qemu,
+    tmp_path: Path,
+    limits: Limits | None = None,
+    policy: Policy = DEFAULT_POLICY,
+    profiles: tuple[str, ...] = ("full",),
+    audit: Callable[[bytes], None] | None = None,
+) -> Mux:
+    sockets = {name: tmp_path / f"mux-{name}.sock" for name in profiles}
     config = Config(
-        listeners=(Listener(Address("unix", path=str(path))),),
+        listeners=tuple(
+            Listener(Address("unix", path=str(path)), profile=name)
+            for name, path in sockets.items()
+        ),
         upstream=Address("unix", path=str(qemu.monitors[0])),
         limits=limits or Limits(),
+        policy=policy,
     )
     assert config.upstream is not None
-    proxy = Proxy(config)
+    proxy = Proxy(config, audit=audit)
     await proxy.start(await connect(config.upstream, 5))
-    return Mux(proxy, path, qemu.monitors[1], qemu)
+    return Mux(proxy, sockets.get("full", tmp_path / "none"), qemu.monitors[1], qemu, sockets)
 
 
 @pytest.fixture

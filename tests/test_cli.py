@@ -56,6 +56,16 @@ class Running:
             if " ready: " in line:
                 return cls(proc, log)
 
+    async def expect(self, text: str) -> str:
+        """The next log line containing `text` (the process keeps running)."""
+        assert self.proc.stderr is not None
+        while True:
+            line = (await asyncio.wait_for(self.proc.stderr.readline(), 20)).decode()
+            assert line, f"qmpmux exited; log: {''.join(self.log)}"
+            self.log.append(line)
+            if text in line:
+                return line
+
     async def wait(self) -> int:
         assert self.proc.stderr is not None
         rest = await asyncio.wait_for(self.proc.stderr.read(), 20)
@@ -213,3 +223,42 @@ async def test_upstream_mode_exits_nonzero_when_qemu_is_killed(tmp_path: Path) -
         assert any("QEMU closed the monitor connection" in line for line in mux.log)
     finally:
         vm.stop()
+
+
+async def test_sighup_reloads_policy_without_dropping_clients(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    conf = tmp_path / "qmpmux.toml"
+    listen = f'[[listen]]\naddress = "unix:{sock}"\nprofile = "ops"\n'
+    conf.write_text(listen + '[profiles.ops]\nbase = "readonly"\n')
+    mux = await Running.start("--config", str(conf), "--spawn", "--", qemu_path(), *BASE_ARGS)
+    try:
+        client = await RawClient.connect(sock)
+        await client.negotiate()
+        assert b"refused by qmpmux policy" in await client.command(b'{"execute":"stop"}')
+        conf.write_text(listen + '[profiles.ops]\nbase = "vm-control"\n')
+        mux.proc.send_signal(signal.SIGHUP)
+        await mux.expect("policy reloaded")
+        assert await client.command(b'{"execute":"stop","id":1}') == b'{"return": {}, "id": 1}\r\n'
+        conf.write_text(listen + "[profiles.ops]\nbase = 'vm-control'\ncomands = []\n")
+        mux.proc.send_signal(signal.SIGHUP)
+        line = await mux.expect("reload failed")
+        assert "profiles.ops.comands: unknown key" in line
+        assert await client.command(b'{"execute":"cont","id":2}') == b'{"return": {}, "id": 2}\r\n'
+    finally:
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
+
+
+async def test_check_config_resolves_profiles_against_qemu(tmp_path: Path) -> None:
+    conf = tmp_path / "qmpmux.toml"
+    conf.write_text(
+        '[profiles.mon]\ncommands = ["query-statu?", "query-nam?", "nope"]\nevents = ["STOP"]\n'
+    )
+    code, out = await run("check-config", str(conf), "--spawn", "--", qemu_path(), *BASE_ARGS)
+    assert code == 0, out
+    assert "commands (2 of 216): query-name, query-status" in out
+    assert "events (1 of 52): STOP" in out
+    conf.write_text("[profiles.mon]\nbase = 'nope'\n")
+    code, out = await run("check-config", str(conf))
+    assert code == 2
+    assert "profiles.mon.base: unknown profile 'nope'" in one_line_error(out)

@@ -721,13 +721,15 @@ def test_encode_compact_round_trips(value: JsonValue) -> None:
 
 
 def numbers_as_floats(value: JsonValue) -> object:
-    """Order-free comparable form; QEMU prints integral doubles without '.' or 'e'."""
+    """Order-free comparable form; QEMU prints integral doubles without '.' or 'e'
+    (so -0.0 is written `-0`, which reads back as the integer 0: signed zero is lost,
+    in QEMU as here)."""
     if isinstance(value, dict):
         return sorted((k, repr(numbers_as_floats(v))) for k, v in value.items())
     if isinstance(value, list):
         return [numbers_as_floats(v) for v in value]
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return float(value) + 0.0  # -0.0 + 0.0 == 0.0
     return value
 
 

@@ -1,0 +1,236 @@
+"""Policy against a real QEMU: every route a read-only client might use to change the VM,
+secrets, events, introspection as the qemu.qmp client sees it, identity, audit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+from qemu.qmp import QMPClient
+
+from qmpmux.policy import DEFAULT_POLICY, Decision, ProfileSpec, compile_policy
+from tests.conftest import Mux, start_mux
+from tests.realqemu import Qemu, RawClient
+
+REFUSED = b"refused by qmpmux policy"
+POLICY = compile_policy(
+    {
+        "resume-only": ProfileSpec(
+            commands=("query-status", "query-commands", "query-qmp-schema"), events=("RESUME",)
+        ),
+        "audited": ProfileSpec(base="full", audit_arguments=True),
+    }
+)
+
+
+@pytest.fixture
+async def pmux(qemu: Qemu, tmp_path: Path) -> AsyncIterator[tuple[Mux, list[bytes]]]:
+    records: list[bytes] = []
+    mux = await start_mux(
+        qemu, tmp_path, policy=POLICY, audit=records.append,
+        profiles=("full", "readonly", "vm-control", "resume-only", "audited"),
+    )  # fmt: skip
+    yield mux, records
+    mux.proxy.stop("test over")
+    await mux.proxy.wait()
+
+
+async def client(mux: Mux, profile: str, oob: bool = True) -> RawClient:
+    c = await RawClient.connect(mux.sockets[profile])
+    await c.negotiate(oob=oob)
+    return c
+
+
+ROUTES = [
+    b'{"execute":"stop","id":1}',
+    b'{"execute":"cont","id":1}',
+    b'{"execute":"quit","id":1}',
+    b'{"execute":"system_reset","id":1}',
+    b'{"execute":"system_powerdown","id":1}',
+    b'{"execute":"qom-set","arguments":{"path":"/machine","property":"type","value":"x"},"id":1}',
+    b'{"execute":"human-monitor-command","arguments":{"command-line":"stop"},"id":1}',
+    b'{"execute":"human-monitor-command","arguments":{"command-line":"info status"},"id":1}',
+    b'{"execute":"transaction","arguments":{"actions":[]},"id":1}',
+    b'{"exec-oob":"stop","id":1}',
+    b'{"exec-oob":"yank","arguments":{"instances":[]},"id":1}',
+    b'{"exec-oob":"migrate-pause","id":1}',
+    b'{"execute":"__com.redhat_drive_del","arguments":{"id":"x"},"id":1}',
+    b'{"execute":"__org.qmpmux_list-clients","id":1}',
+    b'{"execute":"ringbuf-read","arguments":{"device":"x","size":1},"id":1}',
+    b'{"execute":"migrate","arguments":{"uri":"exec:true"},"id":1}',
+]
+
+
+async def test_readonly_client_cannot_change_the_vm_by_any_route(
+    pmux: tuple[Mux, list[bytes]],
+) -> None:
+    mux, _ = pmux
+    watcher = await RawClient.connect(mux.direct)
+    await watcher.negotiate()
+    ro = await client(mux, "readonly")
+    for route in ROUTES:
+        reply = await ro.command(route)
+        assert REFUSED in reply and reply.startswith(b'{"id": 1, "error": {"class": '), route
+    # Duplicate keys: a proxy that read one `execute` and forwarded the other would be a
+    # bypass; QEMU's own parser rejects the object, and so does qmpmux.
+    reply = await ro.command(b'{"execute":"query-status","execute":"stop","id":2}')
+    assert b"JSON parse error, duplicate key" in reply
+    # QEMU saw none of it: still running, and the direct watcher got no event at all.
+    status = await watcher.command(b'{"execute":"query-status","id":"w"}')
+    assert b'"status": "running"' in status
+    assert mux.qemu.alive()
+    assert await ro.command(b'{"execute":"query-status","id":3}') == status.replace(
+        b'"id": "w"', b'"id": 3'
+    )
+
+
+async def test_vm_control_may_stop_but_not_quit(pmux: tuple[Mux, list[bytes]]) -> None:
+    mux, _ = pmux
+    vc = await client(mux, "vm-control")
+    assert (await vc.command(b'{"execute":"stop","id":1}')) == b'{"return": {}, "id": 1}\r\n'
+    assert (await vc.command(b'{"execute":"cont","id":2}')) == b'{"return": {}, "id": 2}\r\n'
+    assert REFUSED in await vc.command(b'{"execute":"quit","id":3}')
+    assert mux.qemu.alive()
+
+
+async def test_secret_objects_cannot_be_read_back_by_readonly(
+    pmux: tuple[Mux, list[bytes]],
+) -> None:
+    mux, _ = pmux
+    full = await client(mux, "full")
+    add = b'{"execute":"object-add","arguments":{"qom-type":"secret","id":"sec0","data":"hunter2"}}'
+    assert await full.command(add) == b'{"return": {}}\r\n'
+    get = b'{"execute":"qom-get","arguments":{"path":"/objects/sec0","property":"%s"},"id":1}'
+    assert await full.command(get % b"data") == b'{"return": "hunter2", "id": 1}\r\n'
+    ro = await client(mux, "readonly")
+    refused = await ro.command(get % b"data")
+    assert REFUSED in refused and b"hunter2" not in refused
+    # Partial QOM paths resolve too; the property rule does not depend on the path.
+    partial = b'{"execute":"qom-get","arguments":{"path":"sec0","property":"data"},"id":1}'
+    assert REFUSED in await ro.command(partial)
+    assert await ro.command(get % b"format") == b'{"return": "raw", "id": 1}\r\n'
+
+
+async def test_events_reach_only_profiles_that_allow_them(pmux: tuple[Mux, list[bytes]]) -> None:
+    mux, _ = pmux
+    narrow = await client(mux, "resume-only")
+    full = await client(mux, "full")
+    await full.send(b'{"execute":"stop","id":"s"}{"execute":"cont","id":"c"}')
+    got = [msgspec.json.decode(x).get("event") for x in await full.read_n(4)]
+    assert got == ["STOP", None, "RESUME", None]
+    first = msgspec.json.decode(await narrow.read())
+    assert first["event"] == "RESUME"  # no STOP before it
+    assert REFUSED in await narrow.command(b'{"execute":"stop","id":1}')
+
+
+@pytest.mark.parametrize("profile", ["readonly", "vm-control", "resume-only"])
+async def test_introspection_shows_each_client_its_own_world(
+    pmux: tuple[Mux, list[bytes]], profile: str
+) -> None:
+    mux, _ = pmux
+    direct = await RawClient.connect(mux.direct)
+    await direct.negotiate()
+    everything = {
+        c["name"]
+        for c in msgspec.json.decode(await direct.command(b'{"execute":"query-commands"}'))[
+            "return"
+        ]
+    }
+    policy = POLICY.profiles[profile]
+    qmp = QMPClient("introspection")
+    await qmp.connect(str(mux.sockets[profile]))
+    try:
+        commands = await qmp.execute("query-commands")
+        schema = await qmp.execute("query-qmp-schema")
+    finally:
+        await qmp.disconnect()
+    assert isinstance(commands, list) and isinstance(schema, list)
+    listed = {c["name"] for c in commands}
+    assert all(policy.command(name) is Decision.ALLOW for name in listed)
+    allowed = {n for n in everything if policy.command(n) is Decision.ALLOW}
+    own = {n for n in ("__org.qmpmux_whoami", "__org.qmpmux_list-clients")
+           if policy.command(n) is Decision.ALLOW}  # fmt: skip
+    assert listed == allowed | own
+    names = {e["name"] for e in schema}
+    assert {e["name"] for e in schema if e["meta-type"] == "command"} == listed
+    assert all(policy.event(e["name"]) for e in schema if e["meta-type"] == "event")
+    for entry in schema:  # every reference resolves inside the narrowed schema
+        refs = [entry.get("arg-type"), entry.get("ret-type"), entry.get("element-type")]
+        refs += [m.get("type") for m in entry.get("members", [])]
+        refs += [v.get("type") for v in entry.get("variants", [])]
+        assert all(r in names for r in refs if r), entry
+    assert len(schema) < 1051
+
+
+async def test_full_clients_see_qemus_commands_plus_qmpmux_own(
+    pmux: tuple[Mux, list[bytes]],
+) -> None:
+    mux, _ = pmux
+    full = await client(mux, "full")
+    reply = msgspec.json.decode(await full.command(b'{"execute":"query-commands"}'))
+    names = [c["name"] for c in reply["return"]]
+    assert len(names) == 216 + 2
+    assert names[-2:] == ["__org.qmpmux_whoami", "__org.qmpmux_list-clients"]
+
+
+async def test_whoami_and_list_clients(pmux: tuple[Mux, list[bytes]]) -> None:
+    mux, _ = pmux
+    ro = await client(mux, "readonly")
+    me = msgspec.json.decode(await ro.command(b'{"execute":"__org.qmpmux_whoami","id":1}'))
+    ident = me["return"]
+    assert me["id"] == 1 and ident["profile"] == "readonly"
+    assert (ident["uid"], ident["pid"]) == (os.getuid(), os.getpid())
+    assert ident["exe"] and ident["listener"].endswith("mux-readonly.sock")
+    assert REFUSED in await ro.command(b'{"execute":"__org.qmpmux_list-clients","id":2}')
+    full = await client(mux, "full")
+    listing = msgspec.json.decode(await full.command(b'{"execute":"__org.qmpmux_list-clients"}'))
+    clients = listing["return"]
+    assert {c["profile"] for c in clients} == {"readonly", "full"}
+    assert all({"commands-in-flight", "bytes-queued", "uid"} <= c.keys() for c in clients)
+
+
+async def test_audit_records_every_command_with_secrets_redacted(
+    pmux: tuple[Mux, list[bytes]],
+) -> None:
+    mux, records = pmux
+    aud = await client(mux, "audited")
+    add = (b'{"execute":"object-add","arguments":{"qom-type":"secret","id":"s1",'
+           b'"data":"hunter2"},"id":1}')  # fmt: skip
+    await aud.command(add)
+    await aud.command(b'{"execute":"nope","id":2}')
+    ro = await client(mux, "readonly")
+    await ro.command(b'{"execute":"stop","id":3}')
+    await ro.command(b'{"execute":"query-name","id":4}')
+    log = [msgspec.json.decode(r) for r in records]
+    assert b"hunter2" not in b"".join(records)
+    by_command = {r["command"]: r for r in log}
+    obj = by_command["object-add"]
+    assert obj["arguments"]["data"] == "<redacted>" and obj["arguments"]["id"] == "s1"
+    assert obj["decision"] == "allowed" and obj["result"] == "ok" and obj["profile"] == "audited"
+    assert by_command["nope"]["result"] == "CommandNotFound"
+    stop = by_command["stop"]
+    assert stop["decision"] == "denied" and stop["profile"] == "readonly"
+    assert "arguments" not in by_command["query-name"]  # arguments are opt-in per profile
+    for r in log:
+        assert {"time", "client", "listener", "uid", "gid", "pid", "latency_ms"} <= r.keys()
+        assert r["uid"] == os.getuid() and r["latency_ms"] >= 0
+
+
+async def test_nobody_may_yank_the_upstream_connection(pmux: tuple[Mux, list[bytes]]) -> None:
+    mux, _ = pmux
+    full = await client(mux, "full")
+    yanks = msgspec.json.decode(await full.command(b'{"execute":"query-yank"}'))["return"]
+    chardevs = [y["id"] for y in yanks if y["type"] == "chardev"]
+    assert chardevs  # QEMU lists its monitors; qmpmux's own is among them
+    for chardev in chardevs:
+        cmd = b'{"execute":"yank","arguments":{"instances":[{"type":"chardev","id":"%s"}]}}'
+        reply = await full.command(cmd % chardev.encode())
+        assert REFUSED in reply
+    assert (await full.command(b'{"execute":"query-name"}')) == b'{"return": {}}\r\n'
+
+
+def test_default_policy_is_full_for_everyone() -> None:
+    assert DEFAULT_POLICY.assign("unix:/x", "full", 0, 0, "x").everything
