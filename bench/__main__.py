@@ -113,6 +113,7 @@ def describe(bed_: Bed) -> dict[str, Any]:
         revision += " (qmpmux/ has uncommitted changes)"
     return {
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "loadavg_at_start": os.getloadavg()[0],
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
         "kernel": platform.release(),
@@ -215,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     with bed(args.qmpmux_profile) as b:
         meta.update(describe(b))
-        for key in ("cpu_model", "cores", "kernel", "python", "qemu", "uvloop", "msgspec"):
+        keys = ("cpu_model", "cores", "kernel", "python", "qemu", "uvloop", "msgspec")
+        for key in (*keys, "loadavg_at_start"):
             print(f"{key:>16}: {meta[key]}")
         print(f"{'qmpmux':>16}: {meta['qmpmux_revision']} (pid {meta['qmpmux_pid']})")
         print(f"{'mode':>16}: {meta['mode']}\n")

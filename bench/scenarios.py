@@ -53,7 +53,7 @@ class Plan:
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls(True, 500, 2, 0.5, (100, 1000), 10, 10, 1.5)
-        return cls(False, 3000, 3, 1.0, (100, 1000), 50, 30, 5.0)
+        return cls(False, 3000, 6, 0.5, (100, 1000), 50, 30, 5.0)
 
 
 @dataclass
