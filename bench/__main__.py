@@ -172,7 +172,12 @@ def format_row(row: Row) -> str:
     return line + (f"  {row.note}" if row.note else "")
 
 
+SECTIONS = ("latency", "throughput", "fan-out", "memory", "cpu", "large replies", "loop blocking")
+
+
 def print_table(rows: list[Row]) -> None:
+    """The rows grouped by section, in the order of the measurements' numbering."""
+    rows = sorted(rows, key=lambda r: SECTIONS.index(r.section) if r.section in SECTIONS else 99)
     print(
         "  ".join(
             h.ljust(w) if i == 0 else h.rjust(w)

@@ -160,9 +160,11 @@ def latency(bed: Bed, plan: Plan, res: Results) -> None:
         times: dict[str, list[int]] = {"direct": [], "qmpmux": []}
         paths = [("direct", direct), ("qmpmux", mux)]
         block = 50
+        cpu0 = cpu_seconds(bed.qmpmux_pid)  # qmpmux idles while the direct blocks run
         for b, first in enumerate(range(0, n, block)):
             for name, client in paths if b % 2 == 0 else paths[::-1]:
                 times[name] += _rtts(client, first, min(block, n - first))
+        cpu = cpu_seconds(bed.qmpmux_pid) - cpu0
     finally:
         direct.close()
         mux.close()
@@ -176,6 +178,16 @@ def latency(bed: Bed, plan: Plan, res: Results) -> None:
         d,
         m,
         note=f"added {m[0] - d[0]:+.0f} / {m[1] - d[1]:+.0f} µs",
+    )
+    res.data["latency"]["qmpmux_cpu_s"] = cpu
+    res.add(
+        "cpu",
+        f"qmpmux CPU per 10 000 sequential commands (latency run, {n})",
+        "s",
+        None,
+        cpu / n * 1e4,
+        ratio=False,
+        note="clock-tick (10 ms) resolution",
     )
 
 
