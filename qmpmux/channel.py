@@ -23,6 +23,9 @@ from typing import Final, Protocol
 
 MAX_FDS_PER_MESSAGE: Final = 16
 _ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+# Every read lands in this one buffer and only what arrived is copied out: allocating a
+# fresh 256 KiB object per read costs an mmap/mremap/munmap triple each time.
+_READ_BUFFER: Final = memoryview(bytearray(1 << 18))
 
 
 class ChannelHandler(Protocol):
@@ -111,18 +114,23 @@ class Channel:
 
     def _on_readable(self) -> None:
         fds: list[int] = []
+        buffer = _READ_BUFFER[: self.read_size]
         try:
             if self.recv_fds:
-                data, ancillary, _flags, _addr = self.sock.recvmsg(self.read_size, _ANCILLARY_SIZE)
+                n, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], _ANCILLARY_SIZE)
                 if ancillary:
                     fds = _received_fds(ancillary)
             else:
-                data = self.sock.recv(self.read_size)
+                n = self.sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionResetError:
+            self._finish("connection reset by peer")  # a peer that vanished: not our fault
             return
         except OSError as exc:
             self.abort(f"read failed: {exc.strerror or exc}")
             return
+        data = bytes(buffer[:n])
         if data or fds:
             self.handler.channel_data(self.key, data, fds)
         if not data and not self._done:

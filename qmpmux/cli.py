@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -264,6 +265,10 @@ async def serve(config: Config) -> int:
             rc = await stop_qemu(process, grace=2)
             raise exc from None
         raise StartupError(f"QEMU exited with status {rc} before it was ready") from None
+    # Start-up objects (modules, code, config) are never garbage: keep the collector's full
+    # passes, which stall every client, from walking them again and again.
+    gc.collect()
+    gc.freeze()
     log.info(
         "ready: QEMU monitor %s, oob %s, %d listener(s)",
         ready.version.decode("ascii", "replace"),

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 import msgspec
 
@@ -69,6 +70,14 @@ log = logging.getLogger("qmpmux.hub")
 class ToClient:
     client: int
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """The same bytes to many clients (an event): one action, not one per client."""
+
+    data: bytes
+    clients: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +125,15 @@ class Audit:
 
 
 Action = (
-    ToClient | ToUpstream | CloseClient | PauseClient | ResumeClient | UpstreamReady | Exit | Audit
+    ToClient
+    | Broadcast
+    | ToUpstream
+    | CloseClient
+    | PauseClient
+    | ResumeClient
+    | UpstreamReady
+    | Exit
+    | Audit
 )
 
 
@@ -128,6 +145,7 @@ class UpstreamState(enum.Enum):
 
 
 _client_log = logging.getLogger("qmpmux.client")
+_UNSEEN: Final[list[int]] = []
 
 
 class Hub:
@@ -249,24 +267,20 @@ class Hub:
             log.warning("dropping unexpected message from QEMU: %.200r", line)
 
     def _fan_out(self, name: str, line: bytes) -> None:
-        """One event to every negotiated client allowed it: decided and encoded once per
-        profile, the same bytes object for every client that shares the profile."""
-        out = self._out
-        views: dict[Profile, bytes | None] = {}
+        """One event to every negotiated client allowed it: decided once per profile, and
+        the same bytes object for every client whose profile does not rewrite it."""
+        targets: dict[Profile, list[int] | None] = {}
         for session in self._negotiated.values():
             profile = session.profile
-            if profile in views:
-                data = views[profile]
-            else:
-                data = views[profile] = self._event_view(profile, name, line)
-            if data is not None:
-                out.append(ToClient(session.id, data))
-
-    @staticmethod
-    def _event_view(profile: Profile, name: str, line: bytes) -> bytes | None:
-        if not profile.event(name):
-            return None
-        return strip_message(line) if profile.strip_extensions else line
+            clients = targets.get(profile, _UNSEEN)
+            if clients is _UNSEEN:
+                clients = targets[profile] = [] if profile.event(name) else None
+            if clients is not None:
+                clients.append(session.id)
+        for profile, clients in targets.items():
+            if clients:
+                data = strip_message(line) if profile.strip_extensions else line
+                self._out.append(Broadcast(data, clients))
 
     def _route_reply(self, line: bytes, upstream_id: object) -> None:
         cmd = self._inflight.pop(upstream_id, None) if type(upstream_id) is int else None
@@ -278,6 +292,10 @@ class Hub:
         session = cmd.session
         if not cmd.oob:
             self._inband -= 1
+            session.inflight -= 1
+            if session.queue and not session.in_ready and not session.closed:
+                session.in_ready = True  # its share of the window has room again
+                self._ready.append(session)
         if session.closed:
             return  # its client has gone: the reply is nobody else's
         data = rewrite_reply(line, upstream_id, cmd.wire_id)
@@ -498,15 +516,17 @@ class Hub:
         if self.state is not UpstreamState.READY:
             return
         window = self.limits.upstream_window
+        share = self.limits.client_window
         ready = self._ready
         chunks: list[bytes] = []
         while self._inband < window and ready:
             session = ready.popleft()
-            if session.closed or not session.queue:
-                session.in_ready = False
+            if session.closed or not session.queue or session.inflight >= share:
+                session.in_ready = False  # a reply re-queues it when its share has room
                 continue
             chunks.append(self._issue(session.queue.popleft()))
             self._inband += 1
+            session.inflight += 1
             if session.queue:
                 ready.append(session)
             else:

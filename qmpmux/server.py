@@ -25,6 +25,7 @@ from qmpmux.config import Config, ConfigError, Listener
 from qmpmux.hub import (
     Action,
     Audit,
+    Broadcast,
     CloseClient,
     Exit,
     Hub,
@@ -316,6 +317,13 @@ class Proxy:
                 if channel is not None:
                     channel.write(action.data)
                     dirty.add(channel)
+            elif kind is Broadcast:
+                assert isinstance(action, Broadcast)
+                data = action.data
+                for client in action.clients:
+                    if (channel := clients.get(client)) is not None:
+                        channel.write(data)
+                        channel.flush()  # at once: the first client need not wait for the last
             elif kind is ToUpstream:
                 assert isinstance(action, ToUpstream) and self._upstream is not None
                 self._upstream.write(action.data)

@@ -186,6 +186,7 @@ class Session:
         "framer",
         "id",
         "in_ready",
+        "inflight",
         "offered",
         "oob",
         "oob_replies",
@@ -221,6 +222,7 @@ class Session:
         self.oob_replies: deque[bytes | Command] = deque()
         # In-band commands not yet sent upstream (the hub sends them round-robin).
         self.queue: deque[Command] = deque()
+        self.inflight = 0  # of its in-band commands, how many are in QEMU now
         self.in_ready = False
         self.paused = False
         self.draining = False
