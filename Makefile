@@ -22,6 +22,7 @@ qemu:
 setup: $(BIN)/qmpmux qemu
 
 demo: setup
+	@command -v socat >/dev/null || { apt-get update -qq && apt-get install -y -qq socat; } || true
 	@echo "qmpmux is serving a fresh QEMU on $(DEMO_SOCK); in another terminal try:"
 	@echo "  socat - UNIX-CONNECT:$(DEMO_SOCK)      then type {\"execute\":\"qmp_capabilities\"}"
 	@echo "  $(BIN)/qmp-shell $(DEMO_SOCK)"

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import msgspec
@@ -227,3 +228,18 @@ async def test_qemu_qmp_library_sees_oob_only_when_offered(mux: Mux, oob: bool) 
         assert reply.startswith(b'{"return": [')
     else:
         assert b"'exec-oob' is unexpected" in reply
+
+
+async def test_the_qmp_shell_tool_works_through_qmpmux(mux: Mux) -> None:
+    tool = Path(sys.executable).parent / "qmp-shell"
+    if not tool.exists():
+        pytest.skip("qmp-shell (from qemu.qmp) is not installed next to this Python")
+    proc = await asyncio.create_subprocess_exec(
+        str(tool), str(mux.path),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(b"query-status\nquery-name\n"), 20)
+    text = out.decode()
+    assert "Connected to QEMU 7." in text
+    assert '{"return": {"status": "running"' in text and '{"return": {}}' in text
