@@ -24,6 +24,7 @@ from qmpmux.config import (
     parse_address,
     policy_of,
     read_file,
+    split_spawn,
 )
 from qmpmux.policy import Decision, Policy, Profile
 from qmpmux.upstream import monitor_args
@@ -134,20 +135,19 @@ def render(policy: Policy, qemu: tuple[list[str], list[str]] | None) -> str:
 
 
 def check_config(argv: Sequence[str]) -> int:
-    argv = list(argv)
-    qemu: list[str] = []
-    if "--spawn" in argv:
-        at = argv.index("--spawn")
-        qemu = argv[at + 1 :]
-        qemu = qemu[1:] if qemu[:1] == ["--"] else qemu
-        argv = argv[:at]
+    try:
+        own, qemu = split_spawn(argv)
+    except ConfigError as exc:
+        print(f"qmpmux: error: {exc}", file=sys.stderr)
+        return 2
+    own = [a for a in own if a != "--spawn"]
     parser = argparse.ArgumentParser(
         prog="qmpmux check-config",
         description="Validate a qmpmux config file and print its effective policy.",
     )
     parser.add_argument("file", metavar="FILE")
     parser.add_argument("--upstream", metavar="ADDR", help="resolve against this QEMU monitor")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(own)
     try:
         file = read_file(args.file)
         policy = policy_of(file, args.file)

@@ -31,6 +31,7 @@ from qmpmux.config import (
     parse_listener,
     policy_of,
     read_file,
+    split_spawn,
 )
 from qmpmux.hub import Hub
 from qmpmux.policy import Policy
@@ -138,26 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(qmpmux's own arguments, QEMU's command line after --spawn [--])."""
-    argv = list(argv)
-    if "--spawn" not in argv:
-        return argv, []
-    at = argv.index("--spawn")
-    qemu = argv[at + 1 :]
-    if qemu[:1] == ["--"]:
-        qemu = qemu[1:]
-    if not qemu:
-        raise ConfigError("--spawn needs a QEMU command line after it")
-    return argv[: at + 1], qemu
-
-
 _LIMIT_FLAGS = ("max_clients", "max_message_bytes", "outbox_bytes")
 
 
 def parse_args(argv: Sequence[str]) -> Config:
     """argv (and the --config file) to a checked Config; raises ConfigError."""
-    own, qemu = _split_spawn(argv)
+    own, qemu = split_spawn(argv)
     args = build_parser().parse_args(own)
     file = read_file(args.config) if args.config else FileConfig()
     origin = args.config or "command line"

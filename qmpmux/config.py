@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -230,6 +231,20 @@ def parse_listener(text: str) -> Listener:
         else:
             raise ConfigError(f"unknown listener option {key!r} in {text!r}")
     return Listener(address, profile, mode)
+
+
+def split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(qmpmux's own arguments, QEMU's command line after `--spawn [--]`)."""
+    argv = list(argv)
+    if "--spawn" not in argv:
+        return argv, []
+    at = argv.index("--spawn")
+    qemu = argv[at + 1 :]
+    if qemu[:1] == ["--"]:
+        qemu = qemu[1:]
+    if not qemu:
+        raise ConfigError("--spawn needs a QEMU command line after it")
+    return argv[: at + 1], qemu
 
 
 def check(config: Config) -> None:
