@@ -317,7 +317,7 @@ class Hub:
             key = (id(profile), name, value)
             cached = self._views.get(key)
             if cached is None:
-                if len(self._views) >= 64:
+                if len(self._views) >= 16:  # keys hold QEMU's reply (the schema is ~200 KB)
                     self._views.clear()
                 cached = self._views[key] = narrow(value, profile)
             return cached
