@@ -26,6 +26,7 @@ _ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i"
 # Every read lands in this one buffer and only what arrived is copied out: allocating a
 # fresh 256 KiB object per read costs an mmap/mremap/munmap triple each time.
 _READ_BUFFER: Final = memoryview(bytearray(1 << 18))
+_IOV_MAX: Final = 512  # chunks per sendmsg (the kernel's limit is 1024)
 
 
 class ChannelHandler(Protocol):
@@ -81,7 +82,7 @@ class Channel:
         self.read_size = read_size
         self.outbox_limit = outbox_limit
         self.recv_fds = recv_fds and sock.family == socket.AF_UNIX
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._out_size = 0
         self._reading = False
         self._writing = False
@@ -159,22 +160,26 @@ class Channel:
             self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
 
     def _send(self) -> None:
+        """Send what the kernel takes now: one write of many chunks, never a re-join of a
+        large backlog (a client far behind would make every attempt copy all of it)."""
         out = self._out
-        data = out[0] if len(out) == 1 else b"".join(out)
         try:
-            sent = self.sock.send(data)
+            sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:_IOV_MAX])
         except (BlockingIOError, InterruptedError):
-            sent = 0
+            return
         except OSError as exc:
             self.abort(f"write failed: {exc.strerror or exc}")
             return
-        if sent == len(data):
-            out.clear()
-            self._out_size = 0
-        else:
-            rest = data[sent:]
-            out[:] = [rest]
-            self._out_size = len(rest)
+        self._out_size -= sent
+        done = 0
+        for chunk in out:
+            if sent < len(chunk):
+                break
+            sent -= len(chunk)
+            done += 1
+        del out[:done]
+        if sent:
+            out[0] = memoryview(out[0])[sent:]
 
     def _on_writable(self) -> None:
         self._send()

@@ -264,7 +264,10 @@ async def serve(config: Config) -> int:
     )
     code = await proxy.wait()
     if process is not None:
-        return exit_status(await stop_qemu(process))
+        status = exit_status(await stop_qemu(process))
+        # QEMU's own status when it ended the session; qmpmux's failure when qmpmux lost
+        # the connection and had to stop QEMU itself.
+        return status if code == 0 else code
     return code
 
 

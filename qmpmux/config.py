@@ -39,8 +39,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=
     # Largest single client message. QEMU accepts 64 MiB but ingests ~276 KB/s on one
     # shared I/O thread, so a huge command stalls every client; QEMU's error is reused.
     max_message_bytes: int = 1 << 20
-    # Commands read from one client but not answered yet before qmpmux stops reading it.
+    # Commands read from one client but not answered yet before qmpmux stops reading it,
+    # and the bytes of its commands still waiting to go upstream.
     max_pending: int = 256
+    max_pending_bytes: int = 4 << 20
     # Output queued for one client that does not read before it is disconnected.
     outbox_bytes: int = 8 << 20
     # In-band commands in flight upstream. QEMU queues 8 per monitor and stops reading
@@ -50,6 +52,9 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=
     # queue in order, so another client's command waits behind all of them; two (one
     # running, one queued) keep QEMU as busy as eight do (measured in bench/).
     client_window: int = 2
+    # Bytes of commands in flight upstream (both lanes). QEMU reads ~276 KB/s, so bytes,
+    # not commands, are what others wait behind; past this budget only one more goes.
+    upstream_bytes: int = 256 << 10
     max_clients: int = 4096
 
 
@@ -247,6 +252,29 @@ def split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv[: at + 1], qemu
 
 
+# Upstream, qmpmux re-encodes a command; text that costs 2 bytes from a client (U+0000 as
+# C0 80) costs 6, so a client message of at most 16 MiB always fits QEMU's 64 MiB.
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+def check_limits(limits: Limits) -> None:
+    """Every bound must make sense: a zero window would answer nothing, ever."""
+    rules = [
+        ("max-message-bytes", limits.max_message_bytes, 64, MAX_MESSAGE_BYTES),
+        ("max-pending", limits.max_pending, 1, 1 << 20),
+        ("max-pending-bytes", limits.max_pending_bytes, limits.max_message_bytes, 1 << 34),
+        ("outbox-bytes", limits.outbox_bytes, 65536, 1 << 34),
+        # QEMU stops reading a monitor with 8 commands queued (QMP_REQ_QUEUE_LEN_MAX).
+        ("upstream-window", limits.upstream_window, 1, 8),
+        ("client-window", limits.client_window, 1, limits.upstream_window),
+        ("upstream-bytes", limits.upstream_bytes, 1024, 1 << 30),
+        ("max-clients", limits.max_clients, 1, 1 << 20),
+    ]
+    for key, value, low, high in rules:
+        if not low <= value <= high:
+            raise ConfigError(f"limits.{key} = {value}: expected {low} to {high}")
+
+
 def check(config: Config) -> None:
     """Cross-field rules: exactly one upstream source, nothing remote unless asked."""
     if not config.listeners:
@@ -258,6 +286,7 @@ def check(config: Config) -> None:
             raise ConfigError(
                 f"refusing to listen on non-loopback {listener.address} without --allow-remote"
             )
+    check_limits(config.limits)
     paths = [str(lst.address) for lst in config.listeners]
     if len(set(paths)) != len(paths):
         raise ConfigError("the same --listen address is given twice")

@@ -39,7 +39,7 @@ from qmpmux.config import Limits
 from qmpmux.ids import IdPool
 from qmpmux.introspect import FILTERS, replace_return, strip_message
 from qmpmux.policy import DEFAULT_POLICY, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
-from qmpmux.qjson import Framer, JsonValue, encode
+from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import redact
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
 from qmpmux.wire import (
@@ -61,6 +61,7 @@ from qmpmux.wire import (
 )
 
 log = logging.getLogger("qmpmux.hub")
+QEMU_MAX_TOKENS: Final = 2 * 1024 * 1024  # MAX_TOKEN_COUNT, qobject/json-streamer.c
 
 
 # --- actions for the shell ------------------------------------------------------------------
@@ -145,6 +146,8 @@ class UpstreamState(enum.Enum):
 
 
 _client_log = logging.getLogger("qmpmux.client")
+INBAND, OOB = 0, 1  # the two upstream lanes
+_DENIALS_LOGGED = 20
 _UNSEEN: Final[list[int]] = []
 
 
@@ -178,9 +181,12 @@ class Hub:
         self.shutdown_seen = False
         self.clients: dict[int, Session] = {}
         self._negotiated: dict[int, Session] = {}
-        self._ready: deque[Session] = deque()
+        # Per lane (INBAND, OOB): clients with queued commands, and commands in QEMU.
+        self._ready: tuple[deque[Session], deque[Session]] = (deque(), deque())
+        self._lane_inflight = [0, 0]
+        self._inflight_bytes = 0
+        self._last_lane = INBAND
         self._inflight: dict[int, Command] = {}
-        self._inband = 0
         self._ids = IdPool()
         self._next_client = 1
         self._greeting = b""
@@ -206,12 +212,13 @@ class Hub:
         self._pump()
         return self._take()
 
-    def upstream_closed(self, reason: str = "") -> list[Action]:
+    def upstream_closed(self, reason: str = "QEMU closed the monitor connection") -> list[Action]:
+        """The upstream connection is gone; `reason` says how (for the exit message)."""
         if self.state is not UpstreamState.CLOSED:
             if self.shutdown_seen:
                 self._end(0, "QEMU shut down")
             else:
-                self._end(1, f"QEMU closed the monitor connection{': ' + reason if reason else ''}")
+                self._end(1, reason)
         return self._take()
 
     def _end(self, code: int, reason: str) -> None:
@@ -290,23 +297,26 @@ class Hub:
         assert isinstance(upstream_id, int)
         self._ids.give_back(upstream_id)
         session = cmd.session
-        if not cmd.oob:
-            self._inband -= 1
-            session.inflight -= 1
-            if session.queue and not session.in_ready and not session.closed:
-                session.in_ready = True  # its share of the window has room again
-                self._ready.append(session)
+        lane = OOB if cmd.oob else INBAND
+        self._lane_inflight[lane] -= 1
+        self._inflight_bytes -= len(cmd.prefix)
+        session.inflight[lane] -= 1
+        if session.queues[lane] and not session.in_ready[lane] and not session.closed:
+            session.in_ready[lane] = True  # its share of the window has room again
+            self._ready[lane].append(session)
+        if self.audit:  # also when its client has gone: what ran is on the record
+            self._record(
+                session, cmd.name, cmd.decision, error_class(line), cmd.arguments,
+                cmd.started, cmd.profile,
+            )  # fmt: skip
         if session.closed:
             return  # its client has gone: the reply is nobody else's
-        data = rewrite_reply(line, upstream_id, cmd.wire_id)
         profile = session.profile
+        data = strip_message(line) if profile.strip_extensions else line  # before the id:
+        data = rewrite_reply(data, upstream_id, cmd.wire_id)  # the client's id is its own
         if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
             data = self._narrow(profile, cmd.name, data, cmd.wire_id)
-        if profile.strip_extensions:
-            data = strip_message(data)
         cmd.reply = data
-        if self.audit:
-            self._record(session, cmd.name, cmd.decision, data, cmd.arguments, cmd.started)
         self._flush(session)
 
     def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
@@ -341,11 +351,14 @@ class Hub:
             return 0, []
         cid = self._next_client
         self._next_client += 1
-        framer = Framer(max_message_bytes=self.limits.max_message_bytes)
+        framer = Framer(
+            max_message_bytes=self.limits.max_message_bytes,
+            max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
+        )
         profile = self._assign(peer)
         self.clients[cid] = Session(cid, peer, self._offered, framer, profile, self.protected)
         _client_log.info(
-            "client %d: connected on %s (uid=%s pid=%s exe=%s), profile %s",
+            "client %d: connected on %s (uid=%s pid=%s exe=%.80r), profile %s",
             cid, peer.listener, peer.uid, peer.pid, peer.exe, profile.name,
         )  # fmt: skip
         self._out.append(ToClient(cid, self._greeting))
@@ -355,32 +368,44 @@ class Hub:
         session = self.clients.get(client)
         if session is None or session.draining:
             return []
-        for value in session.framer.feed(data):
-            verdict = session.judge(value)
-            kind = type(verdict)
-            if kind is Command:
-                assert isinstance(verdict, Command)
-                if self.audit:
-                    verdict.started = self._clock()
-                self._enqueue(session, verdict)
-                continue
-            if kind is Extension:
-                assert isinstance(verdict, Extension)
-                verdict = self._extension(session, verdict)
-            assert isinstance(verdict, Local)
-            (session.oob_replies if verdict.oob else session.replies).append(verdict.data)
-            if verdict.decision is not None:
-                self._judged_locally(session, verdict)
+        try:
+            for value in session.framer.feed(data):
+                self._accept(session, value)
+        except Exception:  # a bug must cost this client its connection, never the proxy
+            _client_log.exception("client %d: internal error; disconnecting it", client)
+            self._out.append(CloseClient(client, "internal error"))
+            return self._take()
         self._flush(session)
         if session.phase is Phase.COMMAND and client not in self._negotiated:
             # Negotiation replies are all local, so the success reply has just been sent:
             # events flow from here on, never before.
             self._negotiated[client] = session
-        if not session.paused and session.pending >= self.limits.max_pending:
+        limits = self.limits
+        if not session.paused and (
+            session.pending >= limits.max_pending
+            or session.queued_bytes >= limits.max_pending_bytes
+        ):
             session.paused = True
             self._out.append(PauseClient(client))
         self._pump()
         return self._take()
+
+    def _accept(self, session: Session, value: JsonValue | ParseError) -> None:
+        verdict = session.judge(value)
+        kind = type(verdict)
+        if kind is Command:
+            assert isinstance(verdict, Command)
+            if self.audit:
+                verdict.started = self._clock()
+            self._enqueue(session, verdict)
+            return
+        if kind is Extension:
+            assert isinstance(verdict, Extension)
+            verdict = self._extension(session, verdict)
+        assert isinstance(verdict, Local)
+        (session.oob_replies if verdict.oob else session.replies).append(verdict.data)
+        if verdict.decision is not None:
+            self._judged_locally(session, verdict)
 
     def reload(self, policy: Policy) -> None:
         """Apply a new policy to every client's next command and event."""
@@ -395,23 +420,29 @@ class Hub:
     def _judged_locally(self, session: Session, verdict: Local) -> None:
         assert verdict.name is not None and verdict.decision is not None
         if verdict.decision is Decision.DENY:
-            _client_log.warning(
-                "client %d: %s denied by profile %s", session.id, verdict.name,
-                session.profile.name,
-            )  # fmt: skip
+            session.denials += 1
+            n = session.denials
+            if n <= _DENIALS_LOGGED or n % 1000 == 0:  # a flood must not flood the log
+                _client_log.warning(
+                    "client %d: %.80r denied by profile %s%s", session.id, verdict.name,
+                    session.profile.name,
+                    f" ({n} denials so far; logging every 1000th)" if n >= _DENIALS_LOGGED else "",
+                )  # fmt: skip
         if self.audit:
             self._record(
-                session, verdict.name, verdict.decision, verdict.data, verdict.arguments, None
-            )
+                session, verdict.name, verdict.decision, error_class(verdict.data),
+                verdict.arguments, None, session.profile.name,
+            )  # fmt: skip
 
     def _record(
         self,
         session: Session,
         name: str,
         decision: Decision,
-        reply: bytes,
+        result: str,
         arguments: dict[str, JsonValue] | None,
         started: float | None,
+        profile: str,
     ) -> None:
         """One audit record: who ran what, what the policy said, and how it went."""
         peer = session.peer
@@ -424,23 +455,27 @@ class Hub:
             "uid": peer.uid,
             "gid": peer.gid,
             "pid": peer.pid,
-            "profile": session.profile.name,
+            "profile": profile,
             "command": name,
             "decision": decision.value,
-            "result": error_class(reply) or "ok",
+            "result": result or "ok",
             "latency_ms": round((self._clock() - started) * 1000, 3) if started else 0.0,
         }
         if arguments is not None:
             record["arguments"] = redact(name, arguments)
         if decision is Decision.AUDIT:
             _client_log.warning(
-                "client %d: %s would be denied by profile %s (audit-only)", session.id, name,
-                session.profile.name,
+                "client %d: %.80r would be denied by profile %s (audit-only)", session.id,
+                name, profile,
             )  # fmt: skip
         self._out.append(Audit(msgspec.json.encode(record) + b"\n"))
 
     def _extension(self, session: Session, ext: Extension) -> Local:
         """qmpmux's own commands (`__org.qmpmux_*`), answered in the client's order."""
+        if ext.given and ext.name in (WHOAMI, LIST_CLIENTS):
+            desc = f"Parameter '{qdict_order(ext.given)[0]}' is unexpected"
+            reply = error_reply(ext.wire_id, "GenericError", desc)
+            return Local(reply, ext.oob, ext.name, ext.decision, ext.arguments)
         if ext.name == WHOAMI:
             value: JsonValue = self._identity(session)
         elif ext.name == LIST_CLIENTS:
@@ -454,9 +489,7 @@ class Hub:
 
     def _identity(self, session: Session) -> dict[str, JsonValue]:
         peer = session.peer
-        inflight = sum(1 for c in session.replies if type(c) is Command) + sum(
-            1 for c in session.oob_replies if type(c) is Command
-        )
+        inflight = session.inflight[INBAND] + session.inflight[OOB]
         return {
             "client": session.id,
             "listener": peer.listener,
@@ -487,7 +520,8 @@ class Hub:
             return []
         session.closed = True
         self._negotiated.pop(client, None)
-        session.queue.clear()
+        for queue in session.queues:
+            queue.clear()
         session.replies.clear()
         session.oob_replies.clear()
         _client_log.info("client %d: disconnected", client)
@@ -495,16 +529,13 @@ class Hub:
         return self._take()
 
     def _enqueue(self, session: Session, cmd: Command) -> None:
-        if cmd.oob:
-            # Out-of-band: straight to QEMU, which runs it at once in its I/O thread.
-            session.oob_replies.append(cmd)
-            self._out.append(ToUpstream(self._issue(cmd)))
-            return
-        session.replies.append(cmd)
-        session.queue.append(cmd)
-        if not session.in_ready:
-            session.in_ready = True
-            self._ready.append(session)
+        lane = OOB if cmd.oob else INBAND
+        (session.oob_replies if cmd.oob else session.replies).append(cmd)
+        session.queues[lane].append(cmd)
+        session.queued_bytes += len(cmd.prefix)
+        if not session.in_ready[lane]:
+            session.in_ready[lane] = True
+            self._ready[lane].append(session)
 
     def _issue(self, cmd: Command) -> bytes:
         upstream_id = self._ids.take()
@@ -512,25 +543,51 @@ class Hub:
         return command_bytes(cmd.prefix, upstream_id)
 
     def _pump(self) -> None:
-        """Fill the upstream window from the clients' queues, one command per client a turn."""
+        """Fill the upstream lanes from the clients' queues: within a lane round-robin, one
+        command per client a turn; across lanes alternately when both have work, so
+        exec-oob floods cannot starve other clients (QEMU's OOB promise is per monitor:
+        a client's in-band commands wait for its own earlier exec-oob, see below)."""
         if self.state is not UpstreamState.READY:
             return
-        window = self.limits.upstream_window
-        share = self.limits.client_window
-        ready = self._ready
+        limits = self.limits
+        window, share, budget = limits.upstream_window, limits.client_window, limits.upstream_bytes
+        ready, inflight = self._ready, self._lane_inflight
         chunks: list[bytes] = []
-        while self._inband < window and ready:
-            session = ready.popleft()
-            if session.closed or not session.queue or session.inflight >= share:
-                session.in_ready = False  # a reply re-queues it when its share has room
-                continue
-            chunks.append(self._issue(session.queue.popleft()))
-            self._inband += 1
-            session.inflight += 1
-            if session.queue:
-                ready.append(session)
+        while self._inflight_bytes < budget:
+            oob_can = bool(ready[OOB]) and inflight[OOB] < window
+            inband_can = bool(ready[INBAND]) and inflight[INBAND] < window
+            if oob_can and inband_can:
+                lane = INBAND if self._last_lane == OOB else OOB
+            elif oob_can or inband_can:
+                lane = OOB if oob_can else INBAND
             else:
-                session.in_ready = False
+                break
+            session = ready[lane].popleft()
+            queue = session.queues[lane]
+            if (
+                session.closed
+                or not queue
+                or session.inflight[lane] >= share
+                # QEMU dispatches an exec-oob as soon as it reads it, so a client's
+                # in-band command never goes before its earlier out-of-band ones.
+                or (lane == INBAND and session.queues[OOB])
+            ):
+                session.in_ready[lane] = False  # re-queued when that changes
+                continue
+            cmd = queue.popleft()
+            session.queued_bytes -= len(cmd.prefix)
+            self._inflight_bytes += len(cmd.prefix)
+            chunks.append(self._issue(cmd))
+            inflight[lane] += 1
+            session.inflight[lane] += 1
+            self._last_lane = lane
+            if queue:
+                ready[lane].append(session)
+            else:
+                session.in_ready[lane] = False
+                if lane == OOB and session.queues[INBAND] and not session.in_ready[INBAND]:
+                    session.in_ready[INBAND] = True
+                    ready[INBAND].append(session)
         if chunks:
             self._out.append(ToUpstream(b"".join(chunks)))
 
@@ -553,7 +610,12 @@ class Hub:
 
     def _settle(self, session: Session) -> None:
         """Flow control and half-close bookkeeping after the client's backlog shrank."""
-        if session.paused and session.pending <= self.limits.max_pending // 2:
+        limits = self.limits
+        if (
+            session.paused
+            and session.pending <= limits.max_pending // 2
+            and session.queued_bytes <= limits.max_pending_bytes // 2
+        ):
             session.paused = False
             self._out.append(ResumeClient(session.id))
         if session.draining and not session.pending:

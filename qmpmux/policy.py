@@ -7,8 +7,9 @@ the reference's section 11) and `vm-control` (readonly plus run-state control). 
 profiles start from nothing, or from a `base`, and deny whatever they do not allow.
 
 Downstream extensions (QMP spec "Downstream extension of QMP"): names starting with `__`
-are never matched by a glob that does not itself start with `__`, so `*` does not open
-them; a profile must name them (`__com.example_*`).
+are never allowed by a glob that does not itself start with `__`, so `*` does not open
+them; a profile must name them (`__com.example_*`). Deny globs, on the other hand, match
+them like any name: a denial must never leave a back door.
 
 Invariants:
 - Deny wins over allow; no match means deny. There is no way to fail open.
@@ -159,6 +160,7 @@ class Patterns:
         return cls(frozenset(exact), tuple(globs))
 
     def match(self, name: str) -> bool:
+        """For allowing: `__` names only match globs that start with `__`."""
         if name in self.exact:
             return True
         extension = name.startswith(EXTENSION_PREFIX)
@@ -166,11 +168,16 @@ class Patterns:
             fnmatchcase(name, g) for g in self.globs if g.startswith(EXTENSION_PREFIX) == extension
         )
 
+    def match_any(self, name: str) -> bool:
+        """For denying: every glob matches every name it fits, `__` names included."""
+        return name in self.exact or any(fnmatchcase(name, g) for g in self.globs)
+
     def names(self) -> list[str]:
         return [*sorted(self.exact), *self.globs]
 
 
 _CACHE_LIMIT: Final = 4096
+_CACHED_NAME_MAX: Final = 128  # real command and event names are short; clients' may not be
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,22 +199,22 @@ class Profile:
     def command(self, name: str) -> Decision:
         decision = self._commands.get(name)
         if decision is None:
-            allowed = self.allow_commands.match(name) and not self.deny_commands.match(name)
+            allowed = self.allow_commands.match(name) and not self.deny_commands.match_any(name)
             if allowed:
                 decision = Decision.ALLOW
             else:
                 decision = Decision.AUDIT if self.audit_only else Decision.DENY
-            if len(self._commands) < _CACHE_LIMIT:
+            if len(self._commands) < _CACHE_LIMIT and len(name) <= _CACHED_NAME_MAX:
                 self._commands[name] = decision
         return decision
 
     def event(self, name: str) -> bool:
         allowed = self._events.get(name)
         if allowed is None:
-            allowed = self.allow_events.match(name) and not self.deny_events.match(name)
+            allowed = self.allow_events.match(name) and not self.deny_events.match_any(name)
             if self.audit_only:
                 allowed = True
-            if len(self._events) < _CACHE_LIMIT:
+            if len(self._events) < _CACHE_LIMIT and len(name) <= _CACHED_NAME_MAX:
                 self._events[name] = allowed
         return allowed
 
@@ -229,20 +236,21 @@ class Profile:
     def argument_problem(
         self, name: str, args: Mapping[str, JsonValue] | None, protected: frozenset[str]
     ) -> str | None:
-        """Argument-level refusals that apply even where the command itself is allowed."""
-        if name == "yank" and args:
-            instances = args.get("instances")
-            if isinstance(instances, list):
-                for inst in instances:
-                    if (
-                        isinstance(inst, dict)
-                        and inst.get("type") == "chardev"
-                        and (inst.get("id") in protected or not protected)
-                    ):
-                        return (
-                            f"yank of chardev '{inst.get('id')}' refused by qmpmux policy: "
-                            "it may be qmpmux's own connection to QEMU"
-                        )
+        """Argument-level refusals that apply even where the command itself is allowed
+        (audit-only profiles are let through them; see `fatal_problem` for the others)."""
+        if name == "transaction" and args:
+            actions = args.get("actions")
+            for action in actions if isinstance(actions, list) else ():
+                kind = action.get("type") if isinstance(action, dict) else None
+                if (
+                    isinstance(kind, str)
+                    and kind != "abort"
+                    and (self.command(kind) is not Decision.ALLOW)
+                ):
+                    return (
+                        f"transaction action '{kind}' refused by qmpmux policy "
+                        f"(profile '{self.name}' may not run it)"
+                    )
         if name == "qom-get" and not self.secret_properties and args:
             prop = args.get("property")
             if isinstance(prop, str) and prop.lower() in SECRET_PROPERTIES:
@@ -250,6 +258,25 @@ class Profile:
                     f"qom-get of property '{prop}' refused by qmpmux policy "
                     f"(profile '{self.name}' may not read secret-bearing properties)"
                 )
+        return None
+
+    @staticmethod
+    def fatal_problem(
+        name: str, args: Mapping[str, JsonValue] | None, protected: frozenset[str]
+    ) -> str | None:
+        """Refusals no profile escapes, not even `full` or an audit-only one."""
+        if name == "yank" and args:
+            instances = args.get("instances")
+            for inst in instances if isinstance(instances, list) else ():
+                if (
+                    isinstance(inst, dict)
+                    and inst.get("type") == "chardev"
+                    and (inst.get("id") in protected or not protected)
+                ):
+                    return (
+                        f"yank of chardev {inst.get('id')!r} refused by qmpmux policy: "
+                        "it may be qmpmux's own connection to QEMU"
+                    )
         return None
 
     def describe(self) -> dict[str, object]:

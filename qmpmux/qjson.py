@@ -57,10 +57,16 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
 from collections.abc import Iterable
-from typing import NamedTuple, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 import msgspec
+
+# QEMU accepts values nested 1024 deep (MAX_NESTING) and echoes them back; the writers
+# here recurse once or twice per level, so Python's default limit (1000) is too low.
+if sys.getrecursionlimit() < 5000:
+    sys.setrecursionlimit(5000)
 
 __all__ = [
     "Framer",
@@ -729,14 +735,29 @@ class _Array:
 _QDICT_BUCKETS = 512
 
 
-@functools.lru_cache(maxsize=4096)
+# tdb_hash shifts byte i left by (i * 5 % 24), a pattern with period 24, so the sum can
+# be taken per residue class with C-speed slicing: linear time, whatever the key length
+# (a client controls key lengths up to the message size).
+_SHIFTS: Final = tuple(r * 5 % 24 for r in range(24))
+_BUCKET_CACHE: dict[str, int] = {}
+_CACHED_KEY_MAX: Final = 64  # longer keys are client noise, never worth remembering
+
+
 def _bucket(key: str) -> int:
     """qdict.c tdb_hash() % QDICT_BUCKET_MAX, over the key's modified UTF-8."""
+    bucket = _BUCKET_CACHE.get(key)
+    if bucket is not None:
+        return bucket
     raw = key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
-    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-    for i, c in enumerate(raw):
-        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
+    value = 0x238F13AF * len(raw)
+    for r, shift in enumerate(_SHIFTS):
+        value += sum(raw[r::24]) << shift
+    bucket = ((1103515243 * (value & 0xFFFFFFFF) + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
+    if len(key) <= _CACHED_KEY_MAX:
+        if len(_BUCKET_CACHE) >= 4096:
+            _BUCKET_CACHE.clear()
+        _BUCKET_CACHE[key] = bucket
+    return bucket
 
 
 def qdict_order(keys: Iterable[str]) -> list[str]:
@@ -761,9 +782,10 @@ def _members(keys: tuple[str, ...]) -> list[tuple[str, str]]:
     members = _ORDER_CACHE.get(keys)
     if members is None:
         members = [(k, _quote(k) + ": ") for k in qdict_order(keys)]
-        if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
-            _ORDER_CACHE.clear()
-        _ORDER_CACHE[keys] = members
+        if sum(map(len, keys)) <= _CACHED_KEY_MAX * 4:
+            if len(_ORDER_CACHE) >= _ORDER_CACHE_MAX:
+                _ORDER_CACHE.clear()
+            _ORDER_CACHE[keys] = members
     return members
 
 

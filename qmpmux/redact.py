@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from qmpmux.policy import SECRET_PROPERTIES
 from qmpmux.qjson import JsonValue
 
 REDACTED: Final = "<redacted>"
@@ -34,7 +35,9 @@ _BY_QOM_TYPE: Final[dict[str, frozenset[str]]] = {
 }
 # Members that hold a secret inline wherever they appear (curl `cookie`, l2tpv3 cookies).
 _ANYWHERE: Final = frozenset({"cookie", "txcookie", "rxcookie", "cookie64", "password"})
-_USERINFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+# Linear time: the scheme can only start where no scheme character precedes it, and the
+# possessive quantifiers never backtrack (a client controls these strings).
+_USERINFO: Final = re.compile(r"(?i)(?<![a-z0-9+.-])([a-z][a-z0-9+.-]*+://)[^/@\s]*+@")
 
 
 def _scrub(value: JsonValue) -> JsonValue:
@@ -52,6 +55,10 @@ def _scrub(value: JsonValue) -> JsonValue:
 def redact(command: str, arguments: dict[str, JsonValue]) -> dict[str, JsonValue]:
     """A copy of `arguments` safe to log."""
     hide = _BY_COMMAND.get(command, frozenset())
+    if command == "qom-set":
+        prop = arguments.get("property")
+        if isinstance(prop, str) and prop.lower() in SECRET_PROPERTIES:
+            hide = frozenset({"value"})
     if command == "object-add":
         qom_type = arguments.get("qom-type")
         hide = _BY_QOM_TYPE.get(qom_type, frozenset()) if isinstance(qom_type, str) else hide

@@ -290,13 +290,14 @@ class Proxy:
     def channel_eof(self, key: int) -> None:
         if key == UPSTREAM:
             assert self._upstream is not None
-            self._upstream.close("QEMU closed the connection")
+            self._upstream.close("QEMU closed the monitor connection")
         else:
             self._apply(self.hub.client_eof(key))
 
     def channel_closed(self, key: int, reason: str, error: bool) -> None:
         if key == UPSTREAM:
-            self._apply(self.hub.upstream_closed(reason))
+            self._apply(self.hub.upstream_closed(f"lost the connection to QEMU: {reason}"
+                                                 if error else reason))  # fmt: skip
             return
         self._clients.pop(key, None)
         if error:

@@ -43,6 +43,8 @@ from qmpmux.wire import (
 )
 
 KNOWN_CAPABILITIES: Final = frozenset({CAP_OOB})  # QMPCapability in qapi/control.json
+# QEMU's MAX_TOKEN_SIZE (qobject/json-streamer.c), less room for qmpmux's `,"id":N}`.
+MAX_UPSTREAM_BYTES: Final = 64 * 1024 * 1024 - 64
 _PLAIN_KEYS: Final = frozenset({EXECUTE, ARGUMENTS, ID})
 
 
@@ -85,7 +87,8 @@ class Extension:
     wire_id: bytes | None
     oob: bool
     decision: Decision
-    arguments: dict[str, JsonValue] | None
+    arguments: dict[str, JsonValue] | None  # for the audit log
+    given: dict[str, JsonValue] | None = None  # what the client passed
 
 
 class Command:
@@ -97,6 +100,7 @@ class Command:
         "name",
         "oob",
         "prefix",
+        "profile",
         "reply",
         "session",
         "started",
@@ -122,6 +126,7 @@ class Command:
         self.arguments = arguments  # kept only for the audit log, when it records them
         self.reply: bytes | None = None
         self.started = 0.0
+        self.profile = session.profile.name  # the profile that authorized it (for audit)
 
 
 Verdict = Local | Command | Extension
@@ -182,6 +187,7 @@ class Session:
 
     __slots__ = (
         "closed",
+        "denials",
         "draining",
         "framer",
         "id",
@@ -195,7 +201,8 @@ class Session:
         "phase",
         "profile",
         "protected",
-        "queue",
+        "queued_bytes",
+        "queues",
         "replies",
     )
 
@@ -221,9 +228,13 @@ class Session:
         self.replies: deque[bytes | Command] = deque()
         self.oob_replies: deque[bytes | Command] = deque()
         # In-band commands not yet sent upstream (the hub sends them round-robin).
-        self.queue: deque[Command] = deque()
-        self.inflight = 0  # of its in-band commands, how many are in QEMU now
-        self.in_ready = False
+        # Commands not yet sent upstream, per lane (INBAND, OOB): the hub sends them
+        # round-robin within each lane's window; `inflight` counts what QEMU has now.
+        self.queues: tuple[deque[Command], deque[Command]] = (deque(), deque())
+        self.inflight = [0, 0]
+        self.in_ready = [False, False]
+        self.queued_bytes = 0
+        self.denials = 0
         self.paused = False
         self.draining = False
         self.closed = False
@@ -278,21 +289,26 @@ class Session:
         profile = self.profile
         decision = profile.command(name)
         audited = args if profile.audit_arguments else None
-        problem = None
-        if decision is Decision.DENY:
+        error_class = GENERIC_ERROR
+        problem = profile.fatal_problem(name, args, self.protected)
+        if problem is None and decision is Decision.DENY:
             problem = f"The command {name} has been refused by qmpmux policy"
             error_class = COMMAND_NOT_FOUND
-        else:
+        elif problem is None:
             problem = profile.argument_problem(name, args, self.protected)
-            error_class = GENERIC_ERROR
             if problem is not None and profile.audit_only:
                 decision, problem = Decision.AUDIT, None
         if problem is not None:
             reply = error_reply(wire_id, error_class, problem)
             return Local(reply, oob=oob, name=name, decision=Decision.DENY, arguments=audited)
         if name.startswith(QMPMUX_PREFIX):
-            return Extension(name, wire_id, oob, decision, audited)
-        return Command(self, name, command_prefix(name, args, oob), wire_id, oob, decision, audited)
+            return Extension(name, wire_id, oob, decision, audited, args)
+        prefix = command_prefix(name, args, oob)
+        if len(prefix) > MAX_UPSTREAM_BYTES:
+            # Re-encoded bigger than QEMU would take (U+0000 costs 6 bytes upstream, 2 from
+            # a client): refuse here, as QEMU refuses oversized input, never half-send it.
+            return Local(error_reply(None, GENERIC_ERROR, "JSON token size limit exceeded"), oob)
+        return Command(self, name, prefix, wire_id, oob, decision, audited)
 
     def _negotiate(self, wire_id: bytes | None, args: dict[str, JsonValue]) -> Local:
         checked = check_capabilities_arguments(args)

@@ -157,16 +157,20 @@ def describe_error(raw: msgspec.Raw) -> str:
     return f"{err.cls}: {err.desc}"
 
 
-_ERROR_CLASS: Final = b'"error": {"class": "'
+class _Reply(msgspec.Struct):
+    error: _ErrorBody | None = None
+
+
+_decode_reply = msgspec.json.Decoder(_Reply).decode
 
 
 def error_class(reply: bytes) -> str:
     """The error class of a reply, or "" for a success (for audit records)."""
-    at = reply.find(_ERROR_CLASS)
-    if at < 0:
-        return ""
-    start = at + len(_ERROR_CLASS)
-    return reply[start : reply.find(b'"', start)].decode("ascii", "replace")
+    try:
+        err = _decode_reply(reply).error
+    except msgspec.DecodeError:
+        return "?"
+    return err.cls if err is not None else ""
 
 
 def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes:
@@ -225,38 +229,48 @@ class UpstreamFramer:
 
     A pretty monitor opens a message with a line `{` and closes it with a line `}` (inner
     lines are indented), so both layouts are recognised without a full JSON parser.
-    Buffered input is bounded by `max_message_bytes`; more is a protocol failure.
+    Input is scanned once (a long reply arriving in many reads costs linear time) and
+    buffering is bounded by `max_message_bytes`; more is a protocol failure.
     """
 
-    __slots__ = ("_buf", "_max", "_pretty")
+    __slots__ = ("_buf", "_max", "_pretty", "_pretty_size", "_scan")
 
     def __init__(self, max_message_bytes: int = 256 * 1024 * 1024) -> None:
-        self._buf = b""
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the next newline resumes
         self._pretty: list[bytes] | None = None
+        self._pretty_size = 0
         self._max = max_message_bytes
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Yield each complete message, CRLF ended; raise ValueError if one is too large."""
-        buf = self._buf + data if self._buf else data
+        buf = self._buf
+        buf += data
         start = 0
         while True:
-            end = buf.find(b"\n", start)
+            end = buf.find(b"\n", max(start, self._scan))
             if end < 0:
                 break
-            line = buf[start : end + 1]
+            line = bytes(buf[start : end + 1])
             start = end + 1
+            self._scan = start
             if self._pretty is not None:
                 self._pretty.append(line)
+                self._pretty_size += len(line)
                 if line.rstrip() == b"}":
                     block = b"".join(self._pretty)
                     self._pretty = None
                     yield compact_pretty(block)
-                elif sum(map(len, self._pretty)) > self._max:
+                elif self._pretty_size > self._max:
                     raise ValueError("upstream message exceeds the size limit")
             elif line.rstrip() == b"{":
                 self._pretty = [line]
+                self._pretty_size = len(line)
             elif line.strip():
                 yield line if line.endswith(CRLF) else line[:-1] + CRLF
-        self._buf = buf[start:]
-        if len(self._buf) > self._max:
+        if start:
+            del buf[:start]
+            self._scan = 0
+        self._scan = len(buf)
+        if len(buf) > self._max:
             raise ValueError("upstream message exceeds the size limit")

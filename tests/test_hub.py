@@ -197,8 +197,9 @@ def test_exec_oob_goes_straight_up_and_its_reply_overtakes() -> None:
             b'{"execute":"stop","id":"ib"}{"exec-oob":"yank","arguments":{"instances":[]},"id":"o"}',
         ),
         [
-            ToUpstream(b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}'),
-            ToUpstream(b'{"execute":"stop","id":1}'),
+            ToUpstream(
+                b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}{"execute":"stop","id":1}'
+            )
         ],
     )
     expect(
@@ -411,4 +412,26 @@ def test_a_client_gets_at_most_its_share_of_the_window() -> None:
     expect(
         hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
         [ToClient(a, b'{"return": {}}\r\n'), ToUpstream(b'{"execute":"query-name","id":0}')],
+    )
+
+
+def test_out_of_band_commands_are_windowed_and_keep_their_lead() -> None:
+    hub = ready_hub(limits=Limits(client_window=2))
+    cid = connect(hub, oob=True)
+    oob = b"".join(b'{"exec-oob":"query-yank","id":"o%d"}' % i for i in range(4))
+    expect(
+        hub.client_data(cid, oob + b'{"execute":"query-name","id":"ib"}'),
+        [ToUpstream(b'{"exec-oob":"query-yank","id":0}{"exec-oob":"query-yank","id":1}')],
+    )
+    # The in-band command waits until the client's earlier exec-oob commands are out.
+    expect(
+        hub.upstream_data(b'{"return": [], "id": 0}\r\n{"return": [], "id": 1}\r\n'),
+        [
+            ToClient(cid, b'{"return": [], "id": "o0"}\r\n'),
+            ToClient(cid, b'{"return": [], "id": "o1"}\r\n'),
+            ToUpstream(
+                b'{"exec-oob":"query-yank","id":0}{"exec-oob":"query-yank","id":1}'
+                b'{"execute":"query-name","id":2}'
+            ),
+        ],
     )

@@ -151,10 +151,10 @@ def test_nobody_may_yank_qmpmux_upstream_chardev() -> None:
         "instances": [{"type": "chardev", "id": "serial0"}, {"type": "block-node"}]
     }
     protected = frozenset({"qmpmux0"})
-    assert FULL.argument_problem("yank", mine, protected) is not None
-    assert FULL.argument_problem("yank", other, protected) is None
+    assert FULL.fatal_problem("yank", mine, protected) is not None
+    assert FULL.fatal_problem("yank", other, protected) is None
     # Upstream chardev unknown (--upstream mode): every chardev yank is refused.
-    assert FULL.argument_problem("yank", other, frozenset()) is not None
+    assert FULL.fatal_problem("yank", other, frozenset()) is not None
 
 
 # --- property: for any profile, no denied command is ever forwarded ------------------------

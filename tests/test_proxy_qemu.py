@@ -243,3 +243,25 @@ async def test_the_qmp_shell_tool_works_through_qmpmux(mux: Mux) -> None:
     text = out.decode()
     assert "Connected to QEMU 7." in text
     assert '{"return": {"status": "running"' in text and '{"return": {}}' in text
+
+
+async def test_exec_oob_flood_neither_kills_the_session_nor_starves_others(mux: Mux) -> None:
+    big = b'{"exec-oob":"query-name","arguments":{"x":"' + b"A" * 100_000 + b'"}}'
+    flooders = await negotiated(mux, 2, oob=True)
+    total, received = 6 * len(flooders), 0
+
+    async def count(c: RawClient) -> None:
+        nonlocal received
+        for _ in range(6):
+            assert b"does not support OOB" in await c.read(timeout=60)
+            received += 1
+
+    for c in flooders:
+        await c.send(big * 6)
+    counters = [asyncio.create_task(count(c)) for c in flooders]
+    (bystander,) = await negotiated(mux, 1)
+    reply = await bystander.command(b'{"execute":"query-name","id":"b"}')
+    assert reply == b'{"return": {}, "id": "b"}\r\n'
+    assert received < total  # answered while the flood was still being read by QEMU
+    await asyncio.gather(*counters)
+    assert received == total and not mux.proxy._done.done()
