@@ -29,6 +29,3 @@ class IdPool:
 
     def give_back(self, n: int) -> None:
         heapq.heappush(self._free, n)
-
-    def in_use(self) -> int:
-        return self._next - len(self._free)

@@ -24,7 +24,6 @@ from qmpmux.qjson import encode
 QUERY_COMMANDS: Final = "query-commands"
 QUERY_EVENTS: Final = "query-events"
 QUERY_SCHEMA: Final = "query-qmp-schema"
-INTROSPECTION: Final = frozenset({QUERY_COMMANDS, QUERY_EVENTS, QUERY_SCHEMA})
 EXTENSION_COMMANDS: Final = (WHOAMI, LIST_CLIENTS)
 
 _members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode

@@ -20,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import enum
-import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -218,21 +217,6 @@ class Profile:
                 self._events[name] = allowed
         return allowed
 
-    @functools.cached_property
-    def everything(self) -> bool:
-        """True for a profile that allows every command and event and changes nothing."""
-        return (
-            "*" in self.allow_commands.globs
-            and "__*" in self.allow_commands.globs
-            and "*" in self.allow_events.globs
-            and "__*" in self.allow_events.globs
-            and not self.deny_commands.exact
-            and not self.deny_commands.globs
-            and not self.deny_events.exact
-            and not self.deny_events.globs
-            and not self.strip_extensions
-        )
-
     def argument_problem(
         self, name: str, args: Mapping[str, JsonValue] | None, protected: frozenset[str]
     ) -> str | None:
@@ -318,10 +302,6 @@ class Policy:
 
     profiles: Mapping[str, Profile]
     rules: tuple[Rule, ...] = ()
-
-    @property
-    def needs_exe(self) -> bool:
-        return any(r.exe is not None for r in self.rules)
 
     def assign(
         self,

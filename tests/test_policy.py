@@ -58,7 +58,7 @@ def test_vm_control_is_readonly_plus_run_state() -> None:
 def test_full_allows_everything_including_extensions() -> None:
     for name in (*MUTATING[:-3], "anything"):
         assert FULL.command(name) is Decision.ALLOW
-    assert FULL.event("__com.example_EVENT") and FULL.everything
+    assert FULL.event("__com.example_EVENT") and FULL.command("__com.example_x") is Decision.ALLOW
 
 
 def test_glob_star_does_not_open_downstream_extensions() -> None:
