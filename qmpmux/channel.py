@@ -195,7 +195,7 @@ class Channel:
 
     # --- closing ----------------------------------------------------------------------------
 
-    def close(self, reason: str, linger: float = 5.0) -> None:
+    def close(self, reason: str, linger: float = 2.0) -> None:
         """Stop reading, send what is queued (for at most `linger` seconds), then close."""
         if self._closing or self._done:
             return
