@@ -47,6 +47,8 @@ async def connect(address: Address, timeout: float) -> socket.socket:
             await loop.sock_connect(sock, target)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
+            if delay == 0.01:
+                log.info("waiting up to %g s for QEMU's monitor at %s", timeout, address)
             if time.monotonic() >= deadline:
                 raise StartupError(f"cannot connect to QEMU at {address}: {exc.strerror}") from None
             await asyncio.sleep(delay)

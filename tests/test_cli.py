@@ -38,23 +38,18 @@ class Running:
         self.proc, self.log = proc, log
 
     @classmethod
-    async def start(cls, *args: str) -> Running:
+    async def launch(cls, *args: str) -> Running:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "qmpmux",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        log: list[str] = []
-        assert proc.stderr is not None
-        while True:
-            line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-            assert line, f"qmpmux exited before ready: {''.join(log)}"
-            log.append(line)
-            if " ready: " in line:
-                return cls(proc, log)
+            sys.executable, "-m", "qmpmux", *args,
+            stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return cls(proc, [])
+
+    @classmethod
+    async def start(cls, *args: str) -> Running:
+        running = await cls.launch(*args)
+        await running.expect(" ready: ")
+        return running
 
     async def expect(self, text: str) -> str:
         """The next log line containing `text` (the process keeps running)."""
@@ -127,6 +122,8 @@ async def test_missing_upstream_is_one_line_after_retrying(tmp_path: Path) -> No
         f"unix:{tmp_path}/absent.sock",
         "--connect-timeout",
         "0.3",
+        "--log-level",
+        "warning",
     )
     assert code == 1
     assert "cannot connect to QEMU" in one_line_error(out)
@@ -262,3 +259,20 @@ async def test_check_config_resolves_profiles_against_qemu(tmp_path: Path) -> No
     code, out = await run("check-config", str(conf))
     assert code == 2
     assert "profiles.mon.base: unknown profile 'nope'" in one_line_error(out)
+
+
+async def test_upstream_socket_that_appears_late_is_waited_for(tmp_path: Path) -> None:
+    monitor = tmp_path / "mon0.sock"
+    mux = await Running.launch("--listen", f"unix:{tmp_path}/m.sock", "--upstream",
+                               f"unix:{monitor}", "--connect-timeout", "20")  # fmt: skip
+    await mux.expect("waiting up to 20 s for QEMU's monitor")  # QEMU does not exist yet
+    vm = start_qemu(tmp_path, monitors=1)
+    try:
+        await mux.expect(" ready: ")
+        client = await RawClient.connect(tmp_path / "m.sock")
+        await client.negotiate()
+        assert (await client.command(b'{"execute":"query-name"}')) == b'{"return": {}}\r\n'
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
+    finally:
+        vm.stop()
