@@ -227,7 +227,6 @@ class Session:
         # Replies in input order, one stream per path: bytes are ready, a Command waits.
         self.replies: deque[bytes | Command] = deque()
         self.oob_replies: deque[bytes | Command] = deque()
-        # In-band commands not yet sent upstream (the hub sends them round-robin).
         # Commands not yet sent upstream, per lane (INBAND, OOB): the hub sends them
         # round-robin within each lane's window; `inflight` counts what QEMU has now.
         self.queues: tuple[deque[Command], deque[Command]] = (deque(), deque())
