@@ -31,6 +31,7 @@ _IOV_MAX: Final = 512  # chunks per sendmsg (the kernel's limit is 1024)
 
 class ChannelHandler(Protocol):
     def channel_data(self, key: int, data: bytes, fds: list[int]) -> None: ...
+    def channel_drained(self, key: int) -> None: ...
     def channel_eof(self, key: int) -> None: ...
     def channel_closed(self, key: int, reason: str, error: bool) -> None: ...
 
@@ -156,6 +157,9 @@ class Channel:
             if self._out:
                 self._writing = True
                 self._loop.add_writer(self.sock.fileno(), self._on_writable)
+            elif not self._reading and not self._closing:
+                self.handler.channel_drained(self.key)  # a paused reader may resume
+                return
         if self._out_size > self.outbox_limit:
             self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
 
@@ -190,6 +194,8 @@ class Channel:
             self._loop.remove_writer(self.sock.fileno())
             if self._closing:
                 self._finish("closed")
+            elif not self._reading:
+                self.handler.channel_drained(self.key)  # a paused reader may resume
         elif self._out_size > self.outbox_limit:
             self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
 

@@ -56,6 +56,8 @@ addresses:
 listener options (appended with commas):
   profile=NAME     policy profile for clients of this listener (default: full)
   mode=OCTAL       file mode of a unix socket (default: 600)
+  max-clients=N    clients this listener may hold at once (default: only --max-clients;
+                   every listener keeps limits.reserve-clients slots for itself)
 
 upstream (exactly one):
   --upstream ADDR  connect to an existing QEMU monitor (retried for --connect-timeout
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", metavar="ADDR", help="QEMU's QMP monitor to connect to")
     p.add_argument(
         "--listen",
-        metavar="ADDR[,profile=NAME][,mode=OCTAL]",
+        metavar="ADDR[,profile=NAME][,mode=OCTAL][,max-clients=N]",
         action="append",
         default=[],
         help="where clients connect (repeatable; replaces the file's listeners)",
@@ -114,7 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-clients",
         type=int,
         metavar="N",
-        help=f"refuse connections beyond N clients (default: {defaults.max_clients})",
+        help="refuse connections beyond N clients over all listeners; a listener's "
+        f"max-clients=N caps it alone (default: {defaults.max_clients})",
+    )
+    p.add_argument(
+        "--negotiation-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a client that has not negotiated capabilities within SECONDS "
+        f"(default: {defaults.negotiation_timeout:g})",
     )
     p.add_argument(
         "--max-message-bytes",
@@ -139,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_LIMIT_FLAGS = ("max_clients", "max_message_bytes", "outbox_bytes")
+_LIMIT_FLAGS = ("max_clients", "max_message_bytes", "outbox_bytes", "negotiation_timeout")
 
 
 def parse_args(argv: Sequence[str]) -> Config:
@@ -203,6 +213,7 @@ async def serve(config: Config) -> int:
         config.policy,
         audit=audit is not None,
         protected=frozenset({MONITOR_ID}) if config.spawn else frozenset(),
+        listener_caps=config.listener_caps(),
     )
     proxy = Proxy(config, hub, audit=audit)
     proxy.bind()  # before QEMU is touched: a busy socket must not cost a VM start
@@ -234,7 +245,7 @@ async def serve(config: Config) -> int:
         except ConfigError as exc:
             log.error("reload failed, keeping the current policy: %s", exc)
             return
-        hub.reload(policy)
+        proxy.reload(policy)
         log.info("policy reloaded from %s: %d profile(s), %d rule(s)",
                  config.source, len(policy.profiles), len(policy.rules))  # fmt: skip
 

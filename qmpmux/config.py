@@ -55,7 +55,15 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=
     # Bytes of commands in flight upstream (both lanes). QEMU reads ~276 KB/s, so bytes,
     # not commands, are what others wait behind; past this budget only one more goes.
     upstream_bytes: int = 256 << 10
+    # Clients connected at once, over all listeners; a listener's own `max-clients` caps
+    # it further. Each listener keeps `reserve-clients` of the total for itself, so idle
+    # connections on one listener can never lock every other listener out.
     max_clients: int = 4096
+    reserve_clients: int = 16
+    # Seconds a client may take to finish capabilities negotiation before it is closed:
+    # a connection that never negotiates only holds a slot (QEMU itself has no such bound,
+    # but a QEMU monitor serves one client, not a host's worth).
+    negotiation_timeout: float = 30.0
 
 
 class Address(msgspec.Struct, frozen=True):
@@ -88,6 +96,7 @@ class Listener(msgspec.Struct, frozen=True):
     address: Address
     profile: str = DEFAULT_PROFILE
     mode: int = 0o600
+    max_clients: int | None = None  # None: only the global bound applies
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -102,6 +111,10 @@ class Config(msgspec.Struct, frozen=True):
     audit: str | None = None  # a file path, or "stderr"
     source: str | None = None  # the config file, re-read on SIGHUP
 
+    def listener_caps(self) -> dict[str, int | None]:
+        """Each listener's label (as clients' `listener` shows it) and own max-clients."""
+        return {str(lst.address): lst.max_clients for lst in self.listeners}
+
 
 # --- the config file ------------------------------------------------------------------------
 
@@ -110,6 +123,7 @@ class ListenSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     address: str
     profile: str = DEFAULT_PROFILE
     mode: int = 0o600
+    max_clients: int | None = None
 
 
 class AuditSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
@@ -191,7 +205,9 @@ def listeners_of(file: FileConfig, origin: str) -> tuple[Listener, ...]:
             raise ConfigError(f"{origin}: listen[{i}].address: {exc}") from None
         if not 0 <= spec.mode <= 0o777:
             raise ConfigError(f"{origin}: listen[{i}].mode: expected 0o000..0o777")
-        out.append(Listener(address, spec.profile, spec.mode))
+        if spec.max_clients is not None and spec.max_clients < 1:
+            raise ConfigError(f"{origin}: listen[{i}].max-clients: expected at least 1")
+        out.append(Listener(address, spec.profile, spec.mode, spec.max_clients))
     return tuple(out)
 
 
@@ -214,10 +230,11 @@ def parse_address(text: str) -> Address:
 
 
 def parse_listener(text: str) -> Listener:
-    """`ADDR[,profile=NAME][,mode=OCTAL]`; options are split off the end of the address."""
+    """`ADDR[,profile=NAME][,mode=OCTAL][,max-clients=N]`; options are split off the end
+    of the address."""
     address_text, *options = text.split(",")
     address = parse_address(address_text)
-    profile, mode = DEFAULT_PROFILE, 0o600
+    profile, mode, max_clients = DEFAULT_PROFILE, 0o600, None
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or not value:
@@ -233,9 +250,13 @@ def parse_listener(text: str) -> Listener:
                 raise ConfigError(f"bad mode {value!r} in {text!r}: expected octal") from None
             if not 0 <= mode <= 0o777:
                 raise ConfigError(f"bad mode {value!r} in {text!r}: expected 0..777")
+        elif key == "max-clients":
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"bad max-clients {value!r} in {text!r}: expected N >= 1")
+            max_clients = int(value)
         else:
             raise ConfigError(f"unknown listener option {key!r} in {text!r}")
-    return Listener(address, profile, mode)
+    return Listener(address, profile, mode, max_clients)
 
 
 def split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -269,7 +290,17 @@ def check_limits(limits: Limits) -> None:
         ("client-window", limits.client_window, 1, limits.upstream_window),
         ("upstream-bytes", limits.upstream_bytes, 1024, 1 << 30),
         ("max-clients", limits.max_clients, 1, 1 << 20),
+        ("reserve-clients", limits.reserve_clients, 0, 1 << 20),
+        # Replies qmpmux held for a client are flushed at once when the command they
+        # waited behind is answered: they must fit the outbox of a client that reads,
+        # with room for one read's worth of small replies (a 16 KiB read of `{}` makes
+        # about 700 KB of errors).
+        ("outbox-bytes", limits.outbox_bytes, limits.max_pending_bytes + (1 << 20), 1 << 34),
     ]
+    if not 0 < limits.negotiation_timeout <= 3600:
+        raise ConfigError(
+            f"limits.negotiation-timeout = {limits.negotiation_timeout}: expected 0 to 3600"
+        )
     for key, value, low, high in rules:
         if not low <= value <= high:
             raise ConfigError(f"limits.{key} = {value}: expected {low} to {high}")

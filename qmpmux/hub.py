@@ -29,7 +29,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -161,6 +161,7 @@ class Hub:
         *,
         audit: bool = False,
         protected: frozenset[str] = frozenset(),
+        listener_caps: Mapping[str, int | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
     ) -> None:
@@ -169,6 +170,9 @@ class Hub:
         self.audit = audit
         # Chardev ids of qmpmux's own upstream monitor; empty means unknown (refuse all).
         self.protected = protected
+        # Every listener by label, with its own max-clients (None: the global one only).
+        self.listener_caps: Mapping[str, int | None] = listener_caps or {}
+        self._per_listener: dict[str, int] = {}
         self._clock = clock
         self._wallclock = wallclock
         # How many bytes the shell holds for a client (for list-clients); set by the shell.
@@ -317,6 +321,7 @@ class Hub:
         if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
             data = self._narrow(profile, cmd.name, data, cmd.wire_id)
         cmd.reply = data
+        session.reply_bytes += len(data)
         self._flush(session)
 
     def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
@@ -344,11 +349,11 @@ class Hub:
         """Register a new client and greet it. The id is 0 if the client was refused."""
         if self.state is not UpstreamState.READY:
             return 0, []
-        if len(self.clients) >= self.limits.max_clients:
-            log.warning(
-                "refusing client from %s: %d clients connected", peer.listener, len(self.clients)
-            )
+        refusal = self._admission(peer.listener)
+        if refusal is not None:
+            log.warning("refusing client on %s: %s", peer.listener, refusal)
             return 0, []
+        self._per_listener[peer.listener] = self._per_listener.get(peer.listener, 0) + 1
         cid = self._next_client
         self._next_client += 1
         framer = Framer(
@@ -364,6 +369,39 @@ class Hub:
         self._out.append(ToClient(cid, self._greeting))
         return cid, self._take()
 
+    def _admission(self, listener: str) -> str | None:
+        """Why a new client of `listener` is refused, or None: the global bound, the
+        listener's own bound, and the slots other listeners keep for themselves."""
+        limits = self.limits
+        total = len(self.clients)
+        if total >= limits.max_clients:
+            return f"{total} clients connected (max-clients)"
+        count = self._per_listener.get(listener, 0)
+        cap = self.listener_caps.get(listener)
+        if cap is not None and count >= cap:
+            return f"{count} clients on this listener (its max-clients)"
+        owed = 0  # reserved slots the other listeners have not used yet
+        caps = self.listener_caps
+        fair = min(limits.reserve_clients, limits.max_clients // max(1, len(caps)))
+        for other, other_cap in caps.items():
+            if other != listener:
+                reserve = min(fair, other_cap or fair)
+                owed += max(0, reserve - self._per_listener.get(other, 0))
+        if limits.max_clients - total <= owed:
+            return f"the {limits.max_clients - total} free slot(s) are reserved for other listeners"
+        return None
+
+    def negotiation_deadline(self, client: int) -> list[Action]:
+        """The client's time to negotiate is up: close it if it has not."""
+        session = self.clients.get(client)
+        if session is not None and session.phase is Phase.NEGOTIATING:
+            timeout = self.limits.negotiation_timeout
+            _client_log.warning(
+                "client %d: did not negotiate within %g s; closing it", client, timeout
+            )
+            self._out.append(CloseClient(client, f"did not negotiate within {timeout:g} s"))
+        return self._take()
+
     def client_data(self, client: int, data: bytes) -> list[Action]:
         session = self.clients.get(client)
         if session is None or session.draining:
@@ -375,6 +413,7 @@ class Hub:
             _client_log.exception("client %d: internal error; disconnecting it", client)
             self._out.append(CloseClient(client, "internal error"))
             return self._take()
+        held = self._held(session)  # before the flush moves ready replies to the shell
         self._flush(session)
         if session.phase is Phase.COMMAND and client not in self._negotiated:
             # Negotiation replies are all local, so the success reply has just been sent:
@@ -382,9 +421,12 @@ class Hub:
             self._negotiated[client] = session
         limits = self.limits
         if not session.paused and (
-            session.pending >= limits.max_pending
-            or session.queued_bytes >= limits.max_pending_bytes
+            session.pending >= limits.max_pending or held >= limits.max_pending_bytes
         ):
+            # Whatever a client makes qmpmux hold, it holds only until the bound: reading
+            # pauses (and resumes as the backlog drains), so a client that reads is never
+            # cut off for bytes qmpmux chose to hold, and one that does not is cut off by
+            # its outbox bound alone.
             session.paused = True
             self._out.append(PauseClient(client))
         self._pump()
@@ -404,15 +446,41 @@ class Hub:
             verdict = self._extension(session, verdict)
         assert isinstance(verdict, Local)
         (session.oob_replies if verdict.oob else session.replies).append(verdict.data)
+        session.reply_bytes += len(verdict.data)
         if verdict.decision is not None:
             self._judged_locally(session, verdict)
 
-    def reload(self, policy: Policy) -> None:
-        """Apply a new policy to every client's next command and event."""
+    def reload(self, policy: Policy) -> list[Action]:
+        """Apply a new policy to every client's next command and event, and to every
+        command still queued inside qmpmux: a command is judged by the policy in force
+        when it goes upstream, so one the new policy denies is answered with its denial,
+        in the client's order, and never reaches QEMU."""
         self.policy = policy
         self._views.clear()
         for session in self.clients.values():
             session.profile = self._assign(session.peer)
+            refused = False
+            for queue in session.queues:
+                for cmd in list(queue):
+                    denial = session.rejudge(cmd)
+                    if denial is None:
+                        continue
+                    queue.remove(cmd)
+                    session.queued_bytes -= len(cmd.prefix)
+                    cmd.reply = denial
+                    session.reply_bytes += len(denial)
+                    refused = True
+                    self._judged_locally(
+                        session, Local(denial, cmd.oob, cmd.name, Decision.DENY, cmd.arguments)
+                    )
+            if refused:
+                for lane in (INBAND, OOB):  # an in-band queue may have waited on exec-oob
+                    if session.queues[lane] and not session.in_ready[lane]:
+                        session.in_ready[lane] = True
+                        self._ready[lane].append(session)
+                self._flush(session)
+        self._pump()
+        return self._take()
 
     def _assign(self, peer: Peer) -> Profile:
         return self.policy.assign(peer.listener, peer.profile, peer.uid, peer.gid, peer.exe)
@@ -505,6 +573,13 @@ class Hub:
             "bytes-queued": self.queued_bytes(session.id),
         }
 
+    def client_drained(self, client: int) -> list[Action]:
+        """The shell sent everything queued for a paused client: maybe resume reading."""
+        session = self.clients.get(client)
+        if session is not None and session.paused:
+            self._settle(session)
+        return self._take()
+
     def client_eof(self, client: int) -> list[Action]:
         """The client shut down its sending side: answer what it sent, then close."""
         session = self.clients.get(client)
@@ -520,10 +595,12 @@ class Hub:
             return []
         session.closed = True
         self._negotiated.pop(client, None)
+        self._per_listener[session.peer.listener] -= 1
         for queue in session.queues:
             queue.clear()
         session.replies.clear()
         session.oob_replies.clear()
+        session.reply_bytes = 0
         _client_log.info("client %d: disconnected", client)
         self._pump()
         return self._take()
@@ -595,26 +672,38 @@ class Hub:
         """Send the client's replies that are ready, each stream in input order."""
         out = self._out
         cid = session.id
+        sent = 0
         for replies in (session.oob_replies, session.replies):
             while replies:
                 head = replies[0]
                 if type(head) is bytes:
-                    out.append(ToClient(cid, head))
+                    data = head
                 else:
                     assert isinstance(head, Command)
                     if head.reply is None:
                         break
-                    out.append(ToClient(cid, head.reply))
+                    data = head.reply
+                out.append(ToClient(cid, data))
+                sent += len(data)
                 replies.popleft()
-        self._settle(session)
+        session.reply_bytes -= sent
+        self._settle(session, sent)
 
-    def _settle(self, session: Session) -> None:
-        """Flow control and half-close bookkeeping after the client's backlog shrank."""
+    def _held(self, session: Session) -> int:
+        """Every byte qmpmux holds for a client: its commands not yet sent upstream,
+        replies waiting behind an earlier command, and what waits in its outbox."""
+        return session.queued_bytes + session.reply_bytes + self.queued_bytes(session.id)
+
+    def _settle(self, session: Session, flushed: int = 0) -> None:
+        """Flow control and half-close bookkeeping after the client's backlog shrank.
+
+        `flushed` bytes were just handed to the shell for this client and are not in its
+        outbox yet."""
         limits = self.limits
         if (
             session.paused
             and session.pending <= limits.max_pending // 2
-            and session.queued_bytes <= limits.max_pending_bytes // 2
+            and self._held(session) + flushed <= limits.max_pending_bytes // 2
         ):
             session.paused = False
             self._out.append(ResumeClient(session.id))

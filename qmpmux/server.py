@@ -35,6 +35,7 @@ from qmpmux.hub import (
     ToUpstream,
     UpstreamReady,
 )
+from qmpmux.policy import Policy
 from qmpmux.session import Peer
 
 log = logging.getLogger("qmpmux.server")
@@ -160,11 +161,17 @@ class Proxy:
         audit: Callable[[bytes], None] | None = None,
     ) -> None:
         self.config = config
-        self.hub = hub or Hub(config.limits, config.policy, audit=audit is not None)
+        self.hub = hub or Hub(
+            config.limits,
+            config.policy,
+            audit=audit is not None,
+            listener_caps=config.listener_caps(),
+        )
         self._audit = audit
         self._loop = asyncio.get_running_loop()
         self._upstream: Channel | None = None
         self._clients: dict[int, Channel] = {}
+        self._deadlines: dict[int, asyncio.TimerHandle] = {}  # negotiation, per client
         self._listening: list[_Listening] = []
         self._ready: asyncio.Future[UpstreamReady] = self._loop.create_future()
         self._done: asyncio.Future[int] = self._loop.create_future()
@@ -231,6 +238,10 @@ class Proxy:
         if self._exit is None:
             self._finish(Exit(code, reason))
 
+    def reload(self, policy: Policy) -> None:
+        """A new policy for every client, queued commands included (SIGHUP)."""
+        self._apply(self.hub.reload(policy))
+
     @property
     def client_count(self) -> int:
         return len(self._clients)
@@ -267,8 +278,15 @@ class Proxy:
                 recv_fds=True,
             )
             self._clients[cid] = channel
+            self._deadlines[cid] = self._loop.call_later(
+                self.config.limits.negotiation_timeout, self._negotiation_deadline, cid
+            )
             channel.start()
             self._apply(actions)
+
+    def _negotiation_deadline(self, client: int) -> None:
+        del self._deadlines[client]
+        self._apply(self.hub.negotiation_deadline(client))
 
     def _resume_accept(self, entry: _Listening) -> None:
         if self._exit is None:
@@ -287,6 +305,10 @@ class Proxy:
         elif data:
             self._apply(self.hub.client_data(key, data))
 
+    def channel_drained(self, key: int) -> None:
+        if key != UPSTREAM:
+            self._apply(self.hub.client_drained(key))
+
     def channel_eof(self, key: int) -> None:
         if key == UPSTREAM:
             assert self._upstream is not None
@@ -300,6 +322,9 @@ class Proxy:
                                                  if error else reason))  # fmt: skip
             return
         self._clients.pop(key, None)
+        deadline = self._deadlines.pop(key, None)
+        if deadline is not None:
+            deadline.cancel()
         if error:
             log.warning("client %d: connection cut: %s", key, reason)
         self._apply(self.hub.client_closed(key))

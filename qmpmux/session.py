@@ -37,6 +37,7 @@ from qmpmux.wire import (
     NO_ID,
     QMP_CAPABILITIES,
     command_prefix,
+    decode_prefix,
     encode_id,
     error_reply,
     return_reply,
@@ -204,6 +205,7 @@ class Session:
         "queued_bytes",
         "queues",
         "replies",
+        "reply_bytes",
     )
 
     def __init__(
@@ -233,6 +235,9 @@ class Session:
         self.inflight = [0, 0]
         self.in_ready = [False, False]
         self.queued_bytes = 0
+        # Bytes of replies that are made (locally, or by QEMU) but wait in `replies` or
+        # `oob_replies` behind an earlier unanswered command: held by qmpmux, so counted.
+        self.reply_bytes = 0
         self.denials = 0
         self.paused = False
         self.draining = False
@@ -286,28 +291,58 @@ class Session:
     ) -> Verdict:
         """The profile's decision on a well-formed command (exec-oob takes the same road)."""
         profile = self.profile
-        decision = profile.command(name)
         audited = args if profile.audit_arguments else None
-        error_class = GENERIC_ERROR
-        problem = profile.fatal_problem(name, args, self.protected)
-        if problem is None and decision is Decision.DENY:
-            problem = f"The command {name} has been refused by qmpmux policy"
-            error_class = COMMAND_NOT_FOUND
-        elif problem is None:
-            problem = profile.argument_problem(name, args, self.protected)
-            if problem is not None and profile.audit_only:
-                decision, problem = Decision.AUDIT, None
-        if problem is not None:
-            reply = error_reply(wire_id, error_class, problem)
+        decision, refusal = self._verdict(name, args)
+        if refusal is not None:
+            reply = error_reply(wire_id, *refusal)
             return Local(reply, oob=oob, name=name, decision=Decision.DENY, arguments=audited)
         if name.startswith(QMPMUX_PREFIX):
             return Extension(name, wire_id, oob, decision, audited, args)
         prefix = command_prefix(name, args, oob)
         if len(prefix) > MAX_UPSTREAM_BYTES:
-            # Re-encoded bigger than QEMU would take (U+0000 costs 6 bytes upstream, 2 from
-            # a client): refuse here, as QEMU refuses oversized input, never half-send it.
+            # Re-encoded bigger than QEMU would take: refuse here, as QEMU refuses oversized
+            # input, never half-send it.
             return Local(error_reply(None, GENERIC_ERROR, "JSON token size limit exceeded"), oob)
         return Command(self, name, prefix, wire_id, oob, decision, audited)
+
+    def _verdict(
+        self, name: str, args: dict[str, JsonValue] | None
+    ) -> tuple[Decision, tuple[str, str] | None]:
+        """The profile's decision, and the (error class, desc) of a refusal if refused."""
+        profile = self.profile
+        decision = profile.command(name)
+        problem = profile.fatal_problem(name, args, self.protected)
+        if problem is not None:
+            return decision, (GENERIC_ERROR, problem)
+        if decision is Decision.DENY:
+            return decision, (
+                COMMAND_NOT_FOUND,
+                f"The command {name} has been refused by qmpmux policy",
+            )
+        problem = profile.argument_problem(name, args, self.protected)
+        if problem is None:
+            return decision, None
+        if profile.audit_only:
+            return Decision.AUDIT, None
+        return decision, (GENERIC_ERROR, problem)
+
+    def rejudge(self, cmd: Command) -> bytes | None:
+        """Judge a queued command again under the current profile (after a reload): the
+        denial reply if it is now refused; otherwise it is updated to its new authority.
+
+        A command is judged by the policy in force when it goes upstream, so a reload
+        that denies it must catch it while it still waits inside qmpmux."""
+        message = decode_prefix(cmd.prefix)
+        args = message.get(ARGUMENTS)
+        assert args is None or isinstance(args, dict)
+        decision, refusal = self._verdict(cmd.name, args)
+        cmd.arguments = args if self.profile.audit_arguments else None
+        cmd.profile = self.profile.name
+        if refusal is not None:
+            cmd.decision = Decision.DENY
+            return error_reply(cmd.wire_id, *refusal)
+        cmd.decision = decision
+        return None
 
     def _negotiate(self, wire_id: bytes | None, args: dict[str, JsonValue]) -> Local:
         checked = check_capabilities_arguments(args)

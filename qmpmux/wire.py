@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 
-from qmpmux.qjson import JsonValue, encode, encode_compact
+from qmpmux.qjson import Framer, JsonValue, encode, encode_compact
 
 CRLF: Final = b"\r\n"
 
@@ -99,6 +99,17 @@ def command_prefix(name: str, arguments: dict[str, JsonValue] | None, oob: bool)
     if arguments:
         prefix += b',"arguments":' + encode_compact(arguments)
     return prefix
+
+
+def decode_prefix(prefix: bytes) -> dict[str, JsonValue]:
+    """The command a `command_prefix` encodes, read back in QEMU's own dialect (rare:
+    a policy reload re-judges queued commands from their upstream bytes)."""
+    values = Framer(max_message_bytes=len(prefix) + 2, max_tokens=len(prefix) + 2).feed(
+        prefix + b"}"
+    )
+    value = values[0] if len(values) == 1 else None
+    assert isinstance(value, dict), "command_prefix always encodes an object"
+    return value
 
 
 def command_bytes(prefix: bytes, upstream_id: int) -> bytes:

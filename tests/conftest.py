@@ -52,11 +52,16 @@ async def start_mux(
     policy: Policy = DEFAULT_POLICY,
     profiles: tuple[str, ...] = ("full",),
     audit: Callable[[bytes], None] | None = None,
+    listener_caps: Mapping[str, int] | None = None,
 ) -> Mux:
     sockets = {name: tmp_path / f"mux-{name}.sock" for name in profiles}
     config = Config(
         listeners=tuple(
-            Listener(Address("unix", path=str(path)), profile=name)
+            Listener(
+                Address("unix", path=str(path)),
+                profile=name,
+                max_clients=(listener_caps or {}).get(name),
+            )
             for name, path in sockets.items()
         ),
         upstream=Address("unix", path=str(qemu.monitors[0])),

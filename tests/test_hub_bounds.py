@@ -1,0 +1,169 @@
+"""Playbook tests of what a hostile client can make the hub hold or get away with:
+memory it makes qmpmux hold, commands queued across a policy reload."""
+
+from __future__ import annotations
+
+from qmpmux.config import Limits
+from qmpmux.hub import CloseClient, Hub, PauseClient, ResumeClient, ToClient, ToUpstream
+from qmpmux.policy import ProfileSpec, compile_policy
+from qmpmux.session import Peer
+from tests.playbook import connect, expect, ready_hub
+
+BOUND = 64 * 1024
+
+
+def test_replies_held_behind_a_slow_command_count_against_the_client_bound() -> None:
+    """Local error replies waiting behind an unanswered command are memory qmpmux holds:
+    reading pauses once they reach the bound, and resumes only when they are gone."""
+    hub = ready_hub(limits=Limits(max_pending_bytes=BOUND, max_message_bytes=32 * 1024))
+    cid = connect(hub)
+    expect(
+        hub.client_data(cid, b'{"execute":"query-status","id":"slow"}'),
+        [ToUpstream(b'{"execute":"query-status","id":0}')],
+    )
+    # QEMU echoes a bad member name in its error: each reply is as big as the input.
+    bad = b'{"execute":"query-status","' + b"x" * 20000 + b'":1}'
+    session = hub.clients[cid]
+    sent = 0
+    while sent < 100:
+        actions = hub.client_data(cid, bad)
+        sent += 1
+        held = session.reply_bytes + session.queued_bytes
+        assert not [a for a in actions if isinstance(a, ToClient)]  # all wait behind "slow"
+        if PauseClient(cid) in actions:
+            break
+        assert held < BOUND
+    assert PauseClient(cid) in actions, "reading never paused"
+    assert held - len(bad) - 100 < BOUND <= held  # paused at the bound, not later
+    actions = hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    replies = [a for a in actions if isinstance(a, ToClient)]
+    assert len(replies) == sent + 1 and b'"slow"' in replies[0].data
+    assert ResumeClient(cid) not in actions  # the shell still holds them all
+    assert session.reply_bytes == 0
+    expect(hub.client_drained(cid), [ResumeClient(cid)])
+
+
+def test_a_client_whose_outbox_is_full_is_paused_not_fed() -> None:
+    """Bytes waiting in a client's outbox count too: a client that sends but does not
+    read stops being read before qmpmux piles up replies for it."""
+    hub = ready_hub(limits=Limits(max_pending_bytes=BOUND, max_message_bytes=32 * 1024))
+    outbox = {"n": 0}
+    hub.queued_bytes = lambda client: outbox["n"]
+    cid = connect(hub)
+    outbox["n"] = BOUND  # the shell could not send what it has
+    actions = hub.client_data(cid, b"[1]")
+    assert PauseClient(cid) in actions
+    assert hub.client_drained(cid) == []  # still full
+    outbox["n"] = 0
+    expect(hub.client_drained(cid), [ResumeClient(cid)])
+
+
+def test_a_reload_re_judges_commands_still_queued_inside_qmpmux() -> None:
+    """A `stop` waiting for its turn when a reload denies it is answered with the denial,
+    in order, and never reaches QEMU."""
+    hub = ready_hub(limits=Limits(client_window=1))
+    hub.reload(compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop"))}))
+    cid, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
+    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    expect(
+        hub.client_data(cid, b'{"execute":"query-status","id":1}{"execute":"stop","id":2}'),
+        [ToUpstream(b'{"execute":"query-status","id":0}')],  # stop waits: window of 1
+    )
+    denying = compile_policy({"ctl": ProfileSpec(commands=("query-status",))})
+    expect(hub.reload(denying), [])  # the denial waits behind query-status
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [
+            ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
+            ToClient(
+                cid,
+                b'{"id": 2, "error": {"class": "CommandNotFound", '
+                b'"desc": "The command stop has been refused by qmpmux policy"}}\r\n',
+            ),
+        ],
+    )
+    assert not hub.clients[cid].queues[0]
+
+
+def test_a_reload_lets_through_what_it_still_allows() -> None:
+    hub = ready_hub(limits=Limits(client_window=1))
+    hub.reload(compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop"))}))
+    cid, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
+    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    hub.client_data(cid, b'{"execute":"query-status","id":1}{"execute":"stop","id":2}')
+    widening = compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop", "cont"))})
+    expect(hub.reload(widening), [])
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [
+            ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
+            ToUpstream(b'{"execute":"stop","id":0}'),
+        ],
+    )
+
+
+def test_a_reload_denying_a_queued_exec_oob_releases_the_in_band_queue() -> None:
+    """A client's in-band commands wait for its earlier exec-oob; when a reload denies
+    that exec-oob, they must not wait forever."""
+    hub = ready_hub(limits=Limits(client_window=1, upstream_window=1))
+    hub.reload(
+        compile_policy({"ctl": ProfileSpec(commands=("query-status", "yank", "migrate-pause"))})
+    )
+    cid, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
+    hub.client_data(cid, b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}')
+    other = connect(hub, oob=True)
+    # Fill the one-command OOB window with another client's exec-oob.
+    expect(
+        hub.client_data(other, b'{"exec-oob":"yank","arguments":{"instances":[]},"id":"o"}'),
+        [ToUpstream(b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}')],
+    )
+    expect(
+        hub.client_data(
+            cid, b'{"exec-oob":"migrate-pause","id":"p"}{"execute":"query-status","id":"s"}'
+        ),
+        [],
+    )
+    denying = compile_policy({"ctl": ProfileSpec(commands=("query-status",))})
+    actions = hub.reload(denying)
+    assert ToUpstream(b'{"execute":"query-status","id":1}') in actions
+    assert any(
+        isinstance(a, ToClient) and b"migrate-pause has been refused" in a.data for a in actions
+    )
+
+
+def _listener_hub(caps: dict[str, int | None], limits: Limits) -> Hub:
+    hub = ready_hub(limits=limits)
+    hub.listener_caps = caps
+    return hub
+
+
+def _join(hub: Hub, listener: str) -> int:
+    cid, _ = hub.client_connected(Peer(listener))
+    return cid
+
+
+def test_idle_clients_of_one_listener_cannot_lock_out_another() -> None:
+    hub = _listener_hub(
+        {"unix:ro": None, "unix:full": None}, Limits(max_clients=10, reserve_clients=3)
+    )
+    assert all(_join(hub, "unix:ro") for _ in range(7))
+    assert not _join(hub, "unix:ro")  # the last 3 slots are the other listener's reserve
+    assert all(_join(hub, "unix:full") for _ in range(3))
+    assert not _join(hub, "unix:full")  # the global bound still holds
+
+
+def test_a_listener_s_own_max_clients_caps_it_alone() -> None:
+    hub = _listener_hub({"unix:ro": 2, "unix:full": None}, Limits(max_clients=100))
+    ro = [_join(hub, "unix:ro") for _ in range(3)]
+    assert ro[0] and ro[1] and not ro[2]
+    assert all(_join(hub, "unix:full") for _ in range(50))
+    hub.client_closed(ro[0])  # a slot comes back when its client leaves
+    assert _join(hub, "unix:ro")
+
+
+def test_a_client_that_never_negotiates_is_closed_at_its_deadline() -> None:
+    hub = ready_hub()
+    idle = connect(hub, negotiate=False)
+    done = connect(hub)
+    expect(hub.negotiation_deadline(done), [])
+    expect(hub.negotiation_deadline(idle), [CloseClient(idle, "did not negotiate within 30 s")])
