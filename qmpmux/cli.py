@@ -26,6 +26,7 @@ from qmpmux.config import (
     FileConfig,
     Limits,
     check,
+    check_limits,
     listeners_of,
     parse_address,
     parse_listener,
@@ -170,6 +171,11 @@ def parse_args(argv: Sequence[str]) -> Config:
         except ConfigError as exc:
             raise ConfigError(f"{origin}: upstream: {exc}") from None
     audit = args.audit or (file.audit.file if file.audit else None)
+    limits = msgspec.structs.replace(file.limits, **overrides)
+    try:
+        check_limits(limits)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
     config = Config(
         listeners=(
             tuple(parse_listener(text) for text in args.listen)
@@ -181,7 +187,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         allow_remote=args.allow_remote or file.allow_remote,
         log_level=args.log_level or file.log_level,
         connect_timeout=args.connect_timeout or file.connect_timeout,
-        limits=msgspec.structs.replace(file.limits, **overrides),
+        limits=limits,
         policy=policy_of(file, origin),
         audit=audit,
         source=args.config,

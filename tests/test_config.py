@@ -26,6 +26,8 @@ def test_the_shipped_example_loads_and_means_what_it_says() -> None:
         "unix:/run/qmpmux/vm1-monitoring.sock",
     ]
     assert config.listeners[1].profile == "readonly" and config.listeners[1].mode == 0o660
+    assert config.listeners[1].max_clients == 64 and config.listeners[0].max_clients is None
+    assert config.limits.reserve_clients == 16 and config.limits.negotiation_timeout == 30
     assert config.audit == "/var/log/qmpmux/vm1-audit.jsonl"
     backup = config.policy.profiles["backup-agent"]
     assert backup.command("blockdev-backup") is Decision.ALLOW
@@ -53,6 +55,12 @@ BAD = [
      "unknown profile 'nope'"),
     ('upstream = "nowhere"\n[[listen]]\naddress = "unix:/s"\n', "bad address 'nowhere'"),
     ("this is = not toml =", "qmpmux.toml"),
+    ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nmax-clients = 0\n',
+     "listen[0].max-clients: expected at least 1"),
+    ('upstream = "unix:/q"\nlisten = [{address = "unix:/s"}]\n[limits]\nnegotiation-timeout = 0\n',
+     "limits.negotiation-timeout"),
+    ('upstream = "unix:/q"\nlisten = [{address = "unix:/s"}]\n[limits]\noutbox-bytes = 4194304\n',
+     "limits.outbox-bytes"),
 ]  # fmt: skip
 
 
@@ -99,3 +107,16 @@ def test_reload_refuses_a_policy_that_drops_a_listeners_profile(tmp_path: Path) 
     Path(path).write_text('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\n')
     with pytest.raises(ConfigError, match="'mon' of unix:/s is no longer defined"):
         reload_policy(config)
+
+
+def test_listener_max_clients_and_negotiation_timeout_flags() -> None:
+    config = parse_args(
+        ["--upstream", "unix:/q", "--listen", "unix:/a,profile=readonly,max-clients=5",
+         "--listen", "unix:/b", "--negotiation-timeout", "2.5"]
+    )  # fmt: skip
+    assert [lst.max_clients for lst in config.listeners] == [5, None]
+    assert config.listener_caps() == {"unix:/a": 5, "unix:/b": None}
+    assert config.limits.negotiation_timeout == 2.5
+    for bad in ("max-clients=0", "max-clients=x", "max-clients=-1"):
+        with pytest.raises(ConfigError, match="bad max-clients"):
+            parse_args(["--upstream", "unix:/q", "--listen", f"unix:/a,{bad}"])
