@@ -20,6 +20,7 @@ import msgspec
 from qmpmux.config import (
     Address,
     ConfigError,
+    check_references,
     listeners_of,
     parse_address,
     policy_of,
@@ -148,14 +149,15 @@ def check_config(argv: Sequence[str]) -> int:
     parser.add_argument("file", metavar="FILE")
     parser.add_argument("--upstream", metavar="ADDR", help="resolve against this QEMU monitor")
     args = parser.parse_args(own)
+    notes: list[str] = []
     try:
         file = read_file(args.file)
         policy = policy_of(file, args.file)
-        for i, listener in enumerate(listeners_of(file, args.file)):
-            if listener.profile not in policy.profiles:
-                raise ConfigError(
-                    f"{args.file}: listen[{i}].profile: unknown profile {listener.profile!r}"
-                )
+        listeners = listeners_of(file, args.file)
+        if listeners or not policy.rules:
+            check_references(policy, listeners, args.file)
+        else:  # listeners will come from the command line: rules can only be checked then
+            notes.append("rules' listeners not checked: the file defines no listeners")
         upstream = parse_address(args.upstream) if args.upstream else None
     except ConfigError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
@@ -168,5 +170,7 @@ def check_config(argv: Sequence[str]) -> int:
             print(f"qmpmux: error: cannot ask QEMU: {exc}", file=sys.stderr)
             return 1
     print(f"{args.file}: valid")
+    for note in notes:
+        print(f"note: {note}")
     print(render(policy, resolved))
     return 0

@@ -27,6 +27,7 @@ from qmpmux.config import (
     Limits,
     check,
     check_limits,
+    check_references,
     listeners_of,
     parse_address,
     parse_listener,
@@ -201,12 +202,7 @@ def reload_policy(config: Config) -> Policy:
     assert config.source is not None
     file = read_file(config.source)
     policy = policy_of(file, config.source)
-    for listener in config.listeners:
-        if listener.profile not in policy.profiles:
-            raise ConfigError(
-                f"{config.source}: profile {listener.profile!r} of {listener.address} "
-                "is no longer defined"
-            )
+    check_references(policy, config.listeners, config.source)
     return policy
 
 

@@ -97,6 +97,8 @@ class Listener(msgspec.Struct, frozen=True):
     profile: str = DEFAULT_PROFILE
     mode: int = 0o600
     max_clients: int | None = None  # None: only the global bound applies
+    # Where its profile was given, for errors: `listen[0].profile` or `--listen ADDR,...`.
+    origin: str = ""
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -207,7 +209,15 @@ def listeners_of(file: FileConfig, origin: str) -> tuple[Listener, ...]:
             raise ConfigError(f"{origin}: listen[{i}].mode: expected 0o000..0o777")
         if spec.max_clients is not None and spec.max_clients < 1:
             raise ConfigError(f"{origin}: listen[{i}].max-clients: expected at least 1")
-        out.append(Listener(address, spec.profile, spec.mode, spec.max_clients))
+        out.append(
+            Listener(
+                address,
+                spec.profile,
+                spec.mode,
+                spec.max_clients,
+                f"{origin}: listen[{i}].profile",
+            )
+        )
     return tuple(out)
 
 
@@ -256,7 +266,7 @@ def parse_listener(text: str) -> Listener:
             max_clients = int(value)
         else:
             raise ConfigError(f"unknown listener option {key!r} in {text!r}")
-    return Listener(address, profile, mode, max_clients)
+    return Listener(address, profile, mode, max_clients, f"--listen {text}")
 
 
 def split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -321,9 +331,40 @@ def check(config: Config) -> None:
     paths = [str(lst.address) for lst in config.listeners]
     if len(set(paths)) != len(paths):
         raise ConfigError("the same --listen address is given twice")
-    for listener in config.listeners:
-        if listener.profile not in config.policy.profiles:
-            known = ", ".join(sorted(config.policy.profiles))
+    check_references(config.policy, config.listeners, config.source or "config")
+
+
+def check_references(policy: Policy, listeners: Sequence[Listener], origin: str) -> None:
+    """Every name that points somewhere must resolve, or the config fails open: a rule whose
+    listener is misspelt never matches, and its clients get their listener's profile.
+
+    Profile names inside the policy (rules, bases) are checked when it is compiled; this
+    checks what needs the listeners too. Run at start-up, by check-config and on reload."""
+    profiles = ", ".join(sorted(policy.profiles))
+    for listener in listeners:
+        if listener.profile not in policy.profiles:
+            where = listener.origin or f"listener {listener.address}"
             raise ConfigError(
-                f"unknown profile {listener.profile!r} for {listener.address} (known: {known})"
+                f"{where}: unknown profile {listener.profile!r} (profiles: {profiles})"
+            )
+    by_name = {str(listener.address): listener for listener in listeners}
+    unix = [name for name, listener in by_name.items() if listener.address.kind == "unix"]
+    for i, rule in enumerate(policy.rules):
+        where = f"{origin}: rules[{i}]"
+        if rule.listener is not None:
+            target = by_name.get(rule.listener)
+            if target is None:
+                raise ConfigError(
+                    f"{where}.listener: no listener {rule.listener!r} "
+                    f"(listeners: {', '.join(by_name) or 'none'})"
+                )
+            if target.address.kind != "unix":
+                raise ConfigError(
+                    f"{where}.listener: {rule.listener} is a TCP listener; rules match unix "
+                    "peer credentials only, so this rule could never match"
+                )
+        elif not unix:
+            raise ConfigError(
+                f"{where}: no unix listener; rules match unix peer credentials only, so "
+                "this rule could never match"
             )

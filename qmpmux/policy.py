@@ -345,6 +345,28 @@ def _resolve(
     )
 
 
+# uid_t and gid_t are 32 bits; (uid_t)-1 means "no change" and is never a process's id.
+_ID_MAX: Final = 2**32 - 2
+_NAME_MAX: Final = 255  # a file name, as /proc/PID/exe ends in one
+
+
+def _check_rule(rule: RuleSpec, path: str) -> None:
+    """A rule condition that can never match would fail open: its clients would get their
+    listener's profile instead. (Listener names are checked against the listeners, which
+    the config knows: config.check_references.)"""
+    for key, value in (("uid", rule.uid), ("gid", rule.gid)):
+        if value is not None and not 0 <= value <= _ID_MAX:
+            raise PolicyError(f"{path}.{key}", f"{value} can never be a {key} (0 to {_ID_MAX})")
+    exe = rule.exe
+    if exe is not None and (
+        not exe or "/" in exe or exe in (".", "..") or len(exe.encode()) > _NAME_MAX
+    ):
+        raise PolicyError(
+            f"{path}.exe",
+            f"{exe!r} can never match: exe is the executable's file name, without a directory",
+        )
+
+
 def compile_policy(
     custom: Mapping[str, ProfileSpec] | None = None, rules: Sequence[RuleSpec] = ()
 ) -> Policy:
@@ -380,6 +402,7 @@ def compile_policy(
             raise PolicyError(f"rules[{i}].profile", f"unknown profile {rule.profile!r}")
         if rule.uid is None and rule.gid is None and rule.exe is None:
             raise PolicyError(f"rules[{i}]", "a rule needs at least one of uid, gid, exe")
+        _check_rule(rule, f"rules[{i}]")
         compiled_rules.append(
             Rule(profiles[rule.profile], rule.uid, rule.gid, rule.exe, rule.listener)
         )

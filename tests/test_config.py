@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpmux.checkconfig import check_config
 from qmpmux.cli import parse_args, reload_policy
 from qmpmux.config import ConfigError, read_file
 from qmpmux.policy import Decision
@@ -37,6 +38,10 @@ def test_the_shipped_example_loads_and_means_what_it_says() -> None:
     assert config.policy.assign("unix:/x", "readonly", 0, 0, "virsh").name == "full"
 
 
+LISTEN = (
+    'upstream = "unix:/q"\n[[listen]]\naddress = "unix:/run/a.sock"\n'
+    '[[listen]]\naddress = "tcp:127.0.0.1:4444"\n'
+)
 BAD = [
     ('upstream = "unix:/q"\nlisten = [{address = "unix:/s"}]\nlog-levl = "info"\n',
      "log-levl: unknown key"),
@@ -54,6 +59,18 @@ BAD = [
     ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nprofile = "nope"\n',
      "unknown profile 'nope'"),
     ('upstream = "nowhere"\n[[listen]]\naddress = "unix:/s"\n', "bad address 'nowhere'"),
+    # Every reference must resolve: a rule that can never match fails open.
+    (LISTEN + '[[rules]]\nuid = 1000\nlistener = "/run/a.sock"\nprofile = "readonly"\n',
+     "rules[0].listener: no listener '/run/a.sock' (listeners: unix:/run/a.sock, "
+     "tcp:127.0.0.1:4444)"),
+    (LISTEN + '[[rules]]\nuid = 1\nprofile = "full"\n[[rules]]\ngid = 1\nprofile = "full"\n'
+     'listener = "tcp:127.0.0.1:4444"\n', "rules[1].listener: tcp:127.0.0.1:4444 is a TCP"),
+    ('upstream = "unix:/q"\n[[listen]]\naddress = "tcp:127.0.0.1:1"\n[[rules]]\nuid = 1\n'
+     'profile = "readonly"\n', "rules[0]: no unix listener"),
+    (LISTEN + '[[rules]]\nuid = -1\nprofile = "readonly"\n', "rules[0].uid: -1 can never"),
+    (LISTEN + '[[rules]]\nexe = "/usr/bin/virsh"\nprofile = "readonly"\n', "rules[0].exe"),
+    (LISTEN + '[[listen]]\naddress = "unix:/s"\nprofile = "nope"\n',
+     "listen[2].profile: unknown profile 'nope' (profiles: full, readonly, vm-control)"),
     ("this is = not toml =", "qmpmux.toml"),
     ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nmax-clients = 0\n',
      "listen[0].max-clients: expected at least 1"),
@@ -105,7 +122,7 @@ def test_reload_refuses_a_policy_that_drops_a_listeners_profile(tmp_path: Path) 
     )
     config = parse_args(["--config", path])
     Path(path).write_text('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\n')
-    with pytest.raises(ConfigError, match="'mon' of unix:/s is no longer defined"):
+    with pytest.raises(ConfigError, match=r"listen\[0\].profile: unknown profile 'mon'"):
         reload_policy(config)
 
 
@@ -120,3 +137,35 @@ def test_listener_max_clients_and_negotiation_timeout_flags() -> None:
     for bad in ("max-clients=0", "max-clients=x", "max-clients=-1"):
         with pytest.raises(ConfigError, match="bad max-clients"):
             parse_args(["--upstream", "unix:/q", "--listen", f"unix:/a,{bad}"])
+
+
+def test_reload_checks_rules_against_the_running_listeners(tmp_path: Path) -> None:
+    """Listeners given on the command line are the ones a reloaded rule must name."""
+    path = write(tmp_path, 'upstream = "unix:/q"\n')
+    config = parse_args(["--config", path, "--listen", "unix:/run/cli.sock"])
+    rule = '[[rules]]\nuid = 1000\nprofile = "readonly"\nlistener = "%s"\n'
+    Path(path).write_text('upstream = "unix:/q"\n' + rule % "unix:/run/cli.sock")
+    assert reload_policy(config).rules[0].listener == "unix:/run/cli.sock"
+    Path(path).write_text('upstream = "unix:/q"\n' + rule % "unix:/run/cli")
+    with pytest.raises(ConfigError, match=r"rules\[0\].listener: no listener 'unix:/run/cli' "
+                       r"\(listeners: unix:/run/cli.sock\)"):  # fmt: skip
+        reload_policy(config)
+
+
+def test_a_command_line_listener_with_an_unknown_profile_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--listen unix:/s,profile=nope: unknown profile"):
+        parse_args(["--upstream", "unix:/q", "--listen", "unix:/s,profile=nope"])
+
+
+def test_check_config_refuses_a_rule_naming_no_listener(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        '[[listen]]\naddress = "unix:/s"\n[[rules]]\nuid = 0\nlistener = "unix:/t"\n'
+        'profile = "readonly"\n',
+    )
+    assert check_config([path]) == 2
+    assert "rules[0].listener: no listener 'unix:/t' (listeners: unix:/s)" in (
+        capsys.readouterr().err
+    )

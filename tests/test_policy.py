@@ -112,6 +112,14 @@ def test_audit_only_lets_through_but_says_so() -> None:
         ({"p": ProfileSpec(deny_events=("[oops",))}, [], "profiles.p.deny-events[0]"),
         ({}, [RuleSpec(profile="nope", uid=1)], "rules[0].profile"),
         ({}, [RuleSpec(profile="full")], "rules[0]"),
+        ({}, [RuleSpec(profile="full", uid=-1)], "rules[0].uid"),
+        ({}, [RuleSpec(profile="full", gid=2**32 - 1)], "rules[0].gid"),
+        (
+            {},
+            [RuleSpec(profile="full", uid=0), RuleSpec(profile="full", exe="/usr/bin/virsh")],
+            "rules[1].exe",
+        ),
+        ({}, [RuleSpec(profile="full", exe="")], "rules[0].exe"),
     ],
 )
 def test_bad_policy_names_the_key(
