@@ -82,14 +82,14 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", froze
     listener: str | None = None
 
 
-# The R class of the reference (section 11): reads that neither change the VM or the host
-# nor reveal secrets, plus the introspection qmpmux filters per client and `qom-get`, which
-# is allowed only with the secret-property restriction below.
+# Read-only by design: reads of existing state that neither change the VM or the host nor
+# reveal secrets, plus the introspection qmpmux filters per client and `qom-get`, which is
+# allowed only with the secret-property restriction below. See README "Policy".
 READONLY_COMMANDS: Final = (
-    "device-list-properties", "qom-list", "qom-list-properties", "qom-list-types", "qom-get",
+    "qom-list", "qom-list-types", "qom-get",
     "query-acpi-ospm-status", "query-balloon", "query-block-exports", "query-block-jobs",
     "query-blockstats", "query-chardev-backends", "query-colo-status",
-    "query-command-line-options", "query-commands", "query-cpu-model-expansion",
+    "query-command-line-options", "query-commands",
     "query-cpus-fast", "query-current-machine", "query-dirty-rate", "query-display-options",
     "query-dump", "query-dump-guest-memory-capability", "query-events",
     "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-kvm", "query-machines",
@@ -103,9 +103,21 @@ READONLY_COMMANDS: Final = (
     "query-vcpu-dirty-limit", "query-version", "query-vm-generation-id",
     "query-xen-replication-status", "query-yank", "trace-event-get-state", WHOAMI,
 )  # fmt: skip
+# Commands that construct an object of a type the client names, running that type's
+# instance code (qom/qom-qmp-cmds.c qmp_qom_list_properties and qmp_device_list_properties
+# call object_new; target/*/cpu.c model expansion builds a CPU object of the named model).
+# Not every type survives being built outside its context: QEMU 7.2 aborts or crashes on
+# several (`x-remote-object`, `qio-net-listener`, ...). Introspection that builds objects is
+# not a read of existing state, so `readonly` and `vm-control` never run it, whatever the
+# type; `full` or a custom profile may, by name.
+TYPE_CODE_COMMANDS: Final = (
+    "device-list-properties", "qom-list-properties", "query-cpu-model-baseline",
+    "query-cpu-model-comparison", "query-cpu-model-expansion",
+)  # fmt: skip
 # Named explicitly so that a base profile's allowlist can never reopen them.
 READONLY_DENIED: Final = (
     "human-monitor-command", "qom-set", "transaction", "ringbuf-read", "yank",
+    *TYPE_CODE_COMMANDS,
 )  # fmt: skip
 
 BUILTIN: Final[Mapping[str, ProfileSpec]] = {

@@ -13,6 +13,7 @@ from qmpmux.hub import ToClient, ToUpstream
 from qmpmux.policy import (
     DEFAULT_POLICY,
     READONLY_COMMANDS,
+    TYPE_CODE_COMMANDS,
     Decision,
     PolicyError,
     ProfileSpec,
@@ -143,6 +144,19 @@ def test_rules_match_unix_credentials_and_executable() -> None:
     assert policy.assign("unix:/a", "full", 7, 50, None).name == "vm-control"
     assert policy.assign("unix:/b", "readonly", 7, 50, None).name == "readonly"
     assert policy.assign("tcp:127.0.0.1:1", "readonly").name == "readonly"  # no creds
+
+
+@pytest.mark.parametrize("name", TYPE_CODE_COMMANDS)
+def test_readonly_profiles_never_build_an_object_of_a_client_chosen_type(name: str) -> None:
+    assert READONLY.command(name) is Decision.DENY
+    assert VM_CONTROL.command(name) is Decision.DENY
+    assert FULL.command(name) is Decision.ALLOW
+    # A profile built on readonly cannot reopen them (readonly denies them by name) ...
+    child = compile_policy({"c": ProfileSpec(base="readonly", commands=(name, "*"))})
+    assert child.profiles["c"].command(name) is Decision.DENY
+    # ... but a custom profile of its own may allow them by name.
+    own = compile_policy({"o": ProfileSpec(commands=(name,))})
+    assert own.profiles["o"].command(name) is Decision.ALLOW
 
 
 def test_qom_get_of_secret_properties_needs_the_switch() -> None:

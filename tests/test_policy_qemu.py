@@ -3,6 +3,7 @@ secrets, events, introspection as the qemu.qmp client sees it, identity, audit."
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 from qemu.qmp import QMPClient
 
 from qmpmux.policy import DEFAULT_POLICY, Decision, ProfileSpec, compile_policy
+from qmpmux.qjson import JsonValue
 from tests.conftest import Mux, start_mux
-from tests.realqemu import Qemu, RawClient
+from tests.realqemu import Qemu, RawClient, start_qemu
 
 REFUSED = b"refused by qmpmux policy"
 POLICY = compile_policy(
@@ -234,3 +236,107 @@ async def test_nobody_may_yank_the_upstream_connection(pmux: tuple[Mux, list[byt
 
 def test_default_policy_is_full_for_everyone() -> None:
     assert DEFAULT_POLICY.assign("unix:/x", "full", 0, 0, "x").name == "full"
+
+
+async def pipeline(c: RawClient, commands: list[bytes]) -> list[dict[str, JsonValue]]:
+    """Send every command at once, read one reply each (events skipped), in order."""
+    sender = asyncio.create_task(c.send(b"".join(commands)))
+    replies: list[dict[str, JsonValue]] = []
+    while len(replies) < len(commands):
+        message = await c.read_json()  # fails if the connection closed (QEMU died)
+        if "event" not in message:
+            replies.append(message)  # type: ignore[arg-type]
+    await asyncio.wait_for(sender, 10)
+    return replies
+
+
+def call(name: str, **arguments: JsonValue) -> bytes:
+    return msgspec.json.encode({"execute": name, "arguments": arguments})
+
+
+async def still_answers(c: RawClient, mux: Mux) -> None:
+    """QEMU is alive and qmpmux's upstream connection still carries commands."""
+    assert mux.qemu.alive()
+    reply = msgspec.json.decode(await c.command(b'{"execute":"query-status","id":"alive"}'))
+    assert reply["id"] == "alive" and reply["return"]["status"] in (
+        "running",
+        "paused",
+        "prelaunch",
+    )
+
+
+def refused(reply: dict[str, JsonValue], error_class: str | None = None) -> str:
+    """The desc of a qmpmux policy refusal (of `error_class`, if given)."""
+    error = reply.get("error")
+    assert isinstance(error, dict), reply
+    desc = error["desc"]
+    assert isinstance(desc, str) and "refused by qmpmux policy" in desc, reply
+    assert error_class is None or error["class"] == error_class, reply
+    return desc
+
+
+async def test_readonly_survives_every_type_qemu_lists(pmux: tuple[Mux, list[bytes]]) -> None:
+    """Introspection that builds an object of any type QEMU lists (several abort or crash
+    QEMU 7.2) must not be a way for a readonly or vm-control client to kill the VM."""
+    mux, _ = pmux
+    direct = await RawClient.connect(mux.direct)
+    await direct.negotiate()
+    listed = await direct.command(b'{"execute":"qom-list-types","arguments":{"abstract":true}}')
+    types = [t["name"] for t in msgspec.json.decode(listed)["return"]]
+    models = [
+        c["name"]
+        for c in msgspec.json.decode(await direct.command(b'{"execute":"query-cpu-definitions"}'))[
+            "return"
+        ]
+    ]
+    assert types and models
+    commands = [
+        call(command, typename=name)
+        for name in types
+        for command in ("qom-list-properties", "device-list-properties")
+    ]
+    commands += [
+        call("query-cpu-model-expansion", type=kind, model={"name": model})
+        for model in models
+        for kind in ("static", "full")
+    ]
+    for profile in ("readonly", "vm-control"):
+        c = await client(mux, profile)
+        replies = await pipeline(c, commands)
+        assert len(replies) == len(commands)
+        for reply in replies:
+            refused(reply)
+        await still_answers(c, mux)
+
+
+async def test_readonly_reads_every_property_of_a_real_machine(tmp_path: Path) -> None:
+    """qom-get runs each property's getter: walk a whole `pc` machine's QOM tree through
+    readonly and read every property (QEMU's own qom-test does the same walk)."""
+    workdir = tmp_path / "pc"
+    workdir.mkdir()
+    vm = start_qemu(workdir, extra=("-machine", "pc", "-S"))
+    mux = await start_mux(vm, tmp_path, profiles=("readonly",))
+    try:
+        ro = await client(mux, "readonly")
+        paths, properties = ["/"], []
+        while paths:  # breadth first, one pipelined batch per level
+            listings = await pipeline(ro, [call("qom-list", path=p) for p in paths])
+            level, paths = paths, []
+            for parent, listing in zip(level, listings, strict=True):
+                entries = listing["return"]
+                assert isinstance(entries, list)
+                for entry in entries:
+                    assert isinstance(entry, dict)
+                    name, kind = entry["name"], entry["type"]
+                    assert isinstance(name, str) and isinstance(kind, str)
+                    properties.append((parent, name))
+                    if kind.startswith("child<"):
+                        paths.append(f"{parent.rstrip('/')}/{name}")
+        assert len(properties) > 100  # a pc machine has hundreds of devices
+        gets = await pipeline(ro, [call("qom-get", path=p, property=n) for p, n in properties])
+        assert sum("return" in g for g in gets) > len(gets) // 2
+        await still_answers(ro, mux)
+    finally:
+        mux.proxy.stop("test over")
+        await asyncio.wait_for(mux.proxy.wait(), 10)
+        vm.stop()
