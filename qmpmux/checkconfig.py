@@ -118,6 +118,14 @@ def render(policy: Policy, qemu: tuple[list[str], list[str]] | None) -> str:
         switches = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in info.items()
                              if isinstance(v, bool))  # fmt: skip
         lines.append(f"  {switches}")
+        hatches = info["escape-hatches"]
+        assert isinstance(hatches, list)
+        if hatches:
+            lines.append(
+                "  escape hatches granted: this profile can in effect run every command, "
+                "whatever its deny-commands say:"
+            )
+            lines.extend(f"    {hatch}" for hatch in hatches)
         if qemu is None:
             for key in ("commands", "deny-commands", "events", "deny-events"):
                 value = info[key]

@@ -120,8 +120,80 @@ READONLY_DENIED: Final = (
     *TYPE_CODE_COMMANDS,
 )  # fmt: skip
 
+
+class Opens(enum.Enum):
+    """When an escape hatch is open: for any arguments, or for some values of one member."""
+
+    ALWAYS = "always"
+    EXEC_URI = "exec: URI"  # migration/exec.c: `exec:CMD` runs CMD with /bin/sh -c
+    EXEC_CHANNEL = "exec transport"  # QEMU 8.2+ MigrationChannel {"transport": "exec"}
+    PROGRAM = "program path"  # net/tap.c: a script or helper binary the client names
+
+
+@dataclass(frozen=True)
+class EscapeHatch:
+    """A command (or one of its arguments) that lets a client run arbitrary commands or
+    programs, past any list of allowed and denied QMP commands."""
+
+    command: str
+    member: str | None  # None: the command itself
+    opens: Opens
+    reason: str
+
+    def opened(self, args: Mapping[str, JsonValue] | None) -> bool:
+        if self.opens is Opens.ALWAYS:
+            return True
+        value = args.get(self.member) if args and self.member else None
+        if self.opens is Opens.EXEC_URI:
+            return isinstance(value, str) and value.startswith("exec:")
+        if self.opens is Opens.PROGRAM:  # "no" and "" mean none (net/tap.c)
+            return isinstance(value, str) and value not in ("", "no")
+        channels = value if isinstance(value, list) else ()
+        return any(
+            isinstance(c, dict)
+            and isinstance(c.get("addr"), dict)
+            and c["addr"].get("transport") == "exec"  # type: ignore[union-attr]
+            for c in channels
+        )
+
+
+# Every escape hatch in QEMU's schema (7.2, plus 8.2+ migration channels). A hatch is never
+# granted by a glob, only by its command's exact name in `commands`: `*` must not turn a
+# profile with `deny-commands` into one that can run everything. `transaction` is not here:
+# qmpmux checks each of its actions against the profile. `qom-set`, `object-add`,
+# `device_add` and the like change the VM but run no command of the client's choosing.
+ESCAPE_HATCHES: Final = (
+    EscapeHatch("human-monitor-command", None, Opens.ALWAYS,
+                "runs any HMP command (stop, netdev_add fd=N, migrate exec:, and HMP-only "
+                "ones such as savevm and qemu-io), whatever deny-commands says"),
+    EscapeHatch("migrate", "uri", Opens.EXEC_URI, "an exec: URI runs a host shell command"),
+    EscapeHatch("migrate", "channels", Opens.EXEC_CHANNEL,
+                "an exec transport runs a host command"),
+    EscapeHatch("migrate-incoming", "uri", Opens.EXEC_URI,
+                "an exec: URI runs a host shell command"),
+    EscapeHatch("migrate-incoming", "channels", Opens.EXEC_CHANNEL,
+                "an exec transport runs a host command"),
+    EscapeHatch("migrate-recover", "uri", Opens.EXEC_URI,
+                "an exec: URI runs a host shell command"),
+    EscapeHatch("netdev_add", "script", Opens.PROGRAM, "tap: runs the host program it names"),
+    EscapeHatch("netdev_add", "downscript", Opens.PROGRAM,
+                "tap: runs the host program it names"),
+    EscapeHatch("netdev_add", "helper", Opens.PROGRAM,
+                "tap, bridge: runs the host program it names"),
+)  # fmt: skip
+HATCH_COMMANDS: Final = tuple(sorted({h.command for h in ESCAPE_HATCHES}))
+_WHOLE_HATCHES: Final = frozenset(h.command for h in ESCAPE_HATCHES if h.member is None)
+_ARGUMENT_HATCHES: Final[Mapping[str, tuple[EscapeHatch, ...]]] = {
+    name: tuple(h for h in ESCAPE_HATCHES if h.command == name and h.member is not None)
+    for name in HATCH_COMMANDS
+    if name not in _WHOLE_HATCHES
+}
+
 BUILTIN: Final[Mapping[str, ProfileSpec]] = {
-    FULL: ProfileSpec(commands=("*", "__*"), events=("*", "__*"), secret_properties=True),
+    # `full` names every escape hatch exactly: a glob never grants one.
+    FULL: ProfileSpec(
+        commands=("*", "__*", *HATCH_COMMANDS), events=("*", "__*"), secret_properties=True
+    ),
     READONLY: ProfileSpec(commands=READONLY_COMMANDS, deny_commands=READONLY_DENIED, events=("*",)),
     VM_CONTROL: ProfileSpec(
         base=READONLY,
@@ -211,6 +283,8 @@ class Profile:
         decision = self._commands.get(name)
         if decision is None:
             allowed = self.allow_commands.match(name) and not self.deny_commands.match_any(name)
+            if name in _WHOLE_HATCHES and name not in self.allow_commands.exact:
+                allowed = False  # an escape hatch is granted by its exact name only
             if allowed:
                 decision = Decision.ALLOW
             else:
@@ -247,6 +321,14 @@ class Profile:
                         f"transaction action '{kind}' refused by qmpmux policy "
                         f"(profile '{self.name}' may not run it)"
                     )
+        hatches = _ARGUMENT_HATCHES.get(name)
+        if hatches and name not in self.allow_commands.exact:
+            for hatch in hatches:
+                if hatch.opened(args):
+                    return (
+                        f"{name} with this {hatch.member} refused by qmpmux policy: "
+                        f"{hatch.reason} (profile '{self.name}' does not name {name} exactly)"
+                    )
         if name == "qom-get" and not self.secret_properties and args:
             prop = args.get("property")
             if isinstance(prop, str) and prop.lower() in SECRET_PROPERTIES:
@@ -256,11 +338,11 @@ class Profile:
                 )
         return None
 
-    @staticmethod
     def fatal_problem(
-        name: str, args: Mapping[str, JsonValue] | None, protected: frozenset[str]
+        self, name: str, args: Mapping[str, JsonValue] | None, protected: frozenset[str]
     ) -> str | None:
-        """Refusals no profile escapes, not even `full` or an audit-only one."""
+        """Refusals that audit-only never lets through; `yank` of qmpmux's own connection is
+        refused even to `full`."""
         if name == "yank" and args:
             instances = args.get("instances")
             for inst in instances if isinstance(instances, list) else ():
@@ -275,6 +357,15 @@ class Profile:
                     )
         return None
 
+    def escape_hatches(self) -> list[EscapeHatch]:
+        """The escape hatches this profile is granted (by exact name, not denied)."""
+        return [
+            h
+            for h in ESCAPE_HATCHES
+            if h.command in self.allow_commands.exact
+            and not self.deny_commands.match_any(h.command)
+        ]
+
     def describe(self) -> dict[str, object]:
         """The effective policy, for `check-config`."""
         return {
@@ -286,6 +377,10 @@ class Profile:
             "audit-arguments": self.audit_arguments,
             "strip-extensions": self.strip_extensions,
             "secret-properties": self.secret_properties,
+            "escape-hatches": [
+                f"{h.command}{f' ({h.member})' if h.member else ''}: {h.reason}"
+                for h in self.escape_hatches()
+            ],
         }
 
 

@@ -157,6 +157,30 @@ def test_a_command_line_listener_with_an_unknown_profile_names_the_flag() -> Non
         parse_args(["--upstream", "unix:/q", "--listen", "unix:/s,profile=nope"])
 
 
+def test_check_config_says_what_an_escape_hatch_implies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        'upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\n'
+        '[profiles.star]\ncommands = ["*"]\ndeny-commands = ["stop"]\n'
+        '[profiles.named]\ncommands = ["*", "human-monitor-command"]\n'
+        'deny-commands = ["stop"]\n'
+        '[profiles.from-full]\nbase = "full"\ndeny-commands = ["stop"]\n',
+    )
+    assert check_config([path]) == 0
+    out = capsys.readouterr().out
+    sections = dict((chunk.split(":", 1)[0], chunk) for chunk in out.split("\nprofile ")[1:])
+    implied = "escape hatches granted: this profile can in effect run every command"
+    for name in ("named", "from-full", "full"):
+        assert (
+            implied in sections[name] and "human-monitor-command: runs any HMP" in sections[name]
+        ), name
+    for name in ("star", "readonly", "vm-control"):
+        assert "escape hatches" not in sections[name], name
+    assert "migrate (uri): an exec: URI" in sections["full"]
+
+
 def test_check_config_refuses_a_rule_naming_no_listener(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

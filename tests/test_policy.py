@@ -12,6 +12,7 @@ from qmpmux.config import Limits
 from qmpmux.hub import ToClient, ToUpstream
 from qmpmux.policy import (
     DEFAULT_POLICY,
+    ESCAPE_HATCHES,
     READONLY_COMMANDS,
     TYPE_CODE_COMMANDS,
     Decision,
@@ -157,6 +158,77 @@ def test_readonly_profiles_never_build_an_object_of_a_client_chosen_type(name: s
     # ... but a custom profile of its own may allow them by name.
     own = compile_policy({"o": ProfileSpec(commands=(name,))})
     assert own.profiles["o"].command(name) is Decision.ALLOW
+
+
+HMC = "human-monitor-command"
+
+
+def test_an_escape_hatch_is_granted_only_by_its_exact_name() -> None:
+    policy = compile_policy(
+        {
+            "star": ProfileSpec(commands=("*",), deny_commands=("stop",)),
+            "globbed": ProfileSpec(commands=("human-*", "*-command", "h?man-monitor-command")),
+            "named": ProfileSpec(commands=("*", HMC), deny_commands=("stop",)),
+            "from-full": ProfileSpec(base="full", deny_commands=("stop",)),
+            "from-star": ProfileSpec(base="star"),
+            "from-named": ProfileSpec(base="named", deny_commands=("human-*",)),
+            "learning": ProfileSpec(commands=("*",), audit_only=True),
+        }
+    )
+    p = policy.profiles
+    assert p["star"].command(HMC) is Decision.DENY and p["star"].command("cont") is Decision.ALLOW
+    assert p["globbed"].command(HMC) is Decision.DENY
+    assert p["named"].command(HMC) is Decision.ALLOW and p["named"].escape_hatches()
+    assert p["from-full"].command(HMC) is Decision.ALLOW  # `full` names it exactly
+    assert p["from-star"].command(HMC) is Decision.DENY
+    assert p["from-named"].command(HMC) is Decision.DENY  # a deny glob still wins
+    assert not p["from-named"].escape_hatches() and not p["star"].escape_hatches()
+    assert p["learning"].command(HMC) is Decision.AUDIT
+    assert FULL.command(HMC) is Decision.ALLOW
+
+
+HATCH_ARGUMENTS: list[tuple[str, dict[str, JsonValue], dict[str, JsonValue]]] = [
+    ("migrate", {"uri": "exec:cat > /tmp/x"}, {"uri": "tcp:127.0.0.1:4444"}),
+    ("migrate", {"channels": [{"channel-type": "main", "addr": {"transport": "exec",
+                                                                  "args": ["sh"]}}]},
+     {"channels": [{"channel-type": "main", "addr": {"transport": "socket", "type": "inet",
+                                                      "host": "::1", "port": "1"}}]}),
+    ("migrate-incoming", {"uri": "exec:sh"}, {"uri": "defer"}),
+    ("migrate-incoming", {"channels": [{"addr": {"transport": "exec", "args": ["sh"]}}]},
+     {"uri": "tcp:[::1]:1"}),
+    ("migrate-recover", {"uri": "exec:sh"}, {"uri": "unix:/run/r.sock"}),
+    ("netdev_add", {"type": "tap", "id": "n", "script": "/tmp/evil"},
+     {"type": "tap", "id": "n", "script": "no"}),
+    ("netdev_add", {"type": "tap", "id": "n", "downscript": "/tmp/evil"},
+     {"type": "tap", "id": "n", "downscript": ""}),
+    ("netdev_add", {"type": "bridge", "id": "n", "helper": "/tmp/evil"},
+     {"type": "bridge", "id": "n", "br": "br0"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "opened", "closed"), HATCH_ARGUMENTS)
+def test_an_argument_that_runs_host_programs_needs_the_exact_name(
+    name: str, opened: dict[str, JsonValue], closed: dict[str, JsonValue]
+) -> None:
+    policy = compile_policy(
+        {"star": ProfileSpec(commands=("*",)), "named": ProfileSpec(commands=(name,))}
+    )
+    star, named = policy.profiles["star"], policy.profiles["named"]
+    assert star.command(name) is Decision.ALLOW
+    problem = star.argument_problem(name, opened, frozenset())
+    assert problem is not None and "refused by qmpmux policy" in problem
+    assert star.argument_problem(name, closed, frozenset()) is None
+    assert named.argument_problem(name, opened, frozenset()) is None
+    assert FULL.argument_problem(name, opened, frozenset()) is None
+
+
+def test_every_escape_hatch_is_in_the_table_and_full_names_each() -> None:
+    covered = {(h.command, h.member) for h in ESCAPE_HATCHES}
+    assert {(name, list(opened)[-1]) for name, opened, _ in HATCH_ARGUMENTS} | {
+        (HMC, None)
+    } == covered
+    assert {h.command for h in FULL.escape_hatches()} == {h.command for h in ESCAPE_HATCHES}
+    assert all(h.reason for h in ESCAPE_HATCHES)
 
 
 def test_qom_get_of_secret_properties_needs_the_switch() -> None:

@@ -24,6 +24,10 @@ POLICY = compile_policy(
             commands=("query-status", "query-commands", "query-qmp-schema"), events=("RESUME",)
         ),
         "audited": ProfileSpec(base="full", audit_arguments=True),
+        # Everything but `stop`: HMP must not be a way around that.
+        "star": ProfileSpec(commands=("*",), deny_commands=("stop",)),
+        "named-hmp": ProfileSpec(commands=("*", "human-monitor-command"), deny_commands=("stop",)),
+        "from-full": ProfileSpec(base="full", deny_commands=("stop",)),
     }
 )
 
@@ -33,7 +37,8 @@ async def pmux(qemu: Qemu, tmp_path: Path) -> AsyncIterator[tuple[Mux, list[byte
     records: list[bytes] = []
     mux = await start_mux(
         qemu, tmp_path, policy=POLICY, audit=records.append,
-        profiles=("full", "readonly", "vm-control", "resume-only", "audited"),
+        profiles=("full", "readonly", "vm-control", "resume-only", "audited", "star",
+                  "named-hmp", "from-full"),
     )  # fmt: skip
     yield mux, records
     mux.proxy.stop("test over")
@@ -340,3 +345,35 @@ async def test_readonly_reads_every_property_of_a_real_machine(tmp_path: Path) -
         mux.proxy.stop("test over")
         await asyncio.wait_for(mux.proxy.wait(), 10)
         vm.stop()
+
+
+HMP_STOP = call("human-monitor-command", **{"command-line": "stop"})
+HMP_INFO = call("human-monitor-command", **{"command-line": "info status"})
+
+
+async def test_hmp_is_no_way_around_deny_commands(pmux: tuple[Mux, list[bytes]]) -> None:
+    mux, _ = pmux
+    star = await client(mux, "star")
+    for command in (HMP_STOP, HMP_INFO, b'{"execute":"stop"}'):
+        refused(msgspec.json.decode(await star.command(command)), "CommandNotFound")
+    # Arguments that run host programs are escape hatches too: not granted by `*`.
+    for command in (
+        call("migrate", uri="exec:kill -STOP $PPID"),
+        call("netdev_add", type="tap", id="n0", script="/bin/true"),
+    ):
+        reply = msgspec.json.decode(await star.command(command))
+        assert "host" in refused(reply, "GenericError")
+    status = msgspec.json.decode(await star.command(b'{"execute":"query-status"}'))
+    assert status["return"]["status"] == "running"
+    migrate = msgspec.json.decode(await star.command(b'{"execute":"query-migrate"}'))
+    assert "status" not in migrate["return"]  # no migration ever started
+    # Named exactly (or inherited from `full`, which names it), HMP is granted, with
+    # everything it implies: check-config says so (tests/test_config.py).
+    for profile in ("named-hmp", "from-full"):
+        c = await client(mux, profile)
+        assert REFUSED in await c.command(b'{"execute":"stop"}')
+        assert await c.command(HMP_INFO) == b'{"return": "VM status: running\\r\\n"}\r\n'
+    named = await client(mux, "named-hmp")
+    assert await named.command(HMP_STOP) == b'{"return": ""}\r\n'
+    paused = msgspec.json.decode(await named.command(b'{"execute":"query-status"}'))
+    assert paused["return"]["status"] == "paused"
