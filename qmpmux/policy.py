@@ -28,6 +28,7 @@ from typing import Final
 
 import msgspec
 
+from qmpmux.fdargs import FD_COMMANDS, numeric_fd
 from qmpmux.qjson import JsonValue
 
 EXTENSION_PREFIX: Final = "__"
@@ -276,6 +277,8 @@ class Profile:
     audit_arguments: bool = False
     strip_extensions: bool = False
     secret_properties: bool = False
+    # Numeric fd names reach QEMU's own descriptors (fdargs.py); only the built-in `full`.
+    raw_fds: bool = False
     _commands: dict[str, Decision] = field(default_factory=dict, repr=False, compare=False)
     _events: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
@@ -355,6 +358,15 @@ class Profile:
                         f"yank of chardev {inst.get('id')!r} refused by qmpmux policy: "
                         "it may be qmpmux's own connection to QEMU"
                     )
+        if not self.raw_fds and name in FD_COMMANDS:
+            found = numeric_fd(name, args)
+            if found is not None:
+                where, value = found
+                return (
+                    f"numeric fd {value[:32]!r} in {name} argument '{where[:128]}' refused by "
+                    f"qmpmux policy: QEMU would take it as one of its own descriptor numbers "
+                    f"(profile '{self.name}'; pass an fd with getfd and use its name)"
+                )
         return None
 
     def escape_hatches(self) -> list[EscapeHatch]:
@@ -502,6 +514,7 @@ def compile_policy(
             audit_arguments=bool(flat.audit_arguments),
             strip_extensions=bool(flat.strip_extensions),
             secret_properties=bool(flat.secret_properties),
+            raw_fds=name == FULL,
         )
     compiled_rules = []
     for i, rule in enumerate(rules):

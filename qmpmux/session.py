@@ -311,14 +311,14 @@ class Session:
         """The profile's decision, and the (error class, desc) of a refusal if refused."""
         profile = self.profile
         decision = profile.command(name)
-        problem = profile.fatal_problem(name, args, self.protected)
-        if problem is not None:
-            return decision, (GENERIC_ERROR, problem)
-        if decision is Decision.DENY:
+        if decision is Decision.DENY:  # before any argument check: nothing to say about them
             return decision, (
                 COMMAND_NOT_FOUND,
                 f"The command {name} has been refused by qmpmux policy",
             )
+        problem = profile.fatal_problem(name, args, self.protected)
+        if problem is not None:
+            return decision, (GENERIC_ERROR, problem)
         problem = profile.argument_problem(name, args, self.protected)
         if problem is None:
             return decision, None

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qmpmux import fdargs
 from qmpmux.config import Limits
+from qmpmux.fdargs import FD_ARGUMENTS, numeric_fd
 from qmpmux.hub import ToClient, ToUpstream
 from qmpmux.policy import (
     DEFAULT_POLICY,
@@ -231,6 +235,53 @@ def test_every_escape_hatch_is_in_the_table_and_full_names_each() -> None:
     assert all(h.reason for h in ESCAPE_HATCHES)
 
 
+def test_numeric_fds_are_refused_to_every_profile_but_full() -> None:
+    args: dict[str, JsonValue] = {"type": "tap", "id": "n0", "fd": "9"}
+    learning = compile_policy({"l": ProfileSpec(commands=("*",), audit_only=True)})
+    from_full = compile_policy({"f": ProfileSpec(base="full")})
+    for profile in (learning.profiles["l"], from_full.profiles["f"]):
+        problem = profile.fatal_problem("netdev_add", args, frozenset())
+        assert problem is not None and "numeric fd '9'" in problem
+    assert FULL.fatal_problem("netdev_add", args, frozenset()) is None
+    named: dict[str, JsonValue] = {"type": "tap", "id": "n0", "fd": "tap0", "fds": "a:b"}
+    assert learning.profiles["l"].fatal_problem("netdev_add", named, frozenset()) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "numeric"), [("9", True), ("09", True), ("9x", True), ("x9", False), ("", False),
+                           ("٣", False), ("fd3", False)]
+)  # fmt: skip
+def test_numeric_means_what_qemu_means(value: str, numeric: bool) -> None:
+    """monitor_fd_param parses a value as a number when its first character is a digit."""
+    assert (numeric_fd("getfd", {"fdname": value}) is not None) is numeric
+
+
+def test_fd_values_are_found_at_any_depth_and_in_lists() -> None:
+    legacy: dict[str, JsonValue] = {
+        "id": "c0",
+        "backend": {"type": "socket", "data": {"addr": {"type": "fd", "data": {"str": "7"}}}},
+    }
+    assert numeric_fd("chardev-add", legacy) == ("backend.data.addr.data.str", "7")
+    nested: dict[str, JsonValue] = {
+        "driver": "qcow2", "node-name": "n",
+        "file": {"driver": "nbd", "server": {"type": "fd", "str": "3"}},
+    }  # fmt: skip
+    assert numeric_fd("blockdev-add", nested) == ("file.server.str", "3")
+    assert numeric_fd("netdev_add", {"type": "tap", "id": "n", "vhostfds": "a:4"}) == (
+        "vhostfds",
+        "4",
+    )
+    assert numeric_fd("device_add", {"driver": "x", "ebpf-rss-fds": ["a", "5"]}) is not None
+    deep: JsonValue = {"type": "fd", "str": "6"}
+    for _ in range(5000):  # deeper than Python's recursion limit: must not raise
+        deep = {"x": deep}
+    assert numeric_fd("blockdev-add", {"deep": deep}) is not None
+    assert numeric_fd("qom-set", {"path": "/x", "property": "fd", "value": "8"}) is not None
+    assert numeric_fd("qom-set", {"path": "/x", "property": "size", "value": "8"}) is None
+    assert numeric_fd("query-status", {"fd": "9"}) is None
+    assert {row.command for row in FD_ARGUMENTS} >= {"netdev_add", "getfd", "migrate"}
+
+
 def test_qom_get_of_secret_properties_needs_the_switch() -> None:
     args: dict[str, JsonValue] = {"path": "/objects/sec0", "property": "data"}
     assert READONLY.argument_problem("qom-get", args, frozenset()) is not None
@@ -310,3 +361,16 @@ def test_denied_command_is_answered_locally_in_order() -> None:
             b'"desc": "The command stop has been refused by qmpmux policy"}}\r\n',
         ),
     ]
+
+
+def test_the_fd_table_is_core_code() -> None:
+    """fdargs sits on the hot path of the sans-IO core: it imports nothing but data types."""
+    tree = ast.parse(Path(fdargs.__file__).read_text())
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported <= {"__future__", "enum", "collections.abc", "dataclasses", "typing",
+                        "qmpmux.qjson"}, imported  # fmt: skip

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from qemu.qmp import QMPClient
 
+from qmpmux.fdargs import FD_ARGUMENTS, Kind, numeric_fd
 from qmpmux.policy import DEFAULT_POLICY, Decision, ProfileSpec, compile_policy
 from qmpmux.qjson import JsonValue
 from tests.conftest import Mux, start_mux
@@ -377,3 +378,79 @@ async def test_hmp_is_no_way_around_deny_commands(pmux: tuple[Mux, list[bytes]])
     assert await named.command(HMP_STOP) == b'{"return": ""}\r\n'
     paused = msgspec.json.decode(await named.command(b'{"execute":"query-status"}'))
     assert paused["return"]["status"] == "paused"
+
+
+# One sample per row of fdargs.FD_ARGUMENTS: the row's argument with the numeric fd "9".
+FD_SAMPLES: dict[tuple[str, tuple[str, ...], Kind], dict[str, JsonValue]] = {
+    ("getfd", ("fdname",), Kind.NAME): {"fdname": "9"},
+    ("closefd", ("fdname",), Kind.NAME): {"fdname": "9"},
+    ("add_client", ("fdname",), Kind.NAME): {"protocol": "vnc", "fdname": "9"},
+    ("netdev_add", ("fd",), Kind.NAME): {"type": "tap", "id": "n0", "fd": "9"},
+    ("netdev_add", ("fds",), Kind.NAMES): {"type": "tap", "id": "n0", "fds": "tap0:9"},
+    ("netdev_add", ("vhostfd",), Kind.NAME): {"type": "vhost-vdpa", "id": "n0", "vhostfd": "9"},
+    ("netdev_add", ("vhostfds",), Kind.NAMES): {"type": "tap", "id": "n0", "fds": "a:b",
+                                                "vhostfds": "c:9"},
+    ("netdev_add", ("sock-fds",), Kind.NAMES): {"type": "af-xdp", "id": "n0", "ifname": "e",
+                                                "sock-fds": "9"},
+    ("netdev_add", (), Kind.SOCKET): {"type": "stream", "id": "n0",
+                                      "addr": {"type": "fd", "str": "9"}},
+    ("device_add", ("fd",), Kind.NAME): {"driver": "x-pci-proxy-dev", "id": "d0", "fd": "9"},
+    ("device_add", ("vhostfd",), Kind.NAME): {"driver": "vhost-vsock-pci", "guest-cid": 3,
+                                              "vhostfd": "9"},
+    ("device_add", ("ebpf-rss-fds",), Kind.NAME): {"driver": "virtio-net-pci",
+                                                   "ebpf-rss-fds": ["a", "9"]},
+    ("object-add", ("fd",), Kind.NAME): {"qom-type": "x-remote-object", "id": "r0", "fd": "9",
+                                         "devid": "d0"},
+    ("object-add", (), Kind.SOCKET): {"qom-type": "x-vfio-user-server", "id": "v0",
+                                      "device": "d0", "socket": {"type": "fd", "str": "9"}},
+    ("qom-set", ("value",), Kind.NAME): {"path": "/objects/r0", "property": "fd", "value": "9"},
+    ("qom-set", ("value",), Kind.SOCKET): {"path": "/objects/v0", "property": "socket",
+                                           "value": {"type": "fd", "str": "9"}},
+    ("chardev-add", (), Kind.SOCKET): {"id": "c0", "backend": {"type": "socket", "data": {
+        "addr": {"type": "fd", "data": {"str": "9"}}, "server": False}}},
+    ("chardev-change", (), Kind.SOCKET): {"id": "c0", "backend": {"type": "udp", "data": {
+        "remote": {"type": "fd", "data": {"str": "9"}}}}},
+    ("nbd-server-start", (), Kind.SOCKET): {"addr": {"type": "fd", "data": {"str": "9"}}},
+    ("blockdev-add", (), Kind.SOCKET): {"driver": "raw", "node-name": "b0", "file": {
+        "driver": "nbd", "server": {"type": "fd", "str": "9"}, "export": "e"}},
+    ("blockdev-reopen", (), Kind.SOCKET): {"options": [{"driver": "nbd", "node-name": "b0",
+                                                        "server": {"type": "fd", "str": "9"}}]},
+    ("block-export-add", (), Kind.SOCKET): {"type": "vhost-user-blk", "id": "e0",
+                                            "node-name": "b0",
+                                            "addr": {"type": "fd", "str": "9"}},
+    ("migrate", ("uri",), Kind.URI): {"uri": "fd:9"},
+    ("migrate", ("channels",), Kind.SOCKET): {"channels": [{"channel-type": "main", "addr": {
+        "transport": "socket", "type": "fd", "str": "9"}}]},
+    ("migrate-incoming", ("uri",), Kind.URI): {"uri": "fd:9"},
+    ("migrate-incoming", ("channels",), Kind.SOCKET): {"channels": [{"channel-type": "main",
+        "addr": {"transport": "socket", "type": "fd", "str": "9"}}]},
+    ("migrate-recover", ("uri",), Kind.URI): {"uri": "fd:9"},
+    ("dump-guest-memory", ("protocol",), Kind.URI): {"paging": False, "protocol": "fd:9"},
+}  # fmt: skip
+
+
+def test_every_fd_argument_has_a_sample_that_it_catches() -> None:
+    rows = {(row.command, row.path, row.kind): row for row in FD_ARGUMENTS}
+    assert rows.keys() == FD_SAMPLES.keys()
+    for (command, _, _), args in FD_SAMPLES.items():
+        found = numeric_fd(command, args)
+        assert found is not None and found[1] == "9", command
+        assert numeric_fd(command, msgspec.json.decode(
+            msgspec.json.encode(args).replace(b'"9"', b'"fd9"').replace(b":9", b":fd9")
+        )) is None, command  # fmt: skip
+
+
+async def test_numeric_fds_never_reach_qemu_but_from_full(pmux: tuple[Mux, list[bytes]]) -> None:
+    mux, _ = pmux
+    star = await client(mux, "star")  # may run every command these arguments belong to
+    commands = [call(command, **args) for (command, _, _), args in FD_SAMPLES.items()]
+    for command, reply in zip(FD_SAMPLES, await pipeline(star, commands), strict=True):
+        assert "numeric fd '9'" in refused(reply, "GenericError"), command
+    await still_answers(star, mux)
+    # `full` passes them through: QEMU's own errors show QEMU parsed them (safe values).
+    full = await client(mux, "full")
+    tap = await full.command(call("netdev_add", type="tap", id="n0", fd="9x"))
+    assert b"Invalid file descriptor number '9x'" in tap
+    closefd = await full.command(call("closefd", fdname="9"))
+    assert b"File descriptor named '9' not found" in closefd
+    await still_answers(full, mux)

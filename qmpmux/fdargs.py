@@ -1,0 +1,155 @@
+"""Arguments through which QEMU takes a file descriptor, and the numeric-name trap (I/O free).
+
+QEMU resolves most fd arguments with `monitor_fd_param` (monitor/misc.c in 7.2,
+monitor/fds.c later): a value whose first character is a digit is not looked up among the
+names this monitor received with `getfd`, it is parsed as a raw descriptor number of the
+QEMU process (`qemu_parse_fd`). That reaches every descriptor QEMU holds: other clients'
+fds and qmpmux's own upstream socket (a `netdev_add` with `"fd": "9"` took it over and hung
+every later command). `getfd` itself refuses names that start with a digit
+(monitor/misc.c qmp_getfd), so such a value is never a real name and refusing it costs no
+legitimate use. Callers without a current monitor (reconnect paths) parse every value as a
+number, so SocketAddress `fd` values are covered too, even where a monitor only looks up
+names.
+
+`FD_ARGUMENTS` is the one table of every argument that carries an fd name, from the callers
+of `monitor_fd_param`, `monitor_get_fd` and `socket_get_fd` in QEMU's source. Policy
+(`policy.py`) refuses a numeric value in any of them for every profile but `full`.
+
+Invariants:
+- The table is data; `numeric_fd` is a pure function of (command, arguments).
+- Lists are walked wherever they appear along a path, so `fds: ["1"]` is caught as `"1"`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from qmpmux.qjson import JsonValue
+
+
+class Kind(enum.Enum):
+    NAME = "fd name"  # monitor_fd_param / monitor_get_fd
+    NAMES = "colon-separated fd names"  # net/tap.c get_fds, net/af-xdp.c
+    SOCKET = "SocketAddress of type fd"  # any nested {"type":"fd","str"} or legacy {"data":{"str"}}
+    URI = "fd: URI"  # migration/fd.c, dump/dump.c: "fd:NAME"
+
+
+@dataclass(frozen=True)
+class FdArgument:
+    """`command`'s argument at `path` (member names; empty: anywhere) carries an fd."""
+
+    command: str
+    path: tuple[str, ...]
+    kind: Kind
+    source: str  # where QEMU resolves it
+    # Only when this argument has one of these values (qom-set names the property).
+    when: tuple[str, frozenset[str]] | None = None
+
+
+_FD_PROPERTIES: Final = frozenset({"fd", "vhostfd"})
+
+FD_ARGUMENTS: Final[tuple[FdArgument, ...]] = (
+    FdArgument("getfd", ("fdname",), Kind.NAME, "monitor/misc.c qmp_getfd"),
+    FdArgument("closefd", ("fdname",), Kind.NAME, "monitor/misc.c qmp_closefd"),
+    FdArgument("add_client", ("fdname",), Kind.NAME, "monitor/qmp-cmds.c qmp_add_client"),
+    FdArgument("netdev_add", ("fd",), Kind.NAME, "net/tap.c, net/socket.c net_init_*"),
+    FdArgument("netdev_add", ("fds",), Kind.NAMES, "net/tap.c get_fds"),
+    FdArgument("netdev_add", ("vhostfd",), Kind.NAME, "net/tap.c, net/vhost-vdpa.c"),
+    FdArgument("netdev_add", ("vhostfds",), Kind.NAMES, "net/tap.c get_fds"),
+    FdArgument("netdev_add", ("sock-fds",), Kind.NAMES, "net/af-xdp.c (QEMU 8.2+)"),
+    FdArgument("netdev_add", (), Kind.SOCKET, "net/stream.c, net/dgram.c addr/local/remote"),
+    FdArgument("device_add", ("fd",), Kind.NAME, "hw/remote/proxy.c; hw/vfio/pci.c (10.0)"),
+    FdArgument("device_add", ("vhostfd",), Kind.NAME, "hw/scsi/vhost-scsi.c, vhost-vsock.c"),
+    FdArgument("device_add", ("ebpf-rss-fds",), Kind.NAME, "hw/net/virtio-net.c (QEMU 9.0+)"),
+    FdArgument("object-add", ("fd",), Kind.NAME, "hw/remote/remote-obj.c; backends/iommufd.c"),
+    FdArgument("object-add", (), Kind.SOCKET, "hw/remote/vfio-user-obj.c socket"),
+    FdArgument("qom-set", ("value",), Kind.NAME, "property setters of the above",
+               when=("property", _FD_PROPERTIES)),
+    FdArgument("qom-set", ("value",), Kind.SOCKET, "hw/remote/vfio-user-obj.c socket"),
+    FdArgument("chardev-add", (), Kind.SOCKET, "chardev/char-socket.c, char-udp.c"),
+    FdArgument("chardev-change", (), Kind.SOCKET, "chardev/char-socket.c, char-udp.c"),
+    FdArgument("nbd-server-start", (), Kind.SOCKET, "blockdev-nbd.c nbd_server_start"),
+    FdArgument("blockdev-add", (), Kind.SOCKET, "block/nbd.c server (also nested nodes)"),
+    FdArgument("blockdev-reopen", (), Kind.SOCKET, "block/nbd.c server"),
+    FdArgument("block-export-add", (), Kind.SOCKET, "block/export/vhost-user-blk-server.c"),
+    FdArgument("migrate", ("uri",), Kind.URI, "migration/fd.c fd_start_outgoing_migration"),
+    FdArgument("migrate", ("channels",), Kind.SOCKET, "migration/socket.c (QEMU 8.2+)"),
+    FdArgument("migrate-incoming", ("uri",), Kind.URI, "migration/fd.c (monitor_fd_param)"),
+    FdArgument("migrate-incoming", ("channels",), Kind.SOCKET, "migration/socket.c (8.2+)"),
+    FdArgument("migrate-recover", ("uri",), Kind.URI, "migration/migration.c incoming"),
+    FdArgument("dump-guest-memory", ("protocol",), Kind.URI, "dump/dump.c qmp_dump_guest_memory"),
+)  # fmt: skip
+
+_BY_COMMAND: Final[Mapping[str, tuple[FdArgument, ...]]] = {
+    name: tuple(row for row in FD_ARGUMENTS if row.command == name)
+    for name in {row.command for row in FD_ARGUMENTS}
+}
+FD_COMMANDS: Final = frozenset(_BY_COMMAND)
+
+
+def is_numeric(value: str) -> bool:
+    """QEMU's own test (`qemu_isdigit(fdname[0])`): a leading ASCII digit means a number."""
+    return value[:1].isascii() and value[:1].isdigit()
+
+
+def _at(value: JsonValue, path: tuple[str, ...]) -> Iterator[JsonValue]:
+    """Every value at `path`, walking lists along the way."""
+    if isinstance(value, list):
+        for item in value:
+            yield from _at(item, path)
+    elif not path:
+        yield value
+    elif isinstance(value, dict) and path[0] in value:
+        yield from _at(value[path[0]], path[1:])
+
+
+def _sockets(value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
+    """(path, `str`) of every SocketAddress of type fd in `value`, flat or legacy (`data`).
+
+    Iterative: a client may nest up to QEMU's 1024 levels, deeper than Python recursion."""
+    stack = [(where, value)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, dict):
+            if value.get("type") == "fd":
+                fd, data = value.get("str"), value.get("data")
+                if isinstance(fd, str):
+                    yield f"{where}.str", fd
+                elif isinstance(data, dict) and isinstance(data.get("str"), str):
+                    yield f"{where}.data.str", str(data["str"])
+            stack.extend((f"{where}.{key}", member) for key, member in value.items())
+
+
+def _names(row: FdArgument, value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
+    if row.kind is Kind.SOCKET:
+        yield from _sockets(value, where)
+    elif isinstance(value, str):
+        if row.kind is Kind.NAME:
+            yield where, value
+        elif row.kind is Kind.NAMES:
+            yield from ((where, name) for name in value.split(":"))
+        elif value.startswith("fd:"):
+            yield where, value[len("fd:") :]
+
+
+def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str, str] | None:
+    """(argument, value) of the first fd argument QEMU would read as a raw number, or None."""
+    rows = _BY_COMMAND.get(command)
+    if not rows or not args:
+        return None
+    for row in rows:
+        if row.when is not None:
+            key, values = row.when
+            selector = args.get(key)
+            if not isinstance(selector, str) or selector not in values:
+                continue
+        for value in _at(dict(args), row.path):
+            for where, name in _names(row, value, ".".join(row.path)):
+                if is_numeric(name):
+                    return where.lstrip("."), name
+    return None
