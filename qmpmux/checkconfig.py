@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from fnmatch import fnmatchcase
 
 import msgspec
 
@@ -27,7 +28,7 @@ from qmpmux.config import (
     read_file,
     split_spawn,
 )
-from qmpmux.policy import Decision, Policy, Profile
+from qmpmux.policy import BUILTIN, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.upstream import monitor_args
 
 _TIMEOUT = 10.0
@@ -140,7 +141,30 @@ def render(policy: Policy, qemu: tuple[list[str], list[str]] | None) -> str:
             lines.append(f"  audit-only, would be denied ({len(audited)}): {', '.join(audited)}")
         allowed = _allowed(profile, events, events=True)
         lines.append(f"  events ({len(allowed)} of {len(events)}): {', '.join(allowed)}")
+        lines.extend(_dead_denials(profile, [*commands, WHOAMI, LIST_CLIENTS], events))
     return "\n".join(lines)
+
+
+_BUILTIN_DENIALS = frozenset(
+    p for spec in BUILTIN.values() for p in (*spec.deny_commands, *spec.deny_events)
+)
+
+
+def _dead_denials(profile: Profile, commands: list[str], events: list[str]) -> list[str]:
+    """A deny pattern that matches nothing this QEMU has is most likely a typo, and a typo
+    in a denial fails open: say so. (Built-in denials name commands some targets lack.)"""
+    out = []
+    for key, names, patterns in (
+        ("deny-commands", commands, profile.deny_commands),
+        ("deny-events", events, profile.deny_events),
+    ):
+        for pattern in patterns.names():
+            if pattern not in _BUILTIN_DENIALS and not any(fnmatchcase(n, pattern) for n in names):
+                out.append(
+                    f"  warning: {key} {pattern!r} matches nothing this QEMU has, so it "
+                    "denies nothing (a typo?)"
+                )
+    return out
 
 
 def check_config(argv: Sequence[str]) -> int:

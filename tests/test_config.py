@@ -10,6 +10,7 @@ from qmpmux.checkconfig import check_config
 from qmpmux.cli import parse_args, reload_policy
 from qmpmux.config import ConfigError, read_file
 from qmpmux.policy import Decision
+from tests.realqemu import BASE_ARGS, qemu_path
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "systemd" / "qmpmux.toml.example"
 
@@ -193,3 +194,23 @@ def test_check_config_refuses_a_rule_naming_no_listener(
     assert "rules[0].listener: no listener 'unix:/t' (listeners: unix:/s)" in (
         capsys.readouterr().err
     )
+
+
+def test_check_config_warns_of_a_denial_that_matches_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt deny pattern denies nothing: against a real QEMU, check-config says so."""
+    path = write(
+        tmp_path,
+        '[profiles.ops]\ncommands = ["*"]\ndeny-commands = ["sotp", "quit", "migrate*"]\n'
+        'events = ["*"]\ndeny-events = ["SHUTDOWN", "RESUMED"]\n'
+        '[profiles.mon]\nbase = "readonly"\ndeny-commands = ["__org.qmpmux_whoami"]\n',
+    )
+    assert check_config([path, "--spawn", "--", qemu_path(), *BASE_ARGS]) == 0
+    warnings = [line.strip() for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warnings == [
+        "warning: deny-commands 'sotp' matches nothing this QEMU has, so it denies nothing "
+        "(a typo?)",
+        "warning: deny-events 'RESUMED' matches nothing this QEMU has, so it denies nothing "
+        "(a typo?)",
+    ]
