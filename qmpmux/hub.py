@@ -40,7 +40,7 @@ from qmpmux.ids import IdPool
 from qmpmux.introspect import FILTERS, replace_return, strip_message
 from qmpmux.policy import DEFAULT_POLICY, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
-from qmpmux.redact import redact
+from qmpmux.redact import encode_record, redact
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
 from qmpmux.wire import (
     CAP_OOB,
@@ -468,7 +468,7 @@ class Hub:
                 "client %d: %.80r would be denied by profile %s (audit-only)", session.id,
                 name, profile,
             )  # fmt: skip
-        self._out.append(Audit(msgspec.json.encode(record) + b"\n"))
+        self._out.append(Audit(encode_record(record)))
 
     def _extension(self, session: Session, ext: Extension) -> Local:
         """qmpmux's own commands (`__org.qmpmux_*`), answered in the client's order."""
