@@ -95,8 +95,9 @@ def _bind_unix(path: str, mode: int) -> socket.socket:
 
     Linux creates the socket file with 0777 minus the umask (`unix_bind`, net/unix/
     af_unix.c), so the umask alone sets the mode: no `chmod` by path afterwards, which
-    would follow a symlink swapped in after `bind`. The umask is process-wide; this runs
-    during start-up, on the loop's thread, before any client or helper thread exists.
+    would follow a symlink swapped in after `bind`. The umask is process-wide: this runs
+    only at start-up (`Proxy.bind`), synchronously, before QEMU is spawned or any client
+    accepted, when qmpmux creates no other file, and the old umask is back at once.
     The result is checked without following links; a default ACL on the directory, which
     overrides the umask, is refused rather than widened or narrowed by path.
     """

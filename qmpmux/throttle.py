@@ -93,7 +93,7 @@ class LogThrottle:
         lines = "line" if count == 1 else "lines"
         return (
             f" [{count} similar {lines} suppressed on listener {listener} "
-            f"in the last {max(now - since, 0.0):.0f} s]"
+            f"in the last {round(max(now - since, 0.0), 1):g} s]"
         )
 
     def suppressed(self) -> int:
