@@ -40,8 +40,9 @@ from qmpmux.ids import IdPool
 from qmpmux.introspect import FILTERS, replace_return, strip_message
 from qmpmux.policy import DEFAULT_POLICY, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
-from qmpmux.redact import redact
+from qmpmux.redact import encode_record, redact
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
+from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
     CAP_OOB,
     CAPABILITIES_OOB,
@@ -147,7 +148,6 @@ class UpstreamState(enum.Enum):
 
 _client_log = logging.getLogger("qmpmux.client")
 INBAND, OOB = 0, 1  # the two upstream lanes
-_DENIALS_LOGGED = 20
 _UNSEEN: Final[list[int]] = []
 
 
@@ -175,6 +175,8 @@ class Hub:
         self._per_listener: dict[str, int] = {}
         self._clock = clock
         self._wallclock = wallclock
+        # Lines a client triggers at will (denials, audit-only), limited per listener.
+        self.log_limit = LogThrottle(clock=clock)
         # How many bytes the shell holds for a client (for list-clients); set by the shell.
         self.queued_bytes: Callable[[int], int] = lambda client: 0
         # Narrowed introspection replies, per (profile, command, QEMU's reply value).
@@ -488,13 +490,11 @@ class Hub:
     def _judged_locally(self, session: Session, verdict: Local) -> None:
         assert verdict.name is not None and verdict.decision is not None
         if verdict.decision is Decision.DENY:
-            session.denials += 1
-            n = session.denials
-            if n <= _DENIALS_LOGGED or n % 1000 == 0:  # a flood must not flood the log
+            note = self.log_limit.admit("denial", session.peer.listener)
+            if note is not None:  # a flood, even one reconnecting, must not flood the log
                 _client_log.warning(
                     "client %d: %.80r denied by profile %s%s", session.id, verdict.name,
-                    session.profile.name,
-                    f" ({n} denials so far; logging every 1000th)" if n >= _DENIALS_LOGGED else "",
+                    session.profile.name, note,
                 )  # fmt: skip
         if self.audit:
             self._record(
@@ -532,11 +532,13 @@ class Hub:
         if arguments is not None:
             record["arguments"] = redact(name, arguments)
         if decision is Decision.AUDIT:
-            _client_log.warning(
-                "client %d: %.80r would be denied by profile %s (audit-only)", session.id,
-                name, profile,
-            )  # fmt: skip
-        self._out.append(Audit(msgspec.json.encode(record) + b"\n"))
+            note = self.log_limit.admit("audit-only", peer.listener)
+            if note is not None:
+                _client_log.warning(
+                    "client %d: %.80r would be denied by profile %s (audit-only)%s",
+                    session.id, name, profile, note,
+                )  # fmt: skip
+        self._out.append(Audit(encode_record(record)))
 
     def _extension(self, session: Session, ext: Extension) -> Local:
         """qmpmux's own commands (`__org.qmpmux_*`), answered in the client's order."""

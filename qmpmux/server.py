@@ -58,7 +58,12 @@ class _Listening:
 
 
 def _check_stale_unix(path: str) -> None:
-    """Replace a socket file left by a dead process; refuse to steal a live one."""
+    """Replace a socket file left by a dead process; refuse to steal a live one.
+
+    `unlink` removes a name and never follows it, so the worst a swap between the check
+    and the unlink can do is remove an entry someone who may write the directory put
+    there; the inode is compared again just before, to refuse what changed meanwhile.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -69,6 +74,14 @@ def _check_stale_unix(path: str) -> None:
     try:
         probe.connect(path)
     except ConnectionRefusedError:
+        try:
+            again = os.lstat(path)
+        except FileNotFoundError:
+            return  # gone meanwhile: nothing to replace
+        if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+            raise StartupError(
+                f"cannot listen on unix:{path}: it was replaced while qmpmux checked it"
+            ) from None
         os.unlink(path)  # nobody accepts on it: stale
         return
     except OSError as exc:
@@ -78,19 +91,46 @@ def _check_stale_unix(path: str) -> None:
     raise StartupError(f"cannot listen on unix:{path}: another process is serving it")
 
 
+def _bind_unix(path: str, mode: int) -> socket.socket:
+    """A listening-ready unix socket created with `mode` by `bind` itself.
+
+    Linux creates the socket file with 0777 minus the umask (`unix_bind`, net/unix/
+    af_unix.c), so the umask alone sets the mode: no `chmod` by path afterwards, which
+    would follow a symlink swapped in after `bind`. The umask is process-wide: this runs
+    only at start-up (`Proxy.bind`), synchronously, before QEMU is spawned or any client
+    accepted, when qmpmux creates no other file, and the old umask is back at once.
+    The result is checked without following links; a default ACL on the directory, which
+    overrides the umask, is refused rather than widened or narrowed by path.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(~mode & 0o777)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"cannot listen on unix:{path}: it was replaced right after bind")
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.unlink(path)
+            raise StartupError(
+                f"cannot listen on unix:{path}: bind created it with mode "
+                f"{stat.S_IMODE(st.st_mode):04o}, not {mode:04o} (a default ACL on the directory?)"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def open_listener(listener: Listener) -> socket.socket:
     """Bind and listen, with the unix socket's mode set before anyone can connect."""
     address = listener.address
     try:
         if address.kind == "unix":
             _check_stale_unix(address.path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old = os.umask(0o777)  # no window where the socket is reachable with a wide mode
-            try:
-                sock.bind(address.path)
-            finally:
-                os.umask(old)
-            os.chmod(address.path, listener.mode)
+            sock = _bind_unix(address.path, listener.mode)
         else:
             infos = socket.getaddrinfo(
                 address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -108,6 +148,55 @@ def open_listener(listener: Listener) -> socket.socket:
     return sock
 
 
+# Never follow a link at the last component, never become a controlling terminal, and
+# never block on a FIFO without a reader while finding out what the target is.
+_AUDIT_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+    | os.O_NONBLOCK
+)  # fmt: skip
+
+
+def _open_audit_file(target: str) -> int:
+    """An append descriptor on a regular file owned by us that only we can read.
+
+    A symlink is refused (O_NOFOLLOW); so is anything but a regular file and a file of
+    another user. A pre-existing file group- or other-accessible is narrowed to 0600
+    through the descriptor (no path lookup to race) and a warning says so: the operator
+    asked for an audit log at that path, and the README promises one only its owner can
+    read. What it held before may already have been read; the warning says that too.
+    """
+    try:
+        fd = os.open(target, _AUDIT_FLAGS, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StartupError(
+                f"cannot open audit log {target}: it is a symbolic link (not followed)"
+            ) from None
+        raise StartupError(f"cannot open audit log {target}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StartupError(f"cannot open audit log {target}: not a regular file")
+        if st.st_uid != os.geteuid():
+            raise StartupError(
+                f"cannot open audit log {target}: owned by uid {st.st_uid}, not {os.geteuid()}"
+            )
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+            log.warning(
+                "audit log %s had mode %04o; set it to 0600 (earlier records may have been "
+                "readable by others)", target, stat.S_IMODE(st.st_mode),
+            )  # fmt: skip
+        os.set_blocking(fd, True)
+    except OSError as exc:
+        os.close(fd)
+        raise StartupError(f"cannot open audit log {target}: {exc.strerror}") from None
+    except StartupError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def open_audit(target: str) -> Callable[[bytes], None]:
     """A writer of audit records: a file only its owner can read, or stderr (journald)."""
     if target == "stderr":
@@ -118,10 +207,7 @@ def open_audit(target: str) -> Callable[[bytes], None]:
             stream.flush()
 
         return write_stderr
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StartupError(f"cannot open audit log {target}: {exc.strerror}") from None
+    fd = _open_audit_file(target)
 
     def write_file(record: bytes) -> None:
         os.write(fd, record)  # one append per record: lines never interleave

@@ -14,6 +14,7 @@ from qmpmux.policy import DEFAULT_POLICY, Decision, Policy, ProfileSpec, compile
 from qmpmux.qjson import JsonValue
 from qmpmux.redact import redact
 from qmpmux.session import Peer
+from qmpmux.throttle import LogThrottle
 from qmpmux.wire import UpstreamFramer
 from tests.conftest import Mux
 from tests.playbook import ready_hub
@@ -140,6 +141,7 @@ def test_client_chosen_names_cannot_forge_log_lines(caplog: pytest.LogCaptureFix
 
 def test_denial_floods_are_not_logged_in_full(caplog: pytest.LogCaptureFixture) -> None:
     hub, cid = client("readonly")
+    hub.log_limit = LogThrottle(clock=lambda: 0.0)  # no refill while it runs
     with caplog.at_level(logging.WARNING):
         hub.client_data(cid, b'{"execute":"stop"}' * 200)
     assert len(caplog.records) == 20
