@@ -353,7 +353,10 @@ class Hub:
             return 0, []
         refusal = self._admission(peer.listener)
         if refusal is not None:
-            log.warning("refusing client on %s: %s", peer.listener, refusal)
+            self.log_client(
+                logging.WARNING, "refusal", peer.listener,
+                "refusing client on %s: %s", peer.listener, refusal,
+            )  # fmt: skip
             return 0, []
         self._per_listener[peer.listener] = self._per_listener.get(peer.listener, 0) + 1
         cid = self._next_client
@@ -364,12 +367,22 @@ class Hub:
         )
         profile = self._assign(peer)
         self.clients[cid] = Session(cid, peer, self._offered, framer, profile, self.protected)
-        _client_log.info(
+        self.log_client(
+            logging.INFO, "connect", peer.listener,
             "client %d: connected on %s (uid=%s pid=%s exe=%.80r), profile %s",
             cid, peer.listener, peer.uid, peer.pid, peer.exe, profile.name,
         )  # fmt: skip
         self._out.append(ToClient(cid, self._greeting))
         return cid, self._take()
+
+    def log_client(self, level: int, kind: str, listener: str, message: str, *args: object) -> None:
+        """Log a line that clients can trigger at will (connecting, being denied, ...):
+        limited per listener and globally, with a count of what was left out
+        (`throttle.py`), so no client, even one reconnecting, can flood the log."""
+        if _client_log.isEnabledFor(level):
+            note = self.log_limit.admit(kind, listener)
+            if note is not None:
+                _client_log.log(level, message + "%s", *args, note)
 
     def _admission(self, listener: str) -> str | None:
         """Why a new client of `listener` is refused, or None: the global bound, the
@@ -398,9 +411,10 @@ class Hub:
         session = self.clients.get(client)
         if session is not None and session.phase is Phase.NEGOTIATING:
             timeout = self.limits.negotiation_timeout
-            _client_log.warning(
-                "client %d: did not negotiate within %g s; closing it", client, timeout
-            )
+            self.log_client(
+                logging.WARNING, "negotiation", session.peer.listener,
+                "client %d: did not negotiate within %g s; closing it", client, timeout,
+            )  # fmt: skip
             self._out.append(CloseClient(client, f"did not negotiate within {timeout:g} s"))
         return self._take()
 
@@ -603,7 +617,9 @@ class Hub:
         session.replies.clear()
         session.oob_replies.clear()
         session.reply_bytes = 0
-        _client_log.info("client %d: disconnected", client)
+        self.log_client(
+            logging.INFO, "disconnect", session.peer.listener, "client %d: disconnected", client
+        )
         self._pump()
         return self._take()
 

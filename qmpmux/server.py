@@ -385,7 +385,10 @@ class Proxy:
             # Descriptor forwarding is not wired up yet: never leak what a client sent.
             for fd in fds:
                 os.close(fd)
-            log.info("client %d: closed %d file descriptor(s) it passed", key, len(fds))
+            self._log_client(
+                logging.INFO, "fds", key, "client %d: closed %d file descriptor(s) it passed",
+                key, len(fds),
+            )  # fmt: skip
         if key == UPSTREAM:
             self._apply(self.hub.upstream_data(data))
         elif data:
@@ -412,9 +415,16 @@ class Proxy:
         if deadline is not None:
             deadline.cancel()
         if error:
-            log.warning("client %d: connection cut: %s", key, reason)
+            self._log_client(
+                logging.WARNING, "cut", key, "client %d: connection cut: %s", key, reason
+            )
         self._apply(self.hub.client_closed(key))
         self._maybe_done()
+
+    def _log_client(self, level: int, kind: str, key: int, message: str, *args: object) -> None:
+        session = self.hub.clients.get(key)
+        listener = session.peer.listener if session is not None else "(unknown)"
+        self.hub.log_client(level, kind, listener, message, *args)
 
     # --- actions ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qmpmux.config import Limits
 from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.session import Peer
 from qmpmux.throttle import LogThrottle
@@ -116,6 +117,25 @@ def test_reconnecting_does_not_reset_the_limit(caplog: pytest.LogCaptureFixture)
         hub.client_data(cid, b'{"execute":"qmp_capabilities"}{"execute":"stop"}')
     last = caplog.records[-1].getMessage()
     assert "[1480 similar lines suppressed on listener unix:l in the last 60 s]" in last
+
+
+def test_connect_and_disconnect_lines_of_a_reconnect_loop_are_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connecting is something a client does at will too: a reconnect loop costs the
+    log a bounded number of lines, then one summary per kind."""
+    clock = Clock()
+    hub = ready_hub(limits=Limits(max_clients=1))
+    hub.log_limit = LogThrottle(clock=clock)
+    with caplog.at_level(logging.INFO, logger="qmpmux.client"):
+        for _ in range(1000):
+            cid, _ = hub.client_connected(Peer("unix:l"))
+            hub.client_connected(Peer("unix:l"))  # refused: max-clients
+            hub.client_closed(cid)
+        assert len(caplog.records) == hub.log_limit.burst
+        clock.now = 60.0
+        cid, _ = hub.client_connected(Peer("unix:l"))
+    assert "similar lines suppressed on listener unix:l" in caplog.records[-1].getMessage()
 
 
 def test_denial_lines_stay_one_line_whatever_the_name(caplog: pytest.LogCaptureFixture) -> None:
