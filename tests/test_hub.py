@@ -385,7 +385,19 @@ def test_pretty_upstream_output_is_compacted() -> None:
 
 def test_core_modules_do_no_io() -> None:
     """The protocol core is sans-IO: it never imports asyncio, socket or the shell."""
-    core = ["qjson", "wire", "ids", "session", "hub", "policy", "introspect", "redact", "config"]
+    core = [
+        "qjson",
+        "wire",
+        "ids",
+        "session",
+        "hub",
+        "policy",
+        "introspect",
+        "redact",
+        "config",
+        "fdargs",
+        "throttle",
+    ]
     banned = {"asyncio", "socket", "selectors", "uvloop", "qmpmux.server", "qmpmux.channel"}
     root = Path(__file__).resolve().parent.parent / "qmpmux"
     for name in core:
