@@ -58,13 +58,20 @@ def test_a_client_whose_outbox_is_full_is_paused_not_fed() -> None:
     expect(hub.client_drained(cid), [ResumeClient(cid)])
 
 
+def _ctl_client(limits: Limits, *commands: str, oob: bool = False) -> tuple[Hub, int]:
+    """A hub whose one negotiated client has a custom profile `ctl` allowing `commands`."""
+    hub = ready_hub(limits=limits)
+    hub.reload(compile_policy({"ctl": ProfileSpec(commands=commands)}))
+    cid, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
+    caps = b',"arguments":{"enable":["oob"]}' if oob else b""
+    hub.client_data(cid, b'{"execute":"qmp_capabilities"' + caps + b"}")
+    return hub, cid
+
+
 def test_a_reload_re_judges_commands_still_queued_inside_qmpmux() -> None:
     """A `stop` waiting for its turn when a reload denies it is answered with the denial,
     in order, and never reaches QEMU."""
-    hub = ready_hub(limits=Limits(client_window=1))
-    hub.reload(compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop"))}))
-    cid, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
-    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    hub, cid = _ctl_client(Limits(client_window=1), "query-status", "stop")
     expect(
         hub.client_data(cid, b'{"execute":"query-status","id":1}{"execute":"stop","id":2}'),
         [ToUpstream(b'{"execute":"query-status","id":0}')],  # stop waits: window of 1
@@ -86,10 +93,7 @@ def test_a_reload_re_judges_commands_still_queued_inside_qmpmux() -> None:
 
 
 def test_a_reload_lets_through_what_it_still_allows() -> None:
-    hub = ready_hub(limits=Limits(client_window=1))
-    hub.reload(compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop"))}))
-    cid, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
-    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    hub, cid = _ctl_client(Limits(client_window=1), "query-status", "stop")
     hub.client_data(cid, b'{"execute":"query-status","id":1}{"execute":"stop","id":2}')
     widening = compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop", "cont"))})
     expect(hub.reload(widening), [])
@@ -105,12 +109,8 @@ def test_a_reload_lets_through_what_it_still_allows() -> None:
 def test_a_reload_denying_a_queued_exec_oob_releases_the_in_band_queue() -> None:
     """A client's in-band commands wait for its earlier exec-oob; when a reload denies
     that exec-oob, they must not wait forever."""
-    hub = ready_hub(limits=Limits(client_window=1, upstream_window=1))
-    hub.reload(
-        compile_policy({"ctl": ProfileSpec(commands=("query-status", "yank", "migrate-pause"))})
-    )
-    cid, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
-    hub.client_data(cid, b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}')
+    limits = Limits(client_window=1, upstream_window=1)
+    hub, cid = _ctl_client(limits, "query-status", "yank", "migrate-pause", oob=True)
     other = connect(hub, oob=True)
     # Fill the one-command OOB window with another client's exec-oob.
     expect(
