@@ -36,6 +36,7 @@ from typing import Final
 import msgspec
 
 from qmpmux.config import Limits
+from qmpmux.flow import Flow
 from qmpmux.ids import IdPool
 from qmpmux.introspect import FILTERS, replace_return, strip_message
 from qmpmux.policy import DEFAULT_POLICY, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
@@ -185,10 +186,10 @@ class Hub:
         self.version = b""
         self.oob = False
         self.shutdown_seen = False
-        self.clients: dict[int, Session] = {}
+        self.clients: dict[int, Flow] = {}
         self._negotiated: dict[int, Session] = {}
         # Per lane (INBAND, OOB): clients with queued commands, and commands in QEMU.
-        self._ready: tuple[deque[Session], deque[Session]] = (deque(), deque())
+        self._ready: tuple[deque[Flow], deque[Flow]] = (deque(), deque())
         self._lane_inflight = [0, 0]
         self._inflight_bytes = 0
         self._last_lane = INBAND
@@ -302,29 +303,30 @@ class Hub:
             return
         assert isinstance(upstream_id, int)
         self._ids.give_back(upstream_id)
-        session = cmd.session
         lane = OOB if cmd.oob else INBAND
         self._lane_inflight[lane] -= 1
         self._inflight_bytes -= len(cmd.prefix)
-        session.inflight[lane] -= 1
-        if session.queues[lane] and not session.in_ready[lane] and not session.closed:
-            session.in_ready[lane] = True  # its share of the window has room again
-            self._ready[lane].append(session)
+        session = cmd.session
         if self.audit:  # also when its client has gone: what ran is on the record
             self._record(
                 session, cmd.name, cmd.decision, error_class(line), cmd.arguments,
                 cmd.started, cmd.profile,
             )  # fmt: skip
-        if session.closed:
+        flow = self.clients.get(session.id)
+        if flow is None:
             return  # its client has gone: the reply is nobody else's
+        flow.inflight[lane] -= 1
+        if flow.queues[lane] and not flow.in_ready[lane]:
+            flow.in_ready[lane] = True  # its share of the window has room again
+            self._ready[lane].append(flow)
         profile = session.profile
         data = strip_message(line) if profile.strip_extensions else line  # before the id:
         data = rewrite_reply(data, upstream_id, cmd.wire_id)  # the client's id is its own
         if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
             data = self._narrow(profile, cmd.name, data, cmd.wire_id)
         cmd.reply = data
-        session.reply_bytes += len(data)
-        self._flush(session)
+        flow.reply_bytes += len(data)
+        self._flush(flow)
 
     def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
         """An introspection reply as this profile may see it (cached: QEMU's is static)."""
@@ -366,7 +368,7 @@ class Hub:
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
         )
         profile = self._assign(peer)
-        self.clients[cid] = Session(cid, peer, self._offered, framer, profile, self.protected)
+        self.clients[cid] = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))
         self.log_client(
             logging.INFO, "connect", peer.listener,
             "client %d: connected on %s (uid=%s pid=%s exe=%.80r), profile %s",
@@ -408,63 +410,63 @@ class Hub:
 
     def negotiation_deadline(self, client: int) -> list[Action]:
         """The client's time to negotiate is up: close it if it has not."""
-        session = self.clients.get(client)
-        if session is not None and session.phase is Phase.NEGOTIATING:
+        flow = self.clients.get(client)
+        if flow is not None and flow.session.phase is Phase.NEGOTIATING:
             timeout = self.limits.negotiation_timeout
             self.log_client(
-                logging.WARNING, "negotiation", session.peer.listener,
+                logging.WARNING, "negotiation", flow.session.peer.listener,
                 "client %d: did not negotiate within %g s; closing it", client, timeout,
             )  # fmt: skip
             self._out.append(CloseClient(client, f"did not negotiate within {timeout:g} s"))
         return self._take()
 
     def client_data(self, client: int, data: bytes) -> list[Action]:
-        session = self.clients.get(client)
-        if session is None or session.draining:
+        flow = self.clients.get(client)
+        if flow is None or flow.draining:
             return []
         try:
-            for value in session.framer.feed(data):
-                self._accept(session, value)
+            for value in flow.session.framer.feed(data):
+                self._accept(flow, value)
         except Exception:  # a bug must cost this client its connection, never the proxy
             _client_log.exception("client %d: internal error; disconnecting it", client)
             self._out.append(CloseClient(client, "internal error"))
             return self._take()
-        held = self._held(session)  # before the flush moves ready replies to the shell
-        self._flush(session)
-        if session.phase is Phase.COMMAND and client not in self._negotiated:
+        held = self._held(flow)  # before the flush moves ready replies to the shell
+        self._flush(flow)
+        if flow.session.phase is Phase.COMMAND and client not in self._negotiated:
             # Negotiation replies are all local, so the success reply has just been sent:
             # events flow from here on, never before.
-            self._negotiated[client] = session
+            self._negotiated[client] = flow.session
         limits = self.limits
-        if not session.paused and (
-            session.pending >= limits.max_pending or held >= limits.max_pending_bytes
+        if not flow.paused and (
+            flow.pending >= limits.max_pending or held >= limits.max_pending_bytes
         ):
             # Whatever a client makes qmpmux hold, it holds only until the bound: reading
             # pauses (and resumes as the backlog drains), so a client that reads is never
             # cut off for bytes qmpmux chose to hold, and one that does not is cut off by
             # its outbox bound alone.
-            session.paused = True
+            flow.paused = True
             self._out.append(PauseClient(client))
         self._pump()
         return self._take()
 
-    def _accept(self, session: Session, value: JsonValue | ParseError) -> None:
-        verdict = session.judge(value)
+    def _accept(self, flow: Flow, value: JsonValue | ParseError) -> None:
+        verdict = flow.session.judge(value)
         kind = type(verdict)
         if kind is Command:
             assert isinstance(verdict, Command)
             if self.audit:
                 verdict.started = self._clock()
-            self._enqueue(session, verdict)
+            self._enqueue(flow, verdict)
             return
         if kind is Extension:
             assert isinstance(verdict, Extension)
-            verdict = self._extension(session, verdict)
+            verdict = self._extension(flow, verdict)
         assert isinstance(verdict, Local)
-        (session.oob_replies if verdict.oob else session.replies).append(verdict.data)
-        session.reply_bytes += len(verdict.data)
+        (flow.oob_replies if verdict.oob else flow.replies).append(verdict.data)
+        flow.reply_bytes += len(verdict.data)
         if verdict.decision is not None:
-            self._judged_locally(session, verdict)
+            self._judged_locally(flow, verdict)
 
     def reload(self, policy: Policy) -> list[Action]:
         """Apply a new policy to every client's next command and event, and to every
@@ -473,47 +475,47 @@ class Hub:
         in the client's order, and never reaches QEMU."""
         self.policy = policy
         self._views.clear()
-        for session in self.clients.values():
-            session.profile = self._assign(session.peer)
+        for flow in self.clients.values():
+            flow.session.profile = self._assign(flow.session.peer)
             refused = False
-            for queue in session.queues:
+            for queue in flow.queues:
                 for cmd in list(queue):
-                    denial = session.rejudge(cmd)
+                    denial = flow.session.rejudge(cmd)
                     if denial is None:
                         continue
                     queue.remove(cmd)
-                    session.queued_bytes -= len(cmd.prefix)
+                    flow.queued_bytes -= len(cmd.prefix)
                     cmd.reply = denial
-                    session.reply_bytes += len(denial)
+                    flow.reply_bytes += len(denial)
                     refused = True
                     self._judged_locally(
-                        session, Local(denial, cmd.oob, cmd.name, Decision.DENY, cmd.arguments)
+                        flow, Local(denial, cmd.oob, cmd.name, Decision.DENY, cmd.arguments)
                     )
             if refused:
                 for lane in (INBAND, OOB):  # an in-band queue may have waited on exec-oob
-                    if session.queues[lane] and not session.in_ready[lane]:
-                        session.in_ready[lane] = True
-                        self._ready[lane].append(session)
-                self._flush(session)
+                    if flow.queues[lane] and not flow.in_ready[lane]:
+                        flow.in_ready[lane] = True
+                        self._ready[lane].append(flow)
+                self._flush(flow)
         self._pump()
         return self._take()
 
     def _assign(self, peer: Peer) -> Profile:
         return self.policy.assign(peer.listener, peer.profile, peer.uid, peer.gid, peer.exe)
 
-    def _judged_locally(self, session: Session, verdict: Local) -> None:
+    def _judged_locally(self, flow: Flow, verdict: Local) -> None:
         assert verdict.name is not None and verdict.decision is not None
         if verdict.decision is Decision.DENY:
-            note = self.log_limit.admit("denial", session.peer.listener)
+            note = self.log_limit.admit("denial", flow.session.peer.listener)
             if note is not None:  # a flood, even one reconnecting, must not flood the log
                 _client_log.warning(
-                    "client %d: %.80r denied by profile %s%s", session.id, verdict.name,
-                    session.profile.name, note,
+                    "client %d: %.80r denied by profile %s%s", flow.id, verdict.name,
+                    flow.session.profile.name, note,
                 )  # fmt: skip
         if self.audit:
             self._record(
-                session, verdict.name, verdict.decision, error_class(verdict.data),
-                verdict.arguments, None, session.profile.name,
+                flow.session, verdict.name, verdict.decision, error_class(verdict.data),
+                verdict.arguments, None, flow.session.profile.name,
             )  # fmt: skip
 
     def _record(
@@ -554,14 +556,14 @@ class Hub:
                 )  # fmt: skip
         self._out.append(Audit(encode_record(record)))
 
-    def _extension(self, session: Session, ext: Extension) -> Local:
+    def _extension(self, flow: Flow, ext: Extension) -> Local:
         """qmpmux's own commands (`__org.qmpmux_*`), answered in the client's order."""
         if ext.given and ext.name in (WHOAMI, LIST_CLIENTS):
             desc = f"Parameter '{qdict_order(ext.given)[0]}' is unexpected"
             reply = error_reply(ext.wire_id, "GenericError", desc)
             return Local(reply, ext.oob, ext.name, ext.decision, ext.arguments)
         if ext.name == WHOAMI:
-            value: JsonValue = self._identity(session)
+            value: JsonValue = self._identity(flow)
         elif ext.name == LIST_CLIENTS:
             value = [self._identity(s) for s in self.clients.values()]
         else:
@@ -571,66 +573,70 @@ class Hub:
         reply = return_reply(ext.wire_id, encode(value))
         return Local(reply, ext.oob, ext.name, ext.decision, ext.arguments)
 
-    def _identity(self, session: Session) -> dict[str, JsonValue]:
-        peer = session.peer
-        inflight = session.inflight[INBAND] + session.inflight[OOB]
+    def _identity(self, flow: Flow) -> dict[str, JsonValue]:
+        peer = flow.session.peer
+        inflight = flow.inflight[INBAND] + flow.inflight[OOB]
         return {
-            "client": session.id,
+            "client": flow.id,
             "listener": peer.listener,
-            "profile": session.profile.name,
+            "profile": flow.session.profile.name,
             "uid": peer.uid,
             "gid": peer.gid,
             "pid": peer.pid,
             "exe": peer.exe,
             "address": peer.address or None,
-            "negotiated": session.phase is Phase.COMMAND,
-            "oob": session.oob,
+            "negotiated": flow.session.phase is Phase.COMMAND,
+            "oob": flow.session.oob,
             "commands-in-flight": inflight,
-            "bytes-queued": self.queued_bytes(session.id),
+            "bytes-queued": self.queued_bytes(flow.id),
         }
 
     def client_drained(self, client: int) -> list[Action]:
         """The shell sent everything queued for a paused client: maybe resume reading."""
-        session = self.clients.get(client)
-        if session is not None and session.paused:
-            self._settle(session)
+        flow = self.clients.get(client)
+        if flow is not None and flow.paused:
+            self._settle(flow)
         return self._take()
 
     def client_eof(self, client: int) -> list[Action]:
         """The client shut down its sending side: answer what it sent, then close."""
-        session = self.clients.get(client)
-        if session is not None:
-            session.draining = True
-            self._settle(session)
+        flow = self.clients.get(client)
+        if flow is not None:
+            flow.draining = True
+            self._settle(flow)
         return self._take()
 
     def client_closed(self, client: int) -> list[Action]:
         """The connection is gone: drop its queued commands; late replies are discarded."""
-        session = self.clients.pop(client, None)
-        if session is None:
+        flow = self.clients.pop(client, None)
+        if flow is None:
             return []
-        session.closed = True
+        flow.closed = True
         self._negotiated.pop(client, None)
-        self._per_listener[session.peer.listener] -= 1
-        for queue in session.queues:
+        self._per_listener[flow.session.peer.listener] -= 1
+        for queue in flow.queues:
             queue.clear()
-        session.replies.clear()
-        session.oob_replies.clear()
-        session.reply_bytes = 0
+        flow.replies.clear()
+        flow.oob_replies.clear()
+        flow.reply_bytes = 0
         self.log_client(
-            logging.INFO, "disconnect", session.peer.listener, "client %d: disconnected", client
+            logging.INFO,
+            "disconnect",
+            flow.session.peer.listener,
+            "client %d: disconnected",
+            client,
         )
         self._pump()
         return self._take()
 
-    def _enqueue(self, session: Session, cmd: Command) -> None:
+    def _enqueue(self, flow: Flow, cmd: Command) -> None:
         lane = OOB if cmd.oob else INBAND
-        (session.oob_replies if cmd.oob else session.replies).append(cmd)
-        session.queues[lane].append(cmd)
-        session.queued_bytes += len(cmd.prefix)
-        if not session.in_ready[lane]:
-            session.in_ready[lane] = True
-            self._ready[lane].append(session)
+        (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
+        flow.queues[lane].append(cmd)
+        flow.queued_bytes += len(cmd.prefix)
+        if not flow.in_ready[lane]:
+            flow.in_ready[lane] = True
+            self._ready[lane].append(flow)
 
     def _issue(self, cmd: Command) -> bytes:
         upstream_id = self._ids.take()
@@ -657,41 +663,41 @@ class Hub:
                 lane = OOB if oob_can else INBAND
             else:
                 break
-            session = ready[lane].popleft()
-            queue = session.queues[lane]
+            flow = ready[lane].popleft()
+            queue = flow.queues[lane]
             if (
-                session.closed
+                flow.closed
                 or not queue
-                or session.inflight[lane] >= share
+                or flow.inflight[lane] >= share
                 # QEMU dispatches an exec-oob as soon as it reads it, so a client's
                 # in-band command never goes before its earlier out-of-band ones.
-                or (lane == INBAND and session.queues[OOB])
+                or (lane == INBAND and flow.queues[OOB])
             ):
-                session.in_ready[lane] = False  # re-queued when that changes
+                flow.in_ready[lane] = False  # re-queued when that changes
                 continue
             cmd = queue.popleft()
-            session.queued_bytes -= len(cmd.prefix)
+            flow.queued_bytes -= len(cmd.prefix)
             self._inflight_bytes += len(cmd.prefix)
             chunks.append(self._issue(cmd))
             inflight[lane] += 1
-            session.inflight[lane] += 1
+            flow.inflight[lane] += 1
             self._last_lane = lane
             if queue:
-                ready[lane].append(session)
+                ready[lane].append(flow)
             else:
-                session.in_ready[lane] = False
-                if lane == OOB and session.queues[INBAND] and not session.in_ready[INBAND]:
-                    session.in_ready[INBAND] = True
-                    ready[INBAND].append(session)
+                flow.in_ready[lane] = False
+                if lane == OOB and flow.queues[INBAND] and not flow.in_ready[INBAND]:
+                    flow.in_ready[INBAND] = True
+                    ready[INBAND].append(flow)
         if chunks:
             self._out.append(ToUpstream(b"".join(chunks)))
 
-    def _flush(self, session: Session) -> None:
+    def _flush(self, flow: Flow) -> None:
         """Send the client's replies that are ready, each stream in input order."""
         out = self._out
-        cid = session.id
+        cid = flow.id
         sent = 0
-        for replies in (session.oob_replies, session.replies):
+        for replies in (flow.oob_replies, flow.replies):
             while replies:
                 head = replies[0]
                 if type(head) is bytes:
@@ -704,26 +710,26 @@ class Hub:
                 out.append(ToClient(cid, data))
                 sent += len(data)
                 replies.popleft()
-        session.reply_bytes -= sent
-        self._settle(session, sent)
+        flow.reply_bytes -= sent
+        self._settle(flow, sent)
 
-    def _held(self, session: Session) -> int:
+    def _held(self, flow: Flow) -> int:
         """Every byte qmpmux holds for a client: its commands not yet sent upstream,
         replies waiting behind an earlier command, and what waits in its outbox."""
-        return session.queued_bytes + session.reply_bytes + self.queued_bytes(session.id)
+        return flow.queued_bytes + flow.reply_bytes + self.queued_bytes(flow.id)
 
-    def _settle(self, session: Session, flushed: int = 0) -> None:
+    def _settle(self, flow: Flow, flushed: int = 0) -> None:
         """Flow control and half-close bookkeeping after the client's backlog shrank.
 
         `flushed` bytes were just handed to the shell for this client and are not in its
         outbox yet."""
         limits = self.limits
         if (
-            session.paused
-            and session.pending <= limits.max_pending // 2
-            and self._held(session) + flushed <= limits.max_pending_bytes // 2
+            flow.paused
+            and flow.pending <= limits.max_pending // 2
+            and self._held(flow) + flushed <= limits.max_pending_bytes // 2
         ):
-            session.paused = False
-            self._out.append(ResumeClient(session.id))
-        if session.draining and not session.pending:
-            self._out.append(CloseClient(session.id, "client finished sending"))
+            flow.paused = False
+            self._out.append(ResumeClient(flow.id))
+        if flow.draining and not flow.pending:
+            self._out.append(CloseClient(flow.id, "client finished sending"))

@@ -422,8 +422,8 @@ class Proxy:
         self._maybe_done()
 
     def _log_client(self, level: int, kind: str, key: int, message: str, *args: object) -> None:
-        session = self.hub.clients.get(key)
-        listener = session.peer.listener if session is not None else "(unknown)"
+        flow = self.hub.clients.get(key)
+        listener = flow.session.peer.listener if flow is not None else "(unknown)"
         self.hub.log_client(level, kind, listener, message, *args)
 
     # --- actions ----------------------------------------------------------------------------

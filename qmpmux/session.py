@@ -20,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -184,28 +183,20 @@ def check_capabilities_arguments(args: dict[str, JsonValue]) -> str | list[str]:
 
 
 class Session:
-    """Protocol state of one client: phase, capabilities, input framing, reply order."""
+    """Protocol state of one client: phase, capabilities, input framing, profile.
+
+    What the hub schedules for the client (reply order, queues, backpressure) is the
+    hub's own record of it (`flow.py`)."""
 
     __slots__ = (
-        "closed",
-        "denials",
-        "draining",
         "framer",
         "id",
-        "in_ready",
-        "inflight",
         "offered",
         "oob",
-        "oob_replies",
-        "paused",
         "peer",
         "phase",
         "profile",
         "protected",
-        "queued_bytes",
-        "queues",
-        "replies",
-        "reply_bytes",
     )
 
     def __init__(
@@ -221,32 +212,12 @@ class Session:
         self.peer = peer
         self.offered = offered
         self.framer = framer
+        # The policy's choice for this peer: the hub assigns it again on a reload.
         self.profile = profile
         # Chardev ids of qmpmux's own upstream monitor, which nobody may yank.
         self.protected = protected
         self.phase = Phase.NEGOTIATING
         self.oob = False
-        # Replies in input order, one stream per path: bytes are ready, a Command waits.
-        self.replies: deque[bytes | Command] = deque()
-        self.oob_replies: deque[bytes | Command] = deque()
-        # Commands not yet sent upstream, per lane (INBAND, OOB): the hub sends them
-        # round-robin within each lane's window; `inflight` counts what QEMU has now.
-        self.queues: tuple[deque[Command], deque[Command]] = (deque(), deque())
-        self.inflight = [0, 0]
-        self.in_ready = [False, False]
-        self.queued_bytes = 0
-        # Bytes of replies that are made (locally, or by QEMU) but wait in `replies` or
-        # `oob_replies` behind an earlier unanswered command: held by qmpmux, so counted.
-        self.reply_bytes = 0
-        self.denials = 0
-        self.paused = False
-        self.draining = False
-        self.closed = False
-
-    @property
-    def pending(self) -> int:
-        """Inputs read but not yet answered: what flow control bounds."""
-        return len(self.replies) + len(self.oob_replies)
 
     def judge(self, value: JsonValue | ParseError) -> Verdict:
         """Decide what one complete input value gets: a local reply or a command for QEMU."""

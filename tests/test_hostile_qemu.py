@@ -88,7 +88,7 @@ async def test_replies_held_behind_a_blocked_qemu_pause_the_client_and_lose_noth
                                  for i in range(count)))
             )  # fmt: skip
             hub = mux.proxy.hub
-            session = next(s for s in hub.clients.values() if s.peer.profile == "readonly")
+            session = next(f for f in hub.clients.values() if f.session.peer.profile == "readonly")
             paused = asyncio.create_task(until(mux.proxy, lambda: session.paused))
             await asyncio.wait([paused, sender], return_when=asyncio.FIRST_COMPLETED)
             assert session.paused, "qmpmux read everything and held it"

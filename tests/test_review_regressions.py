@@ -47,7 +47,7 @@ def test_a_command_too_big_for_qemu_after_re_encoding_is_refused_here(
 
 def test_client_token_limit_leaves_room_for_qmpmux_id() -> None:
     hub, cid = client("full")
-    assert hub.clients[cid].framer._max_tokens == 2 * 1024 * 1024 - 8
+    assert hub.clients[cid].session.framer._max_tokens == 2 * 1024 * 1024 - 8
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_audit_only_cannot_yank_qmpmux_own_monitor() -> None:
     policy = compile_policy({"learn": ProfileSpec(base="full", audit_only=True)})
     hub, cid = client("learn", policy)
     hub.protected = frozenset({"qmpmux0"})
-    hub.clients[cid].protected = hub.protected
+    hub.clients[cid].session.protected = hub.protected
     yank = b'{"execute":"yank","arguments":{"instances":[{"type":"chardev","id":"qmpmux0"}]}}'
     (reply,) = hub.client_data(cid, yank)
     assert isinstance(reply, ToClient) and b"refused by qmpmux policy" in reply.data

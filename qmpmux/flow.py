@@ -1,0 +1,62 @@
+"""What the hub keeps per client to schedule its commands and bound what it holds (I/O free).
+
+The protocol state of a client (phase, capabilities, framer, profile) is its `Session`'s,
+and only the session changes it. Everything here is the hub's, and only the hub writes it:
+the order replies must leave in, commands waiting for their turn upstream, how many are
+in QEMU now, the bytes qmpmux holds, and whether reading is paused.
+
+Invariants:
+- `replies` and `oob_replies` hold, in input order, ready reply bytes and `Command`s still
+  waiting for QEMU; `reply_bytes` is the size of the ready ones among them.
+- `queued_bytes` is the size of the commands in `queues` (what they cost upstream).
+- `in_ready[lane]` is True exactly while the flow sits in the hub's ready list of that lane.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from qmpmux.session import Command, Session
+
+
+class Flow:
+    """The hub's record of one client: reply order, queues, in-flight counts, backpressure."""
+
+    __slots__ = (
+        "closed",
+        "draining",
+        "id",
+        "in_ready",
+        "inflight",
+        "oob_replies",
+        "paused",
+        "queued_bytes",
+        "queues",
+        "replies",
+        "reply_bytes",
+        "session",
+    )
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.id = session.id
+        # Replies in input order, one stream per path: bytes are ready, a Command waits.
+        self.replies: deque[bytes | Command] = deque()
+        self.oob_replies: deque[bytes | Command] = deque()
+        # Commands not yet sent upstream, per lane (INBAND, OOB): the hub sends them
+        # round-robin within each lane's window; `inflight` counts what QEMU has now.
+        self.queues: tuple[deque[Command], deque[Command]] = (deque(), deque())
+        self.inflight = [0, 0]
+        self.in_ready = [False, False]
+        self.queued_bytes = 0
+        # Bytes of replies that are made (locally, or by QEMU) but wait in `replies` or
+        # `oob_replies` behind an earlier unanswered command: held by qmpmux, so counted.
+        self.reply_bytes = 0
+        self.paused = False
+        self.draining = False
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        """Inputs read but not yet answered: what flow control bounds."""
+        return len(self.replies) + len(self.oob_replies)
