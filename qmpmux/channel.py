@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
+import os
 import socket
 from typing import Final, Protocol
 
@@ -27,6 +29,26 @@ _ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i"
 # fresh 256 KiB object per read costs an mmap/mremap/munmap triple each time.
 _READ_BUFFER: Final = memoryview(bytearray(1 << 18))
 _IOV_MAX: Final = 512  # chunks per sendmsg (the kernel's limit is 1024)
+
+
+class _WithFds:
+    """Bytes to send in a `sendmsg` of their own with `fds` on their first byte (SCM_RIGHTS
+    attaches them to the write, and QEMU to the first byte it reads of it)."""
+
+    __slots__ = ("data", "fds")
+
+    def __init__(self, data: bytes, fds: tuple[int, ...]) -> None:
+        self.data = data
+        self.fds = fds
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class ChannelHandler(Protocol):
@@ -50,6 +72,7 @@ class Channel:
     __slots__ = (
         "_closing",
         "_done",
+        "_fd_chunks",
         "_linger",
         "_loop",
         "_out",
@@ -83,7 +106,8 @@ class Channel:
         self.read_size = read_size
         self.outbox_limit = outbox_limit
         self.recv_fds = recv_fds and sock.family == socket.AF_UNIX
-        self._out: list[bytes | memoryview] = []
+        self._out: list[bytes | memoryview | _WithFds] = []
+        self._fd_chunks = 0  # how many entries of _out carry fds
         self._out_size = 0
         self._reading = False
         self._writing = False
@@ -141,9 +165,18 @@ class Channel:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        """Queue `data`; it is sent by the next `flush` (or when the socket is writable)."""
-        if not self._done:
+    def write(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Queue `data`; it is sent by the next `flush` (or when the socket is writable).
+
+        `fds` are sent with `data`, in a `sendmsg` of its own, and then closed here (the
+        peer has its own copies); if the channel closes first, they are closed unsent."""
+        if self._done:
+            _close_all(fds)
+        elif fds:
+            self._out.append(_WithFds(data, fds))
+            self._fd_chunks += 1
+            self._out_size += len(data)
+        else:
             self._out.append(data)
             self._out_size += len(data)
 
@@ -167,13 +200,25 @@ class Channel:
         """Send what the kernel takes now: one write of many chunks, never a re-join of a
         large backlog (a client far behind would make every attempt copy all of it)."""
         out = self._out
+        if self._fd_chunks:
+            self._send_around_fds()
+            return
         try:
-            sent = self.sock.send(out[0]) if len(out) == 1 else self.sock.sendmsg(out[:_IOV_MAX])
+            sent = (
+                self.sock.send(out[0])  # type: ignore[arg-type]
+                if len(out) == 1
+                else self.sock.sendmsg(out[:_IOV_MAX])  # type: ignore[arg-type]
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self.abort(f"write failed: {exc.strerror or exc}")
             return
+        self._sent(sent)
+
+    def _sent(self, sent: int) -> None:
+        """Drop what the kernel took from the head of the outbox."""
+        out = self._out
         self._out_size -= sent
         done = 0
         for chunk in out:
@@ -183,7 +228,40 @@ class Channel:
             done += 1
         del out[:done]
         if sent:
-            out[0] = memoryview(out[0])[sent:]
+            out[0] = memoryview(out[0])[sent:]  # type: ignore[arg-type]
+
+    def _send_around_fds(self) -> None:
+        """One `sendmsg`: the chunks before the first fd-carrying one, or that one alone
+        with its fds (rare: only commands that pass a client's fd to QEMU)."""
+        out = self._out
+        head = out[0]
+        if type(head) is _WithFds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fds))]
+            try:
+                sent = self.sock.sendmsg([head.data], ancillary)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.abort(f"write failed: {exc.strerror or exc}")
+                return
+            _close_all(head.fds)  # sent with the first byte: the peer has them now
+            self._fd_chunks -= 1
+            self._out_size -= sent
+            rest = memoryview(head.data)[sent:]
+            if rest:
+                out[0] = rest
+            else:
+                del out[0]
+            return
+        end = next(i for i, chunk in enumerate(out) if type(chunk) is _WithFds)
+        try:
+            sent = self.sock.sendmsg(out[: min(end, _IOV_MAX)])  # type: ignore[arg-type]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.abort(f"write failed: {exc.strerror or exc}")
+            return
+        self._sent(sent)
 
     def _on_writable(self) -> None:
         self._send()
@@ -241,6 +319,10 @@ class Channel:
         if self._writing:
             self._loop.remove_writer(fd)
         self._reading = self._writing = False
+        for chunk in self._out:
+            if type(chunk) is _WithFds:
+                _close_all(chunk.fds)
+        self._fd_chunks = 0
         self._out.clear()
         self._out_size = 0
         if not error:

@@ -23,7 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -153,3 +153,70 @@ def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str,
                 if is_numeric(name):
                     return where.lstrip("."), name
     return None
+
+
+def _rename_sockets(value: JsonValue, rename: Callable[[str], str]) -> JsonValue:
+    """A copy of `value` with every SocketAddress of type fd renamed (flat or legacy)."""
+    if isinstance(value, list):
+        return [_rename_sockets(item, rename) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out = {key: _rename_sockets(member, rename) for key, member in value.items()}
+    if value.get("type") == "fd":
+        fd, data = out.get("str"), out.get("data")
+        if isinstance(fd, str):
+            out["str"] = rename(fd)
+        elif isinstance(data, dict) and isinstance(data.get("str"), str):
+            out["data"] = {**data, "str": rename(str(data["str"]))}
+    return out
+
+
+def _rename_value(row: FdArgument, value: JsonValue, rename: Callable[[str], str]) -> JsonValue:
+    if row.kind is Kind.SOCKET:
+        return _rename_sockets(value, rename)
+    if isinstance(value, list):
+        return [_rename_value(row, item, rename) for item in value]
+    if not isinstance(value, str):
+        return value
+    if row.kind is Kind.NAME:
+        return rename(value)
+    if row.kind is Kind.NAMES:
+        return ":".join(rename(name) for name in value.split(":"))
+    return "fd:" + rename(value[len("fd:") :]) if value.startswith("fd:") else value
+
+
+def _rename_at(
+    value: JsonValue, path: tuple[str, ...], row: FdArgument, rename: Callable[[str], str]
+) -> JsonValue:
+    if isinstance(value, list):
+        return [_rename_at(item, path, row, rename) for item in value]
+    if not path:
+        return _rename_value(row, value, rename)
+    if isinstance(value, dict) and path[0] in value:
+        return {**value, path[0]: _rename_at(value[path[0]], path[1:], row, rename)}
+    return value
+
+
+def rename_fds(
+    command: str, args: Mapping[str, JsonValue] | None, rename: Callable[[str], str]
+) -> dict[str, JsonValue] | None:
+    """A copy of `args` with every fd name in it passed through `rename`, or None when
+    the command takes no fd name. Numeric values (raw descriptor numbers, which only
+    `full` may use) are left as they are: they are not names."""
+    rows = _BY_COMMAND.get(command)
+    if not rows or not args:
+        return None
+
+    def named(name: str) -> str:
+        return name if is_numeric(name) else rename(name)
+
+    out: JsonValue = dict(args)
+    for row in rows:
+        if row.when is not None:
+            key, values = row.when
+            selector = args.get(key)
+            if not isinstance(selector, str) or selector not in values:
+                continue
+        out = _rename_at(out, row.path, row, named)
+    assert isinstance(out, dict)
+    return out

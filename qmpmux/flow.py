@@ -25,6 +25,9 @@ class Flow:
     __slots__ = (
         "closed",
         "draining",
+        "fd_busy",
+        "fd_names",
+        "fds",
         "id",
         "in_ready",
         "inflight",
@@ -55,6 +58,13 @@ class Flow:
         self.paused = False
         self.draining = False
         self.closed = False
+        # File descriptors (fdpass.py): the ones its latest fd-carrying read brought, still
+        # waiting for a command that takes one; the names it gave with getfd (closed in
+        # QEMU when it leaves); whether a command with its fd is unanswered (reading
+        # pauses meanwhile, so qmpmux never holds more than one read's worth of its fds).
+        self.fds: list[int] = []
+        self.fd_names: set[str] = set()
+        self.fd_busy = False
 
     @property
     def pending(self) -> int:

@@ -29,30 +29,50 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
 from qmpmux.config import Limits
+from qmpmux.fdargs import is_numeric, rename_fds
+from qmpmux.fdpass import (
+    ADD_FD,
+    CLOSEFD,
+    DIGIT_NAME,
+    FD_RELATED,
+    GETFD,
+    NO_FD,
+    QUERY_FDSETS,
+    REMOVE_FD,
+    TAKES_FD,
+    argument_error,
+    restore_names,
+    upstream_name,
+)
 from qmpmux.flow import Flow
 from qmpmux.ids import IdPool
 from qmpmux.introspect import FILTERS, replace_return, strip_message
-from qmpmux.policy import DEFAULT_POLICY, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
+from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
+    ARGUMENTS,
     CAP_OOB,
     CAPABILITIES_OOB,
     CAPABILITIES_PLAIN,
+    GENERIC_ERROR,
     NO_ID,
     SHUTDOWN_EVENT,
     UpstreamFramer,
     command_bytes,
+    command_prefix,
+    decode_fdset,
     decode_greeting,
+    decode_prefix,
     decode_upstream,
     describe_error,
     error_class,
@@ -85,7 +105,18 @@ class Broadcast:
 
 @dataclass(frozen=True, slots=True)
 class ToUpstream:
+    """Bytes for QEMU; `fds` go in the same `sendmsg`, on its first byte, and are then
+    closed by the shell (QEMU has its own copies)."""
+
     data: bytes
+    fds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CloseFds:
+    """File descriptors a client passed that nobody will take: close them."""
+
+    fds: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +162,7 @@ Action = (
     ToClient
     | Broadcast
     | ToUpstream
+    | CloseFds
     | CloseClient
     | PauseClient
     | ResumeClient
@@ -199,6 +231,16 @@ class Hub:
         self._greeting = b""
         self._offered: frozenset[str] = frozenset()
         self._framer = UpstreamFramer()
+        # File descriptors (fdpass.py): whether the upstream can carry them (a unix
+        # socket; the shell says), the upstream id of the one fd-carrying command QEMU
+        # has not answered yet, the flows whose next command waits for it to be, and the
+        # client that created each fdset.
+        self.upstream_fds = True
+        self._fd_inflight: int | None = None
+        self._fd_waiting: list[tuple[Flow, int]] = []
+        self._fdsets: dict[int, int] = {}
+        # qmpmux's own commands (closing a departed client's fds) queue on this flow.
+        self._system = Flow(Session(0, Peer("qmpmux"), frozenset(), Framer()))
         self._out: list[Action] = []
 
     def _take(self) -> list[Action]:
@@ -230,7 +272,8 @@ class Hub:
 
     def _end(self, code: int, reason: str) -> None:
         self.state = UpstreamState.CLOSED
-        for cid in list(self.clients):
+        for cid, flow in self.clients.items():
+            self._drop_fds(flow)
             self._out.append(CloseClient(cid, reason))
         self._out.append(Exit(code, reason))
 
@@ -307,26 +350,76 @@ class Hub:
         self._lane_inflight[lane] -= 1
         self._inflight_bytes -= len(cmd.prefix)
         session = cmd.session
+        failed = error_class(line)
+        if upstream_id == self._fd_inflight:
+            self._fd_taken()
+        if cmd.name == ADD_FD and not failed:
+            self._fdset_created(session.id, line)
+        if session is self._system.session:
+            self._system.inflight[lane] -= 1  # qmpmux's own cleanup: nobody to answer
+            self._requeue(self._system, lane)
+            return
         if self.audit:  # also when its client has gone: what ran is on the record
             self._record(
-                session, cmd.name, cmd.decision, error_class(line), cmd.arguments,
-                cmd.started, cmd.profile,
+                session, cmd.name, cmd.decision, failed, cmd.arguments, cmd.started,
+                cmd.profile, len(cmd.fds),
             )  # fmt: skip
         flow = self.clients.get(session.id)
         if flow is None:
             return  # its client has gone: the reply is nobody else's
         flow.inflight[lane] -= 1
-        if flow.queues[lane] and not flow.in_ready[lane]:
-            flow.in_ready[lane] = True  # its share of the window has room again
-            self._ready[lane].append(flow)
+        self._requeue(flow, lane)  # its share of the window has room again
+        if cmd.fds:
+            flow.fd_busy = False
         profile = session.profile
         data = strip_message(line) if profile.strip_extensions else line  # before the id:
         data = rewrite_reply(data, upstream_id, cmd.wire_id)  # the client's id is its own
         if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
             data = self._narrow(profile, cmd.name, data, cmd.wire_id)
+        elif cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
+            data = restore_names(data, cmd.names)
+        elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
+            data = self._own_fdsets(session.id, data, cmd.wire_id)
         cmd.reply = data
         flow.reply_bytes += len(data)
         self._flush(flow)
+
+    def _requeue(self, flow: Flow, lane: int) -> None:
+        if flow.queues[lane] and not flow.in_ready[lane]:
+            flow.in_ready[lane] = True
+            self._ready[lane].append(flow)
+
+    def _fd_taken(self) -> None:
+        """QEMU answered the fd-carrying command: the next one may go."""
+        self._fd_inflight = None
+        waiting, self._fd_waiting = self._fd_waiting, []
+        for flow, lane in waiting:
+            if not flow.closed:
+                self._requeue(flow, lane)
+
+    def _fdset_created(self, client: int, line: bytes) -> None:
+        try:
+            fdset = decode_fdset(line)
+        except msgspec.DecodeError:
+            log.warning("unexpected add-fd reply from QEMU: %.200r", line)
+            return
+        self._fdsets.setdefault(fdset, client)
+        if client not in self.clients and self._fdsets[fdset] == client:
+            self._forget_fdsets(client)  # it left before QEMU answered
+
+    def _own_fdsets(self, client: int, reply: bytes, wire_id: bytes | None) -> bytes:
+        """`query-fdsets` as a client that may not see others' fdsets sees it."""
+
+        def own(value: bytes) -> bytes:
+            sets = msgspec.json.decode(value)
+            kept = [s for s in sets if self._fdsets.get(s.get("fdset-id")) == client]
+            return encode(kept)
+
+        try:
+            return replace_return(reply, own)
+        except (msgspec.DecodeError, AttributeError):
+            log.warning("could not filter a malformed query-fdsets reply; withholding it")
+            return error_reply(wire_id, GENERIC_ERROR, "qmpmux could not filter query-fdsets")
 
     def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
         """An introspection reply as this profile may see it (cached: QEMU's is static)."""
@@ -420,10 +513,18 @@ class Hub:
             self._out.append(CloseClient(client, f"did not negotiate within {timeout:g} s"))
         return self._take()
 
-    def client_data(self, client: int, data: bytes) -> list[Action]:
+    def client_data(self, client: int, data: bytes, fds: Sequence[int] = ()) -> list[Action]:
+        """Bytes from a client, and the fds that came with them (SCM_RIGHTS): they wait
+        for the client's next command that takes one, as on a QEMU monitor. A read brings
+        the fds of at most one `sendmsg`, the last one it reaches (the kernel stops there),
+        so they are the client's newest whichever of the read's commands comes first."""
         flow = self.clients.get(client)
         if flow is None or flow.draining:
-            return []
+            if fds:
+                self._out.append(CloseFds(tuple(fds)))
+            return self._take()
+        if fds:
+            self._receive_fds(flow, fds)
         try:
             for value in flow.session.framer.feed(data):
                 self._accept(flow, value)
@@ -433,6 +534,11 @@ class Hub:
             return self._take()
         held = self._held(flow)  # before the flush moves ready replies to the shell
         self._flush(flow)
+        if flow.fd_busy and not flow.paused:
+            # One command with this client's fd at a time: qmpmux holds at most one
+            # read's worth of its fds (QEMU takes at most 16 per message).
+            flow.paused = True
+            self._out.append(PauseClient(client))
         if flow.session.phase is Phase.COMMAND and client not in self._negotiated:
             # Negotiation replies are all local, so the success reply has just been sent:
             # events flow from here on, never before.
@@ -450,11 +556,93 @@ class Hub:
         self._pump()
         return self._take()
 
+    def _receive_fds(self, flow: Flow, fds: Sequence[int]) -> None:
+        """The client's newest fds replace (close) its waiting ones; a client that could
+        never hand them on (its profile allows neither getfd nor add-fd, or the upstream
+        is not a unix socket) has them closed at once."""
+        profile = flow.session.profile
+        usable = self.upstream_fds and any(
+            profile.command(name) is not Decision.DENY for name in TAKES_FD
+        )
+        if flow.fds:
+            self._out.append(CloseFds(tuple(flow.fds)))
+            flow.fds = []
+        if usable:
+            flow.fds = list(fds)
+        else:
+            self._out.append(CloseFds(tuple(fds)))
+
+    def _with_fds(self, flow: Flow, cmd: Command) -> Local | None:
+        """Ready a command that takes an fd or an fd name for the shared monitor; or the
+        reply QEMU would give when it cannot go (see fdpass.py)."""
+        name = cmd.name
+        value = decode_prefix(cmd.prefix).get(ARGUMENTS)
+        args = value if isinstance(value, dict) else None
+        problem: str | None = None
+        if name in TAKES_FD and not cmd.oob:  # exec-oob: QEMU refuses it without an fd
+            problem = argument_error(name, args)
+            if problem is None and not flow.fds:
+                problem = NO_FD
+            if problem is None and name == GETFD and args and is_numeric(str(args["fdname"])):
+                problem = DIGIT_NAME  # QEMU takes the fd and closes it
+                self._out.append(CloseFds(tuple(flow.fds)))
+                flow.fds = []
+            if problem is None and name == ADD_FD:
+                problem = self._fdset_problem(flow, args, own=False)
+            if problem is None:
+                first, *rest = flow.fds
+                if rest:  # QEMU closes all but the first
+                    self._out.append(CloseFds(tuple(rest)))
+                cmd.fds, flow.fds, flow.fd_busy = (first,), [], True
+                if name == GETFD and args:
+                    flow.fd_names.add(str(args["fdname"]))
+        elif name == REMOVE_FD:
+            problem = self._fdset_problem(flow, args, own=True)
+        if problem is not None:
+            reply = error_reply(cmd.wire_id, GENERIC_ERROR, problem)
+            return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
+        names: dict[str, str] = {}
+
+        def rename(own: str) -> str:
+            upstream = upstream_name(flow.id, own)
+            names[upstream] = own
+            return upstream
+
+        renamed = rename_fds(name, args, rename)
+        if names and renamed is not None:
+            cmd.prefix = command_prefix(name, renamed, cmd.oob)
+            cmd.names = names
+        return None
+
+    def _fdset_problem(
+        self, flow: Flow, args: dict[str, JsonValue] | None, *, own: bool
+    ) -> str | None:
+        """fdsets are global in QEMU: `full` keeps that; every other profile adds to and
+        removes only fdsets it created (QEMU's own error for one it may not see)."""
+        if flow.session.profile.name == FULL or not args:
+            return None
+        fdset = args.get("fdset-id")
+        if type(fdset) is not int or self._fdsets.get(fdset, flow.id) == flow.id:
+            return None
+        if not own:
+            return f"fdset {fdset} belongs to another client (refused by qmpmux policy)"
+        fd = args.get("fd")
+        if type(fd) is int:
+            return f"File descriptor named 'fdset-id:{fdset}, fd:{fd}' not found"
+        return f"File descriptor named 'fdset-id:{fdset}' not found"
+
     def _accept(self, flow: Flow, value: JsonValue | ParseError) -> None:
         verdict = flow.session.judge(value)
         kind = type(verdict)
         if kind is Command:
             assert isinstance(verdict, Command)
+            if verdict.name in FD_RELATED:
+                local = self._with_fds(flow, verdict)
+                if local is not None:
+                    (flow.oob_replies if local.oob else flow.replies).append(local.data)
+                    flow.reply_bytes += len(local.data)
+                    self._judged_locally(flow, local)
+                    return
             if self.audit:
                 verdict.started = self._clock()
             self._enqueue(flow, verdict)
@@ -527,6 +715,7 @@ class Hub:
         arguments: dict[str, JsonValue] | None,
         started: float | None,
         profile: str,
+        fds: int = 0,
     ) -> None:
         """One audit record: who ran what, what the policy said, and how it went."""
         peer = session.peer
@@ -545,6 +734,8 @@ class Hub:
             "result": result or "ok",
             "latency_ms": round((self._clock() - started) * 1000, 3) if started else 0.0,
         }
+        if fds:
+            record["fds"] = fds
         if arguments is not None:
             record["arguments"] = redact(name, arguments)
         if decision is Decision.AUDIT:
@@ -614,8 +805,14 @@ class Hub:
         flow.closed = True
         self._negotiated.pop(client, None)
         self._per_listener[flow.session.peer.listener] -= 1
+        self._drop_fds(flow)
         for queue in flow.queues:
             queue.clear()
+        # A native monitor keeps a departed client's named fds until QEMU exits; qmpmux
+        # closes them, and removes its fdsets as QEMU does when its last client leaves.
+        for name in sorted(flow.fd_names):
+            self._system_command(CLOSEFD, {"fdname": upstream_name(client, name)})
+        self._forget_fdsets(client)
         flow.replies.clear()
         flow.oob_replies.clear()
         flow.reply_bytes = 0
@@ -629,19 +826,40 @@ class Hub:
         self._pump()
         return self._take()
 
+    def _drop_fds(self, flow: Flow) -> None:
+        """Close every fd the client passed that has not gone to QEMU yet."""
+        held = [*flow.fds, *(fd for queue in flow.queues for cmd in queue for fd in cmd.fds)]
+        flow.fds = []
+        if held:
+            self._out.append(CloseFds(tuple(held)))
+
+    def _forget_fdsets(self, client: int) -> None:
+        """Remove the fdsets `client` created (QEMU closes their fds; a device using one
+        keeps its own duplicate)."""
+        for fdset in [n for n, owner in self._fdsets.items() if owner == client]:
+            del self._fdsets[fdset]
+            self._system_command(REMOVE_FD, {"fdset-id": fdset})
+
+    def _system_command(self, name: str, args: dict[str, JsonValue]) -> None:
+        """A command of qmpmux's own; its reply is dropped."""
+        system = self._system
+        self._enqueue(system, Command(system.session, name, command_prefix(name, args, False),
+                                      None, False))  # fmt: skip
+
     def _enqueue(self, flow: Flow, cmd: Command) -> None:
         lane = OOB if cmd.oob else INBAND
-        (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
+        if flow is not self._system:  # nobody waits for qmpmux's own replies
+            (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
         flow.queues[lane].append(cmd)
         flow.queued_bytes += len(cmd.prefix)
         if not flow.in_ready[lane]:
             flow.in_ready[lane] = True
             self._ready[lane].append(flow)
 
-    def _issue(self, cmd: Command) -> bytes:
+    def _issue(self, cmd: Command) -> tuple[int, bytes]:
         upstream_id = self._ids.take()
         self._inflight[upstream_id] = cmd
-        return command_bytes(cmd.prefix, upstream_id)
+        return upstream_id, command_bytes(cmd.prefix, upstream_id)
 
     def _pump(self) -> None:
         """Fill the upstream lanes from the clients' queues: within a lane round-robin, one
@@ -675,10 +893,25 @@ class Hub:
             ):
                 flow.in_ready[lane] = False  # re-queued when that changes
                 continue
-            cmd = queue.popleft()
+            cmd = queue[0]
+            if cmd.fds and self._fd_inflight is not None:
+                # QEMU reads ahead of execution (with oob), and an fd-carrying read closes
+                # the fds an earlier command has not taken yet: one at a time.
+                flow.in_ready[lane] = False
+                self._fd_waiting.append((flow, lane))
+                continue
+            queue.popleft()
             flow.queued_bytes -= len(cmd.prefix)
             self._inflight_bytes += len(cmd.prefix)
-            chunks.append(self._issue(cmd))
+            upstream_id, data = self._issue(cmd)
+            if cmd.fds:  # in a sendmsg of its own, so the fd comes with its own first byte
+                if chunks:
+                    self._out.append(ToUpstream(b"".join(chunks)))
+                    chunks = []
+                self._fd_inflight = upstream_id
+                self._out.append(ToUpstream(data, cmd.fds))
+            else:
+                chunks.append(data)
             inflight[lane] += 1
             flow.inflight[lane] += 1
             self._last_lane = lane
@@ -726,6 +959,7 @@ class Hub:
         limits = self.limits
         if (
             flow.paused
+            and not flow.fd_busy
             and flow.pending <= limits.max_pending // 2
             and self._held(flow) + flushed <= limits.max_pending_bytes // 2
         ):

@@ -27,6 +27,7 @@ from qmpmux.hub import (
     Audit,
     Broadcast,
     CloseClient,
+    CloseFds,
     Exit,
     Hub,
     PauseClient,
@@ -44,6 +45,12 @@ UPSTREAM = 0  # channel key of the QEMU connection; clients are numbered from 1
 _PEERCRED = struct.Struct("3i")
 CLIENT_READ_SIZE = 16384  # bounds the parsing work one client can cause per loop turn
 UPSTREAM_READ_SIZE = 262144
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class StartupError(Exception):
@@ -298,6 +305,7 @@ class Proxy:
             outbox_limit=1 << 30,
         )
         self._upstream.start()
+        self.hub.upstream_fds = upstream.family == socket.AF_UNIX  # SCM_RIGHTS needs one
         try:
             ready = await asyncio.wait_for(asyncio.shield(self._ready), handshake_timeout)
         except TimeoutError:
@@ -381,18 +389,11 @@ class Proxy:
     # --- channel events (ChannelHandler) ----------------------------------------------------
 
     def channel_data(self, key: int, data: bytes, fds: list[int]) -> None:
-        if fds:
-            # Descriptor forwarding is not wired up yet: never leak what a client sent.
-            for fd in fds:
-                os.close(fd)
-            self._log_client(
-                logging.INFO, "fds", key, "client %d: closed %d file descriptor(s) it passed",
-                key, len(fds),
-            )  # fmt: skip
         if key == UPSTREAM:
+            _close_fds(fds)  # QEMU sends none; never keep what nobody asked for
             self._apply(self.hub.upstream_data(data))
-        elif data:
-            self._apply(self.hub.client_data(key, data))
+        else:  # the hub owns the fds from here: it hands them on or closes them
+            self._apply(self.hub.client_data(key, data, fds))
 
     def channel_drained(self, key: int) -> None:
         if key != UPSTREAM:
@@ -448,8 +449,11 @@ class Proxy:
                         channel.flush()  # at once: the first client need not wait for the last
             elif kind is ToUpstream:
                 assert isinstance(action, ToUpstream) and self._upstream is not None
-                self._upstream.write(action.data)
+                self._upstream.write(action.data, action.fds)
                 dirty.add(self._upstream)
+            elif kind is CloseFds:
+                assert isinstance(action, CloseFds)
+                _close_fds(action.fds)
             elif kind is CloseClient:
                 assert isinstance(action, CloseClient)
                 channel = clients.get(action.client)

@@ -97,7 +97,9 @@ class Command:
     __slots__ = (
         "arguments",
         "decision",
+        "fds",
         "name",
+        "names",
         "oob",
         "prefix",
         "profile",
@@ -126,6 +128,10 @@ class Command:
         self.arguments = arguments  # kept only for the audit log, when it records them
         self.reply: bytes | None = None
         self.started = 0.0
+        # The fd it takes (getfd, add-fd), sent with its own bytes; and the fd names it
+        # uses, as QEMU knows them -> as the client does (fdpass.py).
+        self.fds: tuple[int, ...] = ()
+        self.names: dict[str, str] | None = None
         self.profile = session.profile.name  # the profile that authorized it (for audit)
 
 

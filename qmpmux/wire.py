@@ -159,6 +159,22 @@ def decode_greeting(raw: msgspec.Raw) -> tuple[bytes, list[str]]:
     return bytes(g.version), g.capabilities
 
 
+class _FdsetAdded(msgspec.Struct):
+    fdset_id: int = msgspec.field(name="fdset-id")
+
+
+class _AddFdReply(msgspec.Struct):
+    return_: _FdsetAdded = msgspec.field(name="return")
+
+
+_add_fd_reply = msgspec.json.Decoder(_AddFdReply)
+
+
+def decode_fdset(reply: bytes) -> int:
+    """The fdset id in QEMU's reply to a successful `add-fd`."""
+    return _add_fd_reply.decode(reply).return_.fdset_id
+
+
 def describe_error(raw: msgspec.Raw) -> str:
     """`Class: desc` of an upstream error member, for logs."""
     try:

@@ -1,0 +1,196 @@
+"""Playbook tests of file descriptors in the hub: who holds which fd, what goes upstream
+with which command, and what is closed when (fds are plain numbers here)."""
+
+from __future__ import annotations
+
+from qmpmux.config import Limits
+from qmpmux.hub import CloseFds, Hub, PauseClient, ResumeClient, ToClient, ToUpstream
+from qmpmux.policy import DEFAULT_POLICY, ProfileSpec, compile_policy
+from qmpmux.session import Peer
+from tests.playbook import connect, expect, ready_hub
+
+GETFD = b'{"execute":"getfd","arguments":{"fdname":"tap0"},"id":"g"}'
+NO_FD = (
+    b'{"id": "g", "error": {"class": "GenericError", '
+    b'"desc": "No file descriptor supplied via SCM_RIGHTS"}}\r\n'
+)
+
+
+def _getfd_upstream(client: int, upstream_id: int) -> bytes:
+    return b'{"execute":"getfd","arguments":{"fdname":"qmpmux.%d.tap0"},"id":%d}' % (
+        client,
+        upstream_id,
+    )
+
+
+def test_an_fd_goes_upstream_only_with_the_command_that_takes_it() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    # The fd comes ahead, on a byte of its own (as qemu.qmp sends it); a command that
+    # takes none leaves it waiting.
+    expect(hub.client_data(cid, b" ", [100]), [])
+    expect(
+        hub.client_data(cid, b'{"execute":"query-status","id":1}'),
+        [ToUpstream(b'{"execute":"query-status","id":0}')],
+    )
+    expect(
+        hub.client_data(cid, GETFD),
+        [PauseClient(cid), ToUpstream(_getfd_upstream(cid, 1), (100,))],
+    )
+    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 1}\r\n'),
+        [ToClient(cid, b'{"return": {}, "id": "g"}\r\n'), ResumeClient(cid)],
+    )
+
+
+def test_a_newer_fd_message_replaces_and_closes_waiting_fds() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    expect(hub.client_data(cid, b" ", [100, 101]), [])
+    expect(hub.client_data(cid, b" ", [102, 103]), [CloseFds((100, 101))])
+    actions = hub.client_data(cid, GETFD)
+    assert CloseFds((103,)) in actions  # getfd takes the first; QEMU closes the rest
+    assert ToUpstream(_getfd_upstream(cid, 0), (102,)) in actions
+
+
+def test_getfd_without_an_fd_or_with_bad_arguments_is_answered_like_qemu() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    expect(hub.client_data(cid, GETFD), [ToClient(cid, NO_FD)])
+    # Bad arguments: QEMU refuses before taking the fd, which stays waiting.
+    expect(
+        hub.client_data(cid, b'{"execute":"getfd","arguments":{"fdname":1},"id":1}', [100]),
+        [
+            ToClient(
+                cid,
+                b'{"id": 1, "error": {"class": "GenericError", '
+                b'"desc": "Invalid parameter type for \'fdname\', expected: string"}}\r\n',
+            )
+        ],
+    )
+    assert ToUpstream(_getfd_upstream(cid, 0), (100,)) in hub.client_data(cid, GETFD)
+
+
+def test_one_fd_carrying_command_in_qemu_at_a_time() -> None:
+    """QEMU with oob reads ahead; a later fd-carrying read would close the fds an earlier
+    getfd has not taken yet. Other commands keep flowing meanwhile."""
+    hub = ready_hub()
+    a, b = connect(hub, oob=True), connect(hub, oob=True)
+    assert ToUpstream(_getfd_upstream(a, 0), (100,)) in hub.client_data(a, GETFD, [100])
+    expect(hub.client_data(b, GETFD, [200]), [PauseClient(b)])  # waits for a's
+    expect(
+        hub.client_data(a, b'{"exec-oob":"query-yank","id":"y"}'),
+        [ToUpstream(b'{"exec-oob":"query-yank","id":1}')],
+    )
+    actions = hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    assert ToUpstream(_getfd_upstream(b, 0), (200,)) in actions
+
+
+def test_a_departing_client_s_fds_are_closed_here_and_in_qemu() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    hub.client_data(cid, GETFD, [100])
+    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    hub.client_data(cid, b" ", [101])  # waiting, never taken
+    actions = hub.client_closed(cid)
+    assert CloseFds((101,)) in actions
+    assert ToUpstream(b'{"execute":"closefd","arguments":{"fdname":"qmpmux.1.tap0"},"id":0}') in (
+        actions
+    )
+    expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n'), [])  # nobody to answer
+
+
+def test_a_profile_that_cannot_pass_fds_has_them_closed_at_once() -> None:
+    hub = ready_hub()
+    hub.reload(DEFAULT_POLICY)
+    cid, _ = hub.client_connected(Peer("unix:t", profile="readonly"))
+    expect(hub.client_data(cid, b" ", [100]), [CloseFds((100,))])
+
+
+def test_fds_of_a_gone_or_draining_client_are_closed() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    hub.client_eof(cid)
+    expect(hub.client_data(cid, b" ", [100]), [CloseFds((100,))])
+    expect(hub.client_data(999, b" ", [101]), [CloseFds((101,))])
+
+
+def test_fd_names_are_per_client_in_every_argument_that_takes_one() -> None:
+    hub = ready_hub(limits=Limits(client_window=8))
+    cid = connect(hub)
+    args = b'{"execute":"netdev_add","arguments":{"type":"tap","id":"n","fds":"a:b","vhostfd":"v"}}'
+    (action,) = hub.client_data(cid, args)
+    assert isinstance(action, ToUpstream)
+    assert b'"fds":"qmpmux.1.a:qmpmux.1.b"' in action.data
+    assert b'"vhostfd":"qmpmux.1.v"' in action.data
+    chardev = (
+        b'{"execute":"chardev-add","arguments":{"id":"c","backend":{"type":"socket",'
+        b'"data":{"addr":{"type":"fd","data":{"str":"sk"}}}}}}'
+    )
+    (action,) = hub.client_data(cid, chardev)
+    assert isinstance(action, ToUpstream) and b'"str":"qmpmux.1.sk"' in action.data
+    (action,) = hub.client_data(cid, b'{"execute":"migrate","arguments":{"uri":"fd:m"}}')
+    assert isinstance(action, ToUpstream) and b'"uri":"fd:qmpmux.1.m"' in action.data
+
+
+def test_qemu_s_errors_name_the_fd_as_the_client_does() -> None:
+    hub = ready_hub()
+    cid = connect(hub)
+    hub.client_data(cid, b'{"execute":"closefd","arguments":{"fdname":"x"},"id":1}')
+    expect(
+        hub.upstream_data(
+            b'{"id": 0, "error": {"class": "GenericError", '
+            b'"desc": "File descriptor named \'qmpmux.1.x\' not found"}}\r\n'
+        ),
+        [
+            ToClient(
+                cid,
+                b'{"id": 1, "error": {"class": "GenericError", '
+                b'"desc": "File descriptor named \'x\' not found"}}\r\n',
+            )
+        ],
+    )
+
+
+def _fdset_hub() -> tuple[Hub, int, int]:
+    hub = ready_hub(limits=Limits(client_window=8))
+    fdp = ProfileSpec(commands=("add-fd", "remove-fd", "query-fdsets"))
+    hub.reload(compile_policy({"fdp": fdp}))
+    a, _ = hub.client_connected(Peer("unix:t", profile="fdp"))
+    b, _ = hub.client_connected(Peer("unix:t", profile="fdp"))
+    for cid in (a, b):
+        hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    hub.client_data(a, b'{"execute":"add-fd","id":1}', [100])
+    hub.upstream_data(b'{"return": {"fd": 20, "fdset-id": 0}, "id": 0}\r\n')
+    hub.client_data(b, b'{"execute":"add-fd","id":1}', [101])
+    hub.upstream_data(b'{"return": {"fd": 21, "fdset-id": 1}, "id": 0}\r\n')
+    return hub, a, b
+
+
+def test_fdsets_of_other_clients_are_invisible_to_a_profile_other_than_full() -> None:
+    hub, a, _b = _fdset_hub()
+    hub.client_data(a, b'{"execute":"query-fdsets","id":"q"}')
+    expect(
+        hub.upstream_data(
+            b'{"return": [{"fds": [{"fd": 21}], "fdset-id": 1}, '
+            b'{"fds": [{"fd": 20}], "fdset-id": 0}], "id": 0}\r\n'
+        ),
+        [ToClient(a, b'{"return": [{"fds": [{"fd": 20}], "fdset-id": 0}], "id": "q"}\r\n')],
+    )
+    expect(
+        hub.client_data(a, b'{"execute":"remove-fd","arguments":{"fdset-id":1},"id":2}'),
+        [
+            ToClient(
+                a,
+                b'{"id": 2, "error": {"class": "GenericError", '
+                b'"desc": "File descriptor named \'fdset-id:1\' not found"}}\r\n',
+            )
+        ],
+    )
+
+
+def test_a_departing_client_s_fdsets_are_removed() -> None:
+    hub, a, _b = _fdset_hub()
+    actions = hub.client_closed(a)
+    assert ToUpstream(b'{"execute":"remove-fd","arguments":{"fdset-id":0},"id":0}') in actions
