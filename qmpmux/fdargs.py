@@ -1,15 +1,15 @@
 """Arguments through which QEMU takes a file descriptor, and the numeric-name trap (I/O free).
 
 QEMU resolves most fd arguments with `monitor_fd_param` (monitor/misc.c in 7.2,
-monitor/fds.c later): a value whose first character is a digit is not looked up among the
-names this monitor received with `getfd`, it is parsed as a raw descriptor number of the
-QEMU process (`qemu_parse_fd`). That reaches every descriptor QEMU holds: other clients'
-fds and qmpmux's own upstream socket (a `netdev_add` with `"fd": "9"` took it over and hung
-every later command). `getfd` itself refuses names that start with a digit
-(monitor/misc.c qmp_getfd), so such a value is never a real name and refusing it costs no
-legitimate use. Callers without a current monitor (reconnect paths) parse every value as a
-number, so SocketAddress `fd` values are covered too, even where a monitor only looks up
-names.
+monitor/fds.c later; docs/protocol.md §10.7): a value whose first character is a digit is
+not looked up among the names this monitor received with `getfd`, it is parsed as a raw
+descriptor number of the QEMU process (`qemu_parse_fd`). That reaches every descriptor
+QEMU holds: other clients' fds and qmpmux's own upstream socket (a `netdev_add` with
+`"fd": "9"` took it over and hung every later command). `getfd` itself refuses names
+that start with a digit (monitor/misc.c qmp_getfd), so such a value is never a real name
+and refusing it costs no legitimate use. Callers without a current monitor (reconnect
+paths) parse every value as a number, so SocketAddress `fd` values are covered too, even
+where a monitor only looks up names.
 
 `FD_ARGUMENTS` is the one table of every argument that carries an fd name, from the callers
 of `monitor_fd_param`, `monitor_get_fd` and `socket_get_fd` in QEMU's source. Policy

@@ -9,8 +9,9 @@ owns every routing decision:
 - Commands get qmpmux's smallest free integer id upstream; the reply is routed back by
   that id and restored to the client's id (`wire.rewrite_reply`).
 - At most `upstream_window` in-band commands are in flight upstream (QEMU queues 8 per
-  monitor and stops reading past that, which would strand exec-oob commands); clients
-  with queued commands are served round-robin, one command per turn.
+  monitor and stops reading past that, which would strand exec-oob commands:
+  docs/protocol.md §7.1); clients with queued commands are served round-robin, one
+  command per turn.
 - Events are fanned out as QEMU's original bytes to every negotiated client whose
   profile allows them (encoded once per profile when a profile strips `__` members).
 - Each client's profile (`policy.py`) decides its commands and events; introspection

@@ -2,7 +2,7 @@
 
 A client's `query-commands`, `query-events` and `query-qmp-schema` list only what its
 profile lets it use, plus qmpmux's own extension commands; schema types are kept when
-the kept commands and events reach them (reference section 13: names are masked
+the kept commands and events reach them (docs/protocol.md §11: type names are masked
 numbers, so reachability goes through `arg-type`, `ret-type`, `members[].type`,
 `variants[].type` and `element-type`). Profiles may also strip downstream `__` members
 from replies and events.

@@ -2,14 +2,14 @@
 
 A profile is an allowlist of commands and events (exact names and globs), a denylist
 that always wins, and a few switches. Built-in profiles: `full` (everything), `readonly`
-(commands that can neither change the VM or the host nor reveal secrets: the R class of
-the reference's section 11) and `vm-control` (readonly plus run-state control). Custom
-profiles start from nothing, or from a `base`, and deny whatever they do not allow.
+(commands that can neither change the VM or the host nor reveal secrets, docs/protocol.md
+§10.1) and `vm-control` (readonly plus run-state control). Custom profiles start from
+nothing, or from a `base`, and deny whatever they do not allow.
 
-Downstream extensions (QMP spec "Downstream extension of QMP"): names starting with `__`
-are never allowed by a glob that does not itself start with `__`, so `*` does not open
-them; a profile must name them (`__com.example_*`). Deny globs, on the other hand, match
-them like any name: a denial must never leave a back door.
+Downstream extensions (docs/protocol.md §12): names starting with `__` are never allowed
+by a glob that does not itself start with `__`, so `*` does not open them; a profile must
+name them (`__com.example_*`). Deny globs, on the other hand, match them like any name: a
+denial must never leave a back door.
 
 Invariants:
 - Deny wins over allow; no match means deny. There is no way to fail open.
@@ -32,7 +32,7 @@ from qmpmux.fdargs import FD_COMMANDS, numeric_fd
 from qmpmux.qjson import JsonValue
 
 EXTENSION_PREFIX: Final = "__"
-# qmpmux's own commands live in its own downstream namespace (QMP spec section 6).
+# qmpmux's own commands live in its own downstream namespace (docs/protocol.md §12).
 QMPMUX_PREFIX: Final = "__org.qmpmux_"
 WHOAMI: Final = QMPMUX_PREFIX + "whoami"
 LIST_CLIENTS: Final = QMPMUX_PREFIX + "list-clients"
@@ -203,7 +203,7 @@ BUILTIN: Final[Mapping[str, ProfileSpec]] = {
 }
 
 # QOM properties that hold secrets (secret.data, secret_keyring.serial, tls-creds-psk
-# username, passwords): `qom-get` returns them in plaintext (reference section 11).
+# username, passwords): `qom-get` returns them in plaintext (docs/protocol.md §10.3).
 SECRET_PROPERTIES: Final = frozenset(
     {"data", "serial", "username", "password", "passwords", "key", "secret", "cookie"}
 )

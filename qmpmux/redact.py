@@ -1,4 +1,4 @@
-"""Secrets out of command arguments before anything records them (reference section 11.1).
+"""Secrets out of command arguments before anything records them (docs/protocol.md §10.4).
 
 Audit logs are kept, shipped and read by more people than the VM's owner, so arguments
 that carry secrets are replaced by `"<redacted>"` whatever the profile says. Redaction

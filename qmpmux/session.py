@@ -1,8 +1,8 @@
 """One client's QMP session, run exactly as QEMU runs a monitor connection (I/O free).
 
 A session starts in negotiation mode, where only `qmp_capabilities` exists, and moves to
-command mode when that succeeds (qmp-spec "Capabilities Negotiation"). Each complete
-input value is judged here in QEMU's own order (monitor/qmp.c handle_qmp_command, then
+command mode when that succeeds (docs/protocol.md §5). Each complete input value is
+judged here in QEMU's own order (monitor/qmp.c handle_qmp_command, then
 qapi/qmp-dispatch.c): parse errors and non-objects, the object's members walked in QDict
 hash order, then the command. After negotiation the client's policy profile decides
 (`policy.py`). The verdict is a reply qmpmux writes itself, a `Command` for QEMU, or an

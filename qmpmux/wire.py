@@ -2,9 +2,10 @@
 
 Downstream, qmpmux must be byte-identical to QEMU, so everything it writes to a client
 goes through here: greetings, error and return replies (QEMU's member order: `return`
-before `id`, `id` before `error`), and upstream replies whose `id` is swapped for the
-client's own. Upstream, commands are written as compactly as possible (QEMU reads its
-socket one byte at a time, ~3.7 us a byte) with qmpmux's short integer ids.
+before `id`, `id` before `error`; docs/protocol.md §3.4), and upstream replies whose `id`
+is swapped for the client's own. Upstream, commands are written as compactly as possible
+(QEMU reads its socket one byte at a time, ~3.7 us a byte: §1.3) with qmpmux's short
+integer ids.
 
 Invariants:
 - A reply from QEMU reaches a client with exactly one change: its `id` member.
@@ -26,7 +27,8 @@ from qmpmux.qjson import Framer, JsonValue, encode, encode_compact
 
 CRLF: Final = b"\r\n"
 
-# Member names, command names and error classes as QEMU spells them (QMP spec, qapi/error.json).
+# Member names, command names and error classes as QEMU spells them (docs/protocol.md §6;
+# qapi/error.json).
 EXECUTE: Final = "execute"
 EXEC_OOB: Final = "exec-oob"
 ARGUMENTS: Final = "arguments"
@@ -254,10 +256,11 @@ def compact_pretty(message: bytes) -> bytes:
 class UpstreamFramer:
     """Splits QEMU's output into messages: one per CRLF line, or one pretty-printed block.
 
-    A pretty monitor opens a message with a line `{` and closes it with a line `}` (inner
-    lines are indented), so both layouts are recognised without a full JSON parser.
-    Input is scanned once (a long reply arriving in many reads costs linear time) and
-    buffering is bounded by `max_message_bytes`; more is a protocol failure.
+    A pretty monitor (docs/protocol.md §1.1) opens a message with a line `{` and closes it
+    with a line `}` (inner lines are indented), so both layouts are recognised without a
+    full JSON parser. Input is scanned once (a long reply arriving in many reads costs
+    linear time) and buffering is bounded by `max_message_bytes`; more is a protocol
+    failure.
     """
 
     __slots__ = ("_buf", "_max", "_pretty", "_pretty_size", "_scan")

@@ -22,7 +22,7 @@ BLOCK = b'{"execute":"pmemsave","arguments":{"val":0,"size":0,"filename":"%s"},"
 @contextlib.contextmanager
 def blocked_qemu_fifo(tmp_path: Path) -> Iterator[Callable[[], None]]:
     """A FIFO that blocks QEMU's main loop in pmemsave until `unblock()` opens it
-    (QEMU's monitor I/O thread keeps reading and greeting meanwhile)."""
+    (QEMU's monitor I/O thread keeps reading and greeting meanwhile; docs/protocol.md A.1)."""
     fifo = tmp_path / "block.fifo"
     os.mkfifo(fifo)
     fds: list[int] = []

@@ -6,17 +6,18 @@ import ast
 import re
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qmpmux import fdargs
-from qmpmux.config import Limits
 from qmpmux.fdargs import FD_ARGUMENTS, numeric_fd
-from qmpmux.hub import ToClient, ToUpstream
+from qmpmux.hub import Action, ToClient, ToUpstream
 from qmpmux.policy import (
     DEFAULT_POLICY,
     ESCAPE_HATCHES,
+    QMPMUX_PREFIX,
     READONLY_COMMANDS,
     TYPE_CODE_COMMANDS,
     Decision,
@@ -310,6 +311,7 @@ NAMES = st.sampled_from(
      "__org.qmpmux_whoami", "query-commands"]
 ) | st.from_regex(r"\A[a-z_][a-z0-9_-]{0,12}\Z")  # fmt: skip
 FORWARDED = re.compile(rb'"(?:execute|exec-oob)":"([^"]*)"')
+UPSTREAM_ID = re.compile(rb',"id":([0-9]+)}')
 PATTERNS = NAMES | st.sampled_from(["*", "query-*", "__*", "q*", "*-*", "[qs]*", "?top"])
 
 
@@ -318,30 +320,72 @@ PATTERNS = NAMES | st.sampled_from(["*", "query-*", "__*", "q*", "*-*", "[qs]*",
     allow=st.lists(PATTERNS, max_size=5),
     deny=st.lists(PATTERNS, max_size=3),
     base=st.sampled_from([None, "readonly", "vm-control", "full"]),
-    commands=st.lists(st.tuples(NAMES, st.booleans()), min_size=1, max_size=12),
+    # (name, by exec-oob, answer everything QEMU holds right after sending it)
+    commands=st.lists(st.tuples(NAMES, st.booleans(), st.booleans()), min_size=1, max_size=12),
 )
 def test_nothing_denied_ever_reaches_qemu(
     allow: list[str],
     deny: list[str],
     base: str | None,
-    commands: list[tuple[str, bool]],
+    commands: list[tuple[str, bool, bool]],
 ) -> None:
+    """Every denied command is refused locally, and every allowed one reaches QEMU.
+
+    QEMU's part is played by answering each forwarded command, so the client's share of
+    the upstream window keeps draining and every command of the example gets its turn.
+    The commands carry no arguments: the profile's decision on the name alone decides.
+    """
     spec = ProfileSpec(base=base, commands=tuple(allow), deny_commands=tuple(deny))
     policy = compile_policy({"p": spec})
     profile = policy.profiles["p"]
-    hub = ready_hub(limits=Limits(upstream_window=1000))
+    hub = ready_hub()  # the default windows: 8 in flight upstream, 2 per client
     hub.reload(policy)
     cid, _ = hub.client_connected(Peer("unix:t", profile="p"))
     hub.client_data(cid, b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}')
-    for i, (name, oob) in enumerate(commands):
-        key = b"exec-oob" if oob else b"execute"
-        data = b'{"%s":"%s","id":%d}' % (key, name.encode(), i)
-        for action in hub.client_data(cid, data):
+    forwarded: list[str] = []
+    held: list[int] = []  # upstream ids QEMU has not answered yet
+    replies: dict[int, bytes] = {}
+
+    def run(actions: list[Action]) -> None:
+        for action in actions:
             if isinstance(action, ToUpstream):
-                for forwarded in FORWARDED.findall(action.data):
-                    assert profile.command(forwarded.decode()) is Decision.ALLOW, forwarded
+                names = FORWARDED.findall(action.data)  # one write may carry several
+                ids = UPSTREAM_ID.findall(action.data)
+                assert names and len(names) == len(ids), action
+                for name, upstream_id in zip(names, ids, strict=True):
+                    assert profile.command(name.decode()) is Decision.ALLOW, name
+                    forwarded.append(name.decode())
+                    held.append(int(upstream_id))
             else:
-                assert isinstance(action, ToClient)
+                assert isinstance(action, ToClient), action
+                reply = msgspec.json.decode(action.data)
+                assert reply["id"] not in replies, action  # one reply per command
+                replies[reply["id"]] = action.data
+
+    def answer_all() -> None:
+        while held:  # in order, as QEMU answers one monitor's in-band commands
+            run(hub.upstream_data(b'{"return": [], "id": %d}\r\n' % held.pop(0)))
+
+    for i, (name, oob, answer) in enumerate(commands):
+        key = b"exec-oob" if oob else b"execute"
+        run(hub.client_data(cid, b'{"%s":"%s","id":%d}' % (key, name.encode(), i)))
+        if answer:
+            answer_all()
+    answer_all()
+
+    assert sorted(replies) == list(range(len(commands)))
+    expected: list[str] = []
+    for i, (name, _, _) in enumerate(commands):
+        if profile.command(name) is Decision.DENY:
+            assert replies[i] == (
+                b'{"id": %d, "error": {"class": "CommandNotFound", "desc": "The command %s '
+                b'has been refused by qmpmux policy"}}\r\n' % (i, name.encode())
+            )
+        else:
+            assert b'"return": ' in replies[i], replies[i]
+            if not name.startswith(QMPMUX_PREFIX):  # qmpmux's own: answered by the hub
+                expected.append(name)
+    assert sorted(forwarded) == sorted(expected)
 
 
 def test_denied_command_is_answered_locally_in_order() -> None:

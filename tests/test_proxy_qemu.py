@@ -85,7 +85,7 @@ async def test_exec_oob_overtakes_in_band_commands_stuck_behind_a_blocked_qemu(
     fifo = tmp_path / "block.fifo"
     os.mkfifo(fifo)
     (client,) = await negotiated(mux, 1, oob=True)
-    # pmemsave blocks QEMU's main loop opening a FIFO nobody reads (reference appendix A.3).
+    # pmemsave blocks QEMU's main loop opening a FIFO nobody reads (docs/protocol.md A.1).
     block = b'{"execute":"pmemsave","arguments":{"val":0,"size":0,"filename":"%s"},"id":"blk"}'
     await client.send(block % str(fifo).encode())
     await client.send(b"".join(b'{"execute":"query-status","id":%d}' % i for i in range(20)))

@@ -1,4 +1,4 @@
-"""Secrets never reach the audit log (reference section 11.1), whatever the profile says."""
+"""Secrets never reach the audit log (docs/protocol.md §10.4), whatever the profile says."""
 
 from __future__ import annotations
 
