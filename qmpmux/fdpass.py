@@ -3,7 +3,7 @@
 QEMU keeps the fds of a connection's most recent fd-carrying read waiting; `getfd` and
 `add-fd` take the first of them (closing the rest), any later fd-carrying read closes and
 replaces waiting ones, and named fds (`getfd`) live in the monitor, one namespace for
-everything that talks on it (docs/protocol.md §9). Through qmpmux every client shares one
+everything that talks on it (docs/protocol.md §10.7). Through qmpmux every client shares one
 monitor, so:
 
 - each client's waiting fds are its own (held here, in the hub), and an fd goes upstream
