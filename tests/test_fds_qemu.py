@@ -359,3 +359,43 @@ async def test_every_fd_argument_is_translated_and_qemu_s_errors_name_the_client
     ):
         assert proxied == direct, command
         assert b"qmpmux." not in proxied
+
+
+async def test_fdsets_hold_each_client_s_own_file_and_stay_private(
+    fmux: Mux, tmp_path: Path
+) -> None:
+    """Two clients `add-fd` files of different sizes and open them as block nodes through
+    `/dev/fdset/N`: each node has its own client's file. A profile other than `full` sees
+    and removes only its own fdsets; `full` sees QEMU's whole list."""
+    sizes = {"a": 1 << 20, "b": 3 << 20}
+    clients, fdsets = {}, {}
+    for name, size in sizes.items():
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(b"\0" * size)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            clients[name] = client = await FdClient.connect(fmux.sockets["fdp"])
+            reply = msgspec.json.decode(await client.command(b'{"execute":"add-fd"}', (fd,)))
+        finally:
+            os.close(fd)
+        fdsets[name] = reply["return"]["fdset-id"]
+        add = (b'{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"%s",'
+               b'"filename":"/dev/fdset/%d"}}') % (name.encode(), fdsets[name])  # fmt: skip
+        assert await client.command(add) == b'{"return": {}}\r\n'
+    nodes = msgspec.json.decode(
+        await clients["a"].command(b'{"execute":"query-named-block-nodes"}')
+    )["return"]
+    assert {n["node-name"]: n["image"]["virtual-size"] for n in nodes} == sizes
+    for name, client in clients.items():
+        listing = msgspec.json.decode(await client.command(b'{"execute":"query-fdsets"}'))
+        assert [s["fdset-id"] for s in listing["return"]] == [fdsets[name]]
+    other = b'{"execute":"remove-fd","arguments":{"fdset-id":%d}}' % fdsets["b"]
+    assert await clients["a"].command(other) == (
+        b'{"error": {"class": "GenericError", "desc": "File descriptor named '
+        b"'fdset-id:%d' not found\"}}\r\n" % fdsets["b"]
+    )
+    full = await FdClient.connect(fmux.path)
+    listing = msgspec.json.decode(await full.command(b'{"execute":"query-fdsets"}'))
+    assert sorted(s["fdset-id"] for s in listing["return"]) == sorted(fdsets.values())
+    for client in (*clients.values(), full):
+        client.close()
