@@ -27,6 +27,9 @@ from qmpmux.policy import (
 )
 
 DEFAULT_PROFILE = "full"
+# Monitors qmpmux opens to a QEMU it spawns (README "Lanes" has the measurements).
+DEFAULT_LANES = 4
+MAX_LANES = 64
 
 
 class ConfigError(ValueError):
@@ -105,6 +108,10 @@ class Config(msgspec.Struct, frozen=True):
     listeners: tuple[Listener, ...]
     upstream: Address | None = None
     spawn: tuple[str, ...] = ()
+    # Further monitors of the same QEMU (`--upstream` repeated), and with `--spawn` how
+    # many monitors qmpmux opens: each is a lane its clients are spread over.
+    more_upstreams: tuple[Address, ...] = ()
+    lanes: int = DEFAULT_LANES
     allow_remote: bool = False
     log_level: str = "info"
     connect_timeout: float = 5.0
@@ -112,6 +119,10 @@ class Config(msgspec.Struct, frozen=True):
     policy: Policy = DEFAULT_POLICY
     audit: str | None = None  # a file path, or "stderr"
     source: str | None = None  # the config file, re-read on SIGHUP
+
+    def link_count(self) -> int:
+        """How many upstream monitors qmpmux holds."""
+        return self.lanes if self.spawn else 1 + len(self.more_upstreams)
 
     def listener_caps(self) -> dict[str, int | None]:
         """Each listener's label (as clients' `listener` shows it) and own max-clients."""
@@ -135,8 +146,9 @@ class AuditSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", froz
 class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
     """The TOML file, as written."""
 
-    upstream: str | None = None
+    upstream: str | tuple[str, ...] | None = None  # several: monitors of one QEMU
     spawn: tuple[str, ...] = ()
+    lanes: int | None = None  # with spawn
     listen: tuple[ListenSpec, ...] = ()
     allow_remote: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -328,6 +340,13 @@ def check(config: Config) -> None:
                 f"refusing to listen on non-loopback {listener.address} without --allow-remote"
             )
     check_limits(config.limits)
+    if not 1 <= config.lanes <= MAX_LANES:
+        raise ConfigError(f"--lanes {config.lanes}: expected 1 to {MAX_LANES}")
+    if len(config.more_upstreams) >= MAX_LANES:
+        raise ConfigError(f"at most {MAX_LANES} --upstream monitors")
+    addresses = [str(a) for a in (config.upstream, *config.more_upstreams) if a is not None]
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("the same --upstream address is given twice")
     paths = [str(lst.address) for lst in config.listeners]
     if len(set(paths)) != len(paths):
         raise ConfigError("the same --listen address is given twice")

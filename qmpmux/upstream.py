@@ -13,6 +13,7 @@ import ctypes
 import logging
 import signal
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,8 @@ from qmpmux.server import StartupError
 
 log = logging.getLogger("qmpmux.upstream")
 
-MONITOR_ID = "qmpmux0"  # the chardev id of qmpmux's private monitor inside QEMU
+MONITOR_ID = "qmpmux0"  # the chardev id of qmpmux's (first) private monitor inside QEMU
+_PEERCRED = struct.Struct("3i")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -62,6 +64,28 @@ async def connect(address: Address, timeout: float) -> socket.socket:
         return sock
 
 
+async def connect_all(addresses: Sequence[Address], timeout: float) -> list[socket.socket]:
+    """Connect to every monitor; unix ones must be served by one process (one QEMU:
+    lanes of different QEMUs would mix two VMs' replies and events)."""
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            sockets.append(await connect(address, timeout))
+        owners = {}
+        for address, sock in zip(addresses, sockets, strict=True):
+            if sock.family == socket.AF_UNIX:
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                owners[str(address)] = _PEERCRED.unpack(raw)[0]
+        if len(set(owners.values())) > 1:
+            seen = ", ".join(f"{a} (pid {pid})" for a, pid in owners.items())
+            raise StartupError(f"the --upstream monitors belong to different processes: {seen}")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if qmpmux dies."""
     try:
@@ -71,35 +95,48 @@ def _die_with_parent() -> None:
         pass
 
 
-def monitor_args(fd: int) -> list[str]:
-    return [
-        "-chardev",
-        f"socket,id={MONITOR_ID},fd={fd}",
-        "-mon",
-        f"chardev={MONITOR_ID},mode=control",
-    ]
+def monitor_ids(lanes: int) -> list[str]:
+    """The chardev ids of qmpmux's private monitors inside QEMU (nobody may yank them)."""
+    return [f"qmpmux{i}" for i in range(lanes)]
 
 
-async def spawn(argv: Sequence[str]) -> tuple[asyncio.subprocess.Process, socket.socket]:
-    """Start QEMU with a private QMP monitor on a socketpair; returns (process, our end)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+def monitor_args(*fds: int) -> list[str]:
+    args = []
+    for chardev, fd in zip(monitor_ids(len(fds)), fds, strict=True):
+        args += [
+            "-chardev",
+            f"socket,id={chardev},fd={fd}",
+            "-mon",
+            f"chardev={chardev},mode=control",
+        ]
+    return args
+
+
+async def spawn(
+    argv: Sequence[str], lanes: int = 1
+) -> tuple[asyncio.subprocess.Process, list[socket.socket]]:
+    """Start QEMU with `lanes` private QMP monitors on socketpairs; returns (process, our
+    ends)."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(lanes)]
+    ours = [pair[0] for pair in pairs]
+    theirs = [pair[1].fileno() for pair in pairs]
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
-            *monitor_args(theirs.fileno()),
+            *monitor_args(*theirs),
             stdin=asyncio.subprocess.DEVNULL,
-            pass_fds=(theirs.fileno(),),
+            pass_fds=theirs,
             preexec_fn=_die_with_parent,
         )
-    except FileNotFoundError:
-        ours.close()
-        raise StartupError(f"cannot start QEMU: {argv[0]}: command not found") from None
-    except PermissionError:
-        ours.close()
-        raise StartupError(f"cannot start QEMU: {argv[0]}: permission denied") from None
+    except (FileNotFoundError, PermissionError) as exc:
+        for sock in ours:
+            sock.close()
+        why = "command not found" if isinstance(exc, FileNotFoundError) else "permission denied"
+        raise StartupError(f"cannot start QEMU: {argv[0]}: {why}") from None
     finally:
-        theirs.close()
-    log.info("started QEMU (pid %d): %s", process.pid, " ".join(argv))
+        for _, theirs_sock in pairs:
+            theirs_sock.close()
+    log.info("started QEMU (pid %d, %d monitor(s)): %s", process.pid, lanes, " ".join(argv))
     return process, ours
 
 
