@@ -39,15 +39,16 @@ class ConfigError(ValueError):
 class Limits(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
     """Bounds that keep one client from hurting others or QEMU."""
 
-    # Largest single client message. QEMU accepts 64 MiB but ingests ~276 KB/s on one
-    # shared I/O thread, so a huge command stalls every client; QEMU's error is reused.
-    max_message_bytes: int = 1 << 20
+    # Largest single client message (QEMU's own error beyond it). QEMU accepts 64 MiB and
+    # reads ~276 KB/s per monitor; with lanes a big command holds up only its own client,
+    # and what qmpmux sends upstream is never longer than what the client sent.
+    max_message_bytes: int = 16 << 20
     # Commands read from one client but not answered yet before qmpmux stops reading it,
-    # and the bytes of its commands still waiting to go upstream.
+    # and every byte qmpmux holds for it (commands, replies waiting, its outbox).
     max_pending: int = 256
-    max_pending_bytes: int = 4 << 20
+    max_pending_bytes: int = 16 << 20
     # Output queued for one client that does not read before it is disconnected.
-    outbox_bytes: int = 8 << 20
+    outbox_bytes: int = 24 << 20
     # In-band commands in flight upstream. QEMU queues 8 per monitor and stops reading
     # beyond that, which would leave an exec-oob command stuck behind them.
     upstream_window: int = 8
