@@ -120,7 +120,9 @@ def lanes(bed: Bed, plan: Plan, res: Results) -> None:
     try:
         with _qemu(workdir) as (qemu, mons):
             direct_mons, mux_mons = mons[:MONITORS], mons[MONITORS:]
-            direct = _rate([Client(m).negotiate() for m in direct_mons], seconds, (0, qemu.pid))
+            direct = _rate(
+                [Client(m).negotiate() for m in direct_mons], seconds, (qemu.pid, qemu.pid)
+            )
             data["direct-8-monitors"] = direct
             res.add("lanes", f"8 direct clients on 8 monitors, {DEPTH} in flight each", "cmd/s",
                     direct, None, note=f"{seconds:g} s per point")  # fmt: skip
