@@ -259,7 +259,6 @@ _NONCHAR_RE = re.compile(
     + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(1, 17))
     + "]"
 )
-_MIN_CP = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
 
 
 def _valid_cp(cp: int) -> bool:
@@ -272,30 +271,46 @@ def _valid_cp(cp: int) -> bool:
     )
 
 
-def _mod_utf8_codepoint(b: bytes, i: int) -> tuple[int, int]:
-    """util/unicode.c mod_utf8_codepoint(): (codepoint or -1, end index)."""
-    n = len(b)
-    byte = b[i]
-    i += 1
-    if byte < 0x80:
-        return byte, i
-    if byte >= 0xFE or not byte & 0x40:
-        return -1, i
-    length = 0
-    mask = 0x80
-    while byte & mask:
-        length += 1
-        mask >>= 1
-    cp = byte & (mask - 1)
-    for _ in range(1, length):
-        nxt = b[i] if i < n else 0
-        if nxt & 0xC0 != 0x80:
-            return -1, i
-        i += 1
-        cp = (cp << 6) | (nxt & 0x3F)
-    if not _valid_cp(cp) or (cp < _MIN_CP[length - 2] and not (cp == 0 and length == 2)):
-        return -1, i
-    return cp, i
+# Every pass over string text below runs at C speed (bytes methods, regexes without
+# callbacks, codecs, msgspec): a client controls strings up to the message size, and one
+# per-byte Python loop over 1 MiB blocks the event loop for a third of a second.
+# tests/qjson_reference.py keeps the byte-at-a-time versions they are checked against.
+
+# Noncharacters (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF) in UTF-8: valid sequences that
+# is_valid_codepoint() rejects. Matches start at lead bytes, so they are always aligned.
+_NONCHAR_UTF8 = re.compile(
+    rb"\xef\xb7[\x90-\xaf]|\xef\xbf[\xbe\xbf]|[\xf0-\xf4][\x8f\x9f\xaf\xbf]\xbf[\xbe\xbf]"
+)
+
+
+def _has_nonchar(b: bytes) -> bool:
+    """Whether UTF-8 text ``b`` holds a noncharacter (substring probes first: a regex
+    search costs ~10 ns a byte, ``in`` a small fraction of that)."""
+    return (b"\xef\xb7" in b or b"\xbf\xbe" in b or b"\xbf\xbf" in b) and bool(
+        _NONCHAR_UTF8.search(b)
+    )
+
+
+# Units that mod_utf8_codepoint() reads as one invalid sequence (a lead byte and the
+# continuation bytes it takes, up to its length) where Python's UTF-8 decoder sees an
+# invalid start byte followed by lone continuation bytes: overlong forms, surrogates,
+# beyond U+10FFFF, and the 5- and 6-byte forms. Each is one U+FFFD for QEMU, so each is
+# turned into one 0xFF first. Everywhere else both agree (truncated sequences and lone
+# continuation bytes). All start at a lead byte, so matches are aligned.
+_ODD_LEADS = (
+    b"\xc0",
+    b"\xc1",
+    b"\xe0",
+    b"\xed",
+    b"\xf0",
+    b"\xf4",
+    *(bytes([c]) for c in range(0xF5, 0xFE)),
+)
+_ODD_UNIT = re.compile(
+    rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]?|\xed[\xa0-\xbf][\x80-\xbf]?"
+    rb"|\xf0[\x80-\x8f][\x80-\xbf]{0,2}|\xf4[\x90-\xbf][\x80-\xbf]{0,2}"
+    rb"|[\xf5-\xf7][\x80-\xbf]{1,3}|[\xf8-\xfb][\x80-\xbf]{1,4}|[\xfc\xfd][\x80-\xbf]{1,5}"
+)
 
 
 def _writer_text(b: bytes) -> str:
@@ -303,20 +318,15 @@ def _writer_text(b: bytes) -> str:
     b = b.split(b"\0", 1)[0]
     if b.isascii():
         return b.decode("ascii")
-    if b"\xc0\x80" not in b:
-        try:
-            s = b.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-        else:
-            if not _NONCHAR_RE.search(s):
-                return s
-    out: list[str] = []
-    i = 0
-    while i < len(b):
-        cp, i = _mod_utf8_codepoint(b, i)
-        out.append(chr(cp) if cp >= 0 else "\ufffd")
-    return "".join(out)
+    # C0 is never a continuation byte, so C0 80 is always a unit of its own (U+0000)
+    b = b.replace(b"\xc0\x80", b"\0")
+    try:
+        s = b.decode("utf-8")
+    except UnicodeDecodeError:
+        if any(lead in b for lead in _ODD_LEADS):
+            b = _ODD_UNIT.sub(b"\xff", b)
+        s = b.decode("utf-8", "replace")
+    return _NONCHAR_RE.sub("\ufffd", s) if _has_nonchar(b) else s
 
 
 class _Error(Exception):
@@ -324,44 +334,40 @@ class _Error(Exception):
 
 
 def _literal(seg: bytes) -> str:
-    """Decode a run of raw string bytes (no backslash), as parse_string() validates it."""
+    """Decode raw string bytes as parse_string() validates them (mod_utf8_codepoint())."""
     if seg.isascii():
         return seg.decode("ascii")
-    if b"\xc0\x80" not in seg:
-        try:
-            s = seg.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Error(b"invalid UTF-8 sequence in string") from None
-        if _NONCHAR_RE.search(s):
-            raise _Error(b"invalid UTF-8 sequence in string")
-        return s
-    out: list[str] = []
-    i = 0
-    while i < len(seg):
-        cp, i = _mod_utf8_codepoint(seg, i)
-        if cp < 0:
-            raise _Error(b"invalid UTF-8 sequence in string")
-        out.append(chr(cp))
-    return "".join(out)
+    try:
+        # C0 80 is a unit of its own (C0 is never a continuation byte), as is 00
+        s = seg.replace(b"\xc0\x80", b"\0").decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Error(b"invalid UTF-8 sequence in string") from None
+    if _has_nonchar(seg):
+        raise _Error(b"invalid UTF-8 sequence in string")
+    return s
 
 
-_SIMPLE_ESCAPES = {
-    0x22: '"',
-    0x27: "'",
-    0x5C: "\\",
-    0x2F: "/",
-    0x62: "\b",
-    0x66: "\f",
-    0x6E: "\n",
-    0x72: "\r",
-    0x74: "\t",
-}
-_HEX4 = re.compile(rb"[0-9a-fA-F]{4}")
-
-
-def _hex4(b: bytes, i: int) -> int:
-    """json-parser.c cvt4hex(): four hex digits at b[i:], else -1."""
-    return int(b[i : i + 4], 16) if _HEX4.match(b, i) else -1
+_HEX = rb"[0-9a-fA-F]"
+_HIGH = rb"\\u[dD][89abAB]" + _HEX * 2
+_LOW = rb"\\u[dD][c-fC-F]" + _HEX * 2
+# The first escape parse_string() rejects, in text where every backslash starts an
+# escape (escaped backslashes masked). Group 1: a bad escape character; group 2: a pair
+# making a noncharacter (json-parser.c shows 12 characters of it); any other match: a bad
+# \u escape shown with 6. Escapes QEMU takes fail fast (\u0000..\uCFFF, \uE000..).
+_BAD_ESCAPE = re.compile(
+    rb"\\(?:([^\"'\\/bfnrtu])|u(?![0-9a-ceA-CE]" + _HEX * 3 + rb")(?:"
+    rb"([dD][89abAB][37bBfF][fF]\\u[dD][fF][fF][eEfF])"
+    rb"|(?!" + _HEX * 4 + rb")"
+    rb"|[dD][89abAB]" + _HEX * 2 + rb"(?!" + _LOW + rb")"
+    rb"|(?<!"
+    + _HIGH
+    + rb"\\u)[dD][c-fC-F]"
+    + _HEX * 2
+    + rb"|[fF][dD][dDeE]"
+    + _HEX
+    + rb"|[fF]{3}[eEfF]))"
+)
+_decode_str = msgspec.json.Decoder(str).decode
 
 
 def _parse_string(tok: bytes) -> str:
@@ -369,38 +375,26 @@ def _parse_string(tok: bytes) -> str:
     body = tok[1:-1]
     if 0x5C not in body:
         return _literal(body)
-    parts: list[str] = []
-    pos = 0
-    while True:
-        j = body.find(b"\\", pos)
-        if j < 0:
-            parts.append(_literal(body[pos:]))
-            return "".join(parts)
-        if j > pos:
-            parts.append(_literal(body[pos:j]))
-        esc = body[j + 1]  # the lexer never ends a string right after a backslash
-        simple = _SIMPLE_ESCAPES.get(esc)
-        if simple is not None:
-            parts.append(simple)
-            pos = j + 2
-            continue
-        if esc != 0x75:  # 'u'
+    # Escaped backslashes pair up from the left; masked (0xFF never occurs in a string
+    # token), every remaining backslash starts an escape. Positions are kept.
+    masked = body.replace(b"\\\\", b"\xff\xff")
+    bad = _BAD_ESCAPE.search(masked)
+    end = bad.start() if bad is not None else len(body)
+    _literal(body[:end])  # raw text before the first bad escape: its errors come first
+    if bad is not None:
+        j = bad.start()
+        if bad.group(1) is not None:
             raise _Error(b"invalid escape sequence in string")
-        cp = _hex4(body, j + 2)
-        end = j + 6
-        if 0xD800 <= cp <= 0xDBFF and body[end : end + 2] == b"\\u":
-            trailing = _hex4(body, end + 2)
-            if 0xDC00 <= trailing <= 0xDFFF:
-                cp = 0x10000 + ((cp & 0x3FF) << 10) + (trailing & 0x3FF)
-                end += 6
-            else:
-                cp = -1
-        if not _valid_cp(cp):
-            # "%.*s" of the escape; the C string ends after the closing quote
-            text = (body + tok[-1:])[j:end]
-            raise _Error(text + b" is not a valid Unicode character")
-        parts.append(chr(cp))
-        pos = end
+        width = 12 if bad.group(2) is not None else 6
+        # "%.*s" of the escape; the C string ends after the closing quote
+        raise _Error((body + tok[-1:])[j : j + width] + b" is not a valid Unicode character")
+    # Valid: rewrite as strict JSON for msgspec. Escapes JSON lacks (\') become the
+    # character; a raw '"' (only in a single-quoted string) is escaped; C0 80 is U+0000.
+    text = masked.replace(b"\\'", b"'")
+    if tok[0] == 0x27 and 0x22 in text:
+        text = text.replace(b'\\"', b"\xfe\xfe").replace(b'"', b'\\"').replace(b"\xfe\xfe", b'\\"')
+    text = text.replace(b"\xc0\x80", b"\\u0000").replace(b"\xff\xff", b"\\\\")
+    return _decode_str(b'"' + text + b'"')
 
 
 def _parse_integer(tok: bytes) -> int | float:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from qmpmux import qjson
 from qmpmux.qjson import (
     Framer,
     JsonValue,
@@ -25,6 +27,7 @@ from qmpmux.qjson import (
     encode_compact,
     qdict_order,
 )
+from tests import qjson_reference as reference
 
 Item = JsonValue | ParseError
 
@@ -750,3 +753,75 @@ def test_encode_reads_back(value: JsonValue) -> None:
         assert b"inf" in text
         return  # QEMU prints inf, which no JSON reader takes back
     assert numbers_as_floats(reparse(text)) == numbers_as_floats(value)
+
+
+# --------------------------------------------------------------------------
+# String decoding at C speed agrees with the byte-at-a-time reference
+# --------------------------------------------------------------------------
+
+STRING_PIECES = [
+    b"a",
+    b"\\\\",
+    b'\\"',
+    b"\\'",
+    b"'",
+    b'"',
+    b"\\/",
+    b"\\n",
+    b"\\q",
+    b"\\\xc3\xa9",
+    b"\\u0000",
+    b"\\u00e9",
+    b"\\ud83d",
+    b"\\ude00",
+    b"\\uD83F",
+    b"\\uDFFE",
+    b"\\ufdd0",
+    b"\\uFFFF",
+    b"\\u12",
+    b"\\u",
+    b"\xc0\x80",
+    b"\xc0",
+    b"\xc3\xa9",
+    b"\xc3",
+    b"\x80",
+    b"\xed\xa0\x80",
+    b"\xef\xbf\xbe",
+    b"\xef\xb7\x90",
+    b"\xf0\x9f\x98\x80",
+    b"\xf0\x9f\xbf\xbf",
+    b"\xf4\x90\x80\x80",
+    b"\xf8\x88\x80\x80\x80",
+    b"\xfc\x84\x80\x80\x80\x80",
+    b"\xe0\x80\xaf",
+    b"\x7f",
+    b"\xfe",
+    b"\x00",
+]
+_STRING_TOKEN = re.compile(rb'"(?:[\x20\x21\x23-\x5b\x5d-\xfd]|\\[\x20-\xfd])*"\Z')
+_SQ_STRING_TOKEN = re.compile(rb"'(?:[\x20-\x26\x28-\x5b\x5d-\xfd]|\\[\x20-\xfd])*'\Z")
+string_bodies = st.lists(
+    st.one_of(st.sampled_from(STRING_PIECES), st.binary(max_size=3)), max_size=12
+).map(b"".join)
+
+
+def decoded(decode: Callable[[bytes], str], tok: bytes) -> str | bytes:
+    try:
+        return decode(tok)
+    except qjson._Error as e:
+        return bytes(e.args[0])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(body=string_bodies, quote=st.sampled_from([b'"', b"'"]))
+def test_string_tokens_decode_as_the_reference_does(body: bytes, quote: bytes) -> None:
+    tok = quote + body + quote
+    token = _STRING_TOKEN if quote == b'"' else _SQ_STRING_TOKEN
+    assume(token.match(tok) is not None)  # what the lexer hands on as one string token
+    assert decoded(qjson._parse_string, tok) == decoded(reference.parse_string, tok)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(text=string_bodies)
+def test_stray_text_prints_as_the_reference_does(text: bytes) -> None:
+    assert qjson._writer_text(text) == reference.writer_text(text)
