@@ -49,7 +49,9 @@ as QEMU does), and dict members in QDict hash-table order (:func:`qdict_order`).
 
 :func:`encode_compact` is the opposite trade-off, for the upstream QEMU
 connection: QEMU reads its socket one byte at a time, so the shortest text that
-QEMU parses back to the same value.
+QEMU parses back to the same value. A command read token by token comes out as a
+:class:`Message`, which also keeps the client's own text of each member, so what
+goes upstream is never longer than what the client sent.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ if sys.getrecursionlimit() < 5000:
 __all__ = [
     "Framer",
     "JsonValue",
+    "Message",
     "ParseError",
     "encode",
     "encode_compact",
@@ -450,6 +453,11 @@ class Framer:
         self._size = 0
         # parser
         self._stack: list[_Object | _Array] = []
+        # the tokens of a top-level object so far, and where its current member's value
+        # starts in them (see Message)
+        self._keep = False
+        self._text = bytearray()
+        self._value_start = 0
         self._perr: bytes | None = None
         self._done = False
         self._result: JsonValue = None
@@ -596,6 +604,8 @@ class Framer:
         self._ntok += 1
         self._size += len(text)
         if self._perr is None:
+            if self._keep:
+                self._text += text
             try:
                 self._parse(ty, text)
             except _Error as e:
@@ -607,6 +617,8 @@ class Framer:
             result: JsonValue | ParseError = ParseError(_writer_text(_PREFIX + self._perr))
         elif self._done:
             result = self._result
+            if type(result) is Message:
+                result._text = bytes(self._text)
         else:
             result = ParseError("JSON parse error, premature EOI")
         self._reset()
@@ -618,6 +630,9 @@ class Framer:
         self._perr = None
         self._done = False
         self._result = None
+        if self._keep:
+            self._keep = False
+            self._text = bytearray()
 
     # -- parser (json-parser.c, one token at a time) -----------------------
 
@@ -630,6 +645,8 @@ class Framer:
                 if ty != _T_COLON:
                     raise _Error(b"missing : in object pair")
                 frame.phase = _P_OBJ_VALUE
+                if len(stack) == 1:
+                    self._value_start = len(self._text)
                 return
             if phase == _P_OBJ_SEP:
                 if ty == _T_RCURLY:
@@ -661,7 +678,11 @@ class Framer:
         if ty == _T_STRING:
             self._deliver(_parse_string(bytes(text)))
         elif ty == _T_LCURLY:
-            stack.append(_Object())
+            if stack:
+                stack.append(_Object({}))
+            else:
+                self._keep = True
+                stack.append(_Object(Message()))
         elif ty == _T_LSQUARE:
             stack.append(_Array())
         elif ty == _T_INTEGER:
@@ -693,6 +714,10 @@ class Framer:
                 if frame.key in frame.value:
                     raise _Error(b"duplicate key")
                 frame.value[frame.key] = value
+                if len(stack) == 1:
+                    message = frame.value
+                    assert type(message) is Message
+                    message._spans[frame.key] = (self._value_start, len(self._text))
                 frame.phase = _P_OBJ_SEP
             else:  # _P_OBJ_FIRST or _P_OBJ_KEY: this value is a key
                 if type(value) is not str:
@@ -701,13 +726,36 @@ class Framer:
                 frame.phase = _P_OBJ_COLON
 
 
+class Message(dict[str, JsonValue]):
+    """A top-level object read token by token, with the client's own text of each member.
+
+    ``member_text(key)`` is the value's tokens as the client wrote them, without the
+    whitespace between them: the very tokens QEMU's parser would read, so QEMU parses them
+    to the same value, and never longer than what the client sent. Forwarding it
+    upstream, instead of a re-encoding, keeps a command's cost to QEMU (which reads its
+    socket one byte at a time) within what the client paid. Messages the fast path
+    decodes are plain dicts: their re-encoding is never longer than their text either.
+    """
+
+    __slots__ = ("_spans", "_text")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._spans: dict[str, tuple[int, int]] = {}
+        self._text = b""
+
+    def member_text(self, key: str) -> bytes:
+        start, end = self._spans[key]
+        return self._text[start:end]
+
+
 class _Object:
     """An object being parsed: members so far, phase, and the key awaiting its value."""
 
     __slots__ = ("key", "phase", "value")
 
-    def __init__(self) -> None:
-        self.value: dict[str, JsonValue] = {}
+    def __init__(self, value: dict[str, JsonValue]) -> None:
+        self.value = value
         self.phase = _P_OBJ_FIRST
         self.key = ""
 
@@ -919,10 +967,15 @@ def _rawify(v: object) -> object:
 def encode_compact(value: JsonValue) -> bytes:
     """Compact JSON for sending to QEMU: no whitespace, QEMU parses it back to ``value``.
 
-    Non-ASCII text is sent as raw UTF-8, U+0000 as ``\\u0000``; floats use the
-    shortest text that round-trips (always with '.' or 'e', so QEMU keeps them
-    floats); infinities become ``1e999``/``-1e999`` (strtod overflows to inf).
+    Non-ASCII text is sent as raw UTF-8 and U+0000 as QEMU's two-byte C0 80 (both of
+    which QEMU's parser takes in strings); floats use the shortest text that round-trips
+    (always with '.' or 'e', so QEMU keeps them floats); infinities become
+    ``1e999``/``-1e999`` (strtod overflows to inf).
     """
-    if _plain(value):
-        return _msgspec_encode(value)
-    return _msgspec_encode(_rawify(value))
+    out = _msgspec_encode(value if _plain(value) else _rawify(value))
+    if b"\\u0000" in out:
+        # Escaped backslashes pair up from the left; masked (0xFF is never in UTF-8),
+        # every remaining backslash starts an escape, so each \u0000 left is U+0000.
+        out = out.replace(b"\\\\", b"\xff\xff").replace(b"\\u0000", b"\xc0\x80")
+        out = out.replace(b"\xff\xff", b"\\\\")
+    return out

@@ -669,7 +669,7 @@ def test_encode_compact_examples() -> None:
         encode_compact({"execute": "query-status", "id": 1}) == b'{"execute":"query-status","id":1}'
     )
     assert encode_compact({"a": [1, True, None, "x"]}) == b'{"a":[1,true,null,"x"]}'
-    assert encode_compact("\x00\u00e9\x7f\n") == b'"\\u0000\xc3\xa9\x7f\\n"'
+    assert encode_compact("\x00\u00e9\x7f\n") == b'"\xc0\x80\xc3\xa9\x7f\\n"'
     floats = [
         (1.0, b"1e0"),
         (100.0, b"1e2"),
