@@ -28,10 +28,17 @@ A pipeline of three stages, each matching QEMU's:
   error inside a value comes before that value's "duplicate key"). After the
   first error it only counts, so a bad message holds no memory.
 
-Memory stays in proportion to ``max_message_bytes`` whatever the input: the
-token being lexed holds at most that plus one byte, and the part of the message
-already parsed comes from tokens that sum to less than that (a message past a
-limit is dropped at once, as QEMU drops it).
+A partial message costs about its own size, whatever its shape: the token being
+lexed holds at most ``max_message_bytes`` plus one byte, and the part already
+parsed is packed as msgpack every ``_PACK_EVERY`` values (Python objects cost up
+to ~25x the text they come from: 64 bytes for the 3 of ``{},``), then unpacked
+at C speed when the message completes. A message past a limit is dropped at
+once, as QEMU drops it.
+
+Work per :meth:`Framer.feed` is linear in the bytes fed, at most a few Python
+steps per token; string decoding and error texts use C-speed passes only. What
+is done once per complete message (unpacking, decoding a long string token) is
+linear at C speed.
 
 Fast path: a complete message at a message boundary, made only of tokens on
 which QEMU and strict JSON agree (plain ASCII strings, small integers,
@@ -60,6 +67,8 @@ import functools
 import math
 import re
 import sys
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Final, NamedTuple, TypeAlias
 
@@ -453,11 +462,16 @@ class Framer:
         self._size = 0
         # parser
         self._stack: list[_Object | _Array] = []
-        # the tokens of a top-level object so far, and where its current member's value
-        # starts in them (see Message)
+        # the tokens of a top-level object so far, where its current member's value starts
+        # in them, and each member's (start, end) (see Message)
         self._keep = False
         self._text = bytearray()
         self._value_start = 0
+        self._spans = array("i")
+        # values delivered into open containers since they were last packed, and whether
+        # any part of this message is packed (see _Array.pack)
+        self._loose = 0
+        self._packed = False
         self._perr: bytes | None = None
         self._done = False
         self._result: JsonValue = None
@@ -610,6 +624,8 @@ class Framer:
                 self._parse(ty, text)
             except _Error as e:
                 self._perr = e.args[0]
+                self._stack = []  # only counting from here on: drop the partial value
+                self._text = bytearray()
         if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 and self._bracket >= 0:
             return
         # the message is complete (or unbalanced): parse result out
@@ -617,8 +633,14 @@ class Framer:
             result: JsonValue | ParseError = ParseError(_writer_text(_PREFIX + self._perr))
         elif self._done:
             result = self._result
-            if type(result) is Message:
-                result._text = bytes(self._text)
+            if self._packed:
+                result = _unpack(_pack(result))
+            if self._keep:  # a top-level object
+                assert isinstance(result, dict)
+                message = result if type(result) is Message else Message(result)
+                message._text = bytes(self._text)
+                message._spans = self._spans
+                result = message
         else:
             result = ParseError("JSON parse error, premature EOI")
         self._reset()
@@ -633,6 +655,9 @@ class Framer:
         if self._keep:
             self._keep = False
             self._text = bytearray()
+            self._spans = array("i")
+        self._loose = 0
+        self._packed = False
 
     # -- parser (json-parser.c, one token at a time) -----------------------
 
@@ -651,7 +676,7 @@ class Framer:
             if phase == _P_OBJ_SEP:
                 if ty == _T_RCURLY:
                     stack.pop()
-                    self._deliver(frame.value)
+                    self._deliver(frame.close())
                 elif ty == _T_COMMA:
                     frame.phase = _P_OBJ_KEY
                 else:
@@ -660,7 +685,7 @@ class Framer:
             if phase == _P_ARR_SEP:
                 if ty == _T_RSQUARE:
                     stack.pop()
-                    self._deliver(frame.value)
+                    self._deliver(frame.close())
                 elif ty == _T_COMMA:
                     frame.phase = _P_ARR_VALUE
                 else:
@@ -670,7 +695,7 @@ class Framer:
                 phase == _P_ARR_FIRST and ty == _T_RSQUARE
             ):
                 stack.pop()
-                self._deliver(frame.value)
+                self._deliver(frame.close())
                 return
         elif self._done:
             return  # cannot happen: the streamer ends a message with its value
@@ -711,19 +736,29 @@ class Framer:
             frame.phase = _P_ARR_SEP
         elif isinstance(frame, _Object):
             if frame.phase == _P_OBJ_VALUE:
-                if frame.key in frame.value:
+                if frame.has(frame.key):
                     raise _Error(b"duplicate key")
                 frame.value[frame.key] = value
                 if len(stack) == 1:
-                    message = frame.value
-                    assert type(message) is Message
-                    message._spans[frame.key] = (self._value_start, len(self._text))
+                    self._spans.append(self._value_start)
+                    self._spans.append(len(self._text))
                 frame.phase = _P_OBJ_SEP
             else:  # _P_OBJ_FIRST or _P_OBJ_KEY: this value is a key
                 if type(value) is not str:
                     raise _Error(b"key is not a string in object")
                 frame.key = value
                 frame.phase = _P_OBJ_COLON
+                return
+        self._loose += 1
+        if self._loose >= _PACK_EVERY:
+            # Python objects cost ~20x the text they come from (an empty dict is 64 bytes
+            # for the 3 of "{},"): what the open containers hold so far becomes msgpack,
+            # about the size of its text, so a partial message costs about its own size.
+            for open_frame in stack:
+                if open_frame.value:
+                    open_frame.pack()
+            self._loose = 0
+            self._packed = True
 
 
 class Message(dict[str, JsonValue]):
@@ -739,35 +774,126 @@ class Message(dict[str, JsonValue]):
 
     __slots__ = ("_spans", "_text")
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._spans: dict[str, tuple[int, int]] = {}
+    def __init__(self, members: dict[str, JsonValue] | None = None) -> None:
+        super().__init__(members or ())
+        self._spans = array("i")  # start, end of each member's text, in member order
         self._text = b""
 
     def member_text(self, key: str) -> bytes:
-        start, end = self._spans[key]
-        return self._text[start:end]
+        i = list(self).index(key) * 2
+        return self._text[self._spans[i] : self._spans[i + 1]]
+
+
+# Packing. A container with many values is kept as msgpack (msgspec.msgpack: str, int,
+# float including inf and -0.0, bool, None, lists and dicts in order, all lossless) until
+# the message is complete, then unpacked at C speed. A closed packed container is a
+# msgspec.Raw inside its parent, which msgpack splices as it is.
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
+_PACK_EVERY = 1024
+_RUN_MAX = 1 << 16
+
+
+def _header_size(first: int) -> int:
+    """Length of a msgpack array or map header from its first byte."""
+    if 0x80 <= first <= 0x9F:  # fixmap, fixarray
+        return 1
+    return 3 if first in (0xDC, 0xDE) else 5  # 16-bit, 32-bit counts
+
+
+def _header(n: int, is_map: bool) -> bytes:
+    if n < 16:
+        return bytes([(0x80 if is_map else 0x90) | n])
+    if n < 0x10000:
+        return bytes([0xDE if is_map else 0xDC]) + n.to_bytes(2, "big")
+    return bytes([0xDF if is_map else 0xDD]) + n.to_bytes(4, "big")
+
+
+class _Packed:
+    """The packed part of a container: its first ``count`` values' msgpack, no header."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.count = 0
+
+    def add(self, value: list[JsonValue] | dict[str, JsonValue]) -> None:
+        packed = _pack(value)
+        self.data += memoryview(packed)[_header_size(packed[0]) :]
+        self.count += len(value)
+
+    def close(self, value: list[JsonValue] | dict[str, JsonValue], is_map: bool) -> msgspec.Raw:
+        self.add(value)
+        return msgspec.Raw(_header(self.count, is_map) + self.data)
 
 
 class _Object:
-    """An object being parsed: members so far, phase, and the key awaiting its value."""
+    """An object being parsed: members so far, phase, and the key awaiting its value.
 
-    __slots__ = ("key", "phase", "value")
+    Packed members' keys are remembered as sorted runs of their 64-bit hashes (8 bytes a
+    key, merged like a binary counter up to _RUN_MAX, so one merge never sorts more),
+    checked exactly when a hash matches.
+    """
+
+    __slots__ = ("key", "packed", "phase", "runs", "value")
 
     def __init__(self, value: dict[str, JsonValue]) -> None:
         self.value = value
         self.phase = _P_OBJ_FIRST
         self.key = ""
+        self.packed: _Packed | None = None
+        self.runs: list[array[int]] = []
+
+    def has(self, key: str) -> bool:
+        if key in self.value:
+            return True
+        if self.packed is None:
+            return False
+        h = hash(key)
+        for run in self.runs:
+            i = bisect_left(run, h)
+            if i < len(run) and run[i] == h:
+                unpacked = _unpack(_header(self.packed.count, True) + self.packed.data)
+                return key in unpacked
+        return False
+
+    def pack(self) -> None:
+        if self.packed is None:
+            self.packed = _Packed()
+        run = array("q", sorted(map(hash, self.value)))
+        while self.runs and len(self.runs[-1]) <= len(run) < _RUN_MAX:
+            run = array("q", sorted(self.runs.pop() + run))
+        self.runs.append(run)
+        self.packed.add(self.value)
+        self.value.clear()
+
+    def close(self) -> JsonValue:
+        if self.packed is None:
+            return self.value
+        return self.packed.close(self.value, True)  # type: ignore[return-value]
 
 
 class _Array:
     """An array being parsed: elements so far and phase."""
 
-    __slots__ = ("phase", "value")
+    __slots__ = ("packed", "phase", "value")
 
     def __init__(self) -> None:
         self.value: list[JsonValue] = []
         self.phase = _P_ARR_FIRST
+        self.packed: _Packed | None = None
+
+    def pack(self) -> None:
+        if self.packed is None:
+            self.packed = _Packed()
+        self.packed.add(self.value)
+        self.value.clear()
+
+    def close(self) -> JsonValue:
+        if self.packed is None:
+            return self.value
+        return self.packed.close(self.value, False)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------

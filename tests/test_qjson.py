@@ -8,10 +8,12 @@ tests/test_qjson_qemu.py checks the same behaviour against a real QEMU.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import re
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -825,3 +827,84 @@ def test_string_tokens_decode_as_the_reference_does(body: bytes, quote: bytes) -
 @given(text=string_bodies)
 def test_stray_text_prints_as_the_reference_does(text: bytes) -> None:
     assert qjson._writer_text(text) == reference.writer_text(text)
+
+
+# --------------------------------------------------------------------------
+# Memory: a partial message costs about its own size (packing)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pack_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pack after every value, and merge key-hash runs of at most 4: every path taken."""
+    monkeypatch.setattr(qjson, "_PACK_EVERY", 1)
+    monkeypatch.setattr(qjson, "_RUN_MAX", 4)
+
+
+json_texts = st.recursive(
+    st.sampled_from([b"1", b"-0.0", b"1e400", b'"a"', b"'\\u0000'", b"true", b"null", b"{}"]),
+    lambda children: (
+        st.lists(children, max_size=5).map(lambda xs: b"[" + b",".join(xs) + b"]")
+        | st.lists(
+            st.tuples(st.sampled_from([b'"a"', b'"b"', b"'c'", b'""', b'"\\u0000"']), children),
+            max_size=5,
+        ).map(lambda kvs: b"{" + b",".join(k + b":" + v for k, v in kvs) + b"}")
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(st.one_of(json_texts, st.sampled_from(FRAGMENTS)), max_size=6).map(b" ".join))
+def test_packing_changes_no_result(data: bytes) -> None:
+    unpacked = canon(feed_whole(data))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_PACK_EVERY", 1)
+        patch.setattr(qjson, "_RUN_MAX", 4)
+        assert canon(feed_whole(data)) == unpacked
+        assert canon(feed_bytewise(data)) == unpacked
+
+
+@pytest.mark.usefixtures("pack_often")
+def test_duplicate_keys_are_found_in_packed_members() -> None:
+    members = b",".join(b'"k%d":[%d]' % (i, i) for i in range(40))
+    check(b"{" + members + b',"k7":1}', [pe("duplicate key")])
+    check(b"{" + members + b',"k7":[}]}', [pe("expecting value")] * 2)
+    check(b"{" + members + b',"k40":1}', [{**{f"k{i}": [i] for i in range(40)}, "k40": 1}])
+    (message,) = Framer().feed(b"{'execute':'x','arguments':{" + members + b"},'id':1}")
+    assert isinstance(message, qjson.Message)
+    assert message.member_text("arguments") == b"{" + members + b"}"
+
+
+PARTIAL = 1 << 18  # small: tracemalloc slows parsing down
+PARTIAL_SHAPES = {  # about PARTIAL bytes each
+    "empty objects": b"[" + b"{}," * (PARTIAL // 6),
+    "empty arrays in an argument": b'{"execute":"x","arguments":{"a":[' + b"[]," * (PARTIAL // 6),
+    "many keys": b"{" + b",".join(b'"k%d":1' % i for i in range(PARTIAL // 20)),
+    "many keys in an argument": b'{"arguments":{'
+    + b",".join(b"'%x':0" % i for i in range(PARTIAL // 16)),
+    "short strings": b'["' + b'ab","' * (PARTIAL // 10),
+    "floats": b"[" + b"0.5," * (PARTIAL // 8),
+    "deep, then wide": b"[" * 1000 + b"{}," * (PARTIAL // 6),
+    "nested small arrays": b"[" + b"[[1,2],[3]]," * (PARTIAL // 24),
+}
+
+
+@pytest.mark.parametrize("data", PARTIAL_SHAPES.values(), ids=PARTIAL_SHAPES.keys())
+def test_a_partial_message_costs_about_its_own_size(data: bytes) -> None:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        framer = Framer()
+        for i in range(0, len(data), 16384):
+            framer.feed(data[i : i + 16384])
+        held, _ = tracemalloc.get_traced_memory()
+        del framer
+        gc.collect()
+        left, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The text (a top-level object keeps its tokens, see Message), packed values, key
+    # hashes and member spans; plus the loose values between packings, a constant.
+    assert held <= 3 * len(data) + 512 * 1024, held / len(data)
+    assert left <= 64 * 1024
