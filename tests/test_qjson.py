@@ -12,6 +12,7 @@ import gc
 import math
 import random
 import re
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -908,3 +909,80 @@ def test_a_partial_message_costs_about_its_own_size(data: bytes) -> None:
     # hashes and member spans; plus the loose values between packings, a constant.
     assert held <= 3 * len(data) + 512 * 1024, held / len(data)
     assert left <= 64 * 1024
+
+
+# --------------------------------------------------------------------------
+# Work per feed() does not grow with the message (counted, not timed)
+# --------------------------------------------------------------------------
+
+READ_SIZE = 16384  # what the shell reads from a client per event-loop turn
+
+
+def hostile(shape: str, size: int) -> bytes:
+    head = b'{"execute":"query-status","id":"'
+    shapes = {
+        "C0 80 string": head + b"\xc0\x80" * (size // 2) + b'"}',
+        "escaped U+0000": head + b"\\u0000" * (size // 6) + b'"}',
+        "non-ASCII string": head + "\u00e9".encode() * (size // 2) + b'"}',
+        "single-quoted": b"{'id':'" + b"\"\\'" * (size // 3) + b"'}",
+        "0x80 then a stray": b'"' + b"\x80" * size + b"\x01",
+        "overlong then a stray": b'"' + b"\xc1\x80" * (size // 2) + b"\x01",
+        "empty objects": b"[" + b"{}," * (size // 3) + b"{}]",
+        "many keys": b"{" + b",".join(b"'%x':0" % i for i in range(size // 9)) + b"}",
+        "deep nesting": b"[" * size,
+        "tiny messages": b"{}" * (size // 2),
+        "long number": b"[" + b"1" * size + b"]",
+        "long float": b"[1." + b"5" * size + b"]",
+        "long keyword": b"[" + b"a" * size + b"]",
+        "lone surrogates": head + b"\\ud800" * (size // 6) + b'"}',
+    }
+    return shapes[shape]
+
+
+def most_calls_in_one_feed(data: bytes) -> int:
+    """The most Python and C function calls one feed() of READ_SIZE bytes makes."""
+    framer = Framer(max_message_bytes=4 * len(data))
+    worst = 0
+    count = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal count
+        count += 1
+
+    for i in range(0, len(data), READ_SIZE):
+        count = 0
+        sys.setprofile(profile)
+        try:
+            framer.feed(data[i : i + READ_SIZE])
+        finally:
+            sys.setprofile(None)
+        worst = max(worst, count)
+    return worst
+
+
+SHAPES = [
+    "C0 80 string",
+    "escaped U+0000",
+    "non-ASCII string",
+    "single-quoted",
+    "0x80 then a stray",
+    "overlong then a stray",
+    "empty objects",
+    "many keys",
+    "deep nesting",
+    "tiny messages",
+    "long number",
+    "long float",
+    "long keyword",
+    "lone surrogates",
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_work_per_feed_does_not_grow_with_the_message(shape: str) -> None:
+    # A message four times longer may cost four times as many feeds, never more per feed:
+    # completing it (decoding a long string, printing a stray error's text, unpacking)
+    # is done in C, not in a Python loop over its bytes.
+    small = most_calls_in_one_feed(hostile(shape, 1 << 16))
+    large = most_calls_in_one_feed(hostile(shape, 1 << 18))
+    assert large <= small * 1.1 + 100, (small, large)
