@@ -235,15 +235,31 @@ _FAST_TOKEN = _FAST_STR + rb":?+|-?(?:0|[1-9][0-9]{0,17})(?![0-9])|true|false|nu
 _FAST_MAX_DEPTH = 32
 
 
-@functools.lru_cache(maxsize=8)
-def _fast_regex(depth: int) -> re.Pattern[bytes]:
+def _fast_container(depth: int) -> bytes:
     # One bracket kind for both containers: msgspec rejects mismatched pairs,
     # and properly nested ones end where QEMU's streamer ends the message.
     body = _FAST_TOKEN
     for _ in range(depth):
         container = rb"[\[{](?:" + _WS + rb"(?:" + body + rb"))*+" + _WS + rb"[\]}]"
         body = _FAST_TOKEN + rb"|" + container
-    return re.compile(_WS + container)
+    return container
+
+
+@functools.lru_cache(maxsize=8)
+def _fast_regex(depth: int) -> re.Pattern[bytes]:
+    return re.compile(_WS + _fast_container(depth))
+
+
+# Inside a long message, runs of array elements made of fast tokens (each element nested
+# at most _RUN_DEPTH deep and followed by a comma) are checked by one regex and decoded
+# by msgspec together, instead of token by token. _RUN_TOKEN counts their tokens (every
+# non-blank byte outside strings, numbers and keywords is one) for QEMU's limits.
+_RUN_DEPTH = 8
+_FAST_RUN = re.compile(
+    rb"(?:" + _WS + rb"(?:" + _FAST_STR + rb"|-?(?:0|[1-9][0-9]{0,17})(?![0-9])"
+    rb"|true|false|null|" + _fast_container(_RUN_DEPTH) + rb")" + _WS + rb",)++"
+)
+_RUN_TOKEN = re.compile(_FAST_STR + rb"|-?[0-9]+|[a-z]+|[^ \t\r\n]")
 
 
 _msgspec_decode = msgspec.json.Decoder().decode
@@ -472,6 +488,8 @@ class Framer:
         # any part of this message is packed (see _Array.pack)
         self._loose = 0
         self._packed = False
+        # the last token left an array expecting an element: an element run may follow
+        self._run_ok = False
         self._perr: bytes | None = None
         self._done = False
         self._result: JsonValue = None
@@ -495,6 +513,7 @@ class Framer:
         runs = _RUNS
         fast = self._fast
         token = self._token
+        run_from = 0
         i = 0
         n = len(data)
         while i < n:
@@ -544,6 +563,12 @@ class Framer:
                 tok.clear()
                 state = _S_START
                 i += 1
+                if self._run_ok and i >= run_from:
+                    j = self._element_run(data, i)
+                    if j < 0:
+                        run_from = -j  # that run cannot be taken whole: not again
+                    else:
+                        i = j
             elif action < _A_ERROR:
                 token(action - _A_LOOK, tok)
                 tok.clear()
@@ -594,6 +619,7 @@ class Framer:
         self._out.append(_SIZE_ERROR)
 
     def _token(self, ty: int, text: bytearray) -> None:
+        self._run_ok = False
         if ty <= _T_RSQUARE:
             if ty == _T_LCURLY:
                 self._brace += 1
@@ -688,6 +714,7 @@ class Framer:
                     self._deliver(frame.close())
                 elif ty == _T_COMMA:
                     frame.phase = _P_ARR_VALUE
+                    self._run_ok = self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
                 else:
                     raise _Error(b"expected separator in list")
                 return
@@ -751,14 +778,50 @@ class Framer:
                 return
         self._loose += 1
         if self._loose >= _PACK_EVERY:
-            # Python objects cost ~20x the text they come from (an empty dict is 64 bytes
-            # for the 3 of "{},"): what the open containers hold so far becomes msgpack,
-            # about the size of its text, so a partial message costs about its own size.
-            for open_frame in stack:
-                if open_frame.value:
-                    open_frame.pack()
-            self._loose = 0
-            self._packed = True
+            self._pack_open()
+
+    def _pack_open(self) -> None:
+        # Python objects cost ~20x the text they come from (an empty dict is 64 bytes for
+        # the 3 of "{},"): what the open containers hold so far becomes msgpack, about the
+        # size of its text, so a partial message costs about its own size.
+        for frame in self._stack:
+            if frame.value:
+                frame.pack()
+        self._loose = 0
+        self._packed = True
+
+    def _element_run(self, data: bytes, i: int) -> int:
+        """Take the array elements at data[i:] that form a fast run: the end of the run,
+        or minus where the run ended when it must go token by token after all."""
+        m = _FAST_RUN.match(data, i)
+        if m is None:
+            return i
+        run = m.group()
+        blanks, ntok = _RUN_TOKEN.subn(b"", run)
+        size = len(run) - len(blanks)
+        # QEMU's limits, checked per token, pass for every token of the run if they pass
+        # for the last one; otherwise the run goes token by token, to fail where QEMU does.
+        if self._ntok + ntok > self._max_tokens or self._size + size + 1 > self._max_size:
+            return -m.end()
+        try:
+            values: list[JsonValue] = _msgspec_decode(b"[" + run[:-1] + b"]")
+        except msgspec.DecodeError:
+            return -m.end()
+        pairs = run.count(b'":')
+        if pairs and _dict_entries(values) != pairs:
+            return -m.end()  # duplicate keys: QEMU rejects them
+        frame = self._stack[-1]
+        assert type(frame) is _Array
+        frame.value += values
+        frame.phase = _P_ARR_VALUE
+        self._ntok += ntok
+        self._size += size
+        if self._keep:
+            self._text += b"".join(_RUN_TOKEN.findall(run)) if blanks else run
+        self._loose += len(values)
+        if self._loose >= _PACK_EVERY:
+            self._pack_open()
+        return m.end()
 
 
 class Message(dict[str, JsonValue]):
