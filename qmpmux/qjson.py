@@ -255,9 +255,13 @@ def _fast_regex(depth: int) -> re.Pattern[bytes]:
 # by msgspec together, instead of token by token. _RUN_TOKEN counts their tokens (every
 # non-blank byte outside strings, numbers and keywords is one) for QEMU's limits.
 _RUN_DEPTH = 8
-_FAST_RUN = re.compile(
-    rb"(?:" + _WS + rb"(?:" + _FAST_STR + rb"|-?(?:0|[1-9][0-9]{0,17})(?![0-9])"
-    rb"|true|false|null|" + _fast_container(_RUN_DEPTH) + rb")" + _WS + rb",)++"
+_FAST_VALUE = (
+    rb"(?:" + _FAST_STR + rb"|-?(?:0|[1-9][0-9]{0,17})(?![0-9])"
+    rb"|true|false|null|" + _fast_container(_RUN_DEPTH) + rb")"
+)
+_FAST_RUN = re.compile(rb"(?:" + _WS + _FAST_VALUE + _WS + rb",)++")
+_FAST_MEMBER_RUN = re.compile(
+    rb"(?:" + _WS + _FAST_STR + _WS + rb":" + _WS + _FAST_VALUE + _WS + rb",)++"
 )
 _RUN_TOKEN = re.compile(_FAST_STR + rb"|-?[0-9]+|[a-z]+|[^ \t\r\n]")
 
@@ -707,6 +711,11 @@ class Framer:
                     self._deliver(frame.close())
                 elif ty == _T_COMMA:
                     frame.phase = _P_OBJ_KEY
+                    # (not in a top-level object: its members' spans are kept one by one)
+                    self._run_ok = (
+                        len(stack) > 1
+                        and self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
+                    )
                 else:
                     raise _Error(b"expected separator in dict")
                 return
@@ -793,9 +802,11 @@ class Framer:
         self._packed = True
 
     def _element_run(self, data: bytes, i: int) -> int:
-        """Take the array elements at data[i:] that form a fast run: the end of the run,
-        or minus where the run ended when it must go token by token after all."""
-        m = _FAST_RUN.match(data, i)
+        """Take the array elements or object members at data[i:] that form a fast run:
+        the end of the run, or minus where it ended when it must go token by token."""
+        frame = self._stack[-1]
+        is_array = type(frame) is _Array
+        m = (_FAST_RUN if is_array else _FAST_MEMBER_RUN).match(data, i)
         if m is None:
             return i
         run = m.group()
@@ -806,16 +817,24 @@ class Framer:
         if self._ntok + ntok > self._max_tokens or self._size + size + 1 > self._max_size:
             return -m.end()
         try:
-            values: list[JsonValue] = _msgspec_decode(b"[" + run[:-1] + b"]")
+            values: JsonValue = _msgspec_decode(
+                b"[" + run[:-1] + b"]" if is_array else b"{" + run[:-1] + b"}"
+            )
         except msgspec.DecodeError:
             return -m.end()
         pairs = run.count(b'":')
         if pairs and _dict_entries(values) != pairs:
             return -m.end()  # duplicate keys: QEMU rejects them
-        frame = self._stack[-1]
-        assert type(frame) is _Array
-        frame.value += values
-        frame.phase = _P_ARR_VALUE
+        if type(frame) is _Array:
+            assert type(values) is list
+            frame.value += values
+            frame.phase = _P_ARR_VALUE
+        else:
+            assert isinstance(frame, _Object) and type(values) is dict
+            if any(map(frame.has, values)):
+                return -m.end()  # a key the object already has: QEMU rejects it
+            frame.value.update(values)
+            frame.phase = _P_OBJ_KEY
         self._ntok += ntok
         self._size += size
         if self._keep:

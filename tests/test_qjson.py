@@ -1008,11 +1008,23 @@ def test_element_runs_meet_the_limits_where_qemu_does(data: bytes, limits: dict[
     assert canon(feed_whole(data, **limits)) == canon(feed_bytewise(data, **limits))
 
 
-def test_element_runs_stop_at_each_limit_exactly() -> None:
-    data = b'[0,[1],{"a":2},"b",' + b"3," * 5 + b"4] [[[5,6],7,8],9]"
+RUNS = [
+    b'[0,[1],{"a":2},"b",' + b"3," * 5 + b"4] [[[5,6],7,8],9]",
+    b'{"x":{"a":1,"b":[2],"c":{"d":3},"e":4,"f":5}}',
+    b'{"x":{"a":1,"b":[2],"c":{"d":3},"e":4,"a":5}}',  # a duplicate within a run
+    b'{"x":{"a":1,"b":[2],"c":{"d":3}, "a":4,"e":5}}',  # one the object had before it
+    b'{"x":{"a":1, "b":2,"c":{"d":3,"d":4},"e":5}}',  # one in a nested object
+]
+
+
+@pytest.mark.parametrize("data", RUNS)
+def test_element_runs_stop_at_each_limit_exactly(data: bytes) -> None:
     for limit in range(4, len(data) + 2):
         for limits in ({"max_message_bytes": limit}, {"max_tokens": limit}):
             assert canon(feed_whole(data, **limits)) == canon(feed_bytewise(data, **limits))
     for depth in range(1, 12):
         limits = {"max_nesting": depth}
         assert canon(feed_whole(data, **limits)) == canon(feed_bytewise(data, **limits))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_PACK_EVERY", 1)
+        assert canon(feed_whole(data)) == canon(feed_bytewise(data))
