@@ -263,6 +263,8 @@ _FAST_RUN = re.compile(rb"(?:" + _WS + _FAST_VALUE + _WS + rb",)++")
 _FAST_MEMBER_RUN = re.compile(
     rb"(?:" + _WS + _FAST_STR + _WS + rb":" + _WS + _FAST_VALUE + _WS + rb",)++"
 )
+# One member of such a run, blanks removed: where its value is (for Message spans).
+_FAST_MEMBER = re.compile(_FAST_STR + rb":(" + _FAST_VALUE + rb"),")
 _RUN_TOKEN = re.compile(_FAST_STR + rb"|-?[0-9]+|[a-z]+|[^ \t\r\n]")
 
 
@@ -711,11 +713,7 @@ class Framer:
                     self._deliver(frame.close())
                 elif ty == _T_COMMA:
                     frame.phase = _P_OBJ_KEY
-                    # (not in a top-level object: its members' spans are kept one by one)
-                    self._run_ok = (
-                        len(stack) > 1
-                        and self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
-                    )
+                    self._run_ok = self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
                 else:
                     raise _Error(b"expected separator in dict")
                 return
@@ -838,7 +836,14 @@ class Framer:
         self._ntok += ntok
         self._size += size
         if self._keep:
-            self._text += b"".join(_RUN_TOKEN.findall(run)) if blanks else run
+            tokens = b"".join(_RUN_TOKEN.findall(run)) if blanks else run
+            if len(self._stack) == 1:  # members of the top-level object: their spans
+                base = len(self._text)
+                spans = self._spans
+                for member in _FAST_MEMBER.finditer(tokens):
+                    spans.append(base + member.start(1))
+                    spans.append(base + member.end(1))
+            self._text += tokens
         self._loose += len(values)
         if self._loose >= _PACK_EVERY:
             self._pack_open()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 
-from qmpmux.qjson import Framer, JsonValue
+from qmpmux.qjson import Framer, JsonValue, Message
 from qmpmux.session import Command, Peer, Phase, Session
 from qmpmux.wire import command_bytes
 from tests.spellings import commands
@@ -74,3 +74,23 @@ def test_spellings_shorter_than_any_re_encoding_are_kept() -> None:
         value, upstream = forwarded(data)
         assert len(upstream) <= len(data) + ID_COST, (data[:60], upstream[:60])
         same_command(upstream, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=commands(["query-name"]))
+def test_member_texts_do_not_depend_on_how_input_is_split(data: bytes) -> None:
+    # Whole input takes runs of members at once (their spans found in the run), one
+    # byte at a time goes token by token.
+    whole = Framer().feed(b"{'k':0," + data[1:])
+    framer = Framer()
+    bytewise = [
+        item
+        for i in range(len(data) + 6)
+        for item in framer.feed((b"{'k':0," + data[1:])[i : i + 1])
+    ]
+    assert len(whole) == len(bytewise) == 1
+    a, b = whole[0], bytewise[0]
+    assert isinstance(a, Message) and isinstance(b, Message)
+    assert repr(a) == repr(b)
+    for key in a:
+        assert a.member_text(key) == b.member_text(key), key
