@@ -880,7 +880,7 @@ class Message(dict[str, JsonValue]):
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 _PACK_EVERY = 1024
-_RUN_MAX = 1 << 16
+_RUN_MAX = 1 << 14
 
 
 def _header_size(first: int) -> int:
@@ -922,10 +922,11 @@ class _Object:
 
     Packed members' keys are remembered as sorted runs of their 64-bit hashes (8 bytes a
     key, merged like a binary counter up to _RUN_MAX, so one merge never sorts more),
-    checked exactly when a hash matches.
+    checked exactly when a hash matches. A bitmap of at least 8 bits a key answers most
+    lookups of new keys without searching the runs.
     """
 
-    __slots__ = ("key", "packed", "phase", "runs", "value")
+    __slots__ = ("bits", "key", "mask", "packed", "phase", "runs", "value")
 
     def __init__(self, value: dict[str, JsonValue]) -> None:
         self.value = value
@@ -933,6 +934,8 @@ class _Object:
         self.key = ""
         self.packed: _Packed | None = None
         self.runs: list[array[int]] = []
+        self.bits = bytearray()
+        self.mask = -1
 
     def has(self, key: str) -> bool:
         if key in self.value:
@@ -940,6 +943,9 @@ class _Object:
         if self.packed is None:
             return False
         h = hash(key)
+        i = h & self.mask
+        if not self.bits[i >> 3] & (1 << (i & 7)):
+            return False
         for run in self.runs:
             i = bisect_left(run, h)
             if i < len(run) and run[i] == h:
@@ -950,7 +956,22 @@ class _Object:
     def pack(self) -> None:
         if self.packed is None:
             self.packed = _Packed()
-        run = array("q", sorted(map(hash, self.value)))
+        hashes = list(map(hash, self.value))
+        count = self.packed.count + len(hashes)
+        if self.mask < 0:
+            self.bits = bytearray(1 << 12)
+            self.mask = (1 << 15) - 1
+        while count * 8 > self.mask + 1:
+            # Doubled, a key's bit i is at i or i + size: both are set (at C speed; the
+            # old keys' density stays, so a lookup still seldom needs the runs).
+            self.bits = self.bits * 2
+            self.mask = self.mask * 2 + 1
+        bits = self.bits
+        mask = self.mask
+        for h in hashes:
+            i = h & mask
+            bits[i >> 3] |= 1 << (i & 7)
+        run = array("q", sorted(hashes))
         while self.runs and len(self.runs[-1]) <= len(run) < _RUN_MAX:
             run = array("q", sorted(self.runs.pop() + run))
         self.runs.append(run)
