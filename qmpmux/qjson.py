@@ -28,10 +28,17 @@ A pipeline of three stages, each matching QEMU's:
   error inside a value comes before that value's "duplicate key"). After the
   first error it only counts, so a bad message holds no memory.
 
-Memory stays in proportion to ``max_message_bytes`` whatever the input: the
-token being lexed holds at most that plus one byte, and the part of the message
-already parsed comes from tokens that sum to less than that (a message past a
-limit is dropped at once, as QEMU drops it).
+A partial message costs about its own size, whatever its shape: the token being
+lexed holds at most ``max_message_bytes`` plus one byte, and the part already
+parsed is packed as msgpack every ``_PACK_EVERY`` values (Python objects cost up
+to ~25x the text they come from: 64 bytes for the 3 of ``{},``), then unpacked
+at C speed when the message completes. A message past a limit is dropped at
+once, as QEMU drops it.
+
+Work per :meth:`Framer.feed` is linear in the bytes fed, at most a few Python
+steps per token; string decoding and error texts use C-speed passes only. What
+is done once per complete message (unpacking, decoding a long string token) is
+linear at C speed.
 
 Fast path: a complete message at a message boundary, made only of tokens on
 which QEMU and strict JSON agree (plain ASCII strings, small integers,
@@ -49,7 +56,9 @@ as QEMU does), and dict members in QDict hash-table order (:func:`qdict_order`).
 
 :func:`encode_compact` is the opposite trade-off, for the upstream QEMU
 connection: QEMU reads its socket one byte at a time, so the shortest text that
-QEMU parses back to the same value.
+QEMU parses back to the same value. A command read token by token comes out as a
+:class:`Message`, which also keeps the client's own text of each member, so what
+goes upstream is never longer than what the client sent.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ import functools
 import math
 import re
 import sys
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Final, NamedTuple, TypeAlias
 
@@ -71,6 +82,7 @@ if sys.getrecursionlimit() < 5000:
 __all__ = [
     "Framer",
     "JsonValue",
+    "Message",
     "ParseError",
     "encode",
     "encode_compact",
@@ -223,15 +235,37 @@ _FAST_TOKEN = _FAST_STR + rb":?+|-?(?:0|[1-9][0-9]{0,17})(?![0-9])|true|false|nu
 _FAST_MAX_DEPTH = 32
 
 
-@functools.lru_cache(maxsize=8)
-def _fast_regex(depth: int) -> re.Pattern[bytes]:
+def _fast_container(depth: int) -> bytes:
     # One bracket kind for both containers: msgspec rejects mismatched pairs,
     # and properly nested ones end where QEMU's streamer ends the message.
     body = _FAST_TOKEN
     for _ in range(depth):
         container = rb"[\[{](?:" + _WS + rb"(?:" + body + rb"))*+" + _WS + rb"[\]}]"
         body = _FAST_TOKEN + rb"|" + container
-    return re.compile(_WS + container)
+    return container
+
+
+@functools.lru_cache(maxsize=8)
+def _fast_regex(depth: int) -> re.Pattern[bytes]:
+    return re.compile(_WS + _fast_container(depth))
+
+
+# Inside a long message, runs of array elements made of fast tokens (each element nested
+# at most _RUN_DEPTH deep and followed by a comma) are checked by one regex and decoded
+# by msgspec together, instead of token by token. _RUN_TOKEN counts their tokens (every
+# non-blank byte outside strings, numbers and keywords is one) for QEMU's limits.
+_RUN_DEPTH = 8
+_FAST_VALUE = (
+    rb"(?:" + _FAST_STR + rb"|-?(?:0|[1-9][0-9]{0,17})(?![0-9])"
+    rb"|true|false|null|" + _fast_container(_RUN_DEPTH) + rb")"
+)
+_FAST_RUN = re.compile(rb"(?:" + _WS + _FAST_VALUE + _WS + rb",)++")
+_FAST_MEMBER_RUN = re.compile(
+    rb"(?:" + _WS + _FAST_STR + _WS + rb":" + _WS + _FAST_VALUE + _WS + rb",)++"
+)
+# One member of such a run, blanks removed: where its value is (for Message spans).
+_FAST_MEMBER = re.compile(_FAST_STR + rb":(" + _FAST_VALUE + rb"),")
+_RUN_TOKEN = re.compile(_FAST_STR + rb"|-?[0-9]+|[a-z]+|[^ \t\r\n]")
 
 
 _msgspec_decode = msgspec.json.Decoder().decode
@@ -259,7 +293,6 @@ _NONCHAR_RE = re.compile(
     + "".join(f"{chr(p * 0x10000 + 0xFFFE)}{chr(p * 0x10000 + 0xFFFF)}" for p in range(1, 17))
     + "]"
 )
-_MIN_CP = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
 
 
 def _valid_cp(cp: int) -> bool:
@@ -272,30 +305,48 @@ def _valid_cp(cp: int) -> bool:
     )
 
 
-def _mod_utf8_codepoint(b: bytes, i: int) -> tuple[int, int]:
-    """util/unicode.c mod_utf8_codepoint(): (codepoint or -1, end index)."""
-    n = len(b)
-    byte = b[i]
-    i += 1
-    if byte < 0x80:
-        return byte, i
-    if byte >= 0xFE or not byte & 0x40:
-        return -1, i
-    length = 0
-    mask = 0x80
-    while byte & mask:
-        length += 1
-        mask >>= 1
-    cp = byte & (mask - 1)
-    for _ in range(1, length):
-        nxt = b[i] if i < n else 0
-        if nxt & 0xC0 != 0x80:
-            return -1, i
-        i += 1
-        cp = (cp << 6) | (nxt & 0x3F)
-    if not _valid_cp(cp) or (cp < _MIN_CP[length - 2] and not (cp == 0 and length == 2)):
-        return -1, i
-    return cp, i
+# Every pass over string text below runs at C speed (bytes methods, regexes without
+# callbacks, codecs, msgspec): a client controls strings up to the message size, and one
+# per-byte Python loop over 1 MiB blocks the event loop for a third of a second.
+# tests/qjson_reference.py keeps the byte-at-a-time versions they are checked against.
+
+# Noncharacters (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF) in UTF-8: valid sequences that
+# is_valid_codepoint() rejects. Matches start at lead bytes, so they are always aligned.
+_NONCHAR_UTF8 = re.compile(
+    rb"\xef\xb7[\x90-\xaf]|\xef\xbf[\xbe\xbf]|[\xf0-\xf4][\x8f\x9f\xaf\xbf]\xbf[\xbe\xbf]"
+)
+
+
+def _has_nonchar(b: bytes) -> bool:
+    """Whether UTF-8 text ``b`` holds a noncharacter (substring probes first: a regex
+    search costs ~10 ns a byte, ``in`` a small fraction of that)."""
+    if b"\xbf" not in b and b"\xef" not in b:  # single bytes: memchr
+        return False
+    return (b"\xef\xb7" in b or b"\xbf\xbe" in b or b"\xbf\xbf" in b) and bool(
+        _NONCHAR_UTF8.search(b)
+    )
+
+
+# Units that mod_utf8_codepoint() reads as one invalid sequence (a lead byte and the
+# continuation bytes it takes, up to its length) where Python's UTF-8 decoder sees an
+# invalid start byte followed by lone continuation bytes: overlong forms, surrogates,
+# beyond U+10FFFF, and the 5- and 6-byte forms. Each is one U+FFFD for QEMU, so each is
+# turned into one 0xFF first. Everywhere else both agree (truncated sequences and lone
+# continuation bytes). All start at a lead byte, so matches are aligned.
+_ODD_LEADS = (
+    b"\xc0",
+    b"\xc1",
+    b"\xe0",
+    b"\xed",
+    b"\xf0",
+    b"\xf4",
+    *(bytes([c]) for c in range(0xF5, 0xFE)),
+)
+_ODD_UNIT = re.compile(
+    rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]?|\xed[\xa0-\xbf][\x80-\xbf]?"
+    rb"|\xf0[\x80-\x8f][\x80-\xbf]{0,2}|\xf4[\x90-\xbf][\x80-\xbf]{0,2}"
+    rb"|[\xf5-\xf7][\x80-\xbf]{1,3}|[\xf8-\xfb][\x80-\xbf]{1,4}|[\xfc\xfd][\x80-\xbf]{1,5}"
+)
 
 
 def _writer_text(b: bytes) -> str:
@@ -303,20 +354,15 @@ def _writer_text(b: bytes) -> str:
     b = b.split(b"\0", 1)[0]
     if b.isascii():
         return b.decode("ascii")
-    if b"\xc0\x80" not in b:
-        try:
-            s = b.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-        else:
-            if not _NONCHAR_RE.search(s):
-                return s
-    out: list[str] = []
-    i = 0
-    while i < len(b):
-        cp, i = _mod_utf8_codepoint(b, i)
-        out.append(chr(cp) if cp >= 0 else "\ufffd")
-    return "".join(out)
+    # C0 is never a continuation byte, so C0 80 is always a unit of its own (U+0000)
+    b = b.replace(b"\xc0\x80", b"\0")
+    try:
+        s = b.decode("utf-8")
+    except UnicodeDecodeError:
+        if any(lead in b for lead in _ODD_LEADS):
+            b = _ODD_UNIT.sub(b"\xff", b)
+        s = b.decode("utf-8", "replace")
+    return _NONCHAR_RE.sub("\ufffd", s) if _has_nonchar(b) else s
 
 
 class _Error(Exception):
@@ -324,44 +370,40 @@ class _Error(Exception):
 
 
 def _literal(seg: bytes) -> str:
-    """Decode a run of raw string bytes (no backslash), as parse_string() validates it."""
+    """Decode raw string bytes as parse_string() validates them (mod_utf8_codepoint())."""
     if seg.isascii():
         return seg.decode("ascii")
-    if b"\xc0\x80" not in seg:
-        try:
-            s = seg.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Error(b"invalid UTF-8 sequence in string") from None
-        if _NONCHAR_RE.search(s):
-            raise _Error(b"invalid UTF-8 sequence in string")
-        return s
-    out: list[str] = []
-    i = 0
-    while i < len(seg):
-        cp, i = _mod_utf8_codepoint(seg, i)
-        if cp < 0:
-            raise _Error(b"invalid UTF-8 sequence in string")
-        out.append(chr(cp))
-    return "".join(out)
+    try:
+        # C0 80 is a unit of its own (C0 is never a continuation byte), as is 00
+        s = seg.replace(b"\xc0\x80", b"\0").decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Error(b"invalid UTF-8 sequence in string") from None
+    if _has_nonchar(seg):
+        raise _Error(b"invalid UTF-8 sequence in string")
+    return s
 
 
-_SIMPLE_ESCAPES = {
-    0x22: '"',
-    0x27: "'",
-    0x5C: "\\",
-    0x2F: "/",
-    0x62: "\b",
-    0x66: "\f",
-    0x6E: "\n",
-    0x72: "\r",
-    0x74: "\t",
-}
-_HEX4 = re.compile(rb"[0-9a-fA-F]{4}")
-
-
-def _hex4(b: bytes, i: int) -> int:
-    """json-parser.c cvt4hex(): four hex digits at b[i:], else -1."""
-    return int(b[i : i + 4], 16) if _HEX4.match(b, i) else -1
+_HEX = rb"[0-9a-fA-F]"
+_HIGH = rb"\\u[dD][89abAB]" + _HEX * 2
+_LOW = rb"\\u[dD][c-fC-F]" + _HEX * 2
+# The first escape parse_string() rejects, in text where every backslash starts an
+# escape (escaped backslashes masked). Group 1: a bad escape character; group 2: a pair
+# making a noncharacter (json-parser.c shows 12 characters of it); any other match: a bad
+# \u escape shown with 6. Escapes QEMU takes fail fast (\u0000..\uCFFF, \uE000..).
+_BAD_ESCAPE = re.compile(
+    rb"\\(?:([^\"'\\/bfnrtu])|u(?![0-9a-ceA-CE]" + _HEX * 3 + rb")(?:"
+    rb"([dD][89abAB][37bBfF][fF]\\u[dD][fF][fF][eEfF])"
+    rb"|(?!" + _HEX * 4 + rb")"
+    rb"|[dD][89abAB]" + _HEX * 2 + rb"(?!" + _LOW + rb")"
+    rb"|(?<!"
+    + _HIGH
+    + rb"\\u)[dD][c-fC-F]"
+    + _HEX * 2
+    + rb"|[fF][dD][dDeE]"
+    + _HEX
+    + rb"|[fF]{3}[eEfF]))"
+)
+_decode_str = msgspec.json.Decoder(str).decode
 
 
 def _parse_string(tok: bytes) -> str:
@@ -369,38 +411,26 @@ def _parse_string(tok: bytes) -> str:
     body = tok[1:-1]
     if 0x5C not in body:
         return _literal(body)
-    parts: list[str] = []
-    pos = 0
-    while True:
-        j = body.find(b"\\", pos)
-        if j < 0:
-            parts.append(_literal(body[pos:]))
-            return "".join(parts)
-        if j > pos:
-            parts.append(_literal(body[pos:j]))
-        esc = body[j + 1]  # the lexer never ends a string right after a backslash
-        simple = _SIMPLE_ESCAPES.get(esc)
-        if simple is not None:
-            parts.append(simple)
-            pos = j + 2
-            continue
-        if esc != 0x75:  # 'u'
+    # Escaped backslashes pair up from the left; masked (0xFF never occurs in a string
+    # token), every remaining backslash starts an escape. Positions are kept.
+    masked = body.replace(b"\\\\", b"\xff\xff")
+    bad = _BAD_ESCAPE.search(masked)
+    end = bad.start() if bad is not None else len(body)
+    _literal(body[:end])  # raw text before the first bad escape: its errors come first
+    if bad is not None:
+        j = bad.start()
+        if bad.group(1) is not None:
             raise _Error(b"invalid escape sequence in string")
-        cp = _hex4(body, j + 2)
-        end = j + 6
-        if 0xD800 <= cp <= 0xDBFF and body[end : end + 2] == b"\\u":
-            trailing = _hex4(body, end + 2)
-            if 0xDC00 <= trailing <= 0xDFFF:
-                cp = 0x10000 + ((cp & 0x3FF) << 10) + (trailing & 0x3FF)
-                end += 6
-            else:
-                cp = -1
-        if not _valid_cp(cp):
-            # "%.*s" of the escape; the C string ends after the closing quote
-            text = (body + tok[-1:])[j:end]
-            raise _Error(text + b" is not a valid Unicode character")
-        parts.append(chr(cp))
-        pos = end
+        width = 12 if bad.group(2) is not None else 6
+        # "%.*s" of the escape; the C string ends after the closing quote
+        raise _Error((body + tok[-1:])[j : j + width] + b" is not a valid Unicode character")
+    # Valid: rewrite as strict JSON for msgspec. Escapes JSON lacks (\') become the
+    # character; a raw '"' (only in a single-quoted string) is escaped; C0 80 is U+0000.
+    text = masked.replace(b"\\'", b"'")
+    if tok[0] == 0x27 and 0x22 in text:
+        text = text.replace(b'\\"', b"\xfe\xfe").replace(b'"', b'\\"').replace(b"\xfe\xfe", b'\\"')
+    text = text.replace(b"\xc0\x80", b"\\u0000").replace(b"\xff\xff", b"\\\\")
+    return _decode_str(b'"' + text + b'"')
 
 
 def _parse_integer(tok: bytes) -> int | float:
@@ -456,6 +486,18 @@ class Framer:
         self._size = 0
         # parser
         self._stack: list[_Object | _Array] = []
+        # the tokens of a top-level object so far, where its current member's value starts
+        # in them, and each member's (start, end) (see Message)
+        self._keep = False
+        self._text = bytearray()
+        self._value_start = 0
+        self._spans = array("i")
+        # values delivered into open containers since they were last packed, and whether
+        # any part of this message is packed (see _Array.pack)
+        self._loose = 0
+        self._packed = False
+        # the last token left an array expecting an element: an element run may follow
+        self._run_ok = False
         self._perr: bytes | None = None
         self._done = False
         self._result: JsonValue = None
@@ -479,6 +521,7 @@ class Framer:
         runs = _RUNS
         fast = self._fast
         token = self._token
+        run_from = 0
         i = 0
         n = len(data)
         while i < n:
@@ -528,6 +571,12 @@ class Framer:
                 tok.clear()
                 state = _S_START
                 i += 1
+                if self._run_ok and i >= run_from:
+                    j = self._element_run(data, i)
+                    if j < 0:
+                        run_from = -j  # that run cannot be taken whole: not again
+                    else:
+                        i = j
             elif action < _A_ERROR:
                 token(action - _A_LOOK, tok)
                 tok.clear()
@@ -578,6 +627,7 @@ class Framer:
         self._out.append(_SIZE_ERROR)
 
     def _token(self, ty: int, text: bytearray) -> None:
+        self._run_ok = False
         if ty <= _T_RSQUARE:
             if ty == _T_LCURLY:
                 self._brace += 1
@@ -602,10 +652,14 @@ class Framer:
         self._ntok += 1
         self._size += len(text)
         if self._perr is None:
+            if self._keep:
+                self._text += text
             try:
                 self._parse(ty, text)
             except _Error as e:
                 self._perr = e.args[0]
+                self._stack = []  # only counting from here on: drop the partial value
+                self._text = bytearray()
         if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 and self._bracket >= 0:
             return
         # the message is complete (or unbalanced): parse result out
@@ -613,6 +667,14 @@ class Framer:
             result: JsonValue | ParseError = ParseError(_writer_text(_PREFIX + self._perr))
         elif self._done:
             result = self._result
+            if self._packed:
+                result = _unpack(_pack(result))
+            if self._keep:  # a top-level object
+                assert isinstance(result, dict)
+                message = result if type(result) is Message else Message(result)
+                message._text = bytes(self._text)
+                message._spans = self._spans
+                result = message
         else:
             result = ParseError("JSON parse error, premature EOI")
         self._reset()
@@ -624,6 +686,12 @@ class Framer:
         self._perr = None
         self._done = False
         self._result = None
+        if self._keep:
+            self._keep = False
+            self._text = bytearray()
+            self._spans = array("i")
+        self._loose = 0
+        self._packed = False
 
     # -- parser (json-parser.c, one token at a time) -----------------------
 
@@ -636,22 +704,26 @@ class Framer:
                 if ty != _T_COLON:
                     raise _Error(b"missing : in object pair")
                 frame.phase = _P_OBJ_VALUE
+                if len(stack) == 1:
+                    self._value_start = len(self._text)
                 return
             if phase == _P_OBJ_SEP:
                 if ty == _T_RCURLY:
                     stack.pop()
-                    self._deliver(frame.value)
+                    self._deliver(frame.close())
                 elif ty == _T_COMMA:
                     frame.phase = _P_OBJ_KEY
+                    self._run_ok = self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
                 else:
                     raise _Error(b"expected separator in dict")
                 return
             if phase == _P_ARR_SEP:
                 if ty == _T_RSQUARE:
                     stack.pop()
-                    self._deliver(frame.value)
+                    self._deliver(frame.close())
                 elif ty == _T_COMMA:
                     frame.phase = _P_ARR_VALUE
+                    self._run_ok = self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
                 else:
                     raise _Error(b"expected separator in list")
                 return
@@ -659,7 +731,7 @@ class Framer:
                 phase == _P_ARR_FIRST and ty == _T_RSQUARE
             ):
                 stack.pop()
-                self._deliver(frame.value)
+                self._deliver(frame.close())
                 return
         elif self._done:
             return  # cannot happen: the streamer ends a message with its value
@@ -667,7 +739,11 @@ class Framer:
         if ty == _T_STRING:
             self._deliver(_parse_string(bytes(text)))
         elif ty == _T_LCURLY:
-            stack.append(_Object())
+            if stack:
+                stack.append(_Object({}))
+            else:
+                self._keep = True
+                stack.append(_Object(Message()))
         elif ty == _T_LSQUARE:
             stack.append(_Array())
         elif ty == _T_INTEGER:
@@ -696,36 +772,238 @@ class Framer:
             frame.phase = _P_ARR_SEP
         elif isinstance(frame, _Object):
             if frame.phase == _P_OBJ_VALUE:
-                if frame.key in frame.value:
+                if frame.has(frame.key):
                     raise _Error(b"duplicate key")
                 frame.value[frame.key] = value
+                if len(stack) == 1:
+                    self._spans.append(self._value_start)
+                    self._spans.append(len(self._text))
                 frame.phase = _P_OBJ_SEP
             else:  # _P_OBJ_FIRST or _P_OBJ_KEY: this value is a key
                 if type(value) is not str:
                     raise _Error(b"key is not a string in object")
                 frame.key = value
                 frame.phase = _P_OBJ_COLON
+                return
+        self._loose += 1
+        if self._loose >= _PACK_EVERY:
+            self._pack_open()
+
+    def _pack_open(self) -> None:
+        # Python objects cost ~20x the text they come from (an empty dict is 64 bytes for
+        # the 3 of "{},"): what the open containers hold so far becomes msgpack, about the
+        # size of its text, so a partial message costs about its own size.
+        for frame in self._stack:
+            if frame.value:
+                frame.pack()
+        self._loose = 0
+        self._packed = True
+
+    def _element_run(self, data: bytes, i: int) -> int:
+        """Take the array elements or object members at data[i:] that form a fast run:
+        the end of the run, or minus where it ended when it must go token by token."""
+        frame = self._stack[-1]
+        is_array = type(frame) is _Array
+        m = (_FAST_RUN if is_array else _FAST_MEMBER_RUN).match(data, i)
+        if m is None:
+            return i
+        run = m.group()
+        blanks, ntok = _RUN_TOKEN.subn(b"", run)
+        size = len(run) - len(blanks)
+        # QEMU's limits, checked per token, pass for every token of the run if they pass
+        # for the last one; otherwise the run goes token by token, to fail where QEMU does.
+        if self._ntok + ntok > self._max_tokens or self._size + size + 1 > self._max_size:
+            return -m.end()
+        try:
+            values: JsonValue = _msgspec_decode(
+                b"[" + run[:-1] + b"]" if is_array else b"{" + run[:-1] + b"}"
+            )
+        except msgspec.DecodeError:
+            return -m.end()
+        pairs = run.count(b'":')
+        if pairs and _dict_entries(values) != pairs:
+            return -m.end()  # duplicate keys: QEMU rejects them
+        if type(frame) is _Array:
+            assert type(values) is list
+            frame.value += values
+            frame.phase = _P_ARR_VALUE
+        else:
+            assert isinstance(frame, _Object) and type(values) is dict
+            if any(map(frame.has, values)):
+                return -m.end()  # a key the object already has: QEMU rejects it
+            frame.value.update(values)
+            frame.phase = _P_OBJ_KEY
+        self._ntok += ntok
+        self._size += size
+        if self._keep:
+            tokens = b"".join(_RUN_TOKEN.findall(run)) if blanks else run
+            if len(self._stack) == 1:  # members of the top-level object: their spans
+                base = len(self._text)
+                spans = self._spans
+                for member in _FAST_MEMBER.finditer(tokens):
+                    spans.append(base + member.start(1))
+                    spans.append(base + member.end(1))
+            self._text += tokens
+        self._loose += len(values)
+        if self._loose >= _PACK_EVERY:
+            self._pack_open()
+        return m.end()
+
+
+class Message(dict[str, JsonValue]):
+    """A top-level object read token by token, with the client's own text of each member.
+
+    ``member_text(key)`` is the value's tokens as the client wrote them, without the
+    whitespace between them: the very tokens QEMU's parser would read, so QEMU parses them
+    to the same value, and never longer than what the client sent. Forwarding it
+    upstream, instead of a re-encoding, keeps a command's cost to QEMU (which reads its
+    socket one byte at a time) within what the client paid. Messages the fast path
+    decodes are plain dicts: their re-encoding is never longer than their text either.
+    """
+
+    __slots__ = ("_spans", "_text")
+
+    def __init__(self, members: dict[str, JsonValue] | None = None) -> None:
+        super().__init__(members or ())
+        self._spans = array("i")  # start, end of each member's text, in member order
+        self._text = b""
+
+    def member_text(self, key: str) -> bytes:
+        i = list(self).index(key) * 2
+        return self._text[self._spans[i] : self._spans[i + 1]]
+
+
+# Packing. A container with many values is kept as msgpack (msgspec.msgpack: str, int,
+# float including inf and -0.0, bool, None, lists and dicts in order, all lossless) until
+# the message is complete, then unpacked at C speed. A closed packed container is a
+# msgspec.Raw inside its parent, which msgpack splices as it is.
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
+_PACK_EVERY = 1024
+_RUN_MAX = 1 << 14
+
+
+def _header_size(first: int) -> int:
+    """Length of a msgpack array or map header from its first byte."""
+    if 0x80 <= first <= 0x9F:  # fixmap, fixarray
+        return 1
+    return 3 if first in (0xDC, 0xDE) else 5  # 16-bit, 32-bit counts
+
+
+def _header(n: int, is_map: bool) -> bytes:
+    if n < 16:
+        return bytes([(0x80 if is_map else 0x90) | n])
+    if n < 0x10000:
+        return bytes([0xDE if is_map else 0xDC]) + n.to_bytes(2, "big")
+    return bytes([0xDF if is_map else 0xDD]) + n.to_bytes(4, "big")
+
+
+class _Packed:
+    """The packed part of a container: its first ``count`` values' msgpack, no header."""
+
+    __slots__ = ("count", "data")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.count = 0
+
+    def add(self, value: list[JsonValue] | dict[str, JsonValue]) -> None:
+        packed = _pack(value)
+        self.data += memoryview(packed)[_header_size(packed[0]) :]
+        self.count += len(value)
+
+    def close(self, value: list[JsonValue] | dict[str, JsonValue], is_map: bool) -> msgspec.Raw:
+        self.add(value)
+        return msgspec.Raw(_header(self.count, is_map) + self.data)
 
 
 class _Object:
-    """An object being parsed: members so far, phase, and the key awaiting its value."""
+    """An object being parsed: members so far, phase, and the key awaiting its value.
 
-    __slots__ = ("key", "phase", "value")
+    Packed members' keys are remembered as sorted runs of their 64-bit hashes (8 bytes a
+    key, merged like a binary counter up to _RUN_MAX, so one merge never sorts more),
+    checked exactly when a hash matches. A bitmap of at least 8 bits a key answers most
+    lookups of new keys without searching the runs.
+    """
 
-    def __init__(self) -> None:
-        self.value: dict[str, JsonValue] = {}
+    __slots__ = ("bits", "key", "mask", "packed", "phase", "runs", "value")
+
+    def __init__(self, value: dict[str, JsonValue]) -> None:
+        self.value = value
         self.phase = _P_OBJ_FIRST
         self.key = ""
+        self.packed: _Packed | None = None
+        self.runs: list[array[int]] = []
+        self.bits = bytearray()
+        self.mask = -1
+
+    def has(self, key: str) -> bool:
+        if key in self.value:
+            return True
+        if self.packed is None:
+            return False
+        h = hash(key)
+        i = h & self.mask
+        if not self.bits[i >> 3] & (1 << (i & 7)):
+            return False
+        for run in self.runs:
+            i = bisect_left(run, h)
+            if i < len(run) and run[i] == h:
+                unpacked = _unpack(_header(self.packed.count, True) + self.packed.data)
+                return key in unpacked
+        return False
+
+    def pack(self) -> None:
+        if self.packed is None:
+            self.packed = _Packed()
+        hashes = list(map(hash, self.value))
+        count = self.packed.count + len(hashes)
+        if self.mask < 0:
+            self.bits = bytearray(1 << 12)
+            self.mask = (1 << 15) - 1
+        while count * 8 > self.mask + 1:
+            # Doubled, a key's bit i is at i or i + size: both are set (at C speed; the
+            # old keys' density stays, so a lookup still seldom needs the runs).
+            self.bits = self.bits * 2
+            self.mask = self.mask * 2 + 1
+        bits = self.bits
+        mask = self.mask
+        for h in hashes:
+            i = h & mask
+            bits[i >> 3] |= 1 << (i & 7)
+        run = array("q", sorted(hashes))
+        while self.runs and len(self.runs[-1]) <= len(run) < _RUN_MAX:
+            run = array("q", sorted(self.runs.pop() + run))
+        self.runs.append(run)
+        self.packed.add(self.value)
+        self.value.clear()
+
+    def close(self) -> JsonValue:
+        if self.packed is None:
+            return self.value
+        return self.packed.close(self.value, True)  # type: ignore[return-value]
 
 
 class _Array:
     """An array being parsed: elements so far and phase."""
 
-    __slots__ = ("phase", "value")
+    __slots__ = ("packed", "phase", "value")
 
     def __init__(self) -> None:
         self.value: list[JsonValue] = []
         self.phase = _P_ARR_FIRST
+        self.packed: _Packed | None = None
+
+    def pack(self) -> None:
+        if self.packed is None:
+            self.packed = _Packed()
+        self.packed.add(self.value)
+        self.value.clear()
+
+    def close(self) -> JsonValue:
+        if self.packed is None:
+            return self.value
+        return self.packed.close(self.value, False)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------
@@ -925,10 +1203,15 @@ def _rawify(v: object) -> object:
 def encode_compact(value: JsonValue) -> bytes:
     """Compact JSON for sending to QEMU: no whitespace, QEMU parses it back to ``value``.
 
-    Non-ASCII text is sent as raw UTF-8, U+0000 as ``\\u0000``; floats use the
-    shortest text that round-trips (always with '.' or 'e', so QEMU keeps them
-    floats); infinities become ``1e999``/``-1e999`` (strtod overflows to inf).
+    Non-ASCII text is sent as raw UTF-8 and U+0000 as QEMU's two-byte C0 80 (both of
+    which QEMU's parser takes in strings); floats use the shortest text that round-trips
+    (always with '.' or 'e', so QEMU keeps them floats); infinities become
+    ``1e999``/``-1e999`` (strtod overflows to inf).
     """
-    if _plain(value):
-        return _msgspec_encode(value)
-    return _msgspec_encode(_rawify(value))
+    out = _msgspec_encode(value if _plain(value) else _rawify(value))
+    if b"\\u0000" in out:
+        # Escaped backslashes pair up from the left; masked (0xFF is never in UTF-8),
+        # every remaining backslash starts an escape, so each \u0000 left is U+0000.
+        out = out.replace(b"\\\\", b"\xff\xff").replace(b"\\u0000", b"\xc0\x80")
+        out = out.replace(b"\xff\xff", b"\\\\")
+    return out

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from qmpmux.policy import DEFAULT_POLICY, FULL, QMPMUX_PREFIX, Decision, Profile
-from qmpmux.qjson import Framer, JsonValue, ParseError, qdict_order
+from qmpmux.qjson import Framer, JsonValue, Message, ParseError, qdict_order
 from qmpmux.wire import (
     ARGUMENTS,
     CAP_OOB,
@@ -238,7 +238,8 @@ class Session:
         problem = check_command(value, self.oob)
         if problem is not None:
             return Local(error_reply(wire_id, GENERIC_ERROR, problem), oob=oob_path and self.oob)
-        name = value[EXECUTE] if EXECUTE in value else value[EXEC_OOB]
+        name_key = EXECUTE if EXECUTE in value else EXEC_OOB
+        name = value[name_key]
         assert isinstance(name, str)
         args = value.get(ARGUMENTS)
         assert args is None or isinstance(args, dict)
@@ -261,10 +262,19 @@ class Session:
                 return Local(error_reply(wire_id, GENERIC_ERROR, checked))
             desc = "Capabilities negotiation is already complete, command ignored"
             return Local(error_reply(wire_id, COMMAND_NOT_FOUND, desc))
-        return self._authorize(name, args, wire_id, oob_path)
+        texts = None
+        if type(value) is Message:
+            args_text = value.member_text(ARGUMENTS) if args is not None else None
+            texts = (value.member_text(name_key), args_text)
+        return self._authorize(name, args, wire_id, oob_path, texts)
 
     def _authorize(
-        self, name: str, args: dict[str, JsonValue] | None, wire_id: bytes | None, oob: bool
+        self,
+        name: str,
+        args: dict[str, JsonValue] | None,
+        wire_id: bytes | None,
+        oob: bool,
+        texts: tuple[bytes, bytes | None] | None = None,
     ) -> Verdict:
         """The profile's decision on a well-formed command (exec-oob takes the same road)."""
         profile = self.profile
@@ -275,10 +285,11 @@ class Session:
             return Local(reply, oob=oob, name=name, decision=Decision.DENY, arguments=audited)
         if name.startswith(QMPMUX_PREFIX):
             return Extension(name, wire_id, oob, decision, audited, args)
-        prefix = command_prefix(name, args, oob)
+        prefix = command_prefix(name, args, oob, texts)
         if len(prefix) > MAX_UPSTREAM_BYTES:
-            # Re-encoded bigger than QEMU would take: refuse here, as QEMU refuses oversized
-            # input, never half-send it.
+            # Never reached while max-message-bytes stays below QEMU's limit (upstream text
+            # is never longer than the client's, the id aside); if it were, refuse here as
+            # QEMU refuses oversized input, never half-send it.
             return Local(error_reply(None, GENERIC_ERROR, "JSON token size limit exceeded"), oob)
         return Command(self, name, prefix, wire_id, oob, decision, audited)
 

@@ -90,16 +90,31 @@ def upstream_id_bytes(n: int) -> bytes:
     return _UPSTREAM_IDS[n] if n < 1024 else str(n).encode()
 
 
-def command_prefix(name: str, arguments: dict[str, JsonValue] | None, oob: bool) -> bytes:
+def command_prefix(
+    name: str,
+    arguments: dict[str, JsonValue] | None,
+    oob: bool,
+    texts: tuple[bytes, bytes | None] | None = None,
+) -> bytes:
     """A command's upstream bytes up to (not including) its id: `{"execute":"x","arguments":{..}`.
 
-    Empty arguments are dropped: QEMU treats a missing `arguments` as `{}`, and every
-    byte costs QEMU ~3.7 us to read.
+    `texts` are the client's own tokens for the name and the arguments (qjson.Message),
+    sent as they are: QEMU reads the same tokens to the same value, and the command costs
+    QEMU no more bytes than the client wrote (the id aside). Without them, the values are
+    encoded compactly. Empty arguments are dropped: QEMU treats a missing `arguments` as
+    `{}`, and every byte costs QEMU ~3.7 us to read.
     """
     head = b'{"exec-oob":' if oob else b'{"execute":'
-    prefix = head + encode_compact(name)
+    if texts is None:
+        prefix = head + encode_compact(name)
+        if arguments:
+            prefix += b',"arguments":' + encode_compact(arguments)
+        return prefix
+    name_text, arguments_text = texts
+    prefix = head + name_text
     if arguments:
-        prefix += b',"arguments":' + encode_compact(arguments)
+        assert arguments_text is not None
+        prefix += b',"arguments":' + arguments_text
     return prefix
 
 

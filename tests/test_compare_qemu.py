@@ -205,3 +205,21 @@ async def test_input_framing_and_parse_errors_match_qemu(mux: Mux, chunks: list[
 
 async def test_nesting_limit_flood_matches_qemu(mux: Mux) -> None:
     await assert_same(mux, [b"[" * 1025 + b"\n", b"]" * 1025 + b"\n"])
+
+
+# Arguments in spellings a re-encoding would change: qmpmux forwards the client's own
+# tokens, so QEMU reads (and echoes in its errors) exactly what it would read directly.
+SPELLING_CASES = [
+    b"{'execute':'qom-get','arguments':{'path':'/machine','property':'type'},'id':1}",
+    b'{"execute":"qom-get","arguments":{"path":"\\/machine","property":"t\\u0079pe"},"id":2}',
+    b'{"execute":"qom-get","arguments":{"path":"/machine","property":"ty\xc0\x80pe"},"id":3}',
+    b"{'execute':'qom-get','arguments':{'path':'/machine','property':'\"q\\'\"'},'id':4}",
+    b'{"execute":"qom-list","arguments":{"path":"/m\xc3\xa9\\u00e9\xf0\x9f\x98\x80"},"id":5}',
+    b'{"execute" : "qom-get" , "arguments" : { "path" : "/machine" , "x" : 1e2 } , "id":6}',
+    b'{"execute":"query-status","arguments":{"x":[1E400,-0.0,18446744073709551616]},"id":7}',
+    b'{"execute":"qom-list","arguments":{"path":"' + b"\xc0\x80" * 3000 + b'"},"id":8}',
+]
+
+
+async def test_argument_spellings_reach_qemu_as_written(mux: Mux) -> None:
+    await assert_same(mux, SPELLING_CASES)

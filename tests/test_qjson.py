@@ -8,15 +8,21 @@ tests/test_qjson_qemu.py checks the same behaviour against a real QEMU.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
+import re
+import sys
 import time
-from collections.abc import Sequence
+import tracemalloc
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from qmpmux import qjson
 from qmpmux.qjson import (
     Framer,
     JsonValue,
@@ -25,6 +31,7 @@ from qmpmux.qjson import (
     encode_compact,
     qdict_order,
 )
+from tests import qjson_reference as reference
 
 Item = JsonValue | ParseError
 
@@ -666,7 +673,7 @@ def test_encode_compact_examples() -> None:
         encode_compact({"execute": "query-status", "id": 1}) == b'{"execute":"query-status","id":1}'
     )
     assert encode_compact({"a": [1, True, None, "x"]}) == b'{"a":[1,true,null,"x"]}'
-    assert encode_compact("\x00\u00e9\x7f\n") == b'"\\u0000\xc3\xa9\x7f\\n"'
+    assert encode_compact("\x00\u00e9\x7f\n") == b'"\xc0\x80\xc3\xa9\x7f\\n"'
     floats = [
         (1.0, b"1e0"),
         (100.0, b"1e2"),
@@ -750,3 +757,274 @@ def test_encode_reads_back(value: JsonValue) -> None:
         assert b"inf" in text
         return  # QEMU prints inf, which no JSON reader takes back
     assert numbers_as_floats(reparse(text)) == numbers_as_floats(value)
+
+
+# --------------------------------------------------------------------------
+# String decoding at C speed agrees with the byte-at-a-time reference
+# --------------------------------------------------------------------------
+
+STRING_PIECES = [
+    b"a",
+    b"\\\\",
+    b'\\"',
+    b"\\'",
+    b"'",
+    b'"',
+    b"\\/",
+    b"\\n",
+    b"\\q",
+    b"\\\xc3\xa9",
+    b"\\u0000",
+    b"\\u00e9",
+    b"\\ud83d",
+    b"\\ude00",
+    b"\\uD83F",
+    b"\\uDFFE",
+    b"\\ufdd0",
+    b"\\uFFFF",
+    b"\\u12",
+    b"\\u",
+    b"\xc0\x80",
+    b"\xc0",
+    b"\xc3\xa9",
+    b"\xc3",
+    b"\x80",
+    b"\xed\xa0\x80",
+    b"\xef\xbf\xbe",
+    b"\xef\xb7\x90",
+    b"\xf0\x9f\x98\x80",
+    b"\xf0\x9f\xbf\xbf",
+    b"\xf4\x90\x80\x80",
+    b"\xf8\x88\x80\x80\x80",
+    b"\xfc\x84\x80\x80\x80\x80",
+    b"\xe0\x80\xaf",
+    b"\x7f",
+    b"\xfe",
+    b"\x00",
+]
+_STRING_TOKEN = re.compile(rb'"(?:[\x20\x21\x23-\x5b\x5d-\xfd]|\\[\x20-\xfd])*"\Z')
+_SQ_STRING_TOKEN = re.compile(rb"'(?:[\x20-\x26\x28-\x5b\x5d-\xfd]|\\[\x20-\xfd])*'\Z")
+string_bodies = st.lists(
+    st.one_of(st.sampled_from(STRING_PIECES), st.binary(max_size=3)), max_size=12
+).map(b"".join)
+
+
+def decoded(decode: Callable[[bytes], str], tok: bytes) -> str | bytes:
+    try:
+        return decode(tok)
+    except qjson._Error as e:
+        return bytes(e.args[0])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(body=string_bodies, quote=st.sampled_from([b'"', b"'"]))
+def test_string_tokens_decode_as_the_reference_does(body: bytes, quote: bytes) -> None:
+    tok = quote + body + quote
+    token = _STRING_TOKEN if quote == b'"' else _SQ_STRING_TOKEN
+    assume(token.match(tok) is not None)  # what the lexer hands on as one string token
+    assert decoded(qjson._parse_string, tok) == decoded(reference.parse_string, tok)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(text=string_bodies)
+def test_stray_text_prints_as_the_reference_does(text: bytes) -> None:
+    assert qjson._writer_text(text) == reference.writer_text(text)
+
+
+# --------------------------------------------------------------------------
+# Memory: a partial message costs about its own size (packing)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pack_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pack after every value, and merge key-hash runs of at most 4: every path taken."""
+    monkeypatch.setattr(qjson, "_PACK_EVERY", 1)
+    monkeypatch.setattr(qjson, "_RUN_MAX", 4)
+
+
+json_texts = st.recursive(
+    st.sampled_from([b"1", b"-0.0", b"1e400", b'"a"', b"'\\u0000'", b"true", b"null", b"{}"]),
+    lambda children: (
+        st.lists(children, max_size=5).map(lambda xs: b"[" + b",".join(xs) + b"]")
+        | st.lists(
+            st.tuples(st.sampled_from([b'"a"', b'"b"', b"'c'", b'""', b'"\\u0000"']), children),
+            max_size=5,
+        ).map(lambda kvs: b"{" + b",".join(k + b":" + v for k, v in kvs) + b"}")
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(st.one_of(json_texts, st.sampled_from(FRAGMENTS)), max_size=6).map(b" ".join))
+def test_packing_changes_no_result(data: bytes) -> None:
+    unpacked = canon(feed_whole(data))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_PACK_EVERY", 1)
+        patch.setattr(qjson, "_RUN_MAX", 4)
+        assert canon(feed_whole(data)) == unpacked
+        assert canon(feed_bytewise(data)) == unpacked
+
+
+@pytest.mark.usefixtures("pack_often")
+def test_duplicate_keys_are_found_in_packed_members() -> None:
+    members = b",".join(b'"k%d":[%d]' % (i, i) for i in range(40))
+    check(b"{" + members + b',"k7":1}', [pe("duplicate key")])
+    check(b"{" + members + b',"k7":[}]}', [pe("expecting value")] * 2)
+    check(b"{" + members + b',"k40":1}', [{**{f"k{i}": [i] for i in range(40)}, "k40": 1}])
+    (message,) = Framer().feed(b"{'execute':'x','arguments':{" + members + b"},'id':1}")
+    assert isinstance(message, qjson.Message)
+    assert message.member_text("arguments") == b"{" + members + b"}"
+
+
+PARTIAL = 1 << 18  # small: tracemalloc slows parsing down
+PARTIAL_SHAPES = {  # about PARTIAL bytes each
+    "empty objects": b"[" + b"{}," * (PARTIAL // 6),
+    "empty arrays in an argument": b'{"execute":"x","arguments":{"a":[' + b"[]," * (PARTIAL // 6),
+    "many keys": b"{" + b",".join(b'"k%d":1' % i for i in range(PARTIAL // 20)),
+    "many keys in an argument": b'{"arguments":{'
+    + b",".join(b"'%x':0" % i for i in range(PARTIAL // 16)),
+    "short strings": b'["' + b'ab","' * (PARTIAL // 10),
+    "floats": b"[" + b"0.5," * (PARTIAL // 8),
+    "deep, then wide": b"[" * 1000 + b"{}," * (PARTIAL // 6),
+    "nested small arrays": b"[" + b"[[1,2],[3]]," * (PARTIAL // 24),
+}
+
+
+@pytest.mark.parametrize("data", PARTIAL_SHAPES.values(), ids=PARTIAL_SHAPES.keys())
+def test_a_partial_message_costs_about_its_own_size(data: bytes) -> None:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        framer = Framer()
+        for i in range(0, len(data), 16384):
+            framer.feed(data[i : i + 16384])
+        held, _ = tracemalloc.get_traced_memory()
+        del framer
+        gc.collect()
+        left, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The text (a top-level object keeps its tokens, see Message), packed values, key
+    # hashes and member spans; plus the loose values between packings, a constant.
+    assert held <= 3 * len(data) + 512 * 1024, held / len(data)
+    assert left <= 64 * 1024
+
+
+# --------------------------------------------------------------------------
+# Work per feed() does not grow with the message (counted, not timed)
+# --------------------------------------------------------------------------
+
+READ_SIZE = 16384  # what the shell reads from a client per event-loop turn
+
+
+def hostile(shape: str, size: int) -> bytes:
+    head = b'{"execute":"query-status","id":"'
+    shapes = {
+        "C0 80 string": head + b"\xc0\x80" * (size // 2) + b'"}',
+        "escaped U+0000": head + b"\\u0000" * (size // 6) + b'"}',
+        "non-ASCII string": head + "\u00e9".encode() * (size // 2) + b'"}',
+        "single-quoted": b"{'id':'" + b"\"\\'" * (size // 3) + b"'}",
+        "0x80 then a stray": b'"' + b"\x80" * size + b"\x01",
+        "overlong then a stray": b'"' + b"\xc1\x80" * (size // 2) + b"\x01",
+        "empty objects": b"[" + b"{}," * (size // 3) + b"{}]",
+        "many keys": b"{" + b",".join(b"'%x':0" % i for i in range(size // 9)) + b"}",
+        "deep nesting": b"[" * size,
+        "tiny messages": b"{}" * (size // 2),
+        "long number": b"[" + b"1" * size + b"]",
+        "long float": b"[1." + b"5" * size + b"]",
+        "long keyword": b"[" + b"a" * size + b"]",
+        "lone surrogates": head + b"\\ud800" * (size // 6) + b'"}',
+    }
+    return shapes[shape]
+
+
+def most_calls_in_one_feed(data: bytes) -> int:
+    """The most function calls (Python and C) that code of qjson makes in one feed() of
+    READ_SIZE bytes (not counting others', e.g. garbage-collector callbacks)."""
+    framer = Framer(max_message_bytes=4 * len(data))
+    worst = 0
+    count = 0
+    ours = qjson.__file__
+
+    def profile(frame: FrameType, event: str, arg: object) -> None:
+        nonlocal count
+        if event in ("call", "c_call") and frame.f_code.co_filename == ours:
+            count += 1
+
+    for i in range(0, len(data), READ_SIZE):
+        count = 0
+        sys.setprofile(profile)
+        try:
+            framer.feed(data[i : i + READ_SIZE])
+        finally:
+            sys.setprofile(None)
+        worst = max(worst, count)
+    return worst
+
+
+SHAPES = [
+    "C0 80 string",
+    "escaped U+0000",
+    "non-ASCII string",
+    "single-quoted",
+    "0x80 then a stray",
+    "overlong then a stray",
+    "empty objects",
+    "many keys",
+    "deep nesting",
+    "tiny messages",
+    "long number",
+    "long float",
+    "long keyword",
+    "lone surrogates",
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_work_per_feed_does_not_grow_with_the_message(shape: str) -> None:
+    # A message four times longer may cost four times as many feeds, never more per feed:
+    # completing it (decoding a long string, printing a stray error's text, unpacking)
+    # is done in C, not in a Python loop over its bytes.
+    small = most_calls_in_one_feed(hostile(shape, 1 << 16))
+    large = most_calls_in_one_feed(hostile(shape, 1 << 18))
+    assert large <= small * 1.1 + 50, (small, large)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.lists(json_texts, max_size=4).map(b" ".join),
+    limits=st.sampled_from(
+        [
+            {"max_message_bytes": 40, "max_tokens": 12, "max_nesting": 10},
+            {"max_message_bytes": 90, "max_tokens": 30, "max_nesting": 12},
+            {"max_nesting": 9},
+        ]
+    ),
+)
+def test_element_runs_meet_the_limits_where_qemu_does(data: bytes, limits: dict[str, int]) -> None:
+    # Whole input takes runs of array elements at once; one byte at a time never does.
+    assert canon(feed_whole(data, **limits)) == canon(feed_bytewise(data, **limits))
+
+
+RUNS = [
+    b'[0,[1],{"a":2},"b",' + b"3," * 5 + b"4] [[[5,6],7,8],9]",
+    b'{"x":{"a":1,"b":[2],"c":{"d":3},"e":4,"f":5}}',
+    b'{"x":{"a":1,"b":[2],"c":{"d":3},"e":4,"a":5}}',  # a duplicate within a run
+    b'{"x":{"a":1,"b":[2],"c":{"d":3}, "a":4,"e":5}}',  # one the object had before it
+    b'{"x":{"a":1, "b":2,"c":{"d":3,"d":4},"e":5}}',  # one in a nested object
+]
+
+
+@pytest.mark.parametrize("data", RUNS)
+def test_element_runs_stop_at_each_limit_exactly(data: bytes) -> None:
+    for limit in range(4, len(data) + 2):
+        for limits in ({"max_message_bytes": limit}, {"max_tokens": limit}):
+            assert canon(feed_whole(data, **limits)) == canon(feed_bytewise(data, **limits))
+    for depth in range(1, 12):
+        limits = {"max_nesting": depth}
+        assert canon(feed_whole(data, **limits)) == canon(feed_bytewise(data, **limits))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_PACK_EVERY", 1)
+        assert canon(feed_whole(data)) == canon(feed_bytewise(data))

@@ -22,10 +22,15 @@ import re
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, encode_compact, qdict_order
+from qmpmux.session import Command
 from tests.realqemu import Qemu, RawClient
+from tests.spellings import commands
 from tests.test_qjson import FRAGMENTS, ID_TABLE, MALFORMED
+from tests.test_upstream_size import command_mode_session
 
 SYNC = b'{"execute":"nope-sync-%d"}'
 SYNC_ANSWER = re.compile(rb'"The command nope-sync-(\d+) has not been found"')
@@ -409,3 +414,54 @@ async def test_encode_compact_round_trips_through_qemu(qemu: Qemu) -> None:
     await client.close()
     if report:
         pytest.fail("QEMU's echo differs:\n" + report, pytrace=False)
+
+
+def sample(strategy: st.SearchStrategy[bytes], count: int) -> list[bytes]:
+    """``count`` examples of ``strategy``, the same on every run."""
+    found: list[bytes] = []
+
+    @settings(
+        max_examples=count,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(strategy)
+    def collect(example: bytes) -> None:
+        found.append(example)
+
+    collect()
+    return found
+
+
+async def test_forwarded_arguments_mean_to_qemu_what_the_client_wrote(qemu: Qemu) -> None:
+    """The argument text qmpmux sends upstream (the client's own tokens, or a compact
+    re-encoding) is read by QEMU as the value qmpmux's reader made of the client's text:
+    QEMU echoes it, as an id, exactly as encode() prints that value."""
+    chunks: list[bytes] = []
+    expected: list[list[bytes]] = []
+    head = b'{"execute":"nope-id","arguments":'
+    for data in sample(commands(["nope-id"]), 400):
+        (value,) = Framer().feed(data)
+        assert isinstance(value, dict)
+        verdict = command_mode_session().judge(value)
+        assert isinstance(verdict, Command)
+        if not verdict.prefix.startswith(head):
+            continue  # empty arguments are not forwarded
+        request: dict[str, JsonValue] = {"execute": "nope-id", "id": value["arguments"]}
+        chunks.append(ID_PREFIX + verdict.prefix[len(head) :] + b"}" + SYNC % len(chunks))
+        expected.append(
+            [
+                error("CommandNotFound", "The command nope-id has not been found", request),
+                error(
+                    "CommandNotFound", f"The command nope-sync-{len(chunks) - 1} has not been found"
+                ),
+            ]
+        )
+    assert len(chunks) > 100
+    client = await negotiated(qemu, 0)
+    report = await run_corpus(client, chunks, expected)
+    await client.close()
+    if report:
+        pytest.fail("QEMU reads the forwarded arguments differently:\n" + report, pytrace=False)

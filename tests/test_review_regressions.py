@@ -37,7 +37,7 @@ def test_a_command_too_big_for_qemu_after_re_encoding_is_refused_here(
 ) -> None:
     monkeypatch.setattr(session_module, "MAX_UPSTREAM_BYTES", 64)
     hub, cid = client("full")
-    # 2 bytes per U+0000 from the client, 6 upstream: nothing of it may reach QEMU.
+    # Over the (lowered) limit upstream: nothing of it may reach QEMU.
     data = b'{"execute":"query-name","arguments":{"a":"' + b"\xc0\x80" * 20 + b'"},"id":1}'
     assert hub.client_data(cid, data) == [
         ToClient(cid, b'{"error": {"class": "GenericError", '
