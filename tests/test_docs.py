@@ -49,3 +49,12 @@ def test_internal_references_of_the_document_exist() -> None:
     text = PROTOCOL.read_text()
     missing = sorted({"§" + c for c in LOCAL.findall(text)} - known)
     assert not missing, missing
+
+
+def test_nothing_cites_a_document_outside_the_repository() -> None:
+    outside = re.compile(r"qmp-semantics|[Rr]eference (?:section|appendix|tables?)\b")
+    files = [*ROOT.glob("qmpmux/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py")]
+    files += [ROOT / "README.md", PROTOCOL]
+    found = [f"{path.name}: {m.group(0)}" for path in files if path != Path(__file__)
+             for m in outside.finditer(path.read_text())]  # fmt: skip
+    assert not found, found

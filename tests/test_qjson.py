@@ -1,8 +1,8 @@
 """Unit tests for qmpmux.qjson: QEMU's JSON dialect, byte-exact.
 
-Expectations come from the QMP reference tables (qmp-semantics.md sections 1, 5
-and 6, all verified on QEMU 7.2) and from QEMU's source (json-lexer.c,
-json-streamer.c, json-parser.c, json-writer.c, qdict.c, util/unicode.c).
+Expectations come from docs/protocol.md (§1.2, §2, §3 and §6.4, checked on QEMU 7.2.22)
+and from QEMU's source (json-lexer.c, json-streamer.c, json-parser.c, json-writer.c,
+qdict.c, util/unicode.c).
 tests/test_qjson_qemu.py checks the same behaviour against a real QEMU.
 """
 
@@ -80,7 +80,7 @@ def check(data: bytes, expected: Sequence[object], **limits: int) -> None:
 
 
 # --------------------------------------------------------------------------
-# Reference section 6.2: malformed inputs, each ended by "\n"
+# docs/protocol.md §2.4: malformed inputs, each ended by "\n"
 # --------------------------------------------------------------------------
 
 P = b'{"execute":"query-status","id":'  # the "..." prefix of the table
@@ -215,7 +215,7 @@ def test_stray_text_is_printed_as_json_writer_does() -> None:
 
 
 # --------------------------------------------------------------------------
-# Reference section 1: framing and QEMU's extensions
+# docs/protocol.md §1.2 and §2.2: framing and QEMU's extensions
 # --------------------------------------------------------------------------
 
 
@@ -298,7 +298,7 @@ def test_streamer_ends_a_message_when_either_count_is_negative() -> None:
 
 
 # --------------------------------------------------------------------------
-# Reference section 5: ids are re-serialised
+# docs/protocol.md §6.4 and §3.3: ids are re-serialised
 # --------------------------------------------------------------------------
 
 ID_TABLE: list[tuple[bytes, bytes]] = [
@@ -347,7 +347,7 @@ def test_cesu_surrogate_id_is_rejected() -> None:
 
 
 # --------------------------------------------------------------------------
-# Reference section 6.3: limits (small limits here; same checks as QEMU's)
+# docs/protocol.md §2.5: limits (small limits here; same checks as QEMU's)
 # --------------------------------------------------------------------------
 
 

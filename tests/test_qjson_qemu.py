@@ -85,8 +85,8 @@ def safe(probe: bytes) -> bool:
 # --------------------------------------------------------------------------
 
 
-def reference_probes() -> list[bytes]:
-    """The tricky rows of the reference and of tests/test_qjson.py."""
+def table_probes() -> list[bytes]:
+    """The tricky rows of docs/protocol.md §2 and §6.4, as tabled in tests/test_qjson.py."""
     probes = [data.replace(b"query-status", b"nope-status!") for data, _ in MALFORMED]
     probes += [ID_PREFIX + sent + b"}" for sent, _ in ID_TABLE]
     probes += [
@@ -367,7 +367,7 @@ def predict(probes: list[bytes]) -> tuple[list[bytes], list[list[bytes]]]:
 
 
 async def test_framer_predicts_qemu(qemu: Qemu) -> None:
-    probes = reference_probes() + generated_probes(500, seed=20240607)
+    probes = table_probes() + generated_probes(500, seed=20240607)
     chunks, expected = predict(probes)
     client = await negotiated(qemu, 0)
     report = await run_corpus(client, chunks, expected)
