@@ -442,7 +442,7 @@ async def test_forwarded_arguments_mean_to_qemu_what_the_client_wrote(qemu: Qemu
     chunks: list[bytes] = []
     expected: list[list[bytes]] = []
     head = b'{"execute":"nope-id","arguments":'
-    for data in sample(commands(["nope-id"]), 400):
+    for data in sample(commands(["nope-id"]), 800):
         (value,) = Framer().feed(data)
         assert isinstance(value, dict)
         verdict = command_mode_session().judge(value)
