@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,16 +52,48 @@ async def connect(address: Address, timeout: float) -> socket.socket:
             if delay == 0.01:
                 log.info("waiting up to %g s for QEMU's monitor at %s", timeout, address)
             if time.monotonic() >= deadline:
-                raise StartupError(f"cannot connect to QEMU at {address}: {exc.strerror}") from None
+                raise StartupError(
+                    f"cannot connect to QEMU at {address}: {_what_is_there(address, exc)}"
+                    f" (waited {timeout:g} s)"
+                ) from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
             continue
         except OSError as exc:
             sock.close()
-            raise StartupError(f"cannot connect to QEMU at {address}: {exc.strerror}") from None
+            raise StartupError(
+                f"cannot connect to QEMU at {address}: {_what_is_there(address, exc)}"
+            ) from None
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+
+
+def _what_is_there(address: Address, exc: OSError) -> str:
+    """Why a connect failed, in the operator's terms: what is (not) at the address."""
+    if address.kind != "unix":
+        if isinstance(exc, ConnectionRefusedError):
+            return "nothing is listening on that port (is QEMU running with -qmp tcp:...?)"
+        return str(exc.strerror or exc)
+    try:
+        st = os.stat(address.path)
+    except FileNotFoundError:
+        return (
+            "no such file (is QEMU running with -qmp unix:PATH,server=on,wait=off, and "
+            "is the path the same in qmpmux's mount namespace?)"
+        )
+    except OSError as exc2:
+        return f"cannot look at it: {exc2.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "it exists but is not a socket"
+    if isinstance(exc, ConnectionRefusedError):
+        return "a socket file, but nothing is listening on it (QEMU exited and left it behind?)"
+    if isinstance(exc, PermissionError):
+        return (
+            f"permission denied: the socket is uid {st.st_uid} gid {st.st_gid} mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, qmpmux runs as uid {os.geteuid()}"
+        )
+    return str(exc.strerror or exc)
 
 
 def _die_with_parent() -> None:
