@@ -1,0 +1,468 @@
+"""qmpmux as a systemd service, with real processes and no mock of systemd: the units
+checked by `systemd-analyze`, socket activation by `systemd-socket-activate`, sd_notify
+messages caught on a datagram socket the test owns, socket ownership, help texts."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from qmpmux.policy import BUILTIN
+from qmpmux.systemd import Notifier
+from tests.realqemu import BASE_ARGS, Qemu, RawClient, qemu_path, start_qemu
+from tests.test_cli import Running, one_line_error, run
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "systemd"
+QMPMUX = Path(sys.executable).parent / "qmpmux"  # the console script of this install
+
+
+def tool(name: str) -> str:
+    """A systemd tool, or skip (fail under CI, which installs the systemd package)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} missing (CI must install systemd)")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+# --- the units -------------------------------------------------------------------------------
+
+
+def _units_with_exec_start(tmp_path: Path) -> list[Path]:
+    """The shipped units, pointed at this install's qmpmux: `verify` checks that the
+    ExecStart binary exists, and /opt/qmpmux is where an operator installs it."""
+    out = []
+    for unit in sorted(UNITS.glob("qmpmux*@.*")):
+        text = unit.read_text()
+        target = tmp_path / unit.name.replace("@.", "@vm1.")
+        target.write_text(text.replace("/opt/qmpmux/bin/qmpmux", str(QMPMUX)))
+        out.append(target)
+    return out
+
+
+def test_units_point_at_the_documented_install() -> None:
+    service = (UNITS / "qmpmux@.service").read_text()
+    assert "\nExecStart=/opt/qmpmux/bin/qmpmux --config /etc/qmpmux/%i.toml\n" in service
+    assert "\nType=notify\n" in service
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in service
+    names = {
+        unit.name: re.search(r"^FileDescriptorName=(.*)$", unit.read_text(), re.M)
+        for unit in UNITS.glob("*.socket")
+    }
+    assert {k: m and m[1] for k, m in names.items()} == {
+        "qmpmux@.socket": "full",
+        "qmpmux-readonly@.socket": "readonly",
+    }
+    readme = (ROOT / "README.md").read_text()
+    for command in (
+        "python3 -m venv /opt/qmpmux",
+        "systemctl enable --now qmpmux@vm1.socket",
+        "systemctl reload qmpmux@vm1",
+    ):
+        assert command in readme
+
+
+def test_units_verify_clean(tmp_path: Path) -> None:
+    analyze = tool("systemd-analyze")
+    units = _units_with_exec_start(tmp_path)
+    done = subprocess.run(
+        [analyze, "verify", *(f"./{u.name}" for u in units)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout + done.stderr == "", done.stdout + done.stderr
+
+
+def test_service_hardening_exposure(tmp_path: Path) -> None:
+    analyze = tool("systemd-analyze")
+    units = _units_with_exec_start(tmp_path)
+    service = next(u for u in units if u.name.endswith(".service"))
+    done = subprocess.run(
+        [analyze, "security", "--offline=true", f"./{service.name}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d)", done.stdout)
+    assert m is not None, done.stdout + done.stderr
+    # 0.7 as shipped ("SAFE" is below 2.0); qmpmux needs nothing the remaining points grant
+    # but root's ownership of root-run QEMU monitors.
+    assert float(m[1]) <= 1.0, done.stdout
+
+
+# --- sd_notify -------------------------------------------------------------------------------
+
+
+class NotifySocket:
+    """The service manager's end of NOTIFY_SOCKET: records every datagram."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address  # as NOTIFY_SOCKET says it ('@' = abstract)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.setblocking(False)
+        self.messages: list[list[str]] = []
+
+    async def expect(self, wanted: Callable[[list[str]], bool], timeout: float = 20) -> list[str]:
+        """The next message that satisfies `wanted` (every one is kept in `messages`)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while True:
+                data = await loop.sock_recv(self.sock, 65536)
+                fields = data.decode().split("\n")
+                self.messages.append(fields)
+                if wanted(fields):
+                    return fields
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+async def notify(tmp_path: Path) -> AsyncIterator[NotifySocket]:
+    # Abstract, as systemd's own is in containers; the path form is used in another test.
+    n = NotifySocket(f"@qmpmux-test-{os.getpid()}-{id(tmp_path)}")
+    yield n
+    n.close()
+
+
+def _qemu(tmp_path: Path) -> Qemu:
+    return start_qemu(tmp_path, monitors=1)
+
+
+async def whoami(client: RawClient) -> dict[str, object]:
+    await client.send(b'{"execute":"__org.qmpmux_whoami"}')
+    reply = await client.read_json()
+    ret = reply["return"]
+    assert isinstance(ret, dict)
+    return ret
+
+
+async def activated(
+    tmp_path: Path, env: dict[str, str], names: str, *args: str, sockets: tuple[str, ...]
+) -> tuple[asyncio.subprocess.Process, list[Path]]:
+    """qmpmux under systemd-socket-activate, listening (through it) on `sockets`."""
+    activate = tool("systemd-socket-activate")
+    paths = [tmp_path / f"{name}.sock" for name in sockets]
+    argv = [activate]
+    for path in paths:
+        argv += ["-l", str(path)]
+    argv += [f"--fdname={names}"]
+    for key, value in env.items():
+        argv += ["-E", f"{key}={value}"]
+    argv += [sys.executable, "-m", "qmpmux", *args]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(20):  # it logs each socket once it listens
+        assert proc.stderr is not None
+        for _ in paths:
+            assert b"Listening on" in await proc.stderr.readline()
+    return proc, paths
+
+
+async def test_socket_activation_with_two_named_sockets_and_notifications(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    qemu = _qemu(tmp_path)
+    config = tmp_path / "vm1.toml"
+    config.write_text(
+        f'upstream = "unix:{qemu.monitors[0]}"\n'
+        '[[listen]]\naddress = "systemd:full"\n'
+        '[[listen]]\naddress = "systemd:readonly"\nprofile = "readonly"\n'
+    )
+    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "200000"}
+    proc, (full, ro) = await activated(
+        tmp_path, env, "full:readonly", "--config", str(config), sockets=("full", "ro")
+    )
+    try:
+        # The first client starts qmpmux (socket activation) and waits in the backlog.
+        first = await RawClient.connect(ro)
+        await first.negotiate()
+        ready = await notify.expect(lambda m: "READY=1" in m)
+        assert any(f.startswith("STATUS=") and "QEMU" in f for f in ready), ready
+        me = await whoami(first)
+        assert me["listener"] == "systemd:readonly" and me["profile"] == "readonly"
+        await first.send(b'{"execute":"stop","id":1}')
+        assert b"refused by qmpmux policy" in await first.read()
+
+        second = await RawClient.connect(full)
+        await second.negotiate()
+        assert (await whoami(second))["profile"] == "full"
+        await notify.expect(lambda m: any(f.startswith("STATUS=2 clients") for f in m))
+        await notify.expect(lambda m: m == ["WATCHDOG=1"])
+
+        # SIGHUP: RELOADING=1 with the monotonic time it began, then READY=1.
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        proc.send_signal(signal.SIGHUP)  # systemd-socket-activate exec'd into qmpmux
+        reloading = await notify.expect(lambda m: "RELOADING=1" in m)
+        usec = [int(f.split("=", 1)[1]) for f in reloading if f.startswith("MONOTONIC_USEC=")]
+        assert len(usec) == 1 and before <= usec[0], reloading
+        after_reload = await notify.expect(lambda m: "READY=1" in m)
+        assert usec[0] <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000, after_reload
+        assert (await whoami(second))["profile"] == "full"  # nobody was dropped
+
+        proc.send_signal(signal.SIGTERM)
+        await notify.expect(lambda m: "STOPPING=1" in m)
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0
+        # Inherited sockets belong to the manager: never unlinked.
+        assert stat.S_ISSOCK(os.lstat(full).st_mode) and stat.S_ISSOCK(os.lstat(ro).st_mode)
+        kinds = [m[0].split("=")[0] for m in notify.messages]
+        assert kinds.index("READY") < kinds.index("RELOADING") < kinds.index("STOPPING")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        qemu.stop()
+
+
+async def test_spawned_qemu_inherits_neither_sockets_nor_variables(tmp_path: Path) -> None:
+    notify = NotifySocket(str(tmp_path / "notify"))  # the path form of NOTIFY_SOCKET
+    proc, (path,) = await activated(
+        tmp_path,
+        {"NOTIFY_SOCKET": notify.address},
+        "mon",
+        "--listen", "systemd:mon", "--spawn", "--", qemu_path(), *BASE_ARGS,
+        sockets=("mon",),
+    )  # fmt: skip
+    try:
+        client = await RawClient.connect(path)
+        await client.negotiate()
+        await notify.expect(lambda m: "READY=1" in m)
+        children = _read(f"/proc/{proc.pid}/task/{proc.pid}/children").split()
+        assert len(children) == 1
+        qemu = children[0].decode()
+        environ = _read(f"/proc/{qemu}/environ").split(b"\0")
+        names = {e.split(b"=", 1)[0] for e in environ}
+        assert not names & {b"LISTEN_FDS", b"LISTEN_PID", b"LISTEN_FDNAMES", b"NOTIFY_SOCKET"}
+        inherited = os.readlink(f"/proc/{proc.pid}/fd/3")
+        assert inherited.startswith("socket:")
+        theirs = [os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")]
+        assert inherited not in theirs
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await proc.wait()
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        notify.close()
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def _activation_error(proc: asyncio.subprocess.Process, trigger: Callable[[], None]) -> str:
+    trigger()
+    assert proc.stderr is not None
+    async with asyncio.timeout(20):
+        rest = (await proc.stderr.read()).decode()
+        code = await proc.wait()
+    assert code == 1, rest
+    lines = [ln for ln in rest.splitlines() if ln.startswith("qmpmux")]
+    return one_line_error("\n".join(lines))
+
+
+def _connect(path: Path) -> Callable[[], None]:
+    def go() -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(path))
+        s.close()
+
+    return go
+
+
+async def test_an_unknown_socket_name_is_one_line(tmp_path: Path) -> None:
+    proc, (path,) = await activated(
+        tmp_path, {}, "full", "--listen", "systemd:ro", "--upstream", "unix:/nonexistent",
+        sockets=("full",),
+    )  # fmt: skip
+    line = await _activation_error(proc, _connect(path))
+    assert "systemd:ro: no inherited socket named 'ro' (LISTEN_FDNAMES: full;" in line
+
+
+async def test_a_datagram_socket_is_one_line(tmp_path: Path) -> None:
+    activate = tool("systemd-socket-activate")
+    path = tmp_path / "dgram.sock"
+    proc = await asyncio.create_subprocess_exec(
+        activate, "--datagram", "-l", str(path), "--fdname=d",
+        sys.executable, "-m", "qmpmux", "--listen", "systemd:d", "--upstream", "unix:/x",
+        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    async with asyncio.timeout(20):
+        assert b"Listening on" in await proc.stderr.readline()
+
+    def send() -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.sendto(b"x", str(path))
+        s.close()
+
+    line = await _activation_error(proc, send)
+    assert "systemd:d: fd 3 is not a stream socket" in line
+
+
+async def test_sockets_for_another_process_are_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "full"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qmpmux", "--listen", "systemd:full", "--upstream", "unix:/x",
+        env=env, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(20):
+        _, err = await proc.communicate()
+    assert proc.returncode == 1
+    line = one_line_error(err.decode())
+    assert "LISTEN_PID=1 is not qmpmux's pid" in line
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("systemd:full,mode=660", "set SocketMode= in its .socket unit"),
+        ("systemd:full,group=daemon", "set SocketGroup= in its .socket unit"),
+        ("tcp:127.0.0.1:4444,owner=root", "owner= applies to unix sockets only"),
+        ("systemd:", "systemd:NAME needs the FileDescriptorName="),
+        ("unix:/tmp/x,group=no-such-group-here", "bad group in"),
+        ("unix:/tmp/x,owner=no-such-user-here", "no user 'no-such-user-here'"),
+    ],
+)
+async def test_bad_listener_ownership_is_one_line(listen: str, message: str) -> None:
+    code, out = await run("--listen", listen, "--upstream", "unix:/x")
+    assert code == 2
+    assert message in one_line_error(out)
+
+
+async def test_an_unknown_group_in_the_file_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'upstream = "unix:/x"\n[[listen]]\naddress = "unix:/tmp/a.sock"\n'
+        '[[listen]]\naddress = "unix:/tmp/b.sock"\ngroup = "no-such-group-here"\n'
+    )
+    code, out = await run("--config", str(config))
+    assert code == 2
+    assert f"{config}: listen[1].group: no group 'no-such-group-here'" in one_line_error(out)
+
+
+# --- ownership -------------------------------------------------------------------------------
+
+
+def _other_ids() -> tuple[int, int, int]:
+    """(a uid that is not ours, a group to give the socket, a group that is not it)."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a socket to another group and connecting as it needs root")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    return nobody, grp.getgrnam("daemon").gr_gid, grp.getgrnam("nogroup").gr_gid
+
+
+def _connects_as(path: Path, uid: int, gid: int) -> str:
+    """Connect from a process with exactly these ids: 'greeting' or the error."""
+    code = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX)\n"
+        "try:\n s.connect(sys.argv[1])\nexcept OSError as e:\n print(e.strerror); sys.exit()\n"
+        "s.settimeout(10); print('greeting' if b'QMP' in s.recv(4096) else 'nothing')\n"
+    )
+    # The system interpreter: another user may not be able to read this one's tree.
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    done = subprocess.run(
+        [python, "-c", code, str(path)],
+        user=uid, group=gid, extra_groups=[], capture_output=True, text=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    return done.stdout.strip() or done.stderr
+
+
+async def test_a_group_can_use_a_readonly_listener(tmp_path: Path) -> None:
+    nobody, daemon, nogroup = _other_ids()
+    qemu = _qemu(tmp_path)
+    # A directory the other users can reach (pytest's own tree is root's alone).
+    shared = Path(tempfile.mkdtemp(prefix="qmpmux-group-"))
+    os.chmod(shared, 0o755)
+    path = shared / "ro.sock"
+    mux = await Running.start(
+        "--upstream", f"unix:{qemu.monitors[0]}",
+        "--listen", f"unix:{path},profile=readonly,mode=660,owner={nobody},group=daemon",
+    )  # fmt: skip
+    try:
+        st = os.lstat(path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (nobody, daemon, 0o660)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, _connects_as, path, 12345, daemon) == "greeting"
+        denied = await loop.run_in_executor(None, _connects_as, path, 12345, nogroup)
+        assert denied == "Permission denied"
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
+        assert not path.exists()  # a socket qmpmux bound is its own to remove
+    finally:
+        if mux.proc.returncode is None:
+            mux.proc.kill()
+            await mux.proc.wait()
+        qemu.stop()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+# --- help and connect failures ---------------------------------------------------------------
+
+
+async def test_help_tells_all() -> None:
+    code, out = await run("--help")
+    assert code == 0
+    for word in (
+        "check-config",
+        "SIGHUP",
+        "qmpmux.toml.example",
+        "systemd:NAME",
+        "owner=USER",
+        "group=GROUP",
+        "READY=1",
+        *BUILTIN,
+    ):
+        assert word in out, word
+    code, out = await run("check-config", "--help")
+    assert code == 0
+    assert "--spawn" in out and "--upstream" in out
+
+
+async def test_connect_failures_say_what_is_there(tmp_path: Path) -> None:
+    regular = tmp_path / "file"
+    regular.write_text("")
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on
+    for target, message in (
+        (regular, "it exists but is not a socket"),
+        (stale, "a socket file, but nothing is listening on it"),
+        (tmp_path / "absent", "no such file"),
+    ):
+        code, out = await run(
+            "--listen", f"unix:{tmp_path}/m.sock", "--upstream", f"unix:{target}",
+            "--connect-timeout", "0.1", "--log-level", "warning",
+        )  # fmt: skip
+        assert code == 1
+        assert f"cannot connect to QEMU at unix:{target}: {message}" in one_line_error(out)
+
+
+def test_a_watchdog_for_another_process_is_not_ours() -> None:
+    env = {"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1", "NOTIFY_SOCKET": "@x"}
+    n = Notifier(env)
+    assert n.enabled and n.watchdog is None and env == {}  # and nothing left for children
+    assert Notifier({"WATCHDOG_USEC": "1000000"}).watchdog == 1.0
