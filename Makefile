@@ -30,7 +30,7 @@ demo: setup
 	@echo "  socat - UNIX-CONNECT:$(DEMO_SOCK)      then type {\"execute\":\"qmp_capabilities\"}"
 	@echo "  $(BIN)/qmp-shell $(DEMO_SOCK)"
 	@echo "Ctrl-C shuts QEMU down cleanly."
-	$(BIN)/qmpmux --listen unix:$(DEMO_SOCK) --spawn -- $(QEMU) -machine none -nodefaults -display none
+	$(BIN)/qmpmux --listen unix:$(DEMO_SOCK) --shutdown-timeout 0 --spawn -- $(QEMU) -machine none -nodefaults -display none
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -39,7 +39,16 @@ from qmpmux.hub import Hub, UpstreamReady
 from qmpmux.policy import BUILTIN, Policy
 from qmpmux.server import Proxy, StartupError, open_audit
 from qmpmux.systemd import Inherited, Notifier, ServiceState, listen_fds
-from qmpmux.upstream import MONITOR_ID, connect, exit_status, spawn, stop_qemu
+from qmpmux.upstream import (
+    CONTROL_ID,
+    MONITOR_ID,
+    Spawned,
+    connect,
+    exit_status,
+    shut_down,
+    spawn,
+    stop_qemu,
+)
 
 log = logging.getLogger("qmpmux")
 
@@ -89,14 +98,17 @@ upstream (exactly one):
                    seconds while the socket does not exist yet)
   --spawn -- QEMU ARGS...
                    start QEMU with a private QMP monitor added to ARGS; SIGTERM/SIGINT
-                   shut QEMU down cleanly and qmpmux exits with QEMU's status
+                   press the guest's power button (system_powerdown), wait up to
+                   --shutdown-timeout for it to power off, then quit QEMU, then
+                   signal it; qmpmux exits with QEMU's status
 
 signals:
   SIGHUP           reload the --config file's profiles and rules; every client keeps its
                    connection and gets the new policy from its next command (an invalid
                    file is logged and the old policy stays; listeners and limits need a
                    restart)
-  SIGTERM, SIGINT  shut down
+  SIGTERM, SIGINT  shut down (with --spawn: power the guest down first; a second
+                   signal stops waiting for it)
 
 service manager: with NOTIFY_SOCKET set (systemd Type=notify), qmpmux sends READY=1
 once QEMU's monitor is negotiated and every listener is open, a STATUS= line, RELOADING=1
@@ -184,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {defaults.outbox_bytes})",
     )
     p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --spawn, on SIGTERM/SIGINT: how long the guest gets to power down after "
+        "system_powerdown before QEMU is told to quit; 0 quits at once; a second signal "
+        "stops waiting (default: 60)",
+    )
+    p.add_argument(
         "--spawn",
         action="store_true",
         help="start QEMU: everything after --spawn [--] is its command line",
@@ -229,6 +249,9 @@ def parse_args(argv: Sequence[str]) -> Config:
         allow_remote=args.allow_remote or file.allow_remote,
         log_level=args.log_level or file.log_level,
         connect_timeout=args.connect_timeout or file.connect_timeout,
+        shutdown_timeout=(
+            file.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout
+        ),
         limits=limits,
         policy=policy_of(file, origin),
         audit=audit,
@@ -270,7 +293,8 @@ async def serve(
         config.limits,
         config.policy,
         audit=audit is not None,
-        protected=frozenset({MONITOR_ID}) if config.spawn else frozenset(),
+        # Nobody may yank qmpmux's own monitors (README "Policy").
+        protected=frozenset({MONITOR_ID, CONTROL_ID}) if config.spawn else frozenset(),
         listener_caps=config.listener_caps(),
     )
     proxy = Proxy(config, hub, audit=audit)
@@ -284,10 +308,12 @@ async def serve(
         if config.spawn
         else f"connecting to QEMU at {config.upstream}"
     )
+    qemu: Spawned | None = None
     process = None
     try:
         if config.spawn:
-            process, sock = await spawn(config.spawn)
+            qemu, sock = await spawn(config.spawn)
+            process = qemu.process
         else:
             assert config.upstream is not None
             sock = await connect(config.upstream, config.connect_timeout)
@@ -295,14 +321,20 @@ async def serve(
         proxy.unbind()
         raise
     stopping: list[asyncio.Task[int]] = []
+    hurry = asyncio.Event()
 
     def on_signal(name: str) -> None:
-        log.info("received %s: shutting down", name)
         service.stopping(f"received {name}")
-        if process is not None:
-            stopping.append(loop.create_task(stop_qemu(process)))  # QEMU's exit ends the session
-        else:
+        if qemu is None:
+            log.info("received %s: shutting down", name)
             proxy.stop(f"received {name}", 0)
+        elif not stopping:
+            log.info("received %s: shutting QEMU down", name)
+            # QEMU's exit ends the session, and with it proxy.wait().
+            stopping.append(loop.create_task(shut_down(qemu, config.shutdown_timeout, hurry)))
+        else:
+            log.info("received %s again: not waiting for the guest", name)
+            hurry.set()
 
     def on_reload() -> None:
         # The manager waits for READY=1 after RELOADING=1, whatever the outcome.
@@ -355,7 +387,7 @@ async def serve(
     code = await proxy.wait()
     service.stopping(_status(proxy, ready, stopping=True))
     if process is not None:
-        status = exit_status(await stop_qemu(process))
+        status = exit_status(await (stopping[0] if stopping else stop_qemu(process)))
         # QEMU's own status when it ended the session; qmpmux's failure when qmpmux lost
         # the connection and had to stop QEMU itself.
         return status if code == 0 else code

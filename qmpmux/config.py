@@ -120,6 +120,7 @@ class Config(msgspec.Struct, frozen=True):
     allow_remote: bool = False
     log_level: str = "info"
     connect_timeout: float = 5.0
+    shutdown_timeout: float = 60.0  # --spawn: seconds the guest gets to power down
     limits: Limits = Limits()
     policy: Policy = DEFAULT_POLICY
     audit: str | None = None  # a file path, or "stderr"
@@ -155,6 +156,7 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     allow_remote: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     connect_timeout: float = 5.0
+    shutdown_timeout: float = 60.0
     limits: Limits = Limits()
     audit: AuditSpec | None = None
     profiles: dict[str, ProfileSpec] = {}
@@ -421,6 +423,8 @@ def check(config: Config) -> None:
             raise ConfigError(
                 f"refusing to listen on non-loopback {listener.address} without --allow-remote"
             )
+    if not 0 <= config.shutdown_timeout <= 3600:
+        raise ConfigError(f"shutdown-timeout = {config.shutdown_timeout:g}: expected 0 to 3600")
     check_limits(config.limits)
     paths = [str(lst.address) for lst in config.listeners]
     if len(set(paths)) != len(paths):

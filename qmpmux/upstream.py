@@ -4,11 +4,19 @@ With `--spawn`, QEMU gets one end of a socketpair as a private QMP monitor
 (`-chardev socket,fd=N`): nothing on the filesystem, no connect race, and nobody but
 qmpmux can reach that monitor. QEMU is asked to die with qmpmux (PR_SET_PDEATHSIG) so
 a killed proxy never leaves an unmanageable VM behind.
+
+A second private monitor, the *lifecycle* monitor, is qmpmux's alone and stays
+unnegotiated (so QEMU queues nothing on it: events go only to negotiated monitors,
+`monitor/qmp.c`) until qmpmux shuts the guest down: `system_powerdown`, the ACPI power
+button a host presses on shutdown, then `quit`, then signals. It is separate from the
+clients' upstream so that shutting down needs nothing from the hub and cannot queue
+behind clients' commands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -19,12 +27,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from qmpmux.config import Address
 from qmpmux.server import StartupError
 
 log = logging.getLogger("qmpmux.upstream")
 
 MONITOR_ID = "qmpmux0"  # the chardev id of qmpmux's private monitor inside QEMU
+CONTROL_ID = "qmpmux-lifecycle"  # the chardev id of the lifecycle monitor
+QUIT_GRACE = 5.0  # seconds QEMU gets to exit after `quit`, and again after SIGTERM
 _PR_SET_PDEATHSIG = 1
 
 
@@ -105,36 +117,125 @@ def _die_with_parent() -> None:
         pass
 
 
-def monitor_args(fd: int) -> list[str]:
+def monitor_args(fd: int, chardev: str = MONITOR_ID) -> list[str]:
     return [
         "-chardev",
-        f"socket,id={MONITOR_ID},fd={fd}",
+        f"socket,id={chardev},fd={fd}",
         "-mon",
-        f"chardev={MONITOR_ID},mode=control",
+        f"chardev={chardev},mode=control",
     ]
 
 
-async def spawn(argv: Sequence[str]) -> tuple[asyncio.subprocess.Process, socket.socket]:
-    """Start QEMU with a private QMP monitor on a socketpair; returns (process, our end)."""
+class Spawned:
+    """A QEMU qmpmux started: its process and qmpmux's end of the lifecycle monitor."""
+
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.process = process
+        self._control = control
+        self._buffer = b""
+        self._negotiated = False
+
+    async def execute(self, command: str, timeout: float = QUIT_GRACE) -> None:
+        """Run one argument-less command on the lifecycle monitor; OSError (a closed
+        monitor) or TimeoutError if QEMU does not answer it."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            if not self._negotiated:
+                await self._line(loop)  # the greeting, waiting since start-up
+                await self._call(loop, "qmp_capabilities")
+                self._negotiated = True
+            await self._call(loop, command)
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, command: str) -> None:
+        request = msgspec.json.encode({"execute": command, "id": command})
+        await loop.sock_sendall(self._control, request)
+        while True:
+            message = msgspec.json.decode(await self._line(loop))
+            if isinstance(message, dict) and message.get("id") == command:
+                if "error" in message:
+                    raise ConnectionError(f"{command}: {message['error']}")
+                return
+
+    async def _line(self, loop: asyncio.AbstractEventLoop) -> bytes:
+        while b"\n" not in self._buffer:
+            data = await loop.sock_recv(self._control, 65536)
+            if not data:
+                raise ConnectionError("QEMU closed the lifecycle monitor")
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+
+async def spawn(argv: Sequence[str]) -> tuple[Spawned, socket.socket]:
+    """Start QEMU with a private QMP monitor on a socketpair, and the lifecycle monitor on
+    another; returns (the QEMU, our end of the clients' monitor)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    control, their_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    control.setblocking(False)
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
             *monitor_args(theirs.fileno()),
+            *monitor_args(their_control.fileno(), CONTROL_ID),
             stdin=asyncio.subprocess.DEVNULL,
-            pass_fds=(theirs.fileno(),),
+            pass_fds=(theirs.fileno(), their_control.fileno()),
             preexec_fn=_die_with_parent,
         )
     except FileNotFoundError:
         ours.close()
+        control.close()
         raise StartupError(f"cannot start QEMU: {argv[0]}: command not found") from None
     except PermissionError:
         ours.close()
+        control.close()
         raise StartupError(f"cannot start QEMU: {argv[0]}: permission denied") from None
     finally:
         theirs.close()
+        their_control.close()
     log.info("started QEMU (pid %d): %s", process.pid, " ".join(argv))
-    return process, ours
+    return Spawned(process, control), ours
+
+
+async def _exited(
+    process: asyncio.subprocess.Process, timeout: float, hurry: asyncio.Event
+) -> bool:
+    """Whether QEMU exits within `timeout` (cut short when `hurry` is set)."""
+    waits = [asyncio.ensure_future(process.wait()), asyncio.ensure_future(hurry.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    return process.returncode is not None
+
+
+async def shut_down(qemu: Spawned, timeout: float, hurry: asyncio.Event) -> int:
+    """Shut a guest down as a host does: press its power button (`system_powerdown`) and
+    wait up to `timeout` seconds for the guest OS to power off, which ends QEMU; then
+    `quit`, then SIGTERM, then SIGKILL (the order of qemu.qmp's machine.py). `timeout` 0
+    skips the guest; `hurry` (a second SIGTERM) cuts the wait short. Returns QEMU's
+    return code."""
+    process = qemu.process
+    if timeout > 0 and process.returncode is None:
+        try:
+            await qemu.execute("system_powerdown")
+            log.info("asked the guest to power down; waiting up to %g s", timeout)
+            if await _exited(process, timeout, hurry):
+                return await process.wait()
+            log.warning(
+                "the guest did not power down %s; quitting QEMU",
+                "(asked again to stop)" if hurry.is_set() else f"within {timeout:g} s",
+            )
+        except (OSError, TimeoutError, msgspec.DecodeError) as exc:
+            log.warning("cannot ask the guest to power down (%s); quitting QEMU", exc)
+    if process.returncode is None:
+        # QEMU may close the monitor before it answers `quit`.
+        with contextlib.suppress(OSError, TimeoutError, msgspec.DecodeError):
+            await qemu.execute("quit")
+        if await _exited(process, QUIT_GRACE, asyncio.Event()):
+            return await process.wait()
+        log.warning("QEMU did not quit within %g s; sending SIGTERM", QUIT_GRACE)
+    return await stop_qemu(process, grace=QUIT_GRACE)
 
 
 async def stop_qemu(process: asyncio.subprocess.Process, grace: float = 10.0) -> int:

@@ -237,7 +237,8 @@ async def test_spawned_qemu_inherits_neither_sockets_nor_variables(tmp_path: Pat
         tmp_path,
         {"NOTIFY_SOCKET": notify.address},
         "mon",
-        "--listen", "systemd:mon", "--spawn", "--", qemu_path(), *BASE_ARGS,
+        "--listen", "systemd:mon", "--shutdown-timeout", "0",
+        "--spawn", "--", qemu_path(), *BASE_ARGS,
         sockets=("mon",),
     )  # fmt: skip
     try:
@@ -466,3 +467,94 @@ def test_a_watchdog_for_another_process_is_not_ours() -> None:
     n = Notifier(env)
     assert n.enabled and n.watchdog is None and env == {}  # and nothing left for children
     assert Notifier({"WATCHDOG_USEC": "1000000"}).watchdog == 1.0
+
+
+# --- --spawn shutdown ------------------------------------------------------------------------
+
+# A boot sector that behaves as a guest OS does on the ACPI power button: it enables the
+# power-button event (PM1_EN), says "R" on the debug console port 0xe9 once it listens,
+# polls PM1_STS for the button, then enters S5 through PM1_CNT (SLP_TYP 0, SLP_EN), which
+# QEMU's PIIX4 turns into a guest shutdown (`hw/acpi/core.c` acpi_pm1_cnt_write). The PM
+# registers are at 0x600, where SeaBIOS puts them on the `pc` machine.
+POWER_BUTTON_GUEST = bytes.fromhex(
+    "ba0206" "b80001" "ef"  # mov dx,0x602; mov ax,0x100; out dx,ax
+    "b052" "e6e9"  # mov al,'R'; out 0xe9,al
+    "ba0006" "ed" "a90001" "74f7"  # poll: mov dx,0x600; in ax,dx; test ax,0x100; jz poll
+    "ba0406" "b80020" "ef"  # mov dx,0x604; mov ax,0x2000; out dx,ax
+    "f4" "ebfd"  # hlt; jmp hlt
+)  # fmt: skip
+
+
+async def _shutdown_events(client: RawClient) -> list[str]:
+    """Events up to and including SHUTDOWN, as 'NAME' or 'SHUTDOWN:reason'."""
+    seen = []
+    while True:
+        message = await client.read_json(timeout=30)
+        name = message.get("event")
+        if name == "SHUTDOWN":
+            data = message["data"]
+            assert isinstance(data, dict)
+            seen.append(f"SHUTDOWN:{data['reason']}")
+            return seen
+        if isinstance(name, str):
+            seen.append(name)
+
+
+async def test_spawn_sigterm_powers_an_obeying_guest_down(tmp_path: Path) -> None:
+    image = tmp_path / "guest.img"
+    image.write_bytes(POWER_BUTTON_GUEST.ljust(510, b"\0") + b"\x55\xaa")
+    console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    console.bind(str(tmp_path / "console.sock"))
+    console.listen(1)
+    console.setblocking(False)
+    sock = tmp_path / "vm.sock"
+    mux = await Running.start(
+        "--listen", f"unix:{sock}", "--spawn", "--", qemu_path(), "-machine", "pc",
+        "-nodefaults", "-display", "none",
+        "-drive", f"file={image},format=raw,if=floppy",
+        "-chardev", f"socket,id=console,path={tmp_path / 'console.sock'}",
+        "-device", "isa-debugcon,iobase=0xe9,chardev=console",
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(30):
+            conn, _ = await loop.sock_accept(console)
+            assert await loop.sock_recv(conn, 1) == b"R"  # the guest listens for the button
+        client = await RawClient.connect(sock)
+        await client.negotiate()
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await _shutdown_events(client) == ["POWERDOWN", "SHUTDOWN:guest-shutdown"]
+        assert await mux.wait() == 0
+        assert any("asked the guest to power down" in line for line in mux.log)
+        assert not any("quitting QEMU" in line for line in mux.log), mux.log
+    finally:
+        if mux.proc.returncode is None:
+            mux.proc.kill()
+            await mux.proc.wait()
+        console.close()
+
+
+async def test_spawn_sigterm_quits_a_guest_that_ignores_the_power_button(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"  # `-machine none` has no power button to press
+    mux = await Running.start("--listen", f"unix:{sock}", "--shutdown-timeout", "0.5",
+                              "--spawn", "--", qemu_path(), *BASE_ARGS)  # fmt: skip
+    client = await RawClient.connect(sock)
+    await client.negotiate()
+    mux.proc.send_signal(signal.SIGTERM)
+    assert await _shutdown_events(client) == ["POWERDOWN", "SHUTDOWN:host-qmp-quit"]
+    assert await mux.wait() == 0
+    assert any("did not power down within 0.5 s; quitting QEMU" in line for line in mux.log)
+
+
+async def test_a_second_sigterm_stops_waiting_for_the_guest(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    mux = await Running.start("--listen", f"unix:{sock}", "--shutdown-timeout", "3600",
+                              "--spawn", "--", qemu_path(), *BASE_ARGS)  # fmt: skip
+    client = await RawClient.connect(sock)
+    await client.negotiate()
+    mux.proc.send_signal(signal.SIGTERM)
+    await mux.expect("asked the guest to power down; waiting up to 3600 s")
+    mux.proc.send_signal(signal.SIGTERM)
+    assert await _shutdown_events(client) == ["POWERDOWN", "SHUTDOWN:host-qmp-quit"]
+    assert await mux.wait() == 0
+    assert any("did not power down (asked again to stop)" in line for line in mux.log)
