@@ -558,3 +558,22 @@ async def test_a_second_sigterm_stops_waiting_for_the_guest(tmp_path: Path) -> N
     assert await _shutdown_events(client) == ["POWERDOWN", "SHUTDOWN:host-qmp-quit"]
     assert await mux.wait() == 0
     assert any("did not power down (asked again to stop)" in line for line in mux.log)
+
+
+async def test_nobody_may_yank_the_lifecycle_monitor(tmp_path: Path) -> None:
+    sock = tmp_path / "vm.sock"
+    mux = await Running.start("--listen", f"unix:{sock}", "--shutdown-timeout", "0",
+                              "--spawn", "--", qemu_path(), *BASE_ARGS)  # fmt: skip
+    try:
+        client = await RawClient.connect(sock)
+        await client.negotiate()
+        chardevs = await client.command(b'{"execute":"query-chardev"}')
+        assert b'"qmpmux-lifecycle"' in chardevs  # QEMU's own view: it is there
+        reply = await client.command(
+            b'{"execute":"yank","arguments":{"instances":'
+            b'[{"type":"chardev","id":"qmpmux-lifecycle"}]}}'
+        )
+        assert b"refused by qmpmux policy" in reply
+    finally:
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
