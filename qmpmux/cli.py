@@ -275,9 +275,13 @@ def _status(proxy: Proxy, ready: UpstreamReady | None, stopping: bool = False) -
     if ready is None:
         return "connecting to QEMU"
     clients = len(proxy.hub.clients)
-    version = ready.version.decode("ascii", "replace")
+    try:  # the greeting's version object (docs/protocol.md §4)
+        qemu = msgspec.json.decode(ready.version)["qemu"]
+        version = f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}"
+    except (msgspec.DecodeError, KeyError, TypeError):
+        version = "(unknown version)"
     return (
-        f"{clients} client{'' if clients == 1 else 's'}; QEMU {version}, "
+        f"{clients} client{'' if clients == 1 else 's'}; QEMU {version} "
         f"{'session over' if stopping else 'connected'}"
     )
 

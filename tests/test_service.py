@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from qmpmux.policy import BUILTIN
@@ -194,7 +195,9 @@ async def test_socket_activation_with_two_named_sockets_and_notifications(
         first = await RawClient.connect(ro)
         await first.negotiate()
         ready = await notify.expect(lambda m: "READY=1" in m)
-        assert any(f.startswith("STATUS=") and "QEMU" in f for f in ready), ready
+        v = msgspec.json.decode(first.greeting)["QMP"]["version"]["qemu"]
+        version = f"QEMU {v['major']}.{v['minor']}.{v['micro']} connected"
+        assert f"STATUS=0 clients; {version}" in ready or f"STATUS=1 client; {version}" in ready
         me = await whoami(first)
         assert me["listener"] == "systemd:readonly" and me["profile"] == "readonly"
         await first.send(b'{"execute":"stop","id":1}')
@@ -203,7 +206,7 @@ async def test_socket_activation_with_two_named_sockets_and_notifications(
         second = await RawClient.connect(full)
         await second.negotiate()
         assert (await whoami(second))["profile"] == "full"
-        await notify.expect(lambda m: any(f.startswith("STATUS=2 clients") for f in m))
+        await notify.expect(lambda m: f"STATUS=2 clients; {version}" in m)
         await notify.expect(lambda m: m == ["WATCHDOG=1"])
 
         # SIGHUP: RELOADING=1 with the monotonic time it began, then READY=1.
@@ -215,6 +218,8 @@ async def test_socket_activation_with_two_named_sockets_and_notifications(
         after_reload = await notify.expect(lambda m: "READY=1" in m)
         assert usec[0] <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000, after_reload
         assert (await whoami(second))["profile"] == "full"  # nobody was dropped
+        await second.close()
+        await notify.expect(lambda m: f"STATUS=1 client; {version}" in m)
 
         proc.send_signal(signal.SIGTERM)
         await notify.expect(lambda m: "STOPPING=1" in m)
