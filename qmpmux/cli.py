@@ -369,7 +369,8 @@ async def serve(
     except StartupError as exc:
         service.stopping(str(exc))
         if process is None:
-            raise
+            # Name the monitor: "no greeting" most often means another client holds it.
+            raise StartupError(f"cannot use QEMU's monitor at {config.upstream}: {exc}") from None
         try:
             rc = await asyncio.wait_for(process.wait(), 2)
         except TimeoutError:

@@ -582,3 +582,23 @@ async def test_nobody_may_yank_the_lifecycle_monitor(tmp_path: Path) -> None:
     finally:
         mux.proc.send_signal(signal.SIGTERM)
         assert await mux.wait() == 0
+
+
+async def test_a_monitor_held_by_another_client_is_named(tmp_path: Path) -> None:
+    """QEMU serves one client per monitor; a second one is accepted but never greeted."""
+    vm = start_qemu(tmp_path, monitors=1)
+    try:
+        holder = await RawClient.connect(vm.monitors[0])
+        code, out = await run(
+            "--listen", f"unix:{tmp_path}/m.sock", "--upstream", f"unix:{vm.monitors[0]}",
+            "--log-level", "error",
+        )  # fmt: skip
+        assert code == 1 and "Traceback" not in out
+        (line,) = [ln for ln in out.splitlines() if ln.startswith("qmpmux: error: ")]
+        assert (
+            f"cannot use QEMU's monitor at unix:{vm.monitors[0]}: QEMU sent no QMP greeting" in line
+        )
+        assert "another client already connected to that monitor" in line
+        await holder.close()
+    finally:
+        vm.stop()
