@@ -122,7 +122,7 @@ exit status: 0 after QEMU shut down cleanly (quit, SHUTDOWN) or on SIGTERM/SIGIN
 1 if QEMU went away unexpectedly or qmpmux could not start; 2 for usage errors.
 
 examples:
-  qmpmux --listen unix:/run/vm1.qmp --spawn -- qemu-system-x86_64 -machine none -display none
+  qmpmux --listen unix:/run/vm1.qmp --spawn -- qemu-system-x86_64 -machine q35 -m 1G vm1.img
   qmpmux --upstream unix:/run/qemu/vm1.qmp --listen unix:/run/qmpmux/vm1.sock \\
          --listen unix:/run/qmpmux/vm1-ro.sock,profile=readonly,mode=660,group=monitoring
   qmpmux --config /etc/qmpmux/vm1.toml

@@ -182,14 +182,12 @@ class ServiceState:
         self._notifier.send("READY=1", f"STATUS={self._last}")
 
     def stopping(self, why: str) -> None:
-        self.close()
+        """STOPPING=1; the status stops following clients, the watchdog keeps beating
+        (powering a guest down may take a while, and qmpmux is still alive)."""
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
         self._notifier.send("STOPPING=1", f"STATUS=stopping: {why}")
-
-    def close(self) -> None:
-        for timer in (self._poll_timer, self._watchdog_timer):
-            if timer is not None:
-                timer.cancel()
-        self._poll_timer = self._watchdog_timer = None
 
     def _send_status(self, text: str) -> None:
         if text != self._last:
