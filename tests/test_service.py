@@ -23,6 +23,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from qmpmux.cli import parse_args
 from qmpmux.policy import BUILTIN
 from qmpmux.systemd import Notifier
 from tests.realqemu import BASE_ARGS, Qemu, RawClient, qemu_path, start_qemu
@@ -602,3 +603,51 @@ async def test_a_monitor_held_by_another_client_is_named(tmp_path: Path) -> None
         await holder.close()
     finally:
         vm.stop()
+
+
+_INHERIT_PROBE = """
+import os, socket, sys
+from qmpmux.systemd import InheritError, listen_fds
+kind = sys.argv[1]
+if kind == "listening":
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(sys.argv[2])
+    s.listen()
+else:  # connected, not listening
+    s, _peer = socket.socketpair()
+os.dup2(s.fileno(), 3)  # inheritable, as the service manager passes it
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="x")
+inherited = listen_fds()
+print("cloexec" if not os.get_inheritable(3) else "inheritable")
+print("env-clear" if not any(k.startswith("LISTEN_") for k in os.environ) else "env-left")
+try:
+    print("took", len(inherited.take("x")))
+except InheritError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "last"),
+    [
+        ("listening", "took 1"),
+        ("connected", "cannot listen on systemd:x: fd 3 is not listening"),
+    ],
+)
+def test_inherited_fds_are_close_on_exec_and_checked(tmp_path: Path, kind: str, last: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _INHERIT_PROBE, kind, str(tmp_path / "l.sock")],
+        capture_output=True, text=True, timeout=30, check=False, cwd=ROOT,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["cloexec", "env-clear"], done.stdout + done.stderr
+    assert lines[2].startswith(last), lines
+
+
+def test_a_rule_may_name_an_inherited_listener(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'upstream = "unix:/x"\n[[listen]]\naddress = "systemd:ro"\nprofile = "readonly"\n'
+        '[[rules]]\nuid = 0\nlistener = "systemd:ro"\nprofile = "full"\n'
+    )
+    assert parse_args(["--config", str(config)]).listeners[0].address.name == "ro"
