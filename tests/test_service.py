@@ -608,6 +608,7 @@ async def test_a_monitor_held_by_another_client_is_named(tmp_path: Path) -> None
 _INHERIT_PROBE = """
 import os, socket, sys
 from qmpmux.systemd import InheritError, listen_fds
+hold = os.open(os.devnull, os.O_RDONLY)  # takes fd 3: the socket must come from elsewhere
 kind = sys.argv[1]
 if kind == "listening":
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -615,6 +616,7 @@ if kind == "listening":
     s.listen()
 else:  # connected, not listening
     s, _peer = socket.socketpair()
+assert s.fileno() != 3
 os.dup2(s.fileno(), 3)  # inheritable, as the service manager passes it
 os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="x")
 inherited = listen_fds()
