@@ -653,3 +653,30 @@ def test_a_rule_may_name_an_inherited_listener(tmp_path: Path) -> None:
         '[[rules]]\nuid = 0\nlistener = "systemd:ro"\nprofile = "full"\n'
     )
     assert parse_args(["--config", str(config)]).listeners[0].address.name == "ro"
+
+
+async def test_an_inherited_tcp_socket_on_all_addresses_needs_allow_remote(
+    tmp_path: Path,
+) -> None:
+    activate = tool("systemd-socket-activate")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = await asyncio.create_subprocess_exec(
+        activate, "-l", f"0.0.0.0:{port}", "--fdname=t",
+        sys.executable, "-m", "qmpmux", "--listen", "systemd:t", "--upstream", "unix:/x",
+        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    async with asyncio.timeout(20):
+        assert b"Listening on" in await proc.stderr.readline()
+
+    def trigger() -> None:
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+    line = await _activation_error(proc, trigger)
+    assert (
+        "refusing to listen on non-loopback systemd:t (fd 3) at 0.0.0.0 without --allow-remote"
+        in line
+    )
