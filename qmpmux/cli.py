@@ -21,6 +21,7 @@ import uvloop
 from qmpmux import __version__
 from qmpmux.checkconfig import check_config
 from qmpmux.config import (
+    DEFAULT_LANES,
     Config,
     ConfigError,
     FileConfig,
@@ -41,10 +42,10 @@ from qmpmux.server import Proxy, StartupError, open_audit
 from qmpmux.systemd import Inherited, Notifier, ServiceState, listen_fds
 from qmpmux.upstream import (
     CONTROL_ID,
-    MONITOR_ID,
     Spawned,
-    connect,
+    connect_all,
     exit_status,
+    monitor_ids,
     shut_down,
     spawn,
     stop_qemu,
@@ -139,7 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", metavar="FILE", help="TOML config file (flags given here override it)"
     )
-    p.add_argument("--upstream", metavar="ADDR", help="QEMU's QMP monitor to connect to")
+    p.add_argument(
+        "--upstream",
+        metavar="ADDR",
+        action="append",
+        default=[],
+        help="QEMU's QMP monitor to connect to; repeat it for further monitors of the same "
+        "QEMU, each a lane clients are spread over",
+    )
+    p.add_argument(
+        "--lanes",
+        type=int,
+        metavar="N",
+        help="with --spawn: how many monitors to open to QEMU, each a lane clients are "
+        f"spread over (default: {DEFAULT_LANES})",
+    )
     p.add_argument(
         "--listen",
         metavar="ADDR[,profile=NAME][,mode=OCTAL][,owner=USER][,group=GROUP][,max-clients=N]",
@@ -226,12 +241,19 @@ def parse_args(argv: Sequence[str]) -> Config:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    upstream_text = args.upstream if (args.upstream or qemu) else file.upstream
-    if upstream_text and not args.upstream and not qemu:
-        try:
-            parse_address(upstream_text)
-        except ConfigError as exc:
-            raise ConfigError(f"{origin}: upstream: {exc}") from None
+    if args.upstream or qemu:
+        upstream_texts: list[str] = args.upstream
+    else:
+        upstream_texts = (
+            [file.upstream] if isinstance(file.upstream, str) else list(file.upstream or ())
+        )
+        for i, text in enumerate(upstream_texts):
+            try:
+                parse_address(text)
+            except ConfigError as exc:
+                where = "upstream" if isinstance(file.upstream, str) else f"upstream[{i}]"
+                raise ConfigError(f"{origin}: {where}: {exc}") from None
+    upstreams = [parse_address(text) for text in upstream_texts]
     audit = args.audit or (file.audit.file if file.audit else None)
     limits = msgspec.structs.replace(file.limits, **overrides)
     try:
@@ -244,8 +266,10 @@ def parse_args(argv: Sequence[str]) -> Config:
             if args.listen
             else listeners_of(file, origin)
         ),
-        upstream=parse_address(upstream_text) if upstream_text else None,
+        upstream=upstreams[0] if upstreams else None,
+        more_upstreams=tuple(upstreams[1:]),
         spawn=tuple(qemu) if qemu else (() if args.upstream else file.spawn),
+        lanes=args.lanes or file.lanes or DEFAULT_LANES,
         allow_remote=args.allow_remote or file.allow_remote,
         log_level=args.log_level or file.log_level,
         connect_timeout=args.connect_timeout or file.connect_timeout,
@@ -298,8 +322,11 @@ async def serve(
         config.policy,
         audit=audit is not None,
         # Nobody may yank qmpmux's own monitors (README "Policy").
-        protected=frozenset({MONITOR_ID, CONTROL_ID}) if config.spawn else frozenset(),
+        protected=(
+            frozenset({*monitor_ids(config.lanes), CONTROL_ID}) if config.spawn else frozenset()
+        ),
         listener_caps=config.listener_caps(),
+        links=config.link_count(),
     )
     proxy = Proxy(config, hub, audit=audit)
     proxy.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start
@@ -316,11 +343,13 @@ async def serve(
     process = None
     try:
         if config.spawn:
-            qemu, sock = await spawn(config.spawn)
+            qemu, sock = await spawn(config.spawn, config.lanes)
             process = qemu.process
         else:
             assert config.upstream is not None
-            sock = await connect(config.upstream, config.connect_timeout)
+            sock = await connect_all(
+                (config.upstream, *config.more_upstreams), config.connect_timeout
+            )
     except StartupError:
         proxy.unbind()
         raise

@@ -29,6 +29,9 @@ from qmpmux.policy import (
 )
 
 DEFAULT_PROFILE = "full"
+# Monitors qmpmux opens to a QEMU it spawns (README "Lanes" has the measurements).
+DEFAULT_LANES = 4
+MAX_LANES = 64
 
 
 class ConfigError(ValueError):
@@ -38,15 +41,16 @@ class ConfigError(ValueError):
 class Limits(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
     """Bounds that keep one client from hurting others or QEMU."""
 
-    # Largest single client message. QEMU accepts 64 MiB but ingests ~276 KB/s on one
-    # shared I/O thread, so a huge command stalls every client; QEMU's error is reused.
-    max_message_bytes: int = 1 << 20
+    # Largest single client message (QEMU's own error beyond it). QEMU accepts 64 MiB and
+    # reads ~276 KB/s per monitor; with lanes a big command holds up only its own client,
+    # and what qmpmux sends upstream is never longer than what the client sent.
+    max_message_bytes: int = 16 << 20
     # Commands read from one client but not answered yet before qmpmux stops reading it,
-    # and the bytes of its commands still waiting to go upstream.
+    # and every byte qmpmux holds for it (commands, replies waiting, its outbox).
     max_pending: int = 256
-    max_pending_bytes: int = 4 << 20
+    max_pending_bytes: int = 16 << 20
     # Output queued for one client that does not read before it is disconnected.
-    outbox_bytes: int = 8 << 20
+    outbox_bytes: int = 24 << 20
     # In-band commands in flight upstream. QEMU queues 8 per monitor and stops reading
     # beyond that, which would leave an exec-oob command stuck behind them.
     upstream_window: int = 8
@@ -117,6 +121,10 @@ class Config(msgspec.Struct, frozen=True):
     listeners: tuple[Listener, ...]
     upstream: Address | None = None
     spawn: tuple[str, ...] = ()
+    # Further monitors of the same QEMU (`--upstream` repeated), and with `--spawn` how
+    # many monitors qmpmux opens: each is a lane its clients are spread over.
+    more_upstreams: tuple[Address, ...] = ()
+    lanes: int = DEFAULT_LANES
     allow_remote: bool = False
     log_level: str = "info"
     connect_timeout: float = 5.0
@@ -125,6 +133,10 @@ class Config(msgspec.Struct, frozen=True):
     policy: Policy = DEFAULT_POLICY
     audit: str | None = None  # a file path, or "stderr"
     source: str | None = None  # the config file, re-read on SIGHUP
+
+    def link_count(self) -> int:
+        """How many upstream monitors qmpmux holds."""
+        return self.lanes if self.spawn else 1 + len(self.more_upstreams)
 
     def listener_caps(self) -> dict[str, int | None]:
         """Each listener's label (as clients' `listener` shows it) and own max-clients."""
@@ -150,8 +162,9 @@ class AuditSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", froz
 class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
     """The TOML file, as written."""
 
-    upstream: str | None = None
+    upstream: str | tuple[str, ...] | None = None  # several: monitors of one QEMU
     spawn: tuple[str, ...] = ()
+    lanes: int | None = None  # with spawn
     listen: tuple[ListenSpec, ...] = ()
     allow_remote: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -426,6 +439,13 @@ def check(config: Config) -> None:
     if not 0 <= config.shutdown_timeout <= 3600:
         raise ConfigError(f"shutdown-timeout = {config.shutdown_timeout:g}: expected 0 to 3600")
     check_limits(config.limits)
+    if not 1 <= config.lanes <= MAX_LANES:
+        raise ConfigError(f"--lanes {config.lanes}: expected 1 to {MAX_LANES}")
+    if len(config.more_upstreams) >= MAX_LANES:
+        raise ConfigError(f"at most {MAX_LANES} --upstream monitors")
+    addresses = [str(a) for a in (config.upstream, *config.more_upstreams) if a is not None]
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("the same --upstream address is given twice")
     paths = [str(lst.address) for lst in config.listeners]
     if len(set(paths)) != len(paths):
         raise ConfigError("the same --listen address is given twice")

@@ -15,8 +15,12 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from qmpmux.session import Command, Session
+
+if TYPE_CHECKING:
+    from qmpmux.link import Link
 
 
 class Flow:
@@ -31,6 +35,7 @@ class Flow:
         "id",
         "in_ready",
         "inflight",
+        "link",
         "oob_replies",
         "paused",
         "queued_bytes",
@@ -51,6 +56,9 @@ class Flow:
         self.queues: tuple[deque[Command], deque[Command]] = (deque(), deque())
         self.inflight = [0, 0]
         self.in_ready = [False, False]
+        # The upstream monitor its commands go to (link.Link; None until its first). It
+        # moves only when nothing of it is in QEMU and it has no fd named there.
+        self.link: Link | None = None
         self.queued_bytes = 0
         # Bytes of replies that are made (locally, or by QEMU) but wait in `replies` or
         # `oob_replies` behind an earlier unanswered command: held by qmpmux, so counted.

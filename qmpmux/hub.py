@@ -26,10 +26,8 @@ Invariants:
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -53,8 +51,8 @@ from qmpmux.fdpass import (
     upstream_name,
 )
 from qmpmux.flow import Flow
-from qmpmux.ids import IdPool
 from qmpmux.introspect import FILTERS, replace_return, strip_message
+from qmpmux.link import INBAND, OOB, Link, UpstreamState
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
@@ -68,7 +66,6 @@ from qmpmux.wire import (
     GENERIC_ERROR,
     NO_ID,
     SHUTDOWN_EVENT,
-    UpstreamFramer,
     command_bytes,
     command_prefix,
     decode_fdset,
@@ -111,6 +108,7 @@ class ToUpstream:
 
     data: bytes
     fds: tuple[int, ...] = ()
+    link: int = 0  # which upstream monitor (lane)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,15 +171,8 @@ Action = (
 )
 
 
-class UpstreamState(enum.Enum):
-    GREETING = "greeting"
-    NEGOTIATING = "negotiating"
-    READY = "ready"
-    CLOSED = "closed"
-
-
 _client_log = logging.getLogger("qmpmux.client")
-INBAND, OOB = 0, 1  # the two upstream lanes
+_EVENT_COPIES_MAX: Final = 4096  # events awaiting their copies from the other links
 _UNSEEN: Final[list[int]] = []
 
 
@@ -196,6 +187,7 @@ class Hub:
         audit: bool = False,
         protected: frozenset[str] = frozenset(),
         listener_caps: Mapping[str, int | None] | None = None,
+        links: int = 1,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
     ) -> None:
@@ -221,27 +213,20 @@ class Hub:
         self.shutdown_seen = False
         self.clients: dict[int, Flow] = {}
         self._negotiated: dict[int, Session] = {}
-        # Per lane (INBAND, OOB): clients with queued commands, and commands in QEMU.
-        self._ready: tuple[deque[Flow], deque[Flow]] = (deque(), deque())
-        self._lane_inflight = [0, 0]
-        self._inflight_bytes = 0
-        self._last_lane = INBAND
-        self._inflight: dict[int, Command] = {}
-        self._ids = IdPool()
+        # The upstream monitors ("lanes"), each with its own window and queues.
+        self.links = [Link(i) for i in range(links)]
+        self._live: list[Link] = list(self.links)  # not closed
+        self._turn = 0  # where the next tie between equally loaded links is broken
+        # An event comes once per link: per event bytes, copies seen on each link and
+        # how many were delivered (a copy beyond that on some link is a new event).
+        self._event_copies: dict[bytes, list[int]] = {}
         self._next_client = 1
         self._greeting = b""
         self._offered: frozenset[str] = frozenset()
-        self._framer = UpstreamFramer()
-        # File descriptors (fdpass.py): whether the upstream can carry them (a unix
-        # socket; the shell says), the upstream id of the one fd-carrying command QEMU
-        # has not answered yet, the flows whose next command waits for it to be, and the
-        # client that created each fdset.
+        # Whether the upstream can carry fds (unix sockets; the shell says), and the
+        # client that created each fdset (fdpass.py).
         self.upstream_fds = True
-        self._fd_inflight: int | None = None
-        self._fd_waiting: list[tuple[Flow, int]] = []
         self._fdsets: dict[int, int] = {}
-        # qmpmux's own commands (closing a departed client's fds) queue on this flow.
-        self._system = Flow(Session(0, Peer("qmpmux"), frozenset(), Framer()))
         self._out: list[Action] = []
 
     def _take(self) -> list[Action]:
@@ -250,25 +235,53 @@ class Hub:
 
     # --- upstream ---------------------------------------------------------------------------
 
-    def upstream_data(self, data: bytes) -> list[Action]:
+    def upstream_data(self, data: bytes, link: int = 0) -> list[Action]:
+        """Bytes from upstream monitor `link`."""
+        up = self.links[link]
         try:
-            for line in self._framer.feed(data):
-                if self.state is UpstreamState.READY:
-                    self._upstream_message(line)
-                elif self.state is not UpstreamState.CLOSED:
-                    self._handshake(line)
+            for line in up.framer.feed(data):
+                if up.state is UpstreamState.READY:
+                    self._upstream_message(up, line)
+                elif up.state is not UpstreamState.CLOSED:
+                    self._handshake(up, line)
         except ValueError as exc:
             self._end(1, f"QEMU sent an oversized message: {exc}")
         self._pump()
         return self._take()
 
-    def upstream_closed(self, reason: str = "QEMU closed the monitor connection") -> list[Action]:
-        """The upstream connection is gone; `reason` says how (for the exit message)."""
-        if self.state is not UpstreamState.CLOSED:
+    def upstream_closed(
+        self, reason: str = "QEMU closed the monitor connection", link: int = 0
+    ) -> list[Action]:
+        """Upstream monitor `link` is gone; `reason` says how (for the log and exit).
+
+        The session ends when the last link goes, or any before all were ready. A link
+        lost while others serve costs only the clients that had commands in flight or
+        queued on it, or fds named in it: what became of those commands is unknown, so
+        they are closed (with the reason) rather than told something QEMU never said."""
+        up = self.links[link]
+        if self.state is UpstreamState.CLOSED or up.state is UpstreamState.CLOSED:
+            return self._take()
+        was_ready = up.state is UpstreamState.READY
+        up.state = UpstreamState.CLOSED
+        self._live.remove(up)
+        if not self._live or not was_ready or self.state is not UpstreamState.READY:
             if self.shutdown_seen:
                 self._end(0, "QEMU shut down")
             else:
                 self._end(1, reason)
+            return self._take()
+        log.error("lost QEMU monitor link %d (%s); %d link(s) still serve",
+                  link, reason, len(self._live))  # fmt: skip
+        for cid, flow in self.clients.items():
+            if flow.link is up:
+                if any(flow.inflight) or any(flow.queues) or flow.fd_names:
+                    self._drop_fds(flow)
+                    self._out.append(CloseClient(cid, f"lost QEMU monitor link {link}: {reason}"))
+                flow.link = None
+        up.inflight.clear()
+        for line in list(self._event_copies):
+            self._event_delivered(line)
+        self._pump()
         return self._take()
 
     def _end(self, code: int, reason: str) -> None:
@@ -278,51 +291,82 @@ class Hub:
             self._out.append(CloseClient(cid, reason))
         self._out.append(Exit(code, reason))
 
-    def _handshake(self, line: bytes) -> None:
+    def _handshake(self, up: Link, line: bytes) -> None:
         try:
             msg = decode_upstream(line)
         except msgspec.DecodeError:
             log.warning("ignoring non-QMP output from QEMU during handshake: %.200r", line)
             return
-        if self.state is UpstreamState.GREETING:
+        if up.state is UpstreamState.GREETING:
             if not msg.QMP:
                 self._end(1, f"QEMU did not greet with QMP: {line[:200]!r}")
                 return
             try:
-                self.version, caps = decode_greeting(msg.QMP)
+                up.version, caps = decode_greeting(msg.QMP)
             except msgspec.DecodeError:
                 self._end(1, f"malformed QMP greeting: {line[:200]!r}")
                 return
-            self.oob = CAP_OOB in caps
-            self._out.append(ToUpstream(CAPABILITIES_OOB if self.oob else CAPABILITIES_PLAIN))
-            self.state = UpstreamState.NEGOTIATING
+            up.oob = CAP_OOB in caps
+            caps_command = CAPABILITIES_OOB if up.oob else CAPABILITIES_PLAIN
+            self._out.append(ToUpstream(caps_command, link=up.index))
+            up.state = UpstreamState.NEGOTIATING
         elif msg.event is not None:
             return  # events before negotiation completes are not ours to deliver
         elif msg.error:
             self._end(1, f"QEMU refused qmp_capabilities: {describe_error(msg.error)}")
         else:
-            self.state = UpstreamState.READY
-            self._offered = frozenset({CAP_OOB}) if self.oob else frozenset()
-            self._greeting = greeting(self.version, self.oob)
-            self._out.append(UpstreamReady(self.version, self.oob))
+            up.state = UpstreamState.READY
+            if all(link.state is UpstreamState.READY for link in self.links):
+                # Clients see what every link offers: exec-oob may go on any of them.
+                first = self.links[0]
+                self.version = first.version
+                self.oob = all(link.oob for link in self.links)
+                self.state = UpstreamState.READY
+                self._offered = frozenset({CAP_OOB}) if self.oob else frozenset()
+                self._greeting = greeting(self.version, self.oob)
+                self._out.append(UpstreamReady(self.version, self.oob))
 
-    def _upstream_message(self, line: bytes) -> None:
+    def _upstream_message(self, up: Link, line: bytes) -> None:
         try:
             msg = decode_upstream(line)
         except msgspec.DecodeError:
             log.warning("dropping malformed output from QEMU: %.200r", line)
             return
         if msg.event is not None:
+            if len(self._live) > 1 and not self._first_copy(up, line):
+                return
             if msg.event == SHUTDOWN_EVENT:
                 self.shutdown_seen = True
             self._fan_out(msg.event, line)
         elif msg.id is not NO_ID:
-            self._route_reply(line, msg.id)
+            self._route_reply(up, line, msg.id)
         elif msg.error:
             # qmpmux sends every command with an id, so QEMU could not parse our output.
             log.error("QEMU reported an error without id: %s", describe_error(msg.error))
         else:
             log.warning("dropping unexpected message from QEMU: %.200r", line)
+
+    def _first_copy(self, up: Link, line: bytes) -> bool:
+        """QEMU writes every event to every monitor (the same bytes), before the reply of
+        the command that caused it on that command's monitor: delivering the first copy
+        from whichever link keeps each event once and ahead of that reply."""
+        copies = self._event_copies.get(line)
+        if copies is None:
+            if len(self._event_copies) >= _EVENT_COPIES_MAX:  # a link far behind: forget
+                del self._event_copies[next(iter(self._event_copies))]
+            copies = self._event_copies[line] = [0] * (len(self.links) + 1)
+        copies[up.index] += 1
+        first = copies[up.index] > copies[-1]
+        if first:
+            copies[-1] += 1
+        self._event_delivered(line)
+        return first
+
+    def _event_delivered(self, line: bytes) -> None:
+        """Forget an event once every live link has sent all its copies."""
+        copies = self._event_copies.get(line)
+        if copies is not None and all(copies[up.index] >= copies[-1] for up in self._live):
+            del self._event_copies[line]
 
     def _fan_out(self, name: str, line: bytes) -> None:
         """One event to every negotiated client allowed it: decided once per profile, and
@@ -340,25 +384,25 @@ class Hub:
                 data = strip_message(line) if profile.strip_extensions else line
                 self._out.append(Broadcast(data, clients))
 
-    def _route_reply(self, line: bytes, upstream_id: object) -> None:
-        cmd = self._inflight.pop(upstream_id, None) if type(upstream_id) is int else None
+    def _route_reply(self, up: Link, line: bytes, upstream_id: object) -> None:
+        cmd = up.inflight.pop(upstream_id, None) if type(upstream_id) is int else None
         if cmd is None:
             log.warning("dropping reply with an id qmpmux did not issue: %.200r", line)
             return
         assert isinstance(upstream_id, int)
-        self._ids.give_back(upstream_id)
+        up.ids.give_back(upstream_id)
         lane = OOB if cmd.oob else INBAND
-        self._lane_inflight[lane] -= 1
-        self._inflight_bytes -= len(cmd.prefix)
+        up.lane_inflight[lane] -= 1
+        up.inflight_bytes -= len(cmd.prefix)
         session = cmd.session
         failed = error_class(line)
-        if upstream_id == self._fd_inflight:
-            self._fd_taken()
+        if upstream_id == up.fd_inflight:
+            self._fd_taken(up)
         if cmd.name == ADD_FD and not failed:
             self._fdset_created(session.id, line)
-        if session is self._system.session:
-            self._system.inflight[lane] -= 1  # qmpmux's own cleanup: nobody to answer
-            self._requeue(self._system, lane)
+        if session is up.system.session:
+            up.system.inflight[lane] -= 1  # qmpmux's own cleanup: nobody to answer
+            self._requeue(up.system, lane)
             return
         if self.audit:  # also when its client has gone: what ran is on the record
             self._record(
@@ -386,14 +430,14 @@ class Hub:
         self._flush(flow)
 
     def _requeue(self, flow: Flow, lane: int) -> None:
-        if flow.queues[lane] and not flow.in_ready[lane]:
+        if flow.queues[lane] and not flow.in_ready[lane] and flow.link is not None:
             flow.in_ready[lane] = True
-            self._ready[lane].append(flow)
+            flow.link.ready[lane].append(flow)
 
-    def _fd_taken(self) -> None:
-        """QEMU answered the fd-carrying command: the next one may go."""
-        self._fd_inflight = None
-        waiting, self._fd_waiting = self._fd_waiting, []
+    def _fd_taken(self, up: Link) -> None:
+        """QEMU answered the link's fd-carrying command: the next one may go."""
+        up.fd_inflight = None
+        waiting, up.fd_waiting = up.fd_waiting, []
         for flow, lane in waiting:
             if not flow.closed:
                 self._requeue(flow, lane)
@@ -674,6 +718,8 @@ class Hub:
                         continue
                     queue.remove(cmd)
                     flow.queued_bytes -= len(cmd.prefix)
+                    if flow.link is not None:
+                        flow.link.queued_bytes -= len(cmd.prefix)
                     cmd.reply = denial
                     flow.reply_bytes += len(denial)
                     refused = True
@@ -682,9 +728,7 @@ class Hub:
                     )
             if refused:
                 for lane in (INBAND, OOB):  # an in-band queue may have waited on exec-oob
-                    if flow.queues[lane] and not flow.in_ready[lane]:
-                        flow.in_ready[lane] = True
-                        self._ready[lane].append(flow)
+                    self._requeue(flow, lane)
                 self._flush(flow)
         self._pump()
         return self._take()
@@ -809,10 +853,16 @@ class Hub:
         self._drop_fds(flow)
         for queue in flow.queues:
             queue.clear()
-        # A native monitor keeps a departed client's named fds until QEMU exits; qmpmux
-        # closes them, and removes its fdsets as QEMU does when its last client leaves.
-        for name in sorted(flow.fd_names):
-            self._system_command(CLOSEFD, {"fdname": upstream_name(client, name)})
+        up = flow.link
+        if up is not None:
+            up.queued_bytes -= flow.queued_bytes
+        flow.queued_bytes = 0
+        if up is not None and up.state is UpstreamState.READY:
+            # A native monitor keeps a departed client's named fds until QEMU exits;
+            # qmpmux closes them (in the monitor that has them), and removes its fdsets
+            # as QEMU does when its last client leaves.
+            for name in sorted(flow.fd_names):
+                self._system_command(up, CLOSEFD, {"fdname": upstream_name(client, name)})
         self._forget_fdsets(client)
         flow.replies.clear()
         flow.oob_replies.clear()
@@ -837,47 +887,71 @@ class Hub:
     def _forget_fdsets(self, client: int) -> None:
         """Remove the fdsets `client` created (QEMU closes their fds; a device using one
         keeps its own duplicate)."""
-        for fdset in [n for n, owner in self._fdsets.items() if owner == client]:
-            del self._fdsets[fdset]
-            self._system_command(REMOVE_FD, {"fdset-id": fdset})
+        fdsets = [n for n, owner in self._fdsets.items() if owner == client]
+        if fdsets and self._live:
+            up = self._live[0]  # fdsets are global: any monitor will do
+            for fdset in fdsets:
+                del self._fdsets[fdset]
+                self._system_command(up, REMOVE_FD, {"fdset-id": fdset})
 
-    def _system_command(self, name: str, args: dict[str, JsonValue]) -> None:
-        """A command of qmpmux's own; its reply is dropped."""
-        system = self._system
+    def _system_command(self, up: Link, name: str, args: dict[str, JsonValue]) -> None:
+        """A command of qmpmux's own on monitor `up`; its reply is dropped."""
+        system = up.system
+        system.link = up
         self._enqueue(system, Command(system.session, name, command_prefix(name, args, False),
                                       None, False))  # fmt: skip
 
     def _enqueue(self, flow: Flow, cmd: Command) -> None:
         lane = OOB if cmd.oob else INBAND
-        if flow is not self._system:  # nobody waits for qmpmux's own replies
+        if flow.session.id:  # nobody waits for qmpmux's own replies
             (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
+            if flow.link is None or not (any(flow.inflight) or any(flow.queues) or flow.fd_names):
+                flow.link = self._pick_link()  # free to move: it has nothing in QEMU
+        up = flow.link
+        assert up is not None
         flow.queues[lane].append(cmd)
         flow.queued_bytes += len(cmd.prefix)
+        up.queued_bytes += len(cmd.prefix)
         if not flow.in_ready[lane]:
             flow.in_ready[lane] = True
-            self._ready[lane].append(flow)
+            up.ready[lane].append(flow)
 
-    def _issue(self, cmd: Command) -> tuple[int, bytes]:
-        upstream_id = self._ids.take()
-        self._inflight[upstream_id] = cmd
+    def _pick_link(self) -> Link:
+        """The least loaded live monitor: clients spread by load, and a client that has
+        nothing in QEMU leaves a monitor busy with a big or slow command."""
+        live = self._live
+        if len(live) == 1:
+            return live[0]
+        self._turn = (self._turn + 1) % len(live)
+        order = live[self._turn :] + live[: self._turn]
+        return min(order, key=lambda up: up.load)
+
+    def _issue(self, up: Link, cmd: Command) -> tuple[int, bytes]:
+        upstream_id = up.ids.take()
+        up.inflight[upstream_id] = cmd
         return upstream_id, command_bytes(cmd.prefix, upstream_id)
 
     def _pump(self) -> None:
-        """Fill the upstream lanes from the clients' queues: within a lane round-robin, one
-        command per client a turn; across lanes alternately when both have work, so
-        exec-oob floods cannot starve other clients (QEMU's OOB promise is per monitor:
-        a client's in-band commands wait for its own earlier exec-oob, see below)."""
+        """Fill every live monitor's window from its clients' queues."""
         if self.state is not UpstreamState.READY:
             return
+        for up in self._live:
+            self._pump_link(up)
+
+    def _pump_link(self, up: Link) -> None:
+        """Fill one monitor's lanes from its clients' queues: within a lane round-robin,
+        one command per client a turn; across lanes alternately when both have work, so
+        exec-oob floods cannot starve other clients (QEMU's OOB promise is per monitor:
+        a client's in-band commands wait for its own earlier exec-oob, see below)."""
         limits = self.limits
         window, share, budget = limits.upstream_window, limits.client_window, limits.upstream_bytes
-        ready, inflight = self._ready, self._lane_inflight
+        ready, inflight = up.ready, up.lane_inflight
         chunks: list[bytes] = []
-        while self._inflight_bytes < budget:
+        while up.inflight_bytes < budget:
             oob_can = bool(ready[OOB]) and inflight[OOB] < window
             inband_can = bool(ready[INBAND]) and inflight[INBAND] < window
             if oob_can and inband_can:
-                lane = INBAND if self._last_lane == OOB else OOB
+                lane = INBAND if up.last_lane == OOB else OOB
             elif oob_can or inband_can:
                 lane = OOB if oob_can else INBAND
             else:
@@ -886,6 +960,7 @@ class Hub:
             queue = flow.queues[lane]
             if (
                 flow.closed
+                or flow.link is not up
                 or not queue
                 or flow.inflight[lane] >= share
                 # QEMU dispatches an exec-oob as soon as it reads it, so a client's
@@ -895,27 +970,28 @@ class Hub:
                 flow.in_ready[lane] = False  # re-queued when that changes
                 continue
             cmd = queue[0]
-            if cmd.fds and self._fd_inflight is not None:
+            if cmd.fds and up.fd_inflight is not None:
                 # QEMU reads ahead of execution (with oob), and an fd-carrying read closes
                 # the fds an earlier command has not taken yet: one at a time.
                 flow.in_ready[lane] = False
-                self._fd_waiting.append((flow, lane))
+                up.fd_waiting.append((flow, lane))
                 continue
             queue.popleft()
             flow.queued_bytes -= len(cmd.prefix)
-            self._inflight_bytes += len(cmd.prefix)
-            upstream_id, data = self._issue(cmd)
+            up.queued_bytes -= len(cmd.prefix)
+            up.inflight_bytes += len(cmd.prefix)
+            upstream_id, data = self._issue(up, cmd)
             if cmd.fds:  # in a sendmsg of its own, so the fd comes with its own first byte
                 if chunks:
-                    self._out.append(ToUpstream(b"".join(chunks)))
+                    self._out.append(ToUpstream(b"".join(chunks), link=up.index))
                     chunks = []
-                self._fd_inflight = upstream_id
-                self._out.append(ToUpstream(data, cmd.fds))
+                up.fd_inflight = upstream_id
+                self._out.append(ToUpstream(data, cmd.fds, up.index))
             else:
                 chunks.append(data)
             inflight[lane] += 1
             flow.inflight[lane] += 1
-            self._last_lane = lane
+            up.last_lane = lane
             if queue:
                 ready[lane].append(flow)
             else:
@@ -924,7 +1000,7 @@ class Hub:
                     flow.in_ready[INBAND] = True
                     ready[INBAND].append(flow)
         if chunks:
-            self._out.append(ToUpstream(b"".join(chunks)))
+            self._out.append(ToUpstream(b"".join(chunks), link=up.index))
 
     def _flush(self, flow: Flow) -> None:
         """Send the client's replies that are ready, each stream in input order."""

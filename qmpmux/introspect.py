@@ -1,11 +1,15 @@
 """Per-client views of QEMU's introspection and extension members (sans-IO, bytes in/out).
 
-A client's `query-commands`, `query-events` and `query-qmp-schema` list only what its
-profile lets it use, plus qmpmux's own extension commands; schema types are kept when
-the kept commands and events reach them (docs/protocol.md §11: type names are masked
-numbers, so reachability goes through `arg-type`, `ret-type`, `members[].type`,
-`variants[].type` and `element-type`). Profiles may also strip downstream `__` members
-from replies and events.
+A client's `query-commands`, `query-events` and `query-qmp-schema` list what its profile
+lets it use, plus qmpmux's own extension commands. A schema view drops the denied
+commands and events and the types that only they reach, nothing else (docs/protocol.md
+§11: type names are masked numbers, so reachability goes through `arg-type`, `ret-type`,
+`members[].type`, `variants[].type` and `element-type`, every reference a SchemaInfo in
+QEMU's qapi/introspect.json can hold). QEMU also lists types that no command or event
+reaches (referenced only from branches compiled out of its build); they stay. So a
+profile that denies nothing sees QEMU's reply unchanged with qmpmux's entries appended,
+and every type a kept entry names is kept. Profiles may also strip downstream `__`
+members from replies and events.
 
 Invariant: everything kept is QEMU's bytes, unchanged; only whole entries or members are
 dropped, so order and formatting stay exactly QEMU's.
@@ -70,62 +74,101 @@ def _join(items: Sequence[bytes]) -> bytes:
     return b"[" + b", ".join(items) + b"]"
 
 
+def _extend(value: bytes, extra: Sequence[bytes]) -> bytes:
+    """QEMU's JSON array `value`, byte for byte, with `extra` items appended."""
+    if not extra:
+        return value
+    body = value.rstrip()[:-1].rstrip()  # up to QEMU's closing `]`
+    separator = b", " if body != b"[" else b""
+    return body + separator + b", ".join(extra) + b"]"
+
+
 def _own_commands(profile: Profile) -> list[str]:
     return [name for name in EXTENSION_COMMANDS if _usable(profile, name)]
 
 
 def filter_commands(value: bytes, profile: Profile) -> bytes:
     """`query-commands` return value: `[{"name": ...}, ...]` narrowed to the profile."""
-    kept = [bytes(raw) for raw in _items(value) if _usable(profile, _named(raw).name)]
-    kept += [b'{"name": ' + encode(name) + b"}" for name in _own_commands(profile)]
-    return _join(kept)
+    items = _items(value)
+    kept = [bytes(raw) for raw in items if _usable(profile, _named(raw).name)]
+    own = [b'{"name": ' + encode(name) + b"}" for name in _own_commands(profile)]
+    if len(kept) == len(items):
+        return _extend(value, own)  # nothing denied: QEMU's bytes exactly
+    return _join(kept + own)
 
 
 def filter_events(value: bytes, profile: Profile) -> bytes:
     """`query-events` return value (QEMU before 6.0): narrowed to the profile's events."""
-    return _join([bytes(raw) for raw in _items(value) if profile.event(_named(raw).name)])
+    items = _items(value)
+    kept = [bytes(raw) for raw in items if profile.event(_named(raw).name)]
+    return value if len(kept) == len(items) else _join(kept)
+
+
+def _references(entry: _Entry) -> list[str]:
+    """Every entry name a SchemaInfo refers to (qapi/introspect.json: a command's
+    `arg-type`/`ret-type`, an event's `arg-type`, an object's `members[].type` and
+    `variants[].type` (its base is flattened into members), an alternate's
+    `members[].type`, an array's `element-type`)."""
+    refs = [t for t in (entry.arg_type, entry.ret_type, entry.element_type) if t]
+    refs += [m.type for m in entry.members if m.type]
+    refs += [v.type for v in entry.variants if v.type]
+    return refs
+
+
+def _reach(roots: list[str], by_name: dict[str, _Entry]) -> set[str]:
+    """`roots` and every entry they refer to, directly or not."""
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        entry = by_name.get(name)
+        if entry is not None:
+            todo += _references(entry)
+    return seen
+
+
+def _denied(profile: Profile, entry: _Entry) -> bool:
+    if entry.meta_type == "command":
+        return not _usable(profile, entry.name)
+    if entry.meta_type == "event":
+        return not profile.event(entry.name)
+    return False
 
 
 def filter_schema(value: bytes, profile: Profile) -> bytes:
     """`query-qmp-schema` return value: denied commands and events dropped, with the
-    types only they reached; qmpmux's own commands added."""
+    types only they reached; qmpmux's own commands added.
+
+    Entries are kept unless a denied command or event reaches them and no other entry
+    left in the view does, so no kept entry names a missing type, and a profile that
+    denies nothing sees every entry QEMU sent (types nothing reaches included)."""
     entries = [(raw, _entry(raw)) for raw in _items(value)]
     by_name = {e.name: e for _, e in entries}
-    keep: set[str] = set()
-    todo: list[str] = []
-    for _, e in entries:
-        if e.meta_type == "command" and _usable(profile, e.name):
-            todo += [t for t in (e.arg_type, e.ret_type) if t]
-            keep.add(e.name)
-        elif e.meta_type == "event" and profile.event(e.name):
-            todo += [t for t in (e.arg_type,) if t]
-            keep.add(e.name)
-    while todo:
-        name = todo.pop()
-        if name in keep:
-            continue
-        keep.add(name)
-        ref = by_name.get(name)
-        if ref is not None:
-            todo += [m.type for m in ref.members if m.type]
-            todo += [v.type for v in ref.variants if v.type]
-            if ref.element_type:
-                todo.append(ref.element_type)
-    out = [bytes(raw) for raw, e in entries if e.name in keep]
+    denied = [e.name for _, e in entries if _denied(profile, e)]
     own = _own_commands(profile)
+    extra = [
+        b'{"name": '
+        + encode(name)
+        + b', "arg-type": "'
+        + _ARGS_TYPE.encode()
+        + b'", "ret-type": "any", "meta-type": "command"}'
+        for name in own
+    ]
     if own:
-        out += [
-            b'{"name": '
-            + encode(name)
-            + b', "arg-type": "'
-            + _ARGS_TYPE.encode()
-            + b'", "ret-type": "any", "meta-type": "command"}'
-            for name in own
-        ]
-        out += list(_OWN_TYPES)
-        if "any" not in keep:
-            out.append(_ANY)
-    return _join(out)
+        extra += list(_OWN_TYPES)
+        if "any" not in by_name:
+            extra.append(_ANY)
+    if not denied:
+        return _extend(value, extra)  # nothing to narrow: QEMU's bytes exactly
+    tainted = _reach(denied, by_name)
+    roots = [e.name for _, e in entries if e.name not in tainted]
+    if own:
+        roots.append("any")  # the ret-type of qmpmux's own commands
+    keep = _reach(roots, by_name).difference(denied)
+    return _join([bytes(raw) for raw, e in entries if e.name in keep] + extra)
 
 
 FILTERS: Final[dict[str, Callable[[bytes, Profile], bytes]]] = {

@@ -17,7 +17,7 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from qmpmux.channel import Channel
@@ -42,7 +42,12 @@ from qmpmux.systemd import Inherited, InheritError, listen_fds
 
 log = logging.getLogger("qmpmux.server")
 
-UPSTREAM = 0  # channel key of the QEMU connection; clients are numbered from 1
+
+# Channel keys: clients are numbered from 1; upstream monitor (link) i is -1 - i.
+def _link_key(link: int) -> int:
+    return -1 - link
+
+
 _PEERCRED = struct.Struct("3i")
 CLIENT_READ_SIZE = 16384  # bounds the parsing work one client can cause per loop turn
 UPSTREAM_READ_SIZE = 262144
@@ -338,10 +343,11 @@ class Proxy:
             config.policy,
             audit=audit is not None,
             listener_caps=config.listener_caps(),
+            links=config.link_count(),
         )
         self._audit = audit
         self._loop = asyncio.get_running_loop()
-        self._upstream: Channel | None = None
+        self._links: list[Channel] = []  # one per upstream monitor, by link index
         self._clients: dict[int, Channel] = {}
         self._deadlines: dict[int, asyncio.TimerHandle] = {}  # negotiation, per client
         self._listening: list[_Listening] = []
@@ -385,25 +391,32 @@ class Proxy:
             )
 
     async def start(
-        self, upstream: socket.socket, handshake_timeout: float = 10.0
+        self, upstream: socket.socket | Sequence[socket.socket], handshake_timeout: float = 10.0
     ) -> UpstreamReady:
-        """Negotiate with QEMU on `upstream`, then accept clients. Raises StartupError."""
+        """Negotiate with QEMU on `upstream` (one monitor, or one per link the hub was made
+        for), then accept clients. Raises StartupError."""
         if not self._listening:
             self.bind()
-        self._upstream = Channel(
-            self._loop,
-            upstream,
-            self,
-            UPSTREAM,
-            read_size=UPSTREAM_READ_SIZE,
-            outbox_limit=1 << 30,
-        )
-        self._upstream.start()
-        self.hub.upstream_fds = upstream.family == socket.AF_UNIX  # SCM_RIGHTS needs one
+        sockets = [upstream] if isinstance(upstream, socket.socket) else list(upstream)
+        assert len(sockets) == len(self.hub.links), "one socket per upstream link"
+        for link, sock in enumerate(sockets):
+            channel = Channel(
+                self._loop,
+                sock,
+                self,
+                _link_key(link),
+                read_size=UPSTREAM_READ_SIZE,
+                outbox_limit=1 << 30,
+            )
+            self._links.append(channel)
+            channel.start()
+        # SCM_RIGHTS needs unix sockets.
+        self.hub.upstream_fds = all(sock.family == socket.AF_UNIX for sock in sockets)
         try:
             ready = await asyncio.wait_for(asyncio.shield(self._ready), handshake_timeout)
         except TimeoutError:
-            self._upstream.abort("no greeting")
+            for channel in self._links:
+                channel.abort("no greeting")
             self.unbind()
             raise StartupError(
                 f"QEMU sent no QMP greeting within {handshake_timeout:g} s "
@@ -483,27 +496,26 @@ class Proxy:
     # --- channel events (ChannelHandler) ----------------------------------------------------
 
     def channel_data(self, key: int, data: bytes, fds: list[int]) -> None:
-        if key == UPSTREAM:
+        if key < 0:
             _close_fds(fds)  # QEMU sends none; never keep what nobody asked for
-            self._apply(self.hub.upstream_data(data))
+            self._apply(self.hub.upstream_data(data, _link_key(key)))
         else:  # the hub owns the fds from here: it hands them on or closes them
             self._apply(self.hub.client_data(key, data, fds))
 
     def channel_drained(self, key: int) -> None:
-        if key != UPSTREAM:
+        if key > 0:
             self._apply(self.hub.client_drained(key))
 
     def channel_eof(self, key: int) -> None:
-        if key == UPSTREAM:
-            assert self._upstream is not None
-            self._upstream.close("QEMU closed the monitor connection")
+        if key < 0:
+            self._links[_link_key(key)].close("QEMU closed the monitor connection")
         else:
             self._apply(self.hub.client_eof(key))
 
     def channel_closed(self, key: int, reason: str, error: bool) -> None:
-        if key == UPSTREAM:
-            self._apply(self.hub.upstream_closed(f"lost the connection to QEMU: {reason}"
-                                                 if error else reason))  # fmt: skip
+        if key < 0:
+            why = f"lost the connection to QEMU: {reason}" if error else reason
+            self._apply(self.hub.upstream_closed(why, _link_key(key)))
             return
         self._clients.pop(key, None)
         deadline = self._deadlines.pop(key, None)
@@ -542,9 +554,10 @@ class Proxy:
                         channel.write(data)
                         channel.flush()  # at once: the first client need not wait for the last
             elif kind is ToUpstream:
-                assert isinstance(action, ToUpstream) and self._upstream is not None
-                self._upstream.write(action.data, action.fds)
-                dirty.add(self._upstream)
+                assert isinstance(action, ToUpstream)
+                link = self._links[action.link]
+                link.write(action.data, action.fds)
+                dirty.add(link)
             elif kind is CloseFds:
                 assert isinstance(action, CloseFds)
                 _close_fds(action.fds)
@@ -606,6 +619,7 @@ class Proxy:
 
     def _maybe_done(self) -> None:
         if self._exit is not None and not self._clients and not self._done.done():
-            if self._upstream is not None and not self._upstream.closed:
-                self._upstream.close("qmpmux exiting", linger=1.0)
+            for link in self._links:
+                if not link.closed:
+                    link.close("qmpmux exiting", linger=1.0)
             self._done.set_result(self._exit.code)

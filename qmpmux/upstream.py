@@ -5,11 +5,11 @@ With `--spawn`, QEMU gets one end of a socketpair as a private QMP monitor
 qmpmux can reach that monitor. QEMU is asked to die with qmpmux (PR_SET_PDEATHSIG) so
 a killed proxy never leaves an unmanageable VM behind.
 
-A second private monitor, the *lifecycle* monitor, is qmpmux's alone and stays
+One more private monitor, the *lifecycle* monitor, is qmpmux's alone and stays
 unnegotiated (so QEMU queues nothing on it: events go only to negotiated monitors,
 `monitor/qmp.c`) until qmpmux shuts the guest down: `system_powerdown`, the ACPI power
 button a host presses on shutdown, then `quit`, then signals. It is separate from the
-clients' upstream so that shutting down needs nothing from the hub and cannot queue
+clients' monitors so that shutting down needs nothing from the hub and cannot queue
 behind clients' commands.
 """
 
@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -34,9 +35,10 @@ from qmpmux.server import StartupError
 
 log = logging.getLogger("qmpmux.upstream")
 
-MONITOR_ID = "qmpmux0"  # the chardev id of qmpmux's private monitor inside QEMU
+MONITOR_ID = "qmpmux0"  # the chardev id of qmpmux's (first) private monitor inside QEMU
 CONTROL_ID = "qmpmux-lifecycle"  # the chardev id of the lifecycle monitor
 QUIT_GRACE = 5.0  # seconds QEMU gets to exit after `quit`, and again after SIGTERM
+_PEERCRED = struct.Struct("3i")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -108,6 +110,28 @@ def _what_is_there(address: Address, exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
+async def connect_all(addresses: Sequence[Address], timeout: float) -> list[socket.socket]:
+    """Connect to every monitor; unix ones must be served by one process (one QEMU:
+    lanes of different QEMUs would mix two VMs' replies and events)."""
+    sockets: list[socket.socket] = []
+    try:
+        for address in addresses:
+            sockets.append(await connect(address, timeout))
+        owners = {}
+        for address, sock in zip(addresses, sockets, strict=True):
+            if sock.family == socket.AF_UNIX:
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                owners[str(address)] = _PEERCRED.unpack(raw)[0]
+        if len(set(owners.values())) > 1:
+            seen = ", ".join(f"{a} (pid {pid})" for a, pid in owners.items())
+            raise StartupError(f"the --upstream monitors belong to different processes: {seen}")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def _die_with_parent() -> None:
     """In the child before exec: get SIGTERM if qmpmux dies."""
     try:
@@ -117,13 +141,21 @@ def _die_with_parent() -> None:
         pass
 
 
-def monitor_args(fd: int, chardev: str = MONITOR_ID) -> list[str]:
-    return [
-        "-chardev",
-        f"socket,id={chardev},fd={fd}",
-        "-mon",
-        f"chardev={chardev},mode=control",
-    ]
+def monitor_ids(lanes: int) -> list[str]:
+    """The chardev ids of qmpmux's private monitors inside QEMU (nobody may yank them)."""
+    return [f"qmpmux{i}" for i in range(lanes)]
+
+
+def monitor_args(*fds: int) -> list[str]:
+    args = []
+    for chardev, fd in zip(monitor_ids(len(fds)), fds, strict=True):
+        args += [
+            "-chardev",
+            f"socket,id={chardev},fd={fd}",
+            "-mon",
+            f"chardev={chardev},mode=control",
+        ]
+    return args
 
 
 class Spawned:
@@ -166,33 +198,38 @@ class Spawned:
         return line
 
 
-async def spawn(argv: Sequence[str]) -> tuple[Spawned, socket.socket]:
-    """Start QEMU with a private QMP monitor on a socketpair, and the lifecycle monitor on
-    another; returns (the QEMU, our end of the clients' monitor)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+def _lifecycle_args(fd: int) -> list[str]:
+    return ["-chardev", f"socket,id={CONTROL_ID},fd={fd}", "-mon",
+            f"chardev={CONTROL_ID},mode=control"]  # fmt: skip
+
+
+async def spawn(argv: Sequence[str], lanes: int = 1) -> tuple[Spawned, list[socket.socket]]:
+    """Start QEMU with `lanes` private QMP monitors on socketpairs, and the lifecycle
+    monitor on one more; returns (the QEMU, our ends of the clients' monitors)."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(lanes)]
     control, their_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     control.setblocking(False)
+    ours = [pair[0] for pair in pairs]
+    theirs = [pair[1].fileno() for pair in pairs]
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
-            *monitor_args(theirs.fileno()),
-            *monitor_args(their_control.fileno(), CONTROL_ID),
+            *monitor_args(*theirs),
+            *_lifecycle_args(their_control.fileno()),
             stdin=asyncio.subprocess.DEVNULL,
-            pass_fds=(theirs.fileno(), their_control.fileno()),
+            pass_fds=(*theirs, their_control.fileno()),
             preexec_fn=_die_with_parent,
         )
-    except FileNotFoundError:
-        ours.close()
-        control.close()
-        raise StartupError(f"cannot start QEMU: {argv[0]}: command not found") from None
-    except PermissionError:
-        ours.close()
-        control.close()
-        raise StartupError(f"cannot start QEMU: {argv[0]}: permission denied") from None
+    except (FileNotFoundError, PermissionError) as exc:
+        for sock in (*ours, control):
+            sock.close()
+        why = "command not found" if isinstance(exc, FileNotFoundError) else "permission denied"
+        raise StartupError(f"cannot start QEMU: {argv[0]}: {why}") from None
     finally:
-        theirs.close()
+        for _, theirs_sock in pairs:
+            theirs_sock.close()
         their_control.close()
-    log.info("started QEMU (pid %d): %s", process.pid, " ".join(argv))
+    log.info("started QEMU (pid %d, %d monitor(s)): %s", process.pid, lanes, " ".join(argv))
     return Spawned(process, control), ours
 
 

@@ -13,7 +13,7 @@ import uvloop
 from qmpmux.config import Address, Config, Limits, Listener
 from qmpmux.policy import DEFAULT_POLICY, Policy
 from qmpmux.server import Proxy
-from qmpmux.upstream import connect
+from qmpmux.upstream import connect_all
 from tests.realqemu import Qemu, start_qemu
 
 
@@ -53,7 +53,9 @@ async def start_mux(
     profiles: tuple[str, ...] = ("full",),
     audit: Callable[[bytes], None] | None = None,
     listener_caps: Mapping[str, int] | None = None,
+    lanes: int = 1,
 ) -> Mux:
+    """qmpmux on the first `lanes` monitors of `qemu`; the next one stays direct."""
     sockets = {name: tmp_path / f"mux-{name}.sock" for name in profiles}
     config = Config(
         listeners=tuple(
@@ -65,13 +67,15 @@ async def start_mux(
             for name, path in sockets.items()
         ),
         upstream=Address("unix", path=str(qemu.monitors[0])),
+        more_upstreams=tuple(Address("unix", path=str(p)) for p in qemu.monitors[1:lanes]),
         limits=limits or Limits(),
         policy=policy,
     )
     assert config.upstream is not None
     proxy = Proxy(config, audit=audit)
-    await proxy.start(await connect(config.upstream, 5))
-    return Mux(proxy, sockets.get("full", tmp_path / "none"), qemu.monitors[1], qemu, sockets)
+    await proxy.start(await connect_all((config.upstream, *config.more_upstreams), 5))
+    direct = qemu.monitors[lanes]
+    return Mux(proxy, sockets.get("full", tmp_path / "none"), direct, qemu, sockets)
 
 
 @pytest.fixture

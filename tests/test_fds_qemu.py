@@ -292,7 +292,12 @@ async def test_fds_never_leak_over_hundreds_of_clients(fmux: Mux, tmp_path: Path
     # qmpmux closes departed clients' names and fdsets in QEMU with commands of its own;
     # once every client is gone and those are answered, a command after them sees all.
     hub = fmux.proxy.hub
-    while hub.clients.keys() - {1} or any(hub._system.queues) or any(hub._system.inflight):
+
+    def cleaning() -> bool:
+        systems = [up.system for up in hub.links]
+        return any(s.queues[0] or any(s.inflight) for s in systems)
+
+    while hub.clients.keys() - {1} or cleaning():
         await probe.command(b'{"execute":"query-status"}')
     await probe.command(b'{"execute":"query-status"}')
     assert (_fd_count(qemu_pid), _fd_count(os.getpid())) == before

@@ -1,0 +1,115 @@
+"""Playbook tests of lanes: several upstream monitors of one QEMU behind one hub."""
+
+from __future__ import annotations
+
+from qmpmux.config import Limits
+from qmpmux.hub import Broadcast, CloseClient, Exit, Hub, ToClient, ToUpstream, UpstreamReady
+from tests.playbook import CAPS_OOB, GREETING_OOB, STOP_EVENT, VERSION, connect, expect
+
+STATUS = b'{"execute":"query-status","id":%d}'
+
+
+def lanes_hub(n: int, limits: Limits | None = None) -> Hub:
+    """A hub whose `n` upstream links have all greeted and negotiated."""
+    hub = Hub(limits, links=n)
+    for link in range(n):
+        expect(hub.upstream_data(GREETING_OOB, link), [ToUpstream(CAPS_OOB, link=link)])
+    for link in range(n - 1):
+        expect(hub.upstream_data(b'{"return": {}}\r\n', link), [])
+    expect(hub.upstream_data(b'{"return": {}}\r\n', n - 1), [UpstreamReady(VERSION, True)])
+    return hub
+
+
+def test_clients_spread_over_the_links_by_load() -> None:
+    hub = lanes_hub(2)
+    a, b = connect(hub), connect(hub)
+    expect(hub.client_data(a, STATUS % 1), [ToUpstream(b'{"execute":"query-status","id":0}',
+                                                       link=1)])  # fmt: skip
+    # The other link is idle now: b goes there.
+    expect(hub.client_data(b, STATUS % 1), [ToUpstream(b'{"execute":"query-status","id":0}',
+                                                       link=0)])  # fmt: skip
+
+
+def test_a_client_stays_on_its_link_while_it_has_a_command_there() -> None:
+    """All of a client's in-band commands in QEMU are on one monitor: QEMU's order."""
+    hub = lanes_hub(2, Limits(client_window=8))
+    a = connect(hub)
+    (first,) = hub.client_data(a, STATUS % 1)
+    (second,) = hub.client_data(a, STATUS % 2)
+    assert isinstance(first, ToUpstream) and isinstance(second, ToUpstream)
+    assert first.link == second.link
+
+
+def test_a_big_command_keeps_only_its_own_client_waiting() -> None:
+    hub = lanes_hub(2)
+    big, other = connect(hub), connect(hub)
+    (sent,) = hub.client_data(big, b'{"execute":"query-name","arguments":{"x":"%s"}}' % (
+        b"y" * 100_000))  # fmt: skip
+    assert isinstance(sent, ToUpstream)
+    for i in range(5):  # the other client never lands behind the big command
+        (action,) = hub.client_data(other, STATUS % i)
+        assert isinstance(action, ToUpstream) and action.link != sent.link
+        reply = b'{"return": {}, "id": 0}\r\n'
+        expect(hub.upstream_data(reply, action.link),
+               [ToClient(other, b'{"return": {}, "id": %d}\r\n' % i)])  # fmt: skip
+
+
+def test_events_come_once_whichever_link_brings_them_first() -> None:
+    hub = lanes_hub(3)
+    a = connect(hub)
+    expect(hub.upstream_data(STOP_EVENT, 2), [Broadcast(STOP_EVENT, [a])])
+    expect(hub.upstream_data(STOP_EVENT, 0), [])
+    expect(hub.upstream_data(STOP_EVENT, 1), [])
+    # The same bytes again on a link that already sent its copy: a new event.
+    expect(hub.upstream_data(STOP_EVENT, 2), [Broadcast(STOP_EVENT, [a])])
+    expect(hub.upstream_data(STOP_EVENT, 1), [])
+    expect(hub.upstream_data(STOP_EVENT, 0), [])
+    assert not hub._event_copies
+
+
+def test_an_event_precedes_the_reply_of_the_command_that_caused_it() -> None:
+    """QEMU writes the event to every monitor before the reply on the command's own: the
+    copy on that monitor is delivered first if no other link was quicker."""
+    hub = lanes_hub(2)
+    a = connect(hub)
+    (sent,) = hub.client_data(a, b'{"execute":"stop","id":"s"}')
+    assert isinstance(sent, ToUpstream)
+    expect(
+        hub.upstream_data(STOP_EVENT + b'{"return": {}, "id": 0}\r\n', sent.link),
+        [Broadcast(STOP_EVENT, [a]), ToClient(a, b'{"return": {}, "id": "s"}\r\n')],
+    )
+    expect(hub.upstream_data(STOP_EVENT, 1 - sent.link), [])
+
+
+def test_a_lost_link_costs_only_the_clients_with_commands_on_it() -> None:
+    hub = lanes_hub(2)
+    busy, idle, elsewhere = connect(hub), connect(hub), connect(hub)
+    (sent,) = hub.client_data(busy, STATUS % 1)
+    assert isinstance(sent, ToUpstream)
+    (other,) = hub.client_data(elsewhere, STATUS % 1)
+    assert isinstance(other, ToUpstream) and other.link != sent.link
+    reason = f"lost QEMU monitor link {sent.link}: gone"
+    expect(hub.upstream_closed("gone", sent.link), [CloseClient(busy, reason)])
+    hub.client_closed(busy)  # as the shell reports once it closed the connection
+    # The idle client and the other link's client keep working, on the link left.
+    (action,) = hub.client_data(idle, STATUS % 2)
+    assert isinstance(action, ToUpstream) and action.link == other.link
+    expect(
+        hub.upstream_closed("gone too", other.link),
+        [CloseClient(idle, "gone too"), CloseClient(elsewhere, "gone too"), Exit(1, "gone too")],
+    )
+
+
+def test_a_client_with_named_fds_stays_on_their_link() -> None:
+    """Named fds live in the monitor that received them."""
+    hub = lanes_hub(2, Limits(client_window=8))
+    a = connect(hub)
+    actions = hub.client_data(a, b'{"execute":"getfd","arguments":{"fdname":"t"}}', [100])
+    (sent,) = [x for x in actions if isinstance(x, ToUpstream)]
+    hub.upstream_data(b'{"return": {}, "id": 0}\r\n', sent.link)
+    hog = connect(hub)
+    for i in range(4):  # load the fd's link
+        hub.client_data(hog, STATUS % i)
+    (use,) = hub.client_data(a, b'{"execute":"netdev_add","arguments":{"type":"tap","id":"n",'
+                                b'"fd":"t"}}')  # fmt: skip
+    assert isinstance(use, ToUpstream) and use.link == sent.link
