@@ -7,7 +7,10 @@ BIN    := $(VENV)/bin
 QEMU   := qemu-system-x86_64
 DEMO_SOCK ?= $(CURDIR)/qmpmux-demo.sock
 
-.PHONY: setup qemu demo test lint bench bench-quick clean
+PREFIX ?= /opt/qmpmux
+UNITDIR ?= /etc/systemd/system
+
+.PHONY: setup qemu demo test lint bench bench-quick clean install
 
 $(BIN)/qmpmux: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "qmpmux needs Python 3.11+"'
@@ -27,7 +30,7 @@ demo: setup
 	@echo "  socat - UNIX-CONNECT:$(DEMO_SOCK)      then type {\"execute\":\"qmp_capabilities\"}"
 	@echo "  $(BIN)/qmp-shell $(DEMO_SOCK)"
 	@echo "Ctrl-C shuts QEMU down cleanly."
-	$(BIN)/qmpmux --listen unix:$(DEMO_SOCK) --spawn -- $(QEMU) -machine none -nodefaults -display none
+	$(BIN)/qmpmux --listen unix:$(DEMO_SOCK) --shutdown-timeout 0 --spawn -- $(QEMU) -machine none -nodefaults -display none
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -43,6 +46,20 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python -m bench --quick
+
+# A non-editable install into its own venv (no file of it refers back to this tree), the
+# config reference and README beside it, and the units pointed at $(PREFIX).
+install:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "qmpmux needs Python 3.11+"'
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q .
+	install -d $(PREFIX)/share/qmpmux $(UNITDIR)
+	install -m 0644 systemd/qmpmux.toml.example README.md $(PREFIX)/share/qmpmux/
+	for unit in systemd/qmpmux@.service systemd/qmpmux@.socket systemd/qmpmux-readonly@.socket; do \
+		sed 's|/opt/qmpmux|$(PREFIX)|g' $$unit > $(UNITDIR)/$$(basename $$unit); \
+		chmod 0644 $(UNITDIR)/$$(basename $$unit); \
+	done
+	@echo "installed $(PREFIX)/bin/qmpmux and units in $(UNITDIR); now: systemctl daemon-reload"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

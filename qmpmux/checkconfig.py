@@ -173,13 +173,29 @@ def check_config(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
         return 2
-    own = [a for a in own if a != "--spawn"]
     parser = argparse.ArgumentParser(
         prog="qmpmux check-config",
-        description="Validate a qmpmux config file and print its effective policy.",
+        description="Validate a qmpmux config file exactly as `qmpmux --config FILE` would\n"
+        "and print its effective policy: listeners, rules, what each profile allows.\n"
+        "Given a QEMU, patterns are resolved against its real commands and events, and\n"
+        "a deny pattern that matches nothing there is reported (a typo denies nothing).",
+        epilog="examples:\n"
+        "  qmpmux check-config /etc/qmpmux/vm1.toml\n"
+        "  qmpmux check-config /etc/qmpmux/vm1.toml --upstream unix:/run/qemu/vm1.qmp\n"
+        "  qmpmux check-config vm1.toml --spawn -- qemu-system-x86_64 -machine q35\n"
+        "exit status: 0 valid, 2 invalid (one line naming the key), 1 QEMU unreachable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", metavar="FILE")
-    parser.add_argument("--upstream", metavar="ADDR", help="resolve against this QEMU monitor")
+    parser.add_argument(
+        "--upstream", metavar="ADDR", help="resolve against this running QEMU's monitor"
+    )
+    parser.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start a QEMU just for this, with a private monitor: everything after "
+        "--spawn [--] is its command line; it is stopped afterwards",
+    )
     args = parser.parse_args(own)
     notes: list[str] = []
     try:

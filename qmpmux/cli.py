@@ -36,10 +36,20 @@ from qmpmux.config import (
     read_file,
     split_spawn,
 )
-from qmpmux.hub import Hub
-from qmpmux.policy import Policy
+from qmpmux.hub import Hub, UpstreamReady
+from qmpmux.policy import BUILTIN, Policy
 from qmpmux.server import Proxy, StartupError, open_audit
-from qmpmux.upstream import connect_all, exit_status, monitor_ids, spawn, stop_qemu
+from qmpmux.systemd import Inherited, Notifier, ServiceState, listen_fds
+from qmpmux.upstream import (
+    CONTROL_ID,
+    Spawned,
+    connect_all,
+    exit_status,
+    monitor_ids,
+    shut_down,
+    spawn,
+    stop_qemu,
+)
 
 log = logging.getLogger("qmpmux")
 
@@ -50,30 +60,73 @@ capabilities negotiation, as if it were talking to QEMU alone. Command ids are
 rewritten upstream and restored on replies; events reach every negotiated client.
 """
 
-EPILOG = """\
+EPILOG = f"""\
+commands:
+  qmpmux [OPTIONS] --upstream ADDR | --spawn -- QEMU ARGS...
+                   run the proxy (this help)
+  qmpmux check-config FILE [--upstream ADDR | --spawn -- QEMU ARGS...]
+                   validate a config file and print each profile's effective policy,
+                   resolved against a real QEMU when one is given (see check-config --help)
+
 addresses:
   unix:PATH        a unix socket (created with mode 0600 unless mode= says otherwise;
                    a stale socket file is replaced, a live one is an error)
   tcp:HOST:PORT    a TCP socket; non-loopback hosts need --allow-remote
+  systemd:NAME     (--listen only) the sockets the service manager passed with
+                   FileDescriptorName=NAME (socket activation: a .socket unit, or
+                   systemd-socket-activate --fdname=NAME); served as they are, never
+                   unlinked or rebound
 
 listener options (appended with commas):
   profile=NAME     policy profile for clients of this listener (default: full)
   mode=OCTAL       file mode of a unix socket (default: 600)
+  owner=USER       owner of a unix socket (name or uid; needs CAP_CHOWN unless it is
+                   qmpmux's own user)
+  group=GROUP      group of a unix socket (name or gid), e.g. a monitoring group given
+                   a readonly listener with mode=660
   max-clients=N    clients this listener may hold at once (default: only --max-clients;
                    every listener keeps limits.reserve-clients slots for itself)
+  (for systemd:NAME, mode, owner and group are the .socket unit's SocketMode=,
+  SocketUser= and SocketGroup=)
+
+profiles:
+  built in: {", ".join(BUILTIN)}; custom ones in the config file's [profiles].
+  full: everything; readonly: reads that change nothing and reveal no secret;
+  vm-control: readonly plus stop, cont, system_powerdown, system_reset, system_wakeup.
 
 upstream (exactly one):
   --upstream ADDR  connect to an existing QEMU monitor (retried for --connect-timeout
                    seconds while the socket does not exist yet)
   --spawn -- QEMU ARGS...
                    start QEMU with a private QMP monitor added to ARGS; SIGTERM/SIGINT
-                   shut QEMU down cleanly and qmpmux exits with QEMU's status
+                   press the guest's power button (system_powerdown), wait up to
+                   --shutdown-timeout for it to power off, then quit QEMU, then
+                   signal it; qmpmux exits with QEMU's status
+
+signals:
+  SIGHUP           reload the --config file's profiles and rules; every client keeps its
+                   connection and gets the new policy from its next command (an invalid
+                   file is logged and the old policy stays; listeners and limits need a
+                   restart)
+  SIGTERM, SIGINT  shut down (with --spawn: power the guest down first; a second
+                   signal stops waiting for it)
+
+service manager: with NOTIFY_SOCKET set (systemd Type=notify), qmpmux sends READY=1
+once QEMU's monitor is negotiated and every listener is open, a STATUS= line, RELOADING=1
+and READY=1 around a SIGHUP reload, STOPPING=1, and WATCHDOG=1 when WATCHDOG_USEC is set.
+
+config file: every key is documented, commented, in systemd/qmpmux.toml.example (in the
+source tree; `make install` puts it under PREFIX/share/qmpmux/); the README has the
+details of policy, limits and deploying with systemd.
 
 exit status: 0 after QEMU shut down cleanly (quit, SHUTDOWN) or on SIGTERM/SIGINT;
 1 if QEMU went away unexpectedly or qmpmux could not start; 2 for usage errors.
 
-example:
-  qmpmux --listen unix:/run/vm1.qmp --spawn -- qemu-system-x86_64 -machine none -display none
+examples:
+  qmpmux --listen unix:/run/vm1.qmp --spawn -- qemu-system-x86_64 -machine q35 -m 1G vm1.img
+  qmpmux --upstream unix:/run/qemu/vm1.qmp --listen unix:/run/qmpmux/vm1.sock \\
+         --listen unix:/run/qmpmux/vm1-ro.sock,profile=readonly,mode=660,group=monitoring
+  qmpmux --config /etc/qmpmux/vm1.toml
 """
 
 
@@ -104,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--listen",
-        metavar="ADDR[,profile=NAME][,mode=OCTAL][,max-clients=N]",
+        metavar="ADDR[,profile=NAME][,mode=OCTAL][,owner=USER][,group=GROUP][,max-clients=N]",
         action="append",
         default=[],
         help="where clients connect (repeatable; replaces the file's listeners)",
@@ -156,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="output queued for a client that does not read before it is disconnected "
         f"(default: {defaults.outbox_bytes})",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --spawn, on SIGTERM/SIGINT: how long the guest gets to power down after "
+        "system_powerdown before QEMU is told to quit; 0 quits at once; a second signal "
+        "stops waiting (default: 60)",
     )
     p.add_argument(
         "--spawn",
@@ -212,6 +273,9 @@ def parse_args(argv: Sequence[str]) -> Config:
         allow_remote=args.allow_remote or file.allow_remote,
         log_level=args.log_level or file.log_level,
         connect_timeout=args.connect_timeout or file.connect_timeout,
+        shutdown_timeout=(
+            file.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout
+        ),
         limits=limits,
         policy=policy_of(file, origin),
         audit=audit,
@@ -230,24 +294,57 @@ def reload_policy(config: Config) -> Policy:
     return policy
 
 
-async def serve(config: Config) -> int:
+def _status(proxy: Proxy, ready: UpstreamReady | None, stopping: bool = False) -> str:
+    """The one-line STATUS= the service manager shows (`systemctl status`)."""
+    if ready is None:
+        return "connecting to QEMU"
+    clients = len(proxy.hub.clients)
+    try:  # the greeting's version object (docs/protocol.md §4)
+        qemu = msgspec.json.decode(ready.version)["qemu"]
+        version = f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}"
+    except (msgspec.DecodeError, KeyError, TypeError):
+        version = "(unknown version)"
+    return (
+        f"{clients} client{'' if clients == 1 else 's'}; QEMU {version} "
+        f"{'session over' if stopping else 'connected'}"
+    )
+
+
+async def serve(
+    config: Config, inherited: Inherited | None = None, notifier: Notifier | None = None
+) -> int:
     """Run until the upstream session ends; returns the process exit status."""
     loop = asyncio.get_running_loop()
+    upstream_ready: list[UpstreamReady] = []
     audit = open_audit(config.audit) if config.audit else None
     hub = Hub(
         config.limits,
         config.policy,
         audit=audit is not None,
-        protected=frozenset(monitor_ids(config.lanes)) if config.spawn else frozenset(),
+        # Nobody may yank qmpmux's own monitors (README "Policy").
+        protected=(
+            frozenset({*monitor_ids(config.lanes), CONTROL_ID}) if config.spawn else frozenset()
+        ),
         listener_caps=config.listener_caps(),
         links=config.link_count(),
     )
     proxy = Proxy(config, hub, audit=audit)
-    proxy.bind()  # before QEMU is touched: a busy socket must not cost a VM start
+    proxy.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start
+    service = ServiceState(
+        notifier or Notifier({}),
+        lambda: _status(proxy, upstream_ready[0] if upstream_ready else None),
+    )
+    service.starting(
+        f"starting QEMU {config.spawn[0]}"
+        if config.spawn
+        else f"connecting to QEMU at {config.upstream}"
+    )
+    qemu: Spawned | None = None
     process = None
     try:
         if config.spawn:
-            process, sock = await spawn(config.spawn, config.lanes)
+            qemu, sock = await spawn(config.spawn, config.lanes)
+            process = qemu.process
         else:
             assert config.upstream is not None
             sock = await connect_all(
@@ -257,15 +354,30 @@ async def serve(config: Config) -> int:
         proxy.unbind()
         raise
     stopping: list[asyncio.Task[int]] = []
+    hurry = asyncio.Event()
 
     def on_signal(name: str) -> None:
-        log.info("received %s: shutting down", name)
-        if process is not None:
-            stopping.append(loop.create_task(stop_qemu(process)))  # QEMU's exit ends the session
-        else:
+        service.stopping(f"received {name}")
+        if qemu is None:
+            log.info("received %s: shutting down", name)
             proxy.stop(f"received {name}", 0)
+        elif not stopping:
+            log.info("received %s: shutting QEMU down", name)
+            # QEMU's exit ends the session, and with it proxy.wait().
+            stopping.append(loop.create_task(shut_down(qemu, config.shutdown_timeout, hurry)))
+        else:
+            log.info("received %s again: not waiting for the guest", name)
+            hurry.set()
 
     def on_reload() -> None:
+        # The manager waits for READY=1 after RELOADING=1, whatever the outcome.
+        service.reloading()
+        try:
+            _reload()
+        finally:
+            service.reloaded()
+
+    def _reload() -> None:
         if config.source is None:
             log.warning("SIGHUP ignored: no --config file to reload")
             return
@@ -284,8 +396,10 @@ async def serve(config: Config) -> int:
     try:
         ready = await proxy.start(sock)
     except StartupError as exc:
+        service.stopping(str(exc))
         if process is None:
-            raise
+            # Name the monitor: "no greeting" most often means another client holds it.
+            raise StartupError(f"cannot use QEMU's monitor at {config.upstream}: {exc}") from None
         try:
             rc = await asyncio.wait_for(process.wait(), 2)
         except TimeoutError:
@@ -302,9 +416,12 @@ async def serve(config: Config) -> int:
         "on" if ready.oob else "off",
         len(config.listeners),
     )
+    upstream_ready.append(ready)
+    service.ready()
     code = await proxy.wait()
+    service.stopping(_status(proxy, ready, stopping=True))
     if process is not None:
-        status = exit_status(await stop_qemu(process))
+        status = exit_status(await (stopping[0] if stopping else stop_qemu(process)))
         # QEMU's own status when it ended the session; qmpmux's failure when qmpmux lost
         # the connection and had to stop QEMU itself.
         return status if code == 0 else code
@@ -333,8 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     _raise_fd_limit()
+    # Read (and removed from the environment) before anything else runs, so no child
+    # inherits them; see qmpmux/systemd.py.
+    notifier = Notifier()
+    inherited = listen_fds()
     try:
-        return uvloop.run(serve(config))
+        return uvloop.run(serve(config, inherited, notifier))
     except StartupError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,9 @@ once, before anything listens.
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import pwd
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,22 +73,28 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=
 
 
 class Address(msgspec.Struct, frozen=True):
-    """`unix:PATH` or `tcp:HOST:PORT`."""
+    """`unix:PATH`, `tcp:HOST:PORT`, or (listeners only) `systemd:NAME`: the sockets
+    inherited from the service manager under that name (`FileDescriptorName=`)."""
 
-    kind: Literal["unix", "tcp"]
+    kind: Literal["unix", "tcp", "systemd"]
     path: str = ""
     host: str = ""
     port: int = 0
+    name: str = ""
 
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
+        if self.kind == "systemd":
+            return f"systemd:{self.name}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp:{host}:{self.port}"
 
     @property
     def is_loopback(self) -> bool:
-        if self.kind == "unix":
+        # An inherited socket's address is the socket unit's business; a TCP one on a
+        # non-loopback address is checked when it is adopted (`server.adopt_listener`).
+        if self.kind in ("unix", "systemd"):
             return True
         if self.host == "localhost":
             return True
@@ -103,6 +111,10 @@ class Listener(msgspec.Struct, frozen=True):
     max_clients: int | None = None  # None: only the global bound applies
     # Where its profile was given, for errors: `listen[0].profile` or `--listen ADDR,...`.
     origin: str = ""
+    # The unix socket's owner and group (numeric, resolved from names at load time);
+    # None leaves qmpmux's own.
+    owner: int | None = None
+    group: int | None = None
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -116,6 +128,7 @@ class Config(msgspec.Struct, frozen=True):
     allow_remote: bool = False
     log_level: str = "info"
     connect_timeout: float = 5.0
+    shutdown_timeout: float = 60.0  # --spawn: seconds the guest gets to power down
     limits: Limits = Limits()
     policy: Policy = DEFAULT_POLICY
     audit: str | None = None  # a file path, or "stderr"
@@ -136,8 +149,10 @@ class Config(msgspec.Struct, frozen=True):
 class ListenSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
     address: str
     profile: str = DEFAULT_PROFILE
-    mode: int = 0o600
+    mode: int | None = None  # 0o600 for a unix socket
     max_clients: int | None = None
+    owner: str | int | None = None  # a user name or uid
+    group: str | int | None = None  # a group name or gid
 
 
 class AuditSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
@@ -154,6 +169,7 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     allow_remote: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     connect_timeout: float = 5.0
+    shutdown_timeout: float = 60.0
     limits: Limits = Limits()
     audit: AuditSpec | None = None
     profiles: dict[str, ProfileSpec] = {}
@@ -214,24 +230,77 @@ def policy_of(file: FileConfig, origin: str) -> Policy:
 def listeners_of(file: FileConfig, origin: str) -> tuple[Listener, ...]:
     out = []
     for i, spec in enumerate(file.listen):
+        where = f"{origin}: listen[{i}]"
         try:
-            address = parse_address(spec.address)
+            address = parse_listen_address(spec.address)
         except ConfigError as exc:
-            raise ConfigError(f"{origin}: listen[{i}].address: {exc}") from None
-        if not 0 <= spec.mode <= 0o777:
-            raise ConfigError(f"{origin}: listen[{i}].mode: expected 0o000..0o777")
+            raise ConfigError(f"{where}.address: {exc}") from None
+        for key, value in (("mode", spec.mode), ("owner", spec.owner), ("group", spec.group)):
+            if value is not None and address.kind != "unix":
+                raise ConfigError(f"{where}.{key}: {_unix_only(key, address)}")
+        mode = 0o600 if spec.mode is None else spec.mode
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(f"{where}.mode: expected 0o000..0o777")
         if spec.max_clients is not None and spec.max_clients < 1:
-            raise ConfigError(f"{origin}: listen[{i}].max-clients: expected at least 1")
+            raise ConfigError(f"{where}.max-clients: expected at least 1")
+        try:
+            owner = None if spec.owner is None else resolve_user(spec.owner)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.owner: {exc}") from None
+        try:
+            group = None if spec.group is None else resolve_group(spec.group)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.group: {exc}") from None
         out.append(
             Listener(
                 address,
                 spec.profile,
-                spec.mode,
+                mode,
                 spec.max_clients,
-                f"{origin}: listen[{i}].profile",
+                f"{where}.profile",
+                owner,
+                group,
             )
         )
     return tuple(out)
+
+
+_MAX_ID = 4294967294  # (uid_t)-1 means "unchanged" to chown, so it names nobody
+
+
+def resolve_user(value: str | int) -> int:
+    """A user name or numeric uid to a uid; ConfigError if no such user."""
+    if isinstance(value, int) or value.isdigit():
+        uid = int(value)
+        if not 0 <= uid <= _MAX_ID:
+            raise ConfigError(f"uid {uid} out of range 0..{_MAX_ID}")
+        return uid
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise ConfigError(f"no user {value!r}") from None
+
+
+def resolve_group(value: str | int) -> int:
+    """A group name or numeric gid to a gid; ConfigError if no such group."""
+    if isinstance(value, int) or value.isdigit():
+        gid = int(value)
+        if not 0 <= gid <= _MAX_ID:
+            raise ConfigError(f"gid {gid} out of range 0..{_MAX_ID}")
+        return gid
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ConfigError(f"no group {value!r}") from None
+
+
+def _unix_only(key: str, address: Address) -> str:
+    if address.kind == "systemd":
+        return (
+            f"{key}= does not apply to an inherited socket ({address}): set "
+            f"Socket{'Mode' if key == 'mode' else key.capitalize()}= in its .socket unit"
+        )
+    return f"{key}= applies to unix sockets only, not {address}"
 
 
 _TCP = re.compile(r"^tcp:(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
@@ -252,34 +321,61 @@ def parse_address(text: str) -> Address:
     raise ConfigError(f"bad address {text!r}: expected unix:PATH or tcp:HOST:PORT")
 
 
+def parse_listen_address(text: str) -> Address:
+    """A listener's address: `parse_address`, or `systemd:NAME` (socket activation)."""
+    if not text.startswith("systemd:"):
+        try:
+            return parse_address(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}, or systemd:NAME") from None
+    name = text[len("systemd:") :]
+    # The names systemd allows in FileDescriptorName= (systemd.socket(5)).
+    if not name or len(name) > 255 or not name.isascii() or not name.isprintable() or ":" in name:
+        raise ConfigError(
+            f"bad address {text!r}: systemd:NAME needs the FileDescriptorName= of a socket "
+            "unit (1 to 255 printable ASCII characters, no ':')"
+        )
+    return Address("systemd", name=name)
+
+
 def parse_listener(text: str) -> Listener:
-    """`ADDR[,profile=NAME][,mode=OCTAL][,max-clients=N]`; options are split off the end
-    of the address."""
+    """`ADDR[,profile=NAME][,mode=OCTAL][,owner=USER][,group=GROUP][,max-clients=N]`;
+    options are split off the end of the address."""
     address_text, *options = text.split(",")
-    address = parse_address(address_text)
+    address = parse_listen_address(address_text)
     profile, mode, max_clients = DEFAULT_PROFILE, 0o600, None
+    owner: int | None = None
+    group: int | None = None
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or not value:
             raise ConfigError(f"bad listener option {option!r} in {text!r}: expected KEY=VALUE")
+        if key in ("mode", "owner", "group") and address.kind != "unix":
+            raise ConfigError(f"{_unix_only(key, address)}, in {text!r}")
         if key == "profile":
             profile = value  # checked against the policy in check()
         elif key == "mode":
-            if address.kind != "unix":
-                raise ConfigError(f"mode= applies to unix sockets only, in {text!r}")
             try:
                 mode = int(value, 8)
             except ValueError:
                 raise ConfigError(f"bad mode {value!r} in {text!r}: expected octal") from None
             if not 0 <= mode <= 0o777:
                 raise ConfigError(f"bad mode {value!r} in {text!r}: expected 0..777")
+        elif key in ("owner", "group"):
+            try:
+                if key == "owner":
+                    owner = resolve_user(value)
+                else:
+                    group = resolve_group(value)
+            except ConfigError as exc:
+                raise ConfigError(f"bad {key} in {text!r}: {exc}") from None
         elif key == "max-clients":
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"bad max-clients {value!r} in {text!r}: expected N >= 1")
             max_clients = int(value)
         else:
             raise ConfigError(f"unknown listener option {key!r} in {text!r}")
-    return Listener(address, profile, mode, max_clients, f"--listen {text}")
+    return Listener(address, profile, mode, max_clients, f"--listen {text}", owner, group)
 
 
 def split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -340,6 +436,8 @@ def check(config: Config) -> None:
             raise ConfigError(
                 f"refusing to listen on non-loopback {listener.address} without --allow-remote"
             )
+    if not 0 <= config.shutdown_timeout <= 3600:
+        raise ConfigError(f"shutdown-timeout = {config.shutdown_timeout:g}: expected 0 to 3600")
     check_limits(config.limits)
     if not 1 <= config.lanes <= MAX_LANES:
         raise ConfigError(f"--lanes {config.lanes}: expected 1 to {MAX_LANES}")
@@ -368,7 +466,8 @@ def check_references(policy: Policy, listeners: Sequence[Listener], origin: str)
                 f"{where}: unknown profile {listener.profile!r} (profiles: {profiles})"
             )
     by_name = {str(listener.address): listener for listener in listeners}
-    unix = [name for name, listener in by_name.items() if listener.address.kind == "unix"]
+    # An inherited socket may be a unix one: its family is known only once it is adopted.
+    unix = [name for name, lst in by_name.items() if lst.address.kind in ("unix", "systemd")]
     for i, rule in enumerate(policy.rules):
         where = f"{origin}: rules[{i}]"
         if rule.listener is not None:
@@ -378,7 +477,7 @@ def check_references(policy: Policy, listeners: Sequence[Listener], origin: str)
                     f"{where}.listener: no listener {rule.listener!r} "
                     f"(listeners: {', '.join(by_name) or 'none'})"
                 )
-            if target.address.kind != "unix":
+            if target.address.kind == "tcp":
                 raise ConfigError(
                     f"{where}.listener: {rule.listener} is a TCP listener; rules match unix "
                     "peer credentials only, so this rule could never match"

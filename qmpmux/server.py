@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from qmpmux.channel import Channel
-from qmpmux.config import Config, ConfigError, Listener
+from qmpmux.config import Address, Config, ConfigError, Listener
 from qmpmux.hub import (
     Action,
     Audit,
@@ -38,6 +38,7 @@ from qmpmux.hub import (
 )
 from qmpmux.policy import Policy
 from qmpmux.session import Peer
+from qmpmux.systemd import Inherited, InheritError, listen_fds
 
 log = logging.getLogger("qmpmux.server")
 
@@ -67,6 +68,9 @@ class _Listening:
     listener: Listener
     sock: socket.socket
     label: str
+    # A socket qmpmux bound itself, whose file it removes when done. An inherited one
+    # (systemd:NAME) belongs to the service manager: closed here, never unlinked or rebound.
+    owned: bool = True
 
 
 def _check_stale_unix(path: str) -> None:
@@ -103,8 +107,11 @@ def _check_stale_unix(path: str) -> None:
     raise StartupError(f"cannot listen on unix:{path}: another process is serving it")
 
 
-def _bind_unix(path: str, mode: int) -> socket.socket:
-    """A listening-ready unix socket created with `mode` by `bind` itself.
+def _bind_unix(
+    path: str, mode: int, owner: int | None = None, group: int | None = None
+) -> socket.socket:
+    """A listening-ready unix socket created with `mode` by `bind` itself, then given to
+    `owner`/`group`.
 
     Linux creates the socket file with 0777 minus the umask (`unix_bind`, net/unix/
     af_unix.c), so the umask alone sets the mode: no `chmod` by path afterwards, which
@@ -113,6 +120,16 @@ def _bind_unix(path: str, mode: int) -> socket.socket:
     accepted, when qmpmux creates no other file, and the old umask is back at once.
     The result is checked without following links; a default ACL on the directory, which
     overrides the umask, is refused rather than widened or narrowed by path.
+
+    Ownership cannot be set the same way: a unix socket has no descriptor for `fchown`
+    (`fchown` on the socket fd changes the socket inode, not the file `bind` made), and
+    `bind` takes qmpmux's own uid and gid. So the file is born with its final mode and
+    qmpmux's owner, which can only keep the intended users out, never let others in, and
+    `lchown` (`os.chown(..., follow_symlinks=False)`) gives it away right after: it never
+    follows a link swapped in meanwhile. `lstat` then checks that the same inode, still
+    a socket, carries the owner and group; otherwise the name is removed and start-up
+    fails. (Whoever can swap names in the directory could replace the socket outright:
+    the directory's permissions are the boundary, as for any socket.)
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -130,10 +147,37 @@ def _bind_unix(path: str, mode: int) -> socket.socket:
                 f"cannot listen on unix:{path}: bind created it with mode "
                 f"{stat.S_IMODE(st.st_mode):04o}, not {mode:04o} (a default ACL on the directory?)"
             )
+        if owner is not None or group is not None:
+            _give_away(path, st, owner, group)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _give_away(path: str, st: os.stat_result, owner: int | None, group: int | None) -> None:
+    """lchown the socket `bind` just made, then check by lstat that it took (see above)."""
+    try:
+        os.chown(path, -1 if owner is None else owner, -1 if group is None else group,
+                 follow_symlinks=False)  # fmt: skip
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        whom = " and ".join(
+            f"{key} {value}" for key, value in (("uid", owner), ("gid", group)) if value is not None
+        )
+        hint = (
+            " (needs CAP_CHOWN, or a group qmpmux's user is in)" if exc.errno == errno.EPERM else ""
+        )
+        raise StartupError(f"cannot give unix:{path} to {whom}: {exc.strerror}{hint}") from None
+    after = os.lstat(path)
+    if (
+        (after.st_dev, after.st_ino) != (st.st_dev, st.st_ino)
+        or not stat.S_ISSOCK(after.st_mode)
+        or (owner is not None and after.st_uid != owner)
+        or (group is not None and after.st_gid != group)
+    ):
+        raise StartupError(f"cannot listen on unix:{path}: it was replaced while qmpmux owned it")
 
 
 def open_listener(listener: Listener) -> socket.socket:
@@ -142,8 +186,8 @@ def open_listener(listener: Listener) -> socket.socket:
     try:
         if address.kind == "unix":
             _check_stale_unix(address.path)
-            sock = _bind_unix(address.path, listener.mode)
-        else:
+            sock = _bind_unix(address.path, listener.mode, listener.owner, listener.group)
+        elif address.kind == "tcp":
             infos = socket.getaddrinfo(
                 address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
@@ -151,6 +195,8 @@ def open_listener(listener: Listener) -> socket.socket:
             sock = socket.socket(family, kind, proto)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(sockaddr)
+        else:
+            raise StartupError(f"{address} is inherited, not opened (Proxy.bind adopts it)")
         sock.listen(128)
         sock.setblocking(False)
     except OSError as exc:
@@ -158,6 +204,39 @@ def open_listener(listener: Listener) -> socket.socket:
     except ConfigError as exc:
         raise StartupError(str(exc)) from None
     return sock
+
+
+_FAMILIES = {socket.AF_UNIX: "unix", socket.AF_INET: "tcp", socket.AF_INET6: "tcp"}
+
+
+def adopt_listener(
+    listener: Listener, inherited: Inherited, allow_remote: bool
+) -> list[socket.socket]:
+    """The sockets the service manager passed under `systemd:NAME`, ready to accept on.
+
+    They are served as they are: qmpmux never binds, listens again, chmods or unlinks
+    them (the .socket unit owns their address, mode and owner). A TCP one bound to a
+    non-loopback address needs --allow-remote, like a TCP listener of qmpmux's own."""
+    try:
+        socks = inherited.take(listener.address.name)
+    except InheritError as exc:
+        raise StartupError(str(exc)) from None
+    for sock in socks:
+        where = f"{listener.address} (fd {sock.fileno()})"
+        if sock.family not in _FAMILIES:
+            for s in socks:
+                s.detach()
+            raise StartupError(f"cannot listen on {where}: not a unix or TCP socket")
+        if sock.family != socket.AF_UNIX and not allow_remote:
+            host = sock.getsockname()[0]
+            if not Address("tcp", host=host, port=1).is_loopback:
+                for s in socks:
+                    s.detach()
+                raise StartupError(
+                    f"refusing to listen on non-loopback {where} at {host} without --allow-remote"
+                )
+        sock.setblocking(False)
+    return socks
 
 
 # Never follow a link at the last component, never become a controlling terminal, and
@@ -283,18 +362,33 @@ class Proxy:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def bind(self) -> None:
-        """Bind every listener before QEMU is touched, so conflicts fail fast.
+    def bind(self, inherited: Inherited | None = None) -> None:
+        """Bind every listener, and adopt the inherited ones (`systemd:NAME`), before QEMU
+        is touched, so conflicts fail fast.
 
         Clients that connect early wait in the backlog until `start` has QEMU ready.
+        `inherited` is what the service manager passed (read from the environment here
+        when not given and a listener asks for it).
         """
         try:
             for listener in self.config.listeners:
+                label = str(listener.address)
+                if listener.address.kind == "systemd":
+                    if inherited is None:
+                        inherited = listen_fds()
+                    for sock in adopt_listener(listener, inherited, self.config.allow_remote):
+                        self._listening.append(_Listening(listener, sock, label, owned=False))
+                    continue
                 sock = open_listener(listener)
-                self._listening.append(_Listening(listener, sock, str(listener.address)))
+                self._listening.append(_Listening(listener, sock, label))
         except StartupError:
             self.unbind()
             raise
+        if inherited is not None and inherited.by_name:
+            log.warning(
+                "inherited socket(s) %s not served: no systemd:NAME listener names them",
+                ", ".join(sorted(inherited.by_name)),
+            )
 
     async def start(
         self, upstream: socket.socket | Sequence[socket.socket], handshake_timeout: float = 10.0
@@ -512,11 +606,13 @@ class Proxy:
         self._maybe_done()
 
     def unbind(self) -> None:
-        """Stop listening and remove the unix socket files."""
+        """Stop listening and remove the unix socket files qmpmux created. An inherited
+        socket is only closed here: the service manager keeps its own copy, its file and
+        its backlog for the next start."""
         for entry in self._listening:
             self._loop.remove_reader(entry.sock.fileno())
             entry.sock.close()
-            if entry.listener.address.kind == "unix":
+            if entry.owned and entry.listener.address.kind == "unix":
                 with contextlib.suppress(OSError):
                     os.unlink(entry.listener.address.path)
         self._listening.clear()

@@ -69,7 +69,10 @@ class Running:
 
 
 def spawn_args(sock: Path, *extra: str) -> list[str]:
-    return ["--listen", f"unix:{sock}", *extra, "--spawn", "--", qemu_path(), *BASE_ARGS]
+    """`-machine none` has no power button: these tests quit QEMU at once on SIGTERM
+    (test_service.py covers powering a guest down)."""
+    return ["--listen", f"unix:{sock}", *extra, "--shutdown-timeout", "0", "--spawn", "--",
+            qemu_path(), *BASE_ARGS]  # fmt: skip
 
 
 def one_line_error(output: str) -> str:
@@ -157,7 +160,7 @@ async def test_spawn_serves_clients_and_sigterm_shuts_qemu_down_cleanly(tmp_path
     assert reply.startswith(b'{"return": {"status": "running"')
     mux.proc.send_signal(signal.SIGTERM)
     event = msgspec.json.decode(await client.read())
-    assert event["event"] == "SHUTDOWN" and event["data"]["reason"] == "host-signal"
+    assert event["event"] == "SHUTDOWN" and event["data"]["reason"] == "host-qmp-quit"
     assert await client.eof()
     assert await mux.wait() == 0
     assert not sock.exists()
@@ -198,7 +201,14 @@ async def test_tcp_listener_on_loopback(tmp_path: Path) -> None:
     port = probe.getsockname()[1]
     probe.close()
     mux = await Running.start(
-        "--listen", f"tcp:127.0.0.1:{port}", "--spawn", "--", qemu_path(), *BASE_ARGS
+        "--listen",
+        f"tcp:127.0.0.1:{port}",
+        "--shutdown-timeout",
+        "0",
+        "--spawn",
+        "--",
+        qemu_path(),
+        *BASE_ARGS,
     )
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -227,7 +237,9 @@ async def test_sighup_reloads_policy_without_dropping_clients(tmp_path: Path) ->
     conf = tmp_path / "qmpmux.toml"
     listen = f'[[listen]]\naddress = "unix:{sock}"\nprofile = "ops"\n'
     conf.write_text(listen + '[profiles.ops]\nbase = "readonly"\n')
-    mux = await Running.start("--config", str(conf), "--spawn", "--", qemu_path(), *BASE_ARGS)
+    mux = await Running.start(
+        "--config", str(conf), "--shutdown-timeout", "0", "--spawn", "--", qemu_path(), *BASE_ARGS
+    )
     try:
         client = await RawClient.connect(sock)
         await client.negotiate()

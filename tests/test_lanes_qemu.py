@@ -125,7 +125,9 @@ async def test_spawn_opens_its_lanes_and_nobody_may_yank_them(tmp_path: Path) ->
     client = await RawClient.connect(sock)
     await client.negotiate()
     chardevs = msgspec.json.decode(await client.command(b'{"execute":"query-chardev"}'))
-    assert sorted(c["label"] for c in chardevs["return"]) == ["qmpmux0", "qmpmux1", "qmpmux2"]
+    # The lanes, and the lifecycle monitor qmpmux keeps for shutting QEMU down.
+    labels = sorted(c["label"] for c in chardevs["return"])
+    assert labels == ["qmpmux-lifecycle", "qmpmux0", "qmpmux1", "qmpmux2"]
     yank = b'{"execute":"yank","arguments":{"instances":[{"type":"chardev","id":"qmpmux2"}]}}'
     assert b"refused by qmpmux policy" in await client.command(yank)
     mux.proc.send_signal(signal.SIGTERM)
