@@ -173,6 +173,7 @@ Action = (
 
 _client_log = logging.getLogger("qmpmux.client")
 _EVENT_COPIES_MAX: Final = 4096  # events awaiting their copies from the other links
+_CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only when ok
 _UNSEEN: Final[list[int]] = []
 
 
@@ -395,12 +396,14 @@ class Hub:
         up.lane_inflight[lane] -= 1
         up.inflight_bytes -= len(cmd.prefix)
         session = cmd.session
-        failed = error_class(line)
+        name = cmd.name
+        # Decoding the reply's class costs a decode per command: only when it matters.
+        failed = error_class(line) if self.audit or cmd.names or name in _CLASS_MATTERS else ""
         if upstream_id == up.fd_inflight:
             self._fd_taken(up)
         if cmd.name == ADD_FD and not failed:
             self._fdset_created(session.id, line)
-        if session is up.system.session:
+        if not session.id:
             up.system.inflight[lane] -= 1  # qmpmux's own cleanup: nobody to answer
             self._requeue(up.system, lane)
             return
@@ -413,7 +416,8 @@ class Hub:
         if flow is None:
             return  # its client has gone: the reply is nobody else's
         flow.inflight[lane] -= 1
-        self._requeue(flow, lane)  # its share of the window has room again
+        if flow.queues[lane]:
+            self._requeue(flow, lane)  # its share of the window has room again
         if cmd.fds:
             flow.fd_busy = False
         profile = session.profile
@@ -577,7 +581,8 @@ class Hub:
             _client_log.exception("client %d: internal error; disconnecting it", client)
             self._out.append(CloseClient(client, "internal error"))
             return self._take()
-        held = self._held(flow)  # before the flush moves ready replies to the shell
+        # Before the flush moves ready replies to the shell (`_held`, inline: hot).
+        held = flow.queued_bytes + flow.reply_bytes + self.queued_bytes(client)
         self._flush(flow)
         if flow.fd_busy and not flow.paused:
             # One command with this client's fd at a time: qmpmux holds at most one
@@ -905,7 +910,10 @@ class Hub:
         lane = OOB if cmd.oob else INBAND
         if flow.session.id:  # nobody waits for qmpmux's own replies
             (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
-            if flow.link is None or not (any(flow.inflight) or any(flow.queues) or flow.fd_names):
+            if flow.link is None or (
+                len(self._live) > 1
+                and not (any(flow.inflight) or any(flow.queues) or flow.fd_names)
+            ):
                 flow.link = self._pick_link()  # free to move: it has nothing in QEMU
         up = flow.link
         assert up is not None
@@ -936,7 +944,8 @@ class Hub:
         if self.state is not UpstreamState.READY:
             return
         for up in self._live:
-            self._pump_link(up)
+            if up.ready[INBAND] or up.ready[OOB]:
+                self._pump_link(up)
 
     def _pump_link(self, up: Link) -> None:
         """Fill one monitor's lanes from its clients' queues: within a lane round-robin,
