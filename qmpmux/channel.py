@@ -24,6 +24,8 @@ import socket
 from typing import Final, Protocol
 
 MAX_FDS_PER_MESSAGE: Final = 16
+# How a cut for not reading is worded: the shell counts these (metrics.py).
+SLOW_READER_CUT: Final = "not reading: "
 _ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # Every read lands in this one buffer and only what arrived is copied out: allocating a
 # fresh 256 KiB object per read costs an mmap/mremap/munmap triple each time.
@@ -194,7 +196,9 @@ class Channel:
                 self.handler.channel_drained(self.key)  # a paused reader may resume
                 return
         if self._out_size > self.outbox_limit:
-            self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
+            self.abort(
+                f"{SLOW_READER_CUT}{self._out_size} bytes queued (limit {self.outbox_limit})"
+            )
 
     def _send(self) -> None:
         """Send what the kernel takes now: one write of many chunks, never a re-join of a
@@ -275,7 +279,9 @@ class Channel:
             elif not self._reading:
                 self.handler.channel_drained(self.key)  # a paused reader may resume
         elif self._out_size > self.outbox_limit:
-            self.abort(f"not reading: {self._out_size} bytes queued (limit {self.outbox_limit})")
+            self.abort(
+                f"{SLOW_READER_CUT}{self._out_size} bytes queued (limit {self.outbox_limit})"
+            )
 
     # --- closing ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from qmpmux import __version__
 from qmpmux.checkconfig import check_config
 from qmpmux.config import (
     DEFAULT_LANES,
+    Address,
     Config,
     ConfigError,
     FileConfig,
@@ -37,6 +38,7 @@ from qmpmux.config import (
     split_spawn,
 )
 from qmpmux.hub import Hub, UpstreamReady
+from qmpmux.metrics import ERROR
 from qmpmux.policy import BUILTIN, Policy
 from qmpmux.server import Proxy, StartupError, open_audit
 from qmpmux.systemd import Inherited, Notifier, ServiceState, listen_fds
@@ -176,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='write one JSON audit record per command to FILE ("stderr" for journald)',
     )
     p.add_argument(
+        "--metrics",
+        metavar="ADDR",
+        help="serve Prometheus metrics at GET /metrics on ADDR (tcp:127.0.0.1:PORT or "
+        "unix:PATH; non-loopback hosts need --allow-remote)",
+    )
+    p.add_argument(
         "--connect-timeout",
         type=float,
         metavar="SECONDS",
@@ -280,9 +288,19 @@ def parse_args(argv: Sequence[str]) -> Config:
         policy=policy_of(file, origin),
         audit=audit,
         source=args.config,
+        metrics=_metrics_address(args.metrics or file.metrics, origin, bool(args.metrics)),
     )
     check(config)
     return config
+
+
+def _metrics_address(text: str | None, origin: str, flag: bool) -> Address | None:
+    if text is None:
+        return None
+    try:
+        return parse_address(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{'--metrics' if flag else f'{origin}: metrics'}: {exc}") from None
 
 
 def reload_policy(config: Config) -> Policy:
@@ -327,6 +345,7 @@ async def serve(
         ),
         listener_caps=config.listener_caps(),
         links=config.link_count(),
+        learn_commands=config.metrics is not None,
     )
     proxy = Proxy(config, hub, audit=audit)
     proxy.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start
@@ -385,6 +404,7 @@ async def serve(
             policy = reload_policy(config)
         except ConfigError as exc:
             log.error("reload failed, keeping the current policy: %s", exc)
+            hub.stats.reloads[ERROR] += 1
             return
         proxy.reload(policy)
         log.info("policy reloaded from %s: %d profile(s), %d rule(s)",

@@ -133,6 +133,7 @@ class Config(msgspec.Struct, frozen=True):
     policy: Policy = DEFAULT_POLICY
     audit: str | None = None  # a file path, or "stderr"
     source: str | None = None  # the config file, re-read on SIGHUP
+    metrics: Address | None = None  # where Prometheus scrapes GET /metrics
 
     def link_count(self) -> int:
         """How many upstream monitors qmpmux holds."""
@@ -172,6 +173,7 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     shutdown_timeout: float = 60.0
     limits: Limits = Limits()
     audit: AuditSpec | None = None
+    metrics: str | None = None  # unix:PATH or tcp:HOST:PORT
     profiles: dict[str, ProfileSpec] = {}
     rules: tuple[RuleSpec, ...] = ()
 
@@ -436,6 +438,13 @@ def check(config: Config) -> None:
             raise ConfigError(
                 f"refusing to listen on non-loopback {listener.address} without --allow-remote"
             )
+    metrics = config.metrics
+    if metrics is not None and not metrics.is_loopback and not config.allow_remote:
+        raise ConfigError(
+            f"refusing to serve metrics on non-loopback {metrics} without --allow-remote"
+        )
+    if metrics is not None and str(metrics) in {str(lst.address) for lst in config.listeners}:
+        raise ConfigError(f"--metrics {metrics} is also a --listen address")
     if not 0 <= config.shutdown_timeout <= 3600:
         raise ConfigError(f"shutdown-timeout = {config.shutdown_timeout:g}: expected 0 to 3600")
     check_limits(config.limits)

@@ -27,8 +27,13 @@ class Flow:
     """The hub's record of one client: reply order, queues, in-flight counts, backpressure."""
 
     __slots__ = (
+        "bye",
         "closed",
+        "commands",
+        "connected",
+        "denials",
         "draining",
+        "events",
         "fd_busy",
         "fd_names",
         "fds",
@@ -73,6 +78,14 @@ class Flow:
         self.fds: list[int] = []
         self.fd_names: set[str] = set()
         self.fd_busy = False
+        # For list-clients and metrics: when it connected (wall clock), its commands
+        # answered (by QEMU or qmpmux), denied, and events delivered; and why the hub
+        # closed it, when the hub did (metrics.py's disconnect reasons).
+        self.connected = 0.0
+        self.commands = 0
+        self.denials = 0
+        self.events = 0
+        self.bye = ""
 
     @property
     def pending(self) -> int:

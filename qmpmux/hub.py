@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -53,6 +54,18 @@ from qmpmux.fdpass import (
 from qmpmux.flow import Flow
 from qmpmux.introspect import FILTERS, replace_return, strip_message
 from qmpmux.link import INBAND, OOB, Link, UpstreamState
+from qmpmux.metrics import (
+    CLOSED,
+    DURATION_BUCKETS,
+    ERROR_AT,
+    INTERNAL_ERROR,
+    NEGOTIATION_TIMEOUT,
+    OK,
+    OK_AT,
+    SHUTDOWN,
+    UPSTREAM_LOST,
+    Stats,
+)
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
@@ -65,8 +78,11 @@ from qmpmux.wire import (
     CAPABILITIES_PLAIN,
     GENERIC_ERROR,
     NO_ID,
+    QUERY_COMMANDS,
     SHUTDOWN_EVENT,
+    SUCCESS_OPENING,
     command_bytes,
+    command_names,
     command_prefix,
     decode_fdset,
     decode_greeting,
@@ -177,6 +193,11 @@ _CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only w
 _UNSEEN: Final[list[int]] = []
 
 
+def _iso_time(now: float) -> str:
+    """UTC with milliseconds, as audit records and list-clients give times."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
 class Hub:
     """All proxy state and decisions; no I/O. Each input method returns the actions to do."""
 
@@ -191,6 +212,7 @@ class Hub:
         links: int = 1,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
+        learn_commands: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self.policy = policy
@@ -213,7 +235,7 @@ class Hub:
         self.oob = False
         self.shutdown_seen = False
         self.clients: dict[int, Flow] = {}
-        self._negotiated: dict[int, Session] = {}
+        self._negotiated: dict[int, Flow] = {}  # clients events go to
         # The upstream monitors ("lanes"), each with its own window and queues.
         self.links = [Link(i) for i in range(links)]
         self._live: list[Link] = list(self.links)  # not closed
@@ -229,6 +251,14 @@ class Hub:
         self.upstream_fds = True
         self._fdsets: dict[int, int] = {}
         self._out: list[Action] = []
+        # Counters for monitoring (metrics.py); with `learn_commands` the hub asks QEMU
+        # for its command names once ready, so they can label them (others fold).
+        self.stats = Stats()
+        self.stats.learn((WHOAMI, LIST_CLIENTS))
+        self._rows = self.stats.commands
+        self._hist = self.stats.hist
+        self._now = 0.0  # the clock when the current input arrived (round trips)
+        self._learn_commands = learn_commands
 
     def _take(self) -> list[Action]:
         out, self._out = self._out, []
@@ -239,6 +269,7 @@ class Hub:
     def upstream_data(self, data: bytes, link: int = 0) -> list[Action]:
         """Bytes from upstream monitor `link`."""
         up = self.links[link]
+        self._now = self._clock()
         try:
             for line in up.framer.feed(data):
                 if up.state is UpstreamState.READY:
@@ -277,6 +308,7 @@ class Hub:
             if flow.link is up:
                 if any(flow.inflight) or any(flow.queues) or flow.fd_names:
                     self._drop_fds(flow)
+                    flow.bye = UPSTREAM_LOST
                     self._out.append(CloseClient(cid, f"lost QEMU monitor link {link}: {reason}"))
                 flow.link = None
         up.inflight.clear()
@@ -289,6 +321,7 @@ class Hub:
         self.state = UpstreamState.CLOSED
         for cid, flow in self.clients.items():
             self._drop_fds(flow)
+            flow.bye = SHUTDOWN if code == 0 else UPSTREAM_LOST
             self._out.append(CloseClient(cid, reason))
         self._out.append(Exit(code, reason))
 
@@ -326,6 +359,8 @@ class Hub:
                 self._offered = frozenset({CAP_OOB}) if self.oob else frozenset()
                 self._greeting = greeting(self.version, self.oob)
                 self._out.append(UpstreamReady(self.version, self.oob))
+                if self._learn_commands:  # the command label's values (metrics.py)
+                    self._system_command(first, QUERY_COMMANDS, None)
 
     def _upstream_message(self, up: Link, line: bytes) -> None:
         try:
@@ -338,6 +373,7 @@ class Hub:
                 return
             if msg.event == SHUTDOWN_EVENT:
                 self.shutdown_seen = True
+            self.stats.event(msg.event)
             self._fan_out(msg.event, line)
         elif msg.id is not NO_ID:
             self._route_reply(up, line, msg.id)
@@ -373,13 +409,14 @@ class Hub:
         """One event to every negotiated client allowed it: decided once per profile, and
         the same bytes object for every client whose profile does not rewrite it."""
         targets: dict[Profile, list[int] | None] = {}
-        for session in self._negotiated.values():
-            profile = session.profile
+        for flow in self._negotiated.values():
+            profile = flow.session.profile
             clients = targets.get(profile, _UNSEEN)
             if clients is _UNSEEN:
                 clients = targets[profile] = [] if profile.event(name) else None
             if clients is not None:
-                clients.append(session.id)
+                clients.append(flow.id)
+                flow.events += 1
         for profile, clients in targets.items():
             if clients:
                 data = strip_message(line) if profile.strip_extensions else line
@@ -397,8 +434,16 @@ class Hub:
         up.inflight_bytes -= len(cmd.prefix)
         session = cmd.session
         name = cmd.name
-        # Decoding the reply's class costs a decode per command: only when it matters.
-        failed = error_class(line) if self.audit or cmd.names or name in _CLASS_MATTERS else ""
+        # Decoding the reply's class costs a decode per command: only when it matters,
+        # or when the reply is not plainly a success.
+        failed = (
+            error_class(line)
+            if self.audit
+            or cmd.names
+            or name in _CLASS_MATTERS
+            or not line.startswith(SUCCESS_OPENING)
+            else ""
+        )
         if upstream_id == up.fd_inflight:
             self._fd_taken(up)
         if cmd.name == ADD_FD and not failed:
@@ -406,7 +451,18 @@ class Hub:
         if not session.id:
             up.system.inflight[lane] -= 1  # qmpmux's own cleanup: nobody to answer
             self._requeue(up.system, lane)
+            if name == QUERY_COMMANDS and not failed:
+                self.stats.learn(command_names(line))
             return
+        # Counted inline (Stats.row, Stats.duration): this runs once per command.
+        row = self._rows.get(name)
+        if row is None:
+            row = self.stats.row(name)
+        row[ERROR_AT if failed else OK_AT] += 1
+        took = self._now - cmd.issued
+        hist = self._hist
+        hist[bisect_left(DURATION_BUCKETS, took)] += 1
+        hist[-1] += took
         if self.audit:  # also when its client has gone: what ran is on the record
             self._record(
                 session, cmd.name, cmd.decision, failed, cmd.arguments, cmd.started,
@@ -415,6 +471,7 @@ class Hub:
         flow = self.clients.get(session.id)
         if flow is None:
             return  # its client has gone: the reply is nobody else's
+        flow.commands += 1
         flow.inflight[lane] -= 1
         if flow.queues[lane]:
             self._requeue(flow, lane)  # its share of the window has room again
@@ -510,7 +567,9 @@ class Hub:
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
         )
         profile = self._assign(peer)
-        self.clients[cid] = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))
+        flow = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))
+        flow.connected = self._wallclock()
+        self.clients[cid] = flow
         self.log_client(
             logging.INFO, "connect", peer.listener,
             "client %d: connected on %s (uid=%s pid=%s exe=%.80r), profile %s",
@@ -554,6 +613,7 @@ class Hub:
         """The client's time to negotiate is up: close it if it has not."""
         flow = self.clients.get(client)
         if flow is not None and flow.session.phase is Phase.NEGOTIATING:
+            flow.bye = NEGOTIATION_TIMEOUT
             timeout = self.limits.negotiation_timeout
             self.log_client(
                 logging.WARNING, "negotiation", flow.session.peer.listener,
@@ -579,6 +639,7 @@ class Hub:
                 self._accept(flow, value)
         except Exception:  # a bug must cost this client its connection, never the proxy
             _client_log.exception("client %d: internal error; disconnecting it", client)
+            flow.bye = INTERNAL_ERROR
             self._out.append(CloseClient(client, "internal error"))
             return self._take()
         # Before the flush moves ready replies to the shell (`_held`, inline: hot).
@@ -592,7 +653,7 @@ class Hub:
         if flow.session.phase is Phase.COMMAND and client not in self._negotiated:
             # Negotiation replies are all local, so the success reply has just been sent:
             # events flow from here on, never before.
-            self._negotiated[client] = flow.session
+            self._negotiated[client] = flow
         limits = self.limits
         if not flow.paused and (
             flow.pending >= limits.max_pending or held >= limits.max_pending_bytes
@@ -712,6 +773,7 @@ class Hub:
         when it goes upstream, so one the new policy denies is answered with its denial,
         in the client's order, and never reaches QEMU."""
         self.policy = policy
+        self.stats.reloads[OK] += 1
         self._views.clear()
         for flow in self.clients.values():
             flow.session.profile = self._assign(flow.session.peer)
@@ -744,6 +806,12 @@ class Hub:
     def _judged_locally(self, flow: Flow, verdict: Local) -> None:
         assert verdict.name is not None and verdict.decision is not None
         if verdict.decision is Decision.DENY:
+            self.stats.denial(flow.session.profile.name, verdict.name)
+            flow.denials += 1
+        else:  # qmpmux's own commands, and fd commands refused as QEMU would
+            self.stats.row(verdict.name)[ERROR_AT if error_class(verdict.data) else OK_AT] += 1
+            flow.commands += 1
+        if verdict.decision is Decision.DENY:
             note = self.log_limit.admit("denial", flow.session.peer.listener)
             if note is not None:  # a flood, even one reconnecting, must not flood the log
                 _client_log.warning(
@@ -771,8 +839,7 @@ class Hub:
         peer = session.peer
         now = self._wallclock()
         record: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            + f".{int(now * 1000) % 1000:03d}Z",
+            "time": _iso_time(now),
             "client": session.id,
             "listener": peer.listener,
             "uid": peer.uid,
@@ -830,6 +897,10 @@ class Hub:
             "oob": flow.session.oob,
             "commands-in-flight": inflight,
             "bytes-queued": self.queued_bytes(flow.id),
+            "connected-at": _iso_time(flow.connected),
+            "commands": flow.commands,
+            "denials": flow.denials,
+            "events": flow.events,
         }
 
     def client_drained(self, client: int) -> list[Action]:
@@ -847,11 +918,15 @@ class Hub:
             self._settle(flow)
         return self._take()
 
-    def client_closed(self, client: int) -> list[Action]:
-        """The connection is gone: drop its queued commands; late replies are discarded."""
+    def client_closed(self, client: int, reason: str = CLOSED) -> list[Action]:
+        """The connection is gone: drop its queued commands; late replies are discarded.
+
+        `reason` is the shell's word for how (metrics.py's disconnect reasons); when the
+        hub itself asked for the close, its own reason wins."""
         flow = self.clients.pop(client, None)
         if flow is None:
             return []
+        self.stats.disconnect(flow.bye or reason)
         flow.closed = True
         self._negotiated.pop(client, None)
         self._per_listener[flow.session.peer.listener] -= 1
@@ -899,7 +974,7 @@ class Hub:
                 del self._fdsets[fdset]
                 self._system_command(up, REMOVE_FD, {"fdset-id": fdset})
 
-    def _system_command(self, up: Link, name: str, args: dict[str, JsonValue]) -> None:
+    def _system_command(self, up: Link, name: str, args: dict[str, JsonValue] | None) -> None:
         """A command of qmpmux's own on monitor `up`; its reply is dropped."""
         system = up.system
         system.link = up
@@ -937,6 +1012,7 @@ class Hub:
     def _issue(self, up: Link, cmd: Command) -> tuple[int, bytes]:
         upstream_id = up.ids.take()
         up.inflight[upstream_id] = cmd
+        cmd.issued = self._now
         return upstream_id, command_bytes(cmd.prefix, upstream_id)
 
     def _pump(self) -> None:
@@ -952,6 +1028,7 @@ class Hub:
         one command per client a turn; across lanes alternately when both have work, so
         exec-oob floods cannot starve other clients (QEMU's OOB promise is per monitor:
         a client's in-band commands wait for its own earlier exec-oob, see below)."""
+        self._now = self._clock()  # each command's `issued`: its round trip starts here
         limits = self.limits
         window, share, budget = limits.upstream_window, limits.client_window, limits.upstream_bytes
         ready, inflight = up.ready, up.lane_inflight
@@ -1052,4 +1129,5 @@ class Hub:
             flow.paused = False
             self._out.append(ResumeClient(flow.id))
         if flow.draining and not flow.pending:
+            flow.bye = CLOSED
             self._out.append(CloseClient(flow.id, "client finished sending"))

@@ -20,8 +20,10 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from qmpmux.channel import Channel
+from qmpmux import metrics
+from qmpmux.channel import SLOW_READER_CUT, Channel
 from qmpmux.config import Address, Config, ConfigError, Listener
+from qmpmux.exporter import MetricsServer, registry_for
 from qmpmux.hub import (
     Action,
     Audit,
@@ -344,8 +346,10 @@ class Proxy:
             audit=audit is not None,
             listener_caps=config.listener_caps(),
             links=config.link_count(),
+            learn_commands=config.metrics is not None,
         )
         self._audit = audit
+        self._metrics: MetricsServer | None = None
         self._loop = asyncio.get_running_loop()
         self._links: list[Channel] = []  # one per upstream monitor, by link index
         self._clients: dict[int, Channel] = {}
@@ -381,6 +385,7 @@ class Proxy:
                     continue
                 sock = open_listener(listener)
                 self._listening.append(_Listening(listener, sock, label))
+            self._bind_metrics()
         except StartupError:
             self.unbind()
             raise
@@ -389,6 +394,16 @@ class Proxy:
                 "inherited socket(s) %s not served: no systemd:NAME listener names them",
                 ", ".join(sorted(inherited.by_name)),
             )
+
+    def _bind_metrics(self) -> None:
+        """The --metrics socket, bound like a listener (a unix one with mode 0600)."""
+        where = self.config.metrics
+        if where is None or self._metrics is not None:
+            return
+        sock = open_listener(Listener(where))
+        listeners = [(str(lst.address), lst.profile) for lst in self.config.listeners]
+        unlink = where.path if where.kind == "unix" else ""
+        self._metrics = MetricsServer(sock, registry_for(self.hub, listeners), unlink)
 
     async def start(
         self, upstream: socket.socket | Sequence[socket.socket], handshake_timeout: float = 10.0
@@ -428,6 +443,9 @@ class Proxy:
         for entry in self._listening:
             self._loop.add_reader(entry.sock.fileno(), self._accept, entry)
             log.info("listening on %s (profile %s)", entry.label, entry.listener.profile)
+        if self._metrics is not None:
+            await self._metrics.start()
+            log.info("serving metrics on %s/metrics", self.config.metrics)
         return ready
 
     async def wait(self) -> int:
@@ -525,8 +543,17 @@ class Proxy:
             self._log_client(
                 logging.WARNING, "cut", key, "client %d: connection cut: %s", key, reason
             )
-        self._apply(self.hub.client_closed(key))
+        self._apply(self.hub.client_closed(key, self._disconnect_reason(reason, error)))
         self._maybe_done()
+
+    def _disconnect_reason(self, reason: str, error: bool) -> str:
+        """How a client went, as one of metrics.py's fixed reasons (the hub overrides it
+        when it asked for the close itself)."""
+        if self._exit is not None:
+            return metrics.SHUTDOWN
+        if not error:
+            return metrics.CLOSED
+        return metrics.SLOW_READER if reason.startswith(SLOW_READER_CUT) else metrics.IO_ERROR
 
     def _log_client(self, level: int, kind: str, key: int, message: str, *args: object) -> None:
         flow = self.hub.clients.get(key)
@@ -616,6 +643,8 @@ class Proxy:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.listener.address.path)
         self._listening.clear()
+        if self._metrics is not None:
+            self._metrics.close()
 
     def _maybe_done(self) -> None:
         if self._exit is not None and not self._clients and not self._done.done():

@@ -98,6 +98,7 @@ class Command:
         "arguments",
         "decision",
         "fds",
+        "issued",
         "name",
         "names",
         "oob",
@@ -128,6 +129,7 @@ class Command:
         self.arguments = arguments  # kept only for the audit log, when it records them
         self.reply: bytes | None = None
         self.started = 0.0
+        self.issued = 0.0  # when it went upstream (the hub's clock), for its round trip
         # The fd it takes (getfd, add-fd), sent with its own bytes; and the fd names it
         # uses, as QEMU knows them -> as the client does (fdpass.py).
         self.fds: tuple[int, ...] = ()

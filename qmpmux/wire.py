@@ -38,6 +38,10 @@ CAP_OOB: Final = "oob"
 GENERIC_ERROR: Final = "GenericError"
 COMMAND_NOT_FOUND: Final = "CommandNotFound"
 SHUTDOWN_EVENT: Final = "SHUTDOWN"
+QUERY_COMMANDS: Final = "query-commands"
+# QEMU writes a success as `{"return": R, "id": N}` (see `rewrite_reply`): a reply that
+# opens with its return member needs no decoding to know it succeeded.
+SUCCESS_OPENING: Final = b'{"return"'
 
 
 class Absent(enum.Enum):
@@ -215,6 +219,25 @@ def error_class(reply: bytes) -> str:
     except msgspec.DecodeError:
         return "?"
     return err.cls if err is not None else ""
+
+
+class _Named(msgspec.Struct):
+    name: str
+
+
+class _CommandList(msgspec.Struct):
+    ret: list[_Named] = msgspec.field(name="return", default_factory=list)
+
+
+_decode_commands = msgspec.json.Decoder(_CommandList).decode
+
+
+def command_names(reply: bytes) -> list[str]:
+    """The names in a `query-commands` reply (empty if it is anything else)."""
+    try:
+        return [entry.name for entry in _decode_commands(reply).ret]
+    except msgspec.DecodeError:
+        return []
 
 
 def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes:

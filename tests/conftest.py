@@ -54,6 +54,7 @@ async def start_mux(
     audit: Callable[[bytes], None] | None = None,
     listener_caps: Mapping[str, int] | None = None,
     lanes: int = 1,
+    metrics: Address | None = None,
 ) -> Mux:
     """qmpmux on the first `lanes` monitors of `qemu`; the next one stays direct."""
     sockets = {name: tmp_path / f"mux-{name}.sock" for name in profiles}
@@ -70,6 +71,7 @@ async def start_mux(
         more_upstreams=tuple(Address("unix", path=str(p)) for p in qemu.monitors[1:lanes]),
         limits=limits or Limits(),
         policy=policy,
+        metrics=metrics,
     )
     assert config.upstream is not None
     proxy = Proxy(config, audit=audit)

@@ -1,0 +1,209 @@
+"""The Prometheus endpoint (shell): `GET /metrics` on `--metrics ADDR`, from the loop.
+
+The hub only counts (`metrics.py`); everything here runs when Prometheus scrapes: a
+collector reads the hub's counters and state and the client library renders them in the
+text exposition format. The hot path never calls into `prometheus_client`.
+
+The HTTP side is deliberately tiny: one request per connection, its head bounded in size
+(`REQUEST_BYTES`) and time (`REQUEST_TIMEOUT`), at most `CONNECTIONS_MAX` connections at
+once, and only `GET`/`HEAD /metrics` answered (404 for other paths, 405 for other
+methods). Rendering takes well under a millisecond for qmpmux's few hundred series, so it
+runs on the loop itself; no thread, nothing blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from qmpmux import __version__
+from qmpmux.hub import Hub
+from qmpmux.link import UpstreamState
+from qmpmux.metrics import DURATION_BUCKETS, RESULTS
+
+log = logging.getLogger("qmpmux.metrics")
+
+REQUEST_BYTES = 8192
+REQUEST_TIMEOUT = 5.0
+CONNECTIONS_MAX = 16
+# The text format generate_latest writes, under the name every Prometheus version takes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class HubCollector(Collector):
+    """Reads one hub at scrape time. `listeners` (label, profile) are reported with 0
+    clients too, so an alert on a listener's clients does not see an absent series."""
+
+    def __init__(self, hub: Hub, listeners: Sequence[tuple[str, str]] = ()) -> None:
+        self.hub = hub
+        self.listeners = tuple(listeners)
+
+    def collect(self) -> Iterable[Metric]:
+        hub = self.hub
+        stats = hub.stats
+        family: GaugeMetricFamily | CounterMetricFamily = GaugeMetricFamily(
+            "qmpmux_build_info", "qmpmux's version (always 1)", labels=["version"]
+        )
+        family.add_metric([__version__], 1)
+        yield family
+        clients: Counter[tuple[str, str]] = Counter(dict.fromkeys(self.listeners, 0))
+        for flow in hub.clients.values():
+            clients[flow.session.peer.listener, flow.session.profile.name] += 1
+        family = GaugeMetricFamily(
+            "qmpmux_clients", "Clients connected, by listener and profile",
+            labels=["listener", "profile"],
+        )  # fmt: skip
+        for key, count in sorted(clients.items()):
+            family.add_metric(list(key), count)
+        yield family
+        family = CounterMetricFamily(
+            "qmpmux_commands", "Commands judged, by command and result (ok, error, denied)",
+            labels=["command", "result"],
+        )  # fmt: skip
+        for name, row in sorted(stats.commands.items()):
+            for result, at in RESULTS:
+                if row[at]:
+                    family.add_metric([name, result], row[at])
+        yield family
+        family = CounterMetricFamily(
+            "qmpmux_denials", "Commands refused by policy, by profile and command",
+            labels=["profile", "command"],
+        )  # fmt: skip
+        for (profile, name), count in sorted(stats.denials.items()):
+            family.add_metric([profile, name], count)
+        yield family
+        hist = stats.hist
+        buckets: list[tuple[str, float]] = []
+        total = 0.0
+        for bound, in_bucket in zip((*DURATION_BUCKETS, float("inf")), hist[:-1], strict=True):
+            total += in_bucket
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        yield HistogramMetricFamily(
+            "qmpmux_command_duration_seconds",
+            "Upstream round trip of commands sent to QEMU (sent to reply read)",
+            buckets=buckets, sum_value=hist[-1],
+        )  # fmt: skip
+        family = CounterMetricFamily(
+            "qmpmux_events", "QEMU events received (once each, whatever the clients)",
+            labels=["event"],
+        )  # fmt: skip
+        for name, count in sorted(stats.events.items()):
+            family.add_metric([name], count)
+        yield family
+        family = CounterMetricFamily(
+            "qmpmux_client_disconnects", "Clients gone, by reason", labels=["reason"]
+        )
+        for reason, count in stats.disconnects.items():
+            family.add_metric([reason], count)
+        yield family
+        family = GaugeMetricFamily(
+            "qmpmux_upstream_up", "1 while QEMU monitor link (lane) is negotiated and open",
+            labels=["lane"],
+        )  # fmt: skip
+        for link in hub.links:
+            family.add_metric([str(link.index)], 1 if link.state is UpstreamState.READY else 0)
+        yield family
+        yield CounterMetricFamily(
+            "qmpmux_upstream_reconnects", "Times qmpmux reconnected to QEMU's monitor",
+            value=stats.reconnects,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "qmpmux_inflight_commands", "Commands sent to QEMU and not answered yet",
+            value=sum(len(link.inflight) for link in hub.links),
+        )  # fmt: skip
+        family = CounterMetricFamily(
+            "qmpmux_config_reloads", "Policy reloads (SIGHUP), by result", labels=["result"]
+        )
+        for result, count in stats.reloads.items():
+            family.add_metric([result], count)
+        yield family
+
+
+def registry_for(hub: Hub, listeners: Sequence[tuple[str, str]] = ()) -> CollectorRegistry:
+    """A registry with the hub's metrics and the process's own (CPU, memory, fds)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HubCollector(hub, listeners))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def _response(status: str, body: bytes, content_type: str, head_only: bool = False) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+    return head if head_only else head + body
+
+
+class MetricsServer:
+    """Serves `registry` on a socket that is already bound and listening (`Proxy.bind`
+    made it, with a unix socket's mode set as for a listener)."""
+
+    def __init__(self, sock: socket.socket, registry: CollectorRegistry, unlink: str = "") -> None:
+        self._sock = sock
+        self._registry = registry
+        self._unlink = unlink  # a unix socket's path, removed on close
+        self._server: asyncio.Server | None = None
+        self._open = 0
+
+    async def start(self) -> None:
+        if self._sock.family == socket.AF_UNIX:
+            self._server = await asyncio.start_unix_server(
+                self._handle, sock=self._sock, limit=REQUEST_BYTES
+            )
+        else:
+            self._server = await asyncio.start_server(
+                self._handle, sock=self._sock, limit=REQUEST_BYTES
+            )
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        else:
+            self._sock.close()
+        if self._unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unlink)
+            self._unlink = ""
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
+        try:
+            if self._open <= CONNECTIONS_MAX:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    writer.write(self._answer(head))
+                    await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):  # fmt: skip
+            pass  # a scraper that cannot speak in time, or at all, just loses its connection
+        finally:
+            self._open -= 1
+            writer.close()
+
+    def _answer(self, head: bytes) -> bytes:
+        parts = head.split(b"\r\n", 1)[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _response("400 Bad Request", b"bad request\n", "text/plain")
+        method, target = parts[0], parts[1]
+        if method not in (b"GET", b"HEAD"):
+            return _response("405 Method Not Allowed", b"GET only\n", "text/plain")
+        if target.split(b"?", 1)[0] != b"/metrics":
+            return _response("404 Not Found", b"try /metrics\n", "text/plain")
+        body = generate_latest(self._registry)
+        return _response("200 OK", body, CONTENT_TYPE, head_only=method == b"HEAD")
