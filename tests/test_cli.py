@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.realqemu import BASE_ARGS, RawClient, qemu_path, start_qemu
 
@@ -109,6 +110,14 @@ async def test_help_documents_the_command_line() -> None:
         (["--listen", "unix:/tmp/x"], "exactly one of --upstream"),
         (["--upstream", "unix:/x"], "no --listen"),
         (["--listen", "unix:/tmp/x", "--spawn"], "--spawn needs a QEMU command line"),
+        (
+            ["--listen", "unix:/tmp/x", "--upstream", "unix:/x", "--metrics", "tcp:0.0.0.0:9"],
+            "refusing to serve metrics on non-loopback tcp:0.0.0.0:9 without --allow-remote",
+        ),
+        (
+            ["--listen", "unix:/tmp/x", "--upstream", "unix:/x", "--metrics", "9100"],
+            "--metrics: bad",
+        ),
     ],
 )
 async def test_bad_arguments_are_one_clear_line(args: list[str], message: str) -> None:
@@ -305,3 +314,54 @@ async def test_upstream_socket_that_appears_late_is_waited_for(tmp_path: Path) -
         assert await mux.wait() == 0
     finally:
         vm.stop()
+
+
+async def scrape_tcp(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: qmpmux\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK"), head
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+async def test_metrics_on_loopback_tcp_from_the_config_file(tmp_path: Path) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    sock = tmp_path / "vm.sock"
+    conf = tmp_path / "qmpmux.toml"
+    good = f'metrics = "tcp:127.0.0.1:{port}"\n[[listen]]\naddress = "unix:{sock}"\n'
+    conf.write_text(good)
+    mux = await Running.start(
+        "--config", str(conf), "--shutdown-timeout", "0", "--spawn", "--", qemu_path(), *BASE_ARGS
+    )
+    try:
+        client = await RawClient.connect(sock)
+        await client.negotiate()
+        assert await client.command(b'{"execute":"query-status"}')
+        samples = await scrape_tcp(port)
+        assert (
+            samples["qmpmux_commands_total", (("command", "query-status"), ("result", "ok"))] == 1
+        )
+        assert samples["qmpmux_clients", (("listener", f"unix:{sock}"), ("profile", "full"))] == 1
+        # Reloads are counted by result: a broken file, then a good one.
+        conf.write_text(good + "bogus = 1\n")
+        mux.proc.send_signal(signal.SIGHUP)
+        await mux.expect("reload failed")
+        conf.write_text(good)
+        mux.proc.send_signal(signal.SIGHUP)
+        await mux.expect("policy reloaded")
+        samples = await scrape_tcp(port)
+        assert samples["qmpmux_config_reloads_total", (("result", "error"),)] == 1
+        assert samples["qmpmux_config_reloads_total", (("result", "ok"),)] == 1
+        await client.close()
+    finally:
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
