@@ -345,7 +345,7 @@ async def serve(
         ),
         listener_caps=config.listener_caps(),
         links=config.link_count(),
-        learn_commands=config.metrics is not None,
+        metrics=config.metrics is not None,
     )
     proxy = Proxy(config, hub, audit=audit)
     proxy.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start

@@ -212,7 +212,7 @@ class Hub:
         links: int = 1,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
-        learn_commands: bool = False,
+        metrics: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self.policy = policy
@@ -251,14 +251,14 @@ class Hub:
         self.upstream_fds = True
         self._fdsets: dict[int, int] = {}
         self._out: list[Action] = []
-        # Counters for monitoring (metrics.py); with `learn_commands` the hub asks QEMU
-        # for its command names once ready, so they can label them (others fold).
-        self.stats = Stats()
+        # Counters for monitoring (metrics.py), always kept (list-clients shows some).
+        # With `metrics` (someone scrapes them) the hub also asks QEMU for its command
+        # names once ready, so they can label them (others fold), and times each command's
+        # round trip: two clock reads and a histogram slot per command, paid only then.
+        # (Kept in one attribute: a Hub has about 30, CPython's limit for the fast
+        # shared-key instance dict, past which every `self.x` on the hot path slows.)
+        self.stats = Stats(timed=metrics)
         self.stats.learn((WHOAMI, LIST_CLIENTS))
-        self._rows = self.stats.commands
-        self._hist = self.stats.hist
-        self._now = 0.0  # the clock when the current input arrived (round trips)
-        self._learn_commands = learn_commands
 
     def _take(self) -> list[Action]:
         out, self._out = self._out, []
@@ -269,7 +269,8 @@ class Hub:
     def upstream_data(self, data: bytes, link: int = 0) -> list[Action]:
         """Bytes from upstream monitor `link`."""
         up = self.links[link]
-        self._now = self._clock()
+        if self.stats.timed:
+            self.stats.now = self._clock()
         try:
             for line in up.framer.feed(data):
                 if up.state is UpstreamState.READY:
@@ -359,7 +360,7 @@ class Hub:
                 self._offered = frozenset({CAP_OOB}) if self.oob else frozenset()
                 self._greeting = greeting(self.version, self.oob)
                 self._out.append(UpstreamReady(self.version, self.oob))
-                if self._learn_commands:  # the command label's values (metrics.py)
+                if self.stats.timed:  # learn the command label's values (metrics.py)
                     self._system_command(first, QUERY_COMMANDS, None)
 
     def _upstream_message(self, up: Link, line: bytes) -> None:
@@ -455,14 +456,16 @@ class Hub:
                 self.stats.learn(command_names(line))
             return
         # Counted inline (Stats.row, Stats.duration): this runs once per command.
-        row = self._rows.get(name)
+        stats = self.stats
+        row = stats.commands.get(name)
         if row is None:
-            row = self.stats.row(name)
+            row = stats.row(name)
         row[ERROR_AT if failed else OK_AT] += 1
-        took = self._now - cmd.issued
-        hist = self._hist
-        hist[bisect_left(DURATION_BUCKETS, took)] += 1
-        hist[-1] += took
+        if stats.timed:
+            took = stats.now - cmd.issued
+            hist = stats.hist
+            hist[bisect_left(DURATION_BUCKETS, took)] += 1
+            hist[-1] += took
         if self.audit:  # also when its client has gone: what ran is on the record
             self._record(
                 session, cmd.name, cmd.decision, failed, cmd.arguments, cmd.started,
@@ -1012,7 +1015,7 @@ class Hub:
     def _issue(self, up: Link, cmd: Command) -> tuple[int, bytes]:
         upstream_id = up.ids.take()
         up.inflight[upstream_id] = cmd
-        cmd.issued = self._now
+        cmd.issued = self.stats.now
         return upstream_id, command_bytes(cmd.prefix, upstream_id)
 
     def _pump(self) -> None:
@@ -1028,7 +1031,8 @@ class Hub:
         one command per client a turn; across lanes alternately when both have work, so
         exec-oob floods cannot starve other clients (QEMU's OOB promise is per monitor:
         a client's in-band commands wait for its own earlier exec-oob, see below)."""
-        self._now = self._clock()  # each command's `issued`: its round trip starts here
+        if self.stats.timed:
+            self.stats.now = self._clock()  # each command's `issued`: its round trip starts
         limits = self.limits
         window, share, budget = limits.upstream_window, limits.client_window, limits.upstream_bytes
         ready, inflight = up.ready, up.lane_inflight

@@ -61,9 +61,24 @@ class Stats:
     """The hub's counters. Attributes are public: the hub writes (inline, on its hot
     path: one dict lookup and a few list slots per command), the exporter reads."""
 
-    __slots__ = ("commands", "denials", "disconnects", "events", "hist", "reconnects", "reloads")
+    __slots__ = (
+        "commands",
+        "denials",
+        "disconnects",
+        "events",
+        "hist",
+        "now",
+        "reconnects",
+        "reloads",
+        "timed",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, timed: bool = False) -> None:
+        # Whether round trips are timed (someone scrapes them), and the hub's clock at
+        # its current input (when timed): a command's round trip runs from the `now` of
+        # the input that sent it upstream to the `now` of the one that brought its reply.
+        self.timed = timed
+        self.now = 0.0
         # Command label -> [ok, error, denied]: a name QEMU advertised (`learn`) or ours
         # has its own row, every other name shares the OTHER row (see `row`).
         self.commands: dict[str, list[int]] = {OTHER: [0, 0, 0]}

@@ -346,7 +346,7 @@ class Proxy:
             audit=audit is not None,
             listener_caps=config.listener_caps(),
             links=config.link_count(),
-            learn_commands=config.metrics is not None,
+            metrics=config.metrics is not None,
         )
         self._audit = audit
         self._metrics: MetricsServer | None = None

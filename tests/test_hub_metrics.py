@@ -15,7 +15,7 @@ QUERY_COMMANDS = b'{"execute":"query-commands","id":0}'
 def learning_hub(names: list[str], clock: list[float] | None = None) -> Hub:
     """A ready hub that asked QEMU for its commands and got `names`."""
     now = clock or [0.0]
-    hub = Hub(learn_commands=True, clock=lambda: now[0])
+    hub = Hub(metrics=True, clock=lambda: now[0])
     expect(hub.upstream_data(GREETING_OOB), [ToUpstream(CAPS_OOB)])
     expect(
         hub.upstream_data(b'{"return": {}}\r\n'),
