@@ -16,6 +16,8 @@ owns every routing decision:
   profile allows them (encoded once per profile when a profile strips `__` members).
 - Each client's profile (`policy.py`) decides its commands and events; introspection
   replies are narrowed to what it may use; one audit record is made per command.
+- Counters for monitoring (`metrics.py`) are bumped inline: a few list and dict slots
+  per command; the shell's exporter reads them when Prometheus scrapes.
 
 Invariants:
 - A reply goes only to the client whose command it answers; a reply for a client that
@@ -455,7 +457,7 @@ class Hub:
             if name == QUERY_COMMANDS and not failed:
                 self.stats.learn(command_names(line))
             return
-        # Counted inline (Stats.row, Stats.duration): this runs once per command.
+        # Counted inline (Stats.row): this runs once per command.
         stats = self.stats
         row = stats.commands.get(name)
         if row is None:

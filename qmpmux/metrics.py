@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import Final
 
 OTHER: Final = "other"
@@ -126,12 +125,6 @@ class Stats:
             events[name] = 1
         else:
             events[OTHER] = events.get(OTHER, 0) + 1
-
-    def duration(self, seconds: float) -> None:
-        """One round trip (the hub inlines this on its hot path)."""
-        hist = self.hist
-        hist[bisect_left(DURATION_BUCKETS, seconds)] += 1
-        hist[-1] += seconds
 
     def disconnect(self, reason: str) -> None:
         self.disconnects[reason] += 1
