@@ -182,19 +182,19 @@ async def test_disconnect_reasons_slow_reader_and_negotiation_timeout(
     mux = await start_mux(
         qemu,
         tmp_path,
-        limits=Limits(negotiation_timeout=0.2, outbox_bytes=65536),
+        limits=Limits(negotiation_timeout=1.0, outbox_bytes=65536),
         metrics=Address("unix", path=str(where)),
     )
     try:
-        idle = await RawClient.connect(mux.path)  # never negotiates
-        assert await idle.eof()
         slow = await RawClient.connect(mux.path)
-        await slow.negotiate()
+        await slow.negotiate()  # well within the timeout: it is cut for not reading
         # Replies it never reads: the outbox passes its bound and the client is cut.
         slow.writer.transport.pause_reading()  # type: ignore[attr-defined]
         big = b'{"execute":"query-qmp-schema"}' * 64
         with contextlib.suppress(ConnectionError):
             await slow.send(big)
+        idle = await RawClient.connect(mux.path)  # never negotiates
+        assert await idle.eof()
         samples = await wait_for_sample(where, "qmpmux_client_disconnects_total", 2, "reason")
         reasons = "qmpmux_client_disconnects_total"
         assert value(samples, reasons, reason="negotiation_timeout") == 1
