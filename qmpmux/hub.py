@@ -1017,7 +1017,6 @@ class Hub:
     def _issue(self, up: Link, cmd: Command) -> tuple[int, bytes]:
         upstream_id = up.ids.take()
         up.inflight[upstream_id] = cmd
-        cmd.issued = self.stats.now
         return upstream_id, command_bytes(cmd.prefix, upstream_id)
 
     def _pump(self) -> None:
@@ -1033,8 +1032,8 @@ class Hub:
         one command per client a turn; across lanes alternately when both have work, so
         exec-oob floods cannot starve other clients (QEMU's OOB promise is per monitor:
         a client's in-band commands wait for its own earlier exec-oob, see below)."""
-        if self.stats.timed:
-            self.stats.now = self._clock()  # each command's `issued`: its round trip starts
+        # Each command's round trip starts here (0.0 when nobody times them).
+        now = self._clock() if self.stats.timed else 0.0
         limits = self.limits
         window, share, budget = limits.upstream_window, limits.client_window, limits.upstream_bytes
         ready, inflight = up.ready, up.lane_inflight
@@ -1073,6 +1072,7 @@ class Hub:
             up.queued_bytes -= len(cmd.prefix)
             up.inflight_bytes += len(cmd.prefix)
             upstream_id, data = self._issue(up, cmd)
+            cmd.issued = now
             if cmd.fds:  # in a sendmsg of its own, so the fd comes with its own first byte
                 if chunks:
                     self._out.append(ToUpstream(b"".join(chunks), link=up.index))
