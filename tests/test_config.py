@@ -214,3 +214,17 @@ def test_check_config_warns_of_a_denial_that_matches_nothing(
         "warning: deny-events 'RESUMED' matches nothing this QEMU has, so it denies nothing "
         "(a typo?)",
     ]
+
+
+def test_metrics_address_from_flag_or_file(tmp_path: Path) -> None:
+    base = ["--listen", "unix:/tmp/x", "--upstream", "unix:/x"]
+    assert parse_args(base).metrics is None
+    config = parse_args([*base, "--metrics", "tcp:0.0.0.0:9707", "--allow-remote"])
+    assert str(config.metrics) == "tcp:0.0.0.0:9707"  # off loopback only when allowed
+    path = write(tmp_path, 'metrics = "unix:/run/qmpmux/metrics.sock"\n')
+    assert str(parse_args([*base, "--config", path]).metrics) == "unix:/run/qmpmux/metrics.sock"
+    bad = write(tmp_path, 'metrics = "somewhere"\n')
+    with pytest.raises(ConfigError, match="metrics: bad address 'somewhere'"):
+        parse_args([*base, "--config", bad])
+    with pytest.raises(ConfigError, match="also a --listen address"):
+        parse_args([*base, "--metrics", "unix:/tmp/x"])
