@@ -177,6 +177,11 @@ _CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only w
 _UNSEEN: Final[list[int]] = []
 
 
+def _lane_link(flow: Flow, lane: int) -> Link | None:
+    """The monitor a client's in-band (or exec-oob) commands go to."""
+    return flow.oob_link if lane == OOB else flow.link
+
+
 class Hub:
     """All proxy state and decisions; no I/O. Each input method returns the actions to do."""
 
@@ -274,11 +279,16 @@ class Hub:
         log.error("lost QEMU monitor link %d (%s); %d link(s) still serve",
                   link, reason, len(self._live))  # fmt: skip
         for cid, flow in self.clients.items():
+            lanes = [lane for lane in (INBAND, OOB) if _lane_link(flow, lane) is up]
+            if any(flow.inflight[lane] or flow.queues[lane] for lane in lanes) or (
+                flow.link is up and flow.fd_names
+            ):
+                self._drop_fds(flow)
+                self._out.append(CloseClient(cid, f"lost QEMU monitor link {link}: {reason}"))
             if flow.link is up:
-                if any(flow.inflight) or any(flow.queues) or flow.fd_names:
-                    self._drop_fds(flow)
-                    self._out.append(CloseClient(cid, f"lost QEMU monitor link {link}: {reason}"))
                 flow.link = None
+            if flow.oob_link is up:
+                flow.oob_link = None
         up.inflight.clear()
         for line in list(self._event_copies):
             self._event_delivered(line)
@@ -434,9 +444,10 @@ class Hub:
         self._flush(flow)
 
     def _requeue(self, flow: Flow, lane: int) -> None:
-        if flow.queues[lane] and not flow.in_ready[lane] and flow.link is not None:
+        up = _lane_link(flow, lane)
+        if flow.queues[lane] and not flow.in_ready[lane] and up is not None:
             flow.in_ready[lane] = True
-            flow.link.ready[lane].append(flow)
+            up.ready[lane].append(flow)
 
     def _fd_taken(self, up: Link) -> None:
         """QEMU answered the link's fd-carrying command: the next one may go."""
@@ -723,8 +734,9 @@ class Hub:
                         continue
                     queue.remove(cmd)
                     flow.queued_bytes -= len(cmd.prefix)
-                    if flow.link is not None:
-                        flow.link.queued_bytes -= len(cmd.prefix)
+                    queued_on = _lane_link(flow, OOB if cmd.oob else INBAND)
+                    if queued_on is not None:
+                        queued_on.queued_bytes -= len(cmd.prefix)
                     cmd.reply = denial
                     flow.reply_bytes += len(denial)
                     refused = True
@@ -856,12 +868,13 @@ class Hub:
         self._negotiated.pop(client, None)
         self._per_listener[flow.session.peer.listener] -= 1
         self._drop_fds(flow)
-        for queue in flow.queues:
+        for lane, queue in enumerate(flow.queues):
+            queued_on = _lane_link(flow, lane)
+            if queued_on is not None:
+                queued_on.queued_bytes -= sum(len(cmd.prefix) for cmd in queue)
             queue.clear()
-        up = flow.link
-        if up is not None:
-            up.queued_bytes -= flow.queued_bytes
         flow.queued_bytes = 0
+        up = flow.link
         if up is not None and up.state is UpstreamState.READY:
             # A native monitor keeps a departed client's named fds until QEMU exits;
             # qmpmux closes them (in the monitor that has them), and removes its fdsets
@@ -902,7 +915,7 @@ class Hub:
     def _system_command(self, up: Link, name: str, args: dict[str, JsonValue]) -> None:
         """A command of qmpmux's own on monitor `up`; its reply is dropped."""
         system = up.system
-        system.link = up
+        system.link = system.oob_link = up
         self._enqueue(system, Command(system.session, name, command_prefix(name, args, False),
                                       None, False))  # fmt: skip
 
@@ -910,12 +923,19 @@ class Hub:
         lane = OOB if cmd.oob else INBAND
         if flow.session.id:  # nobody waits for qmpmux's own replies
             (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
-            if flow.link is None or (
-                len(self._live) > 1
-                and not (any(flow.inflight) or any(flow.queues) or flow.fd_names)
+            if lane == INBAND:
+                if flow.link is None or (
+                    len(self._live) > 1
+                    and not (flow.inflight[INBAND] or flow.queues[INBAND] or flow.fd_names)
+                ):
+                    flow.link = self._pick_link()  # free to move: it has nothing in QEMU
+            elif flow.oob_link is None or (
+                len(self._live) > 1 and not (flow.inflight[OOB] or flow.queues[OOB])
             ):
-                flow.link = self._pick_link()  # free to move: it has nothing in QEMU
-        up = flow.link
+                # exec-oob overtakes in-band work by design, on any monitor: it goes where
+                # no big command's bytes are ahead of it (not even its own client's).
+                flow.oob_link = self._pick_link()
+        up = _lane_link(flow, lane)
         assert up is not None
         flow.queues[lane].append(cmd)
         flow.queued_bytes += len(cmd.prefix)
@@ -969,7 +989,7 @@ class Hub:
             queue = flow.queues[lane]
             if (
                 flow.closed
-                or flow.link is not up
+                or _lane_link(flow, lane) is not up
                 or not queue
                 or flow.inflight[lane] >= share
                 # QEMU dispatches an exec-oob as soon as it reads it, so a client's
@@ -1005,9 +1025,8 @@ class Hub:
                 ready[lane].append(flow)
             else:
                 flow.in_ready[lane] = False
-                if lane == OOB and flow.queues[INBAND] and not flow.in_ready[INBAND]:
-                    flow.in_ready[INBAND] = True
-                    ready[INBAND].append(flow)
+                if lane == OOB:  # its in-band queue waited for this exec-oob
+                    self._requeue(flow, INBAND)
         if chunks:
             self._out.append(ToUpstream(b"".join(chunks), link=up.index))
 

@@ -113,3 +113,20 @@ def test_a_client_with_named_fds_stays_on_their_link() -> None:
     (use,) = hub.client_data(a, b'{"execute":"netdev_add","arguments":{"type":"tap","id":"n",'
                                 b'"fd":"t"}}')  # fmt: skip
     assert isinstance(use, ToUpstream) and use.link == sent.link
+
+
+def test_exec_oob_is_never_stuck_behind_a_big_command_even_its_own() -> None:
+    """QEMU reads a monitor's bytes in order: an exec-oob behind a big command's bytes
+    would wait for all of them. It overtakes in-band work by design, so it goes to the
+    least loaded monitor, even while its own client's big command is on another."""
+    hub = lanes_hub(2)
+    client = connect(hub, oob=True)
+    (big,) = hub.client_data(client, b'{"execute":"query-name","arguments":{"x":"%s"}}' % (
+        b"y" * 100_000))  # fmt: skip
+    assert isinstance(big, ToUpstream)
+    (oob,) = hub.client_data(client, b'{"exec-oob":"query-yank","id":"o"}')
+    assert isinstance(oob, ToUpstream) and oob.link != big.link
+    expect(
+        hub.upstream_data(b'{"return": [], "id": 0}\r\n', oob.link),
+        [ToClient(client, b'{"return": [], "id": "o"}\r\n')],
+    )
