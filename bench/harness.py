@@ -285,6 +285,25 @@ def qmpmux_command(upstreams: list[Path], listen: Path, profile_to: Path | None)
     return [*args, "--log-level", "warning"]
 
 
+def start_qemu(workdir: Path, monitors: int) -> tuple[subprocess.Popen[bytes], list[Path]]:
+    """`-machine none` QEMU with `monitors` unix QMP monitors in `workdir`, all listening."""
+    mons = [workdir / f"mon{n}.sock" for n in range(monitors)]
+    args = [QEMU_BINARY, "-machine", "none", "-nodefaults", "-display", "none"]
+    for n, path in enumerate(mons):
+        args += ["-chardev", f"socket,id=mon{n},path={path},server=on,wait=off"]
+        args += ["-mon", f"chardev=mon{n},mode=control"]
+    with (workdir / "qemu.log").open("wb") as log:
+        qemu = popen(args, log, log)
+    deadline = time.monotonic() + 10
+    while not all(p.exists() for p in mons):
+        if qemu.poll() is not None or time.monotonic() > deadline:
+            end_process(qemu)
+            text = (workdir / "qemu.log").read_text(errors="replace").strip()
+            raise BenchError(f"QEMU did not start: {text[-500:]}")
+        time.sleep(0.01)
+    return qemu, mons
+
+
 @contextlib.contextmanager
 def bed(profile_to: Path | None = None, lanes: int = 1) -> Iterator[Bed]:
     """Start QEMU and qmpmux (on `lanes` monitors; one more stays direct); end both (and
@@ -294,20 +313,8 @@ def bed(profile_to: Path | None = None, lanes: int = 1) -> Iterator[Bed]:
     workdir = Path(tempfile.mkdtemp(prefix="qmpmux-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        mons = [workdir / f"mon{n}.sock" for n in range(lanes + 1)]
-        args = [QEMU_BINARY, "-machine", "none", "-nodefaults", "-display", "none"]
-        for n, path in enumerate(mons):
-            args += ["-chardev", f"socket,id=mon{n},path={path},server=on,wait=off"]
-            args += ["-mon", f"chardev=mon{n},mode=control"]
-        with (workdir / "qemu.log").open("wb") as log:
-            qemu = popen(args, log, log)
+        qemu, mons = start_qemu(workdir, lanes + 1)
         procs.append(qemu)
-        deadline = time.monotonic() + 10
-        while not all(p.exists() for p in mons):
-            if qemu.poll() is not None or time.monotonic() > deadline:
-                text = (workdir / "qemu.log").read_text(errors="replace").strip()
-                raise BenchError(f"QEMU did not start: {text[-500:]}")
-            time.sleep(0.01)
         mux = workdir / "mux.sock"
         qmpmux_log = workdir / "qmpmux.log"
         with qmpmux_log.open("wb") as log:
