@@ -56,6 +56,7 @@ from qmpmux.link import INBAND, OOB, Link, UpstreamState
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
+from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
@@ -429,6 +430,8 @@ class Hub:
             data = restore_names(data, cmd.names)
         elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
             data = self._own_fdsets(session.id, data, cmd.wire_id)
+        elif cmd.name in SCRUBBED and not profile.secret_properties:
+            data = self._scrub(cmd.name, data, cmd.wire_id)
         cmd.reply = data
         flow.reply_bytes += len(data)
         self._flush(flow)
@@ -469,6 +472,15 @@ class Hub:
         except (msgspec.DecodeError, AttributeError):
             log.warning("could not filter a malformed query-fdsets reply; withholding it")
             return error_reply(wire_id, GENERIC_ERROR, "qmpmux could not filter query-fdsets")
+
+    def _scrub(self, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
+        """A block or chardev reply without credentials (scrub.py), for profiles that may
+        not read secrets; one that cannot be scrubbed is withheld, never passed on."""
+        try:
+            return replace_return(reply, scrub_return)
+        except msgspec.DecodeError:
+            log.warning("could not scrub a malformed %s reply; withholding it", name)
+            return error_reply(wire_id, GENERIC_ERROR, f"qmpmux could not scrub {name}")
 
     def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
         """An introspection reply as this profile may see it (cached: QEMU's is static)."""

@@ -167,6 +167,12 @@ def _scrub(value: JsonValue) -> JsonValue:
     return value
 
 
+def scrub_value(value: JsonValue) -> JsonValue:
+    """A copy of any JSON value with the structural redaction above (for replies that
+    can carry credentials, scrub.py)."""
+    return _scrub(value)
+
+
 def redact(command: str, arguments: dict[str, JsonValue]) -> dict[str, JsonValue]:
     """A copy of `arguments` safe to log."""
     name = _norm(command)
