@@ -110,7 +110,10 @@ def _scrub_text(value: str) -> str:
             inner: JsonValue = msgspec.json.decode(value[m.end() :])
         except msgspec.DecodeError:
             return "json:" + REDACTED
-        return "json:" + msgspec.json.encode(_scrub(inner)).decode()
+        scrubbed = _scrub(inner)
+        if scrubbed == inner:
+            return value  # nothing secret: the filename as it was spelt
+        return "json:" + msgspec.json.encode(scrubbed).decode()
     spans: list[tuple[int, int]] = []
     at = value.rfind("@")
     if at > 0 and (scheme := _SCHEME.search(value, 0, at)) is not None:

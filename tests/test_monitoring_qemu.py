@@ -181,6 +181,12 @@ async def test_block_credentials_are_scrubbed_for_readonly_and_intact_for_full(
                 }
             )  # fmt: skip
             assert await full.command(add) == b'{"return": {}}\r\n'
+            # A node whose `json:` filename holds nothing secret (raw with an offset).
+            plain = (
+                b'{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"plain",'
+                b'"offset":512,"file":{"driver":"null-co","size":65536}}}'
+            )
+            assert await full.command(plain) == b'{"return": {}}\r\n'
             assert REFUSED in await ro.command(add)  # readonly reads, never adds
             for name in sorted(SCRUBBED):
                 line = b'{"execute":"' + name.encode() + b'"}'
@@ -205,6 +211,12 @@ async def test_block_credentials_are_scrubbed_for_readonly_and_intact_for_full(
             web2 = next(n for n in nodes if n["node-name"] == "web2")
             assert web2["file"] == image_url.replace(f"alice:{SECRET}", "<redacted>")
             assert web2["drv"] == "http" and web2["ro"] is True
+            theirs = msgspec.json.decode(
+                await direct.command(b'{"execute":"query-named-block-nodes"}')
+            )["return"]
+            untouched = next(n for n in nodes if n["node-name"] == "plain")
+            assert untouched["file"].startswith("json:{")
+            assert untouched == next(n for n in theirs if n["node-name"] == "plain")
             for c in (full, ro, direct):
                 await c.close()
         finally:

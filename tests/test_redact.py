@@ -252,6 +252,9 @@ def test_replies_without_credentials_stay_qemus_bytes() -> None:
     """scrub.py: a reply with nothing to scrub is passed on byte for byte."""
     plain = b'[{"node-name": "n0", "file": "/var/lib/img.qcow2", "cache": {"direct": false}}]'
     assert scrub_return(plain) is plain
+    # A `json:` filename (block.c bdrv_refresh_filename) with nothing secret in it.
+    spelt = b'[{"file": "json:{\\"offset\\": 512, \\"driver\\": \\"raw\\"}"}]'
+    assert scrub_return(spelt) is spelt
     secret = (
         b'[{"file": "json:{\\"file\\": {\\"url\\": \\"https://bob:pw@h/x\\"}}",'
         b' "backing_file": "ssh://u:pw@h/y", "key-secret": "sec0"}]'
