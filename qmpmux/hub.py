@@ -745,7 +745,7 @@ class Hub:
             else "-"
         )
         _traffic_log.debug(
-            "client %d: %s %s %.300s (%d bytes)",
+            "client %d: %s %.80r %.300s (%d bytes)",
             client, "exec-oob" if cmd.oob else "execute", cmd.name, shown, len(cmd.prefix),
         )  # fmt: skip
 
@@ -755,7 +755,7 @@ class Hub:
         """Debug: how a command went, and the reply's size (never its payload)."""
         took = (self._clock() - started) * 1000 if started is not None else 0.0
         _traffic_log.debug(
-            "client %d: %s reply: %s (%d bytes, %.3f ms)",
+            "client %d: %.80r reply: %.60r (%d bytes, %.3f ms)",
             client, name, failed or "ok", size, took,
         )  # fmt: skip
 

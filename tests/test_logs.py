@@ -131,7 +131,7 @@ async def test_json_logs_debug_traffic_redacted_and_tcp_peer_address(tmp_path: P
     writer.write(secret)
     replies = [await asyncio.wait_for(reader.readline(), 10) for _ in range(3)]
     assert replies[1] == b'{"return": {}}\r\n' and b"error" in replies[2]
-    await mux.expect("blockdev-add reply: GenericError")
+    await mux.expect("'blockdev-add' reply: 'GenericError'")
     writer.close()
     lines = await mux.stop()
     records = [json.loads(line) for line in lines if line.strip()]
@@ -144,11 +144,11 @@ async def test_json_logs_debug_traffic_redacted_and_tcp_peer_address(tmp_path: P
     connect = next(r for r in records if "connected on" in r["message"])
     assert f"from {local}" in connect["message"] and connect["level"] == "info"
     traffic = [r["message"] for r in records if r["logger"] == "qmpmux.traffic"]
-    added = next(m for m in traffic if "execute object-add" in m)
+    added = next(m for m in traffic if "execute 'object-add'" in m)
     assert '"data": "<redacted>"' in added and "bytes)" in added
-    done = next(m for m in traffic if "object-add reply: ok" in m)
+    done = next(m for m in traffic if "'object-add' reply: 'ok'" in m)
     assert re.search(r"\(\d+ bytes, [0-9.]+ ms\)", done)
-    assert any("blockdev-add reply: GenericError" in m for m in traffic)
+    assert any("'blockdev-add' reply: 'GenericError'" in m for m in traffic)
 
 
 def test_log_format_comes_from_the_config_file_or_the_command_line(tmp_path: Path) -> None:
