@@ -731,6 +731,11 @@ class Hub:
             assert isinstance(verdict, Extension)
             verdict = self._extension(flow, verdict)
         assert isinstance(verdict, Local)
+        if _traffic_log.isEnabledFor(logging.DEBUG):
+            _traffic_log.debug(
+                "client %d: %.80r answered by qmpmux (%d bytes)",
+                flow.id, verdict.name or "-", len(verdict.data),
+            )  # fmt: skip
         (flow.oob_replies if verdict.oob else flow.replies).append(verdict.data)
         flow.reply_bytes += len(verdict.data)
         if verdict.decision is not None:

@@ -149,6 +149,7 @@ async def test_json_logs_debug_traffic_redacted_and_tcp_peer_address(tmp_path: P
     done = next(m for m in traffic if "'object-add' reply: 'ok'" in m)
     assert re.search(r"\(\d+ bytes, [0-9.]+ ms\)", done)
     assert any("'blockdev-add' reply: 'GenericError'" in m for m in traffic)
+    assert any("answered by qmpmux (" in m for m in traffic)  # negotiation is local
 
 
 def test_log_format_comes_from_the_config_file_or_the_command_line(tmp_path: Path) -> None:
