@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import msgspec
 import uvloop
 
-from qmpmux import __version__
+from qmpmux import __version__, logs
 from qmpmux.checkconfig import check_config
 from qmpmux.config import (
     DEFAULT_LANES,
@@ -171,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity on stderr (default: info)",
     )
     p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text: timestamps, or syslog priorities under journald; json: one object a "
+        "line, for log shippers (default: text)",
+    )
+    p.add_argument(
         "--audit",
         metavar="FILE",
         help='write one JSON audit record per command to FILE ("stderr" for journald)',
@@ -272,6 +278,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         lanes=args.lanes or file.lanes or DEFAULT_LANES,
         allow_remote=args.allow_remote or file.allow_remote,
         log_level=args.log_level or file.log_level,
+        log_format=args.log_format or file.log_format,
         connect_timeout=args.connect_timeout or file.connect_timeout,
         shutdown_timeout=(
             file.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout
@@ -444,11 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="qmpmux: %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(config.log_level, config.log_format)
     _raise_fd_limit()
     # Read (and removed from the environment) before anything else runs, so no child
     # inherits them; see qmpmux/systemd.py.

@@ -127,6 +127,7 @@ class Config(msgspec.Struct, frozen=True):
     lanes: int = DEFAULT_LANES
     allow_remote: bool = False
     log_level: str = "info"
+    log_format: str = "text"  # or "json" (qmpmux/logs.py)
     connect_timeout: float = 5.0
     shutdown_timeout: float = 60.0  # --spawn: seconds the guest gets to power down
     limits: Limits = Limits()
@@ -168,6 +169,7 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     listen: tuple[ListenSpec, ...] = ()
     allow_remote: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
     connect_timeout: float = 5.0
     shutdown_timeout: float = 60.0
     limits: Limits = Limits()

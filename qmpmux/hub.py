@@ -56,6 +56,7 @@ from qmpmux.link import INBAND, OOB, Link, UpstreamState
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
+from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
@@ -172,6 +173,8 @@ Action = (
 
 
 _client_log = logging.getLogger("qmpmux.client")
+# Every command and reply at debug level, redacted (`_log_command`, `_log_reply`).
+_traffic_log = logging.getLogger("qmpmux.traffic")
 _EVENT_COPIES_MAX: Final = 4096  # events awaiting their copies from the other links
 _CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only when ok
 _UNSEEN: Final[list[int]] = []
@@ -180,6 +183,14 @@ _UNSEEN: Final[list[int]] = []
 def _lane_link(flow: Flow, lane: int) -> Link | None:
     """The monitor a client's in-band (or exec-oob) commands go to."""
     return flow.oob_link if lane == OOB else flow.link
+
+
+def _who(peer: Peer) -> str:
+    """A client as a connect line shows it: a TCP peer by its address, a unix peer by its
+    credentials."""
+    if peer.address:
+        return f"from {peer.address}"
+    return f"uid={peer.uid} pid={peer.pid} exe={peer.exe!r:.80}"
 
 
 class Hub:
@@ -408,7 +419,10 @@ class Hub:
         session = cmd.session
         name = cmd.name
         # Decoding the reply's class costs a decode per command: only when it matters.
-        failed = error_class(line) if self.audit or cmd.names or name in _CLASS_MATTERS else ""
+        debug = _traffic_log.isEnabledFor(logging.DEBUG)
+        failed = (
+            error_class(line) if self.audit or debug or cmd.names or name in _CLASS_MATTERS else ""
+        )
         if upstream_id == up.fd_inflight:
             self._fd_taken(up)
         if cmd.name == ADD_FD and not failed:
@@ -422,6 +436,8 @@ class Hub:
                 session, cmd.name, cmd.decision, failed, cmd.arguments, cmd.started,
                 cmd.profile, len(cmd.fds),
             )  # fmt: skip
+        if debug:
+            self._log_reply(session.id, name, failed, len(line), cmd.started)
         flow = self.clients.get(session.id)
         if flow is None:
             return  # its client has gone: the reply is nobody else's
@@ -439,6 +455,8 @@ class Hub:
             data = restore_names(data, cmd.names)
         elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
             data = self._own_fdsets(session.id, data, cmd.wire_id)
+        elif cmd.name in SCRUBBED and not profile.secret_properties:
+            data = self._scrub(cmd.name, data, cmd.wire_id)
         cmd.reply = data
         flow.reply_bytes += len(data)
         self._flush(flow)
@@ -480,6 +498,15 @@ class Hub:
         except (msgspec.DecodeError, AttributeError):
             log.warning("could not filter a malformed query-fdsets reply; withholding it")
             return error_reply(wire_id, GENERIC_ERROR, "qmpmux could not filter query-fdsets")
+
+    def _scrub(self, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
+        """A block or chardev reply without credentials (scrub.py), for profiles that may
+        not read secrets; one that cannot be scrubbed is withheld, never passed on."""
+        try:
+            return replace_return(reply, scrub_return)
+        except msgspec.DecodeError:
+            log.warning("could not scrub a malformed %s reply; withholding it", name)
+            return error_reply(wire_id, GENERIC_ERROR, f"qmpmux could not scrub {name}")
 
     def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
         """An introspection reply as this profile may see it (cached: QEMU's is static)."""
@@ -524,8 +551,8 @@ class Hub:
         self.clients[cid] = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))
         self.log_client(
             logging.INFO, "connect", peer.listener,
-            "client %d: connected on %s (uid=%s pid=%s exe=%.80r), profile %s",
-            cid, peer.listener, peer.uid, peer.pid, peer.exe, profile.name,
+            "client %d: connected on %s (%s), profile %s",
+            cid, peer.listener, _who(peer), profile.name,
         )  # fmt: skip
         self._out.append(ToClient(cid, self._greeting))
         return cid, self._take()
@@ -704,7 +731,10 @@ class Hub:
                     flow.reply_bytes += len(local.data)
                     self._judged_locally(flow, local)
                     return
-            if self.audit:
+            if _traffic_log.isEnabledFor(logging.DEBUG):
+                self._log_command(flow.id, verdict)
+                verdict.started = self._clock()
+            elif self.audit:
                 verdict.started = self._clock()
             self._enqueue(flow, verdict)
             return
@@ -712,10 +742,38 @@ class Hub:
             assert isinstance(verdict, Extension)
             verdict = self._extension(flow, verdict)
         assert isinstance(verdict, Local)
+        if _traffic_log.isEnabledFor(logging.DEBUG):
+            _traffic_log.debug(
+                "client %d: %.80r answered by qmpmux (%d bytes)",
+                flow.id, verdict.name or "-", len(verdict.data),
+            )  # fmt: skip
         (flow.oob_replies if verdict.oob else flow.replies).append(verdict.data)
         flow.reply_bytes += len(verdict.data)
         if verdict.decision is not None:
             self._judged_locally(flow, verdict)
+
+    def _log_command(self, client: int, cmd: Command) -> None:
+        """Debug: the command, its arguments redacted as the audit log's are, its size."""
+        args = decode_prefix(cmd.prefix).get(ARGUMENTS)
+        shown = (
+            encode(redact(cmd.name, args)).decode(errors="replace")
+            if isinstance(args, dict)
+            else "-"
+        )
+        _traffic_log.debug(
+            "client %d: %s %.80r %.300s (%d bytes)",
+            client, "exec-oob" if cmd.oob else "execute", cmd.name, shown, len(cmd.prefix),
+        )  # fmt: skip
+
+    def _log_reply(
+        self, client: int, name: str, failed: str, size: int, started: float | None
+    ) -> None:
+        """Debug: how a command went, and the reply's size (never its payload)."""
+        took = (self._clock() - started) * 1000 if started is not None else 0.0
+        _traffic_log.debug(
+            "client %d: %.80r reply: %.60r (%d bytes, %.3f ms)",
+            client, name, failed or "ok", size, took,
+        )  # fmt: skip
 
     def reload(self, policy: Policy) -> list[Action]:
         """Apply a new policy to every client's next command and event, and to every
