@@ -782,7 +782,10 @@ class Proxy:
                     log.error("audit log write failed: %s", exc.strerror or exc)
             elif kind is Exit:
                 assert isinstance(action, Exit)
-                if self._reconnect is not None and self._exit is None and not self._draining:
+                # Reconnect once a session has served (start-up failures stay fatal), and
+                # never while shutting down.
+                served = self.upstream is not None or self._reconnecting is not None
+                if self._reconnect and served and self._exit is None and not self._draining:
                     self._lost(action)
                 else:
                     self._finish(action)

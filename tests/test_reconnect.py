@@ -231,3 +231,65 @@ async def test_sigterm_stops_waiting_after_the_shutdown_timeout(tmp_path: Path) 
             mux.proc.kill()
             await mux.proc.wait()
         vm.stop()
+
+
+async def test_a_reloaded_policy_outlives_a_qemu_restart(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    vm = start_qemu(tmp_path, monitors=1)
+    conf = tmp_path / "qmpmux.toml"
+    head = f'upstream = "unix:{vm.monitors[0]}"\nreconnect = true\n'
+    listen = f'[[listen]]\naddress = "unix:{sock}"\nprofile = "ops"\n'
+    conf.write_text(head + listen + '[profiles.ops]\nbase = "readonly"\n')
+    mux = await Running.start("--config", str(conf))
+    try:
+        conf.write_text(head + listen + '[profiles.ops]\nbase = "vm-control"\n')
+        mux.proc.send_signal(signal.SIGHUP)
+        await mux.expect("policy reloaded")
+        kill(vm)
+        await mux.expect("reconnecting")
+        vm = start_qemu(tmp_path, monitors=1)
+        await mux.expect("reconnected")
+        client = await RawClient.connect(sock)
+        await client.negotiate()
+        # `stop` is vm-control's, not readonly's: the new session has the reloaded policy.
+        assert await client.command(b'{"execute":"stop","id":1}') == b'{"return": {}, "id": 1}\r\n'
+    finally:
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
+        vm.stop()
+
+
+async def test_sigterm_while_qemu_is_away_closes_waiting_clients(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    vm = start_qemu(tmp_path, monitors=1)
+    mux = await Running.start(*mux_args(sock, vm, 1))
+    try:
+        kill(vm)
+        await mux.expect("reconnecting")
+        waiting = await RawClient.connect(sock, greeting=False)
+        await mux.expect("retrying every")  # the first attempt failed: the client waits
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await waiting.read() == b""  # closed, never greeted
+        assert await mux.wait() == 0
+        assert not sock.exists()
+    finally:
+        if mux.proc.returncode is None:
+            mux.proc.kill()
+            await mux.proc.wait()
+        vm.stop()
+
+
+async def test_a_qemu_that_never_greets_at_start_up_is_still_fatal(tmp_path: Path) -> None:
+    """--reconnect is for QEMU restarts: a monitor that fails before the first session
+    keeps today's start-up failure (status 1), so a wrong address is not retried forever."""
+    path = tmp_path / "q.sock"
+    fake = await FakeQemu(path, greeting=b'{"not": "qmp"}\r\n').start()
+    try:
+        mux = await Running.launch(
+            "--listen", f"unix:{tmp_path}/m.sock", "--upstream", f"unix:{path}", "--reconnect"
+        )
+        assert await mux.wait() == 1
+        assert any("did not greet with QMP" in line for line in mux.log)
+        assert not any("reconnecting" in line for line in mux.log)
+    finally:
+        await fake.close()
