@@ -288,6 +288,13 @@ class Hub:
         self._pump()
         return self._take()
 
+    def session_over(self, reason: str) -> list[Action]:
+        """End the upstream session now, whatever links still serve: the shell reconnects
+        every monitor (README "Running it", --reconnect), so a lost one ends it all."""
+        if self.state is not UpstreamState.CLOSED:
+            self._end(0 if self.shutdown_seen else 1, reason)
+        return self._take()
+
     @property
     def next_client(self) -> int:
         """The id the next client gets."""

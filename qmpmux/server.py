@@ -710,7 +710,11 @@ class Proxy:
         if key < 0:
             if self._links:  # not a link of a session already over
                 why = f"lost the connection to QEMU: {reason}" if error else reason
-                self._apply(self.hub.upstream_closed(why, _link_key(key)))
+                if self._reconnect is not None and self.upstream is not None:
+                    # Any monitor lost ends the session: all are reconnected together.
+                    self._apply(self.hub.session_over(f"monitor {_link_key(key)}: {why}"))
+                else:
+                    self._apply(self.hub.upstream_closed(why, _link_key(key)))
             return
         self._clients.pop(key, None)
         deadline = self._deadlines.pop(key, None)

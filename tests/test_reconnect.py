@@ -293,3 +293,28 @@ async def test_a_qemu_that_never_greets_at_start_up_is_still_fatal(tmp_path: Pat
         assert not any("reconnecting" in line for line in mux.log)
     finally:
         await fake.close()
+
+
+async def test_one_lost_monitor_of_several_reconnects_them_all(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    vm = start_qemu(tmp_path, monitors=3)
+    mux = await Running.start(*mux_args(sock, vm, 2))
+    try:
+        client = await RawClient.connect(sock)
+        await client.negotiate()
+        direct = await RawClient.connect(vm.monitors[2])
+        await direct.negotiate()
+        # QEMU drops qmpmux's second monitor connection (its server socket stays).
+        yank = b'{"execute":"yank","arguments":{"instances":[{"type":"chardev","id":"mon1"}]}}'
+        assert await direct.command(yank) == b'{"return": {}}\r\n'
+        assert await client.eof(timeout=2)
+        line = await mux.expect("reconnecting")
+        assert "monitor 1" in line
+        await mux.expect("reconnected")
+        fresh = await RawClient.connect(sock)
+        await fresh.negotiate()
+        assert (await fresh.command(b'{"execute":"query-status"}')).startswith(b'{"return": ')
+    finally:
+        mux.proc.send_signal(signal.SIGTERM)
+        assert await mux.wait() == 0
+        vm.stop()
