@@ -109,8 +109,8 @@ signals:
                    connection and gets the new policy from its next command (an invalid
                    file is logged and the old policy stays; listeners and limits need a
                    restart)
-  SIGTERM, SIGINT  shut down: stop accepting clients; with --upstream, commands already
-                   accepted still get QEMU's replies (up to --shutdown-timeout) before
+  SIGTERM, SIGINT  shut down: with --upstream, stop accepting clients and let commands
+                   already accepted get QEMU's replies (up to --shutdown-timeout) before
                    clients are closed; with --spawn, power the guest down first; a
                    second signal stops waiting
 
