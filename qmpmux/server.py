@@ -515,14 +515,14 @@ class Proxy:
         if self._draining is not None or self.upstream is None or not self.hub.busy:
             self.stop(reason)
             return
-        log.info(
-            "%s: not accepting clients; waiting up to %g s for the commands in flight",
-            reason, timeout,
-        )  # fmt: skip
         self.unbind()
         self._close_waiting("qmpmux is shutting down")
         for channel in self._clients.values():
             channel.pause_reading()
+        log.info(
+            "%s: not accepting clients; waiting up to %g s for the commands in flight",
+            reason, timeout,
+        )  # fmt: skip
         self._drain_reason = reason
         self._draining = self._loop.call_later(timeout, self._drain_expired, reason, timeout)
 

@@ -269,7 +269,10 @@ async def test_sigterm_while_qemu_is_away_closes_waiting_clients(tmp_path: Path)
         waiting = await RawClient.connect(sock, greeting=False)
         await mux.expect("retrying every")  # the first attempt failed: the client waits
         mux.proc.send_signal(signal.SIGTERM)
-        assert await waiting.read() == b""  # closed, never greeted
+        # Closed, never greeted: held by qmpmux (EOF), or still in the listener's backlog
+        # when it closed (reset), whichever the signal met.
+        with contextlib.suppress(ConnectionResetError):
+            assert await waiting.read() == b""
         assert await mux.wait() == 0
         assert not sock.exists()
     finally:
