@@ -186,8 +186,13 @@ async def test_sigterm_lets_commands_in_flight_finish(tmp_path: Path) -> None:
         await watcher.negotiate()
         with blocked_qemu_fifo(tmp_path) as unblock:
             fifo = tmp_path / "block.fifo"
-            await busy.send(BLOCK % str(fifo).encode())
-            await busy.send(b'{"execute":"query-status","id":"after"}')
+            # One write, so one read: pmemsave and `after` go to QEMU (the client's
+            # window is 2), `queued` waits inside qmpmux; all three are answered.
+            await busy.send(
+                BLOCK % str(fifo).encode()
+                + b'{"execute":"query-status","id":"after"}'
+                + b'{"execute":"query-status","id":"queued"}'
+            )
             await in_flight(watcher, 2)
             mux.proc.send_signal(signal.SIGTERM)
             await mux.expect("waiting up to")
@@ -197,6 +202,8 @@ async def test_sigterm_lets_commands_in_flight_finish(tmp_path: Path) -> None:
             assert await busy.read_json() == {"return": {}, "id": "blk"}
             after = await busy.read_json()
             assert after["id"] == "after" and "return" in after
+            queued = await busy.read_json()
+            assert queued["id"] == "queued" and "return" in queued
             assert await busy.eof()
             assert await watcher.eof()
         assert await mux.wait() == 0
