@@ -20,7 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from qmpmux.channel import Channel
+from qmpmux.channel import ANCILLARY_SIZE, Channel, received_fds
 from qmpmux.config import Address, Config, ConfigError, Listener
 from qmpmux.hub import (
     Action,
@@ -64,23 +64,15 @@ def _close_unread(conn: socket.socket) -> None:
     input pending resets the connection instead of ending it) and close the fds that
     came with it, which nothing else would."""
     conn.setblocking(False)
-    space = socket.CMSG_SPACE(16 * 4)
     try:
         for _ in range(64):
-            data, ancillary, _flags, _addr = conn.recvmsg(65536, space)
-            _close_fds(fd for fds in map(_fds_of, ancillary) for fd in fds)
+            data, ancillary, _flags, _addr = conn.recvmsg(65536, ANCILLARY_SIZE)
+            _close_fds(received_fds(ancillary))
             if not data:
                 break
     except OSError:
         pass
     conn.close()
-
-
-def _fds_of(ancillary: tuple[int, int, bytes]) -> list[int]:
-    level, kind, payload = ancillary
-    if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
-        return []
-    return list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4]))
 
 
 class StartupError(Exception):
