@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 MAX_FDS_PER_MESSAGE: Final = 16
-_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # Every read lands in this one buffer and only what arrived is copied out: allocating a
 # fresh 256 KiB object per read costs an mmap/mremap/munmap triple each time.
 _READ_BUFFER: Final = memoryview(bytearray(1 << 18))
@@ -59,7 +59,7 @@ class ChannelHandler(Protocol):
     def channel_closed(self, key: int, reason: str, error: bool) -> None: ...
 
 
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -144,9 +144,9 @@ class Channel:
         buffer = _READ_BUFFER[: self.read_size]
         try:
             if self.recv_fds:
-                n, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], _ANCILLARY_SIZE)
+                n, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], ANCILLARY_SIZE)
                 if ancillary:
-                    fds = _received_fds(ancillary)
+                    fds = received_fds(ancillary)
             else:
                 n = self.sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):

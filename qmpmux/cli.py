@@ -12,6 +12,7 @@ import gc
 import logging
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -108,8 +109,10 @@ signals:
                    connection and gets the new policy from its next command (an invalid
                    file is logged and the old policy stays; listeners and limits need a
                    restart)
-  SIGTERM, SIGINT  shut down (with --spawn: power the guest down first; a second
-                   signal stops waiting for it)
+  SIGTERM, SIGINT  shut down: with --upstream, stop accepting clients and let commands
+                   already accepted get QEMU's replies (up to --shutdown-timeout) before
+                   clients are closed; with --spawn, power the guest down first; a
+                   second signal stops waiting
 
 service manager: with NOTIFY_SOCKET set (systemd Type=notify), qmpmux sends READY=1
 once QEMU's monitor is negotiated and every listener is open, a STATUS= line, RELOADING=1
@@ -119,8 +122,14 @@ config file: every key is documented, commented, in systemd/qmpmux.toml.example 
 source tree; `make install` puts it under PREFIX/share/qmpmux/); the README has the
 details of policy, limits and deploying with systemd.
 
+QEMU restarts: with --reconnect (--upstream only), qmpmux outlives its QEMU: when the
+monitor goes away every client is closed, the listeners stay, and qmpmux reconnects
+with backoff; clients that connect meanwhile get the new QEMU's greeting once it is
+back (or are closed after --negotiation-timeout).
+
 exit status: 0 after QEMU shut down cleanly (quit, SHUTDOWN) or on SIGTERM/SIGINT;
-1 if QEMU went away unexpectedly or qmpmux could not start; 2 for usage errors.
+1 if QEMU went away unexpectedly (without --reconnect) or qmpmux could not start;
+2 for usage errors.
 
 examples:
   qmpmux --listen unix:/run/vm1.qmp --spawn -- qemu-system-x86_64 -machine q35 -m 1G vm1.img
@@ -220,9 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         metavar="SECONDS",
-        help="with --spawn, on SIGTERM/SIGINT: how long the guest gets to power down after "
-        "system_powerdown before QEMU is told to quit; 0 quits at once; a second signal "
-        "stops waiting (default: 60)",
+        help="on SIGTERM/SIGINT: with --spawn, how long the guest gets to power down after "
+        "system_powerdown before QEMU is told to quit (0 quits at once); with --upstream, "
+        "how long commands in flight get to be answered; a second signal stops waiting "
+        "(default: 60)",
+    )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        default=None,
+        help="with --upstream: when QEMU goes away, close its clients, keep listening and "
+        "reconnect (backoff 0.1 s doubling to 5 s, forever); clients connecting meanwhile "
+        "are greeted once QEMU is back, or closed after --negotiation-timeout",
     )
     p.add_argument(
         "--spawn",
@@ -283,6 +301,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         shutdown_timeout=(
             file.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout
         ),
+        reconnect=file.reconnect if args.reconnect is None else args.reconnect,
         limits=limits,
         policy=policy_of(file, origin),
         audit=audit,
@@ -305,6 +324,9 @@ def _status(proxy: Proxy, ready: UpstreamReady | None, stopping: bool = False) -
     """The one-line STATUS= the service manager shows (`systemctl status`)."""
     if ready is None:
         return "connecting to QEMU"
+    if proxy.upstream is None and proxy.down_reason is not None and not stopping:
+        return f"QEMU away, reconnecting ({proxy.down_reason})"
+    ready = proxy.upstream or ready
     clients = len(proxy.hub.clients)
     try:  # the greeting's version object (docs/protocol.md §4)
         qemu = msgspec.json.decode(ready.version)["qemu"]
@@ -335,7 +357,13 @@ async def serve(
         listener_caps=config.listener_caps(),
         links=config.link_count(),
     )
-    proxy = Proxy(config, hub, audit=audit)
+    addresses = (config.upstream, *config.more_upstreams) if config.upstream else ()
+
+    async def reconnect() -> list[socket.socket]:
+        # One attempt per call: the proxy paces the retries (README "Deploying").
+        return await connect_all(addresses, 0, quiet=True)
+
+    proxy = Proxy(config, hub, audit=audit, reconnect=reconnect if config.reconnect else None)
     proxy.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start
     service = ServiceState(
         notifier or Notifier({}),
@@ -367,7 +395,8 @@ async def serve(
         service.stopping(f"received {name}")
         if qemu is None:
             log.info("received %s: shutting down", name)
-            proxy.stop(f"received {name}", 0)
+            # Commands in QEMU get their replies first (README "Deploying").
+            proxy.drain(f"received {name}", config.shutdown_timeout)
         elif not stopping:
             log.info("received %s: shutting QEMU down", name)
             # QEMU's exit ends the session, and with it proxy.wait().

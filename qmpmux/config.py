@@ -129,7 +129,8 @@ class Config(msgspec.Struct, frozen=True):
     log_level: str = "info"
     log_format: str = "text"  # or "json" (qmpmux/logs.py)
     connect_timeout: float = 5.0
-    shutdown_timeout: float = 60.0  # --spawn: seconds the guest gets to power down
+    shutdown_timeout: float = 60.0  # the guest's power-down (--spawn), or the drain
+    reconnect: bool = False  # without --spawn: outlive QEMU restarts
     limits: Limits = Limits()
     policy: Policy = DEFAULT_POLICY
     audit: str | None = None  # a file path, or "stderr"
@@ -172,6 +173,7 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     log_format: Literal["text", "json"] = "text"
     connect_timeout: float = 5.0
     shutdown_timeout: float = 60.0
+    reconnect: bool = False
     limits: Limits = Limits()
     audit: AuditSpec | None = None
     profiles: dict[str, ProfileSpec] = {}
@@ -438,6 +440,8 @@ def check(config: Config) -> None:
             raise ConfigError(
                 f"refusing to listen on non-loopback {listener.address} without --allow-remote"
             )
+    if config.reconnect and config.spawn:
+        raise ConfigError("--reconnect needs --upstream: with --spawn, QEMU's end is qmpmux's")
     if not 0 <= config.shutdown_timeout <= 3600:
         raise ConfigError(f"shutdown-timeout = {config.shutdown_timeout:g}: expected 0 to 3600")
     check_limits(config.limits)

@@ -205,6 +205,7 @@ class Hub:
         protected: frozenset[str] = frozenset(),
         listener_caps: Mapping[str, int | None] | None = None,
         links: int = 1,
+        first_client: int = 1,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
     ) -> None:
@@ -237,7 +238,9 @@ class Hub:
         # An event comes once per link: per event bytes, copies seen on each link and
         # how many were delivered (a copy beyond that on some link is a new event).
         self._event_copies: dict[bytes, list[int]] = {}
-        self._next_client = 1
+        # Client ids are never reused within a process: a hub made after QEMU restarted
+        # (README "Deploying") starts after the last one, whose connections may linger.
+        self._next_client = first_client
         self._greeting = b""
         self._offered: frozenset[str] = frozenset()
         # Whether the upstream can carry fds (unix sockets; the shell says), and the
@@ -305,6 +308,26 @@ class Hub:
             self._event_delivered(line)
         self._pump()
         return self._take()
+
+    def session_over(self, reason: str) -> list[Action]:
+        """End the upstream session now, whatever links still serve: the shell reconnects
+        every monitor (README "Running it", --reconnect), so a lost one ends it all."""
+        if self.state is not UpstreamState.CLOSED:
+            self._end(0 if self.shutdown_seen else 1, reason)
+        return self._take()
+
+    @property
+    def next_client(self) -> int:
+        """The id the next client gets."""
+        return self._next_client
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command is still in QEMU or queued to go there (graceful shutdown
+        waits until it is not): every such command gets its reply before qmpmux closes."""
+        if any(up.inflight or any(up.system.queues) for up in self._live):
+            return True
+        return any(any(flow.queues) for flow in self.clients.values())
 
     def _end(self, code: int, reason: str) -> None:
         self.state = UpstreamState.CLOSED

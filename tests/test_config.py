@@ -31,6 +31,7 @@ def test_the_shipped_example_loads_and_means_what_it_says() -> None:
     assert config.listeners[1].max_clients == 64 and config.listeners[0].max_clients is None
     assert config.limits.reserve_clients == 16 and config.limits.negotiation_timeout == 30
     assert config.audit == "/var/log/qmpmux/vm1-audit.jsonl"
+    assert config.reconnect is True
     backup = config.policy.profiles["backup-agent"]
     assert backup.command("blockdev-backup") is Decision.ALLOW
     assert backup.command("block-job-set-speed") is Decision.DENY
@@ -214,3 +215,14 @@ def test_check_config_warns_of_a_denial_that_matches_nothing(
         "warning: deny-events 'RESUMED' matches nothing this QEMU has, so it denies nothing "
         "(a typo?)",
     ]
+
+
+def test_reconnect_comes_from_the_file_or_the_flag_and_never_with_spawn(tmp_path: Path) -> None:
+    conf = write(tmp_path, 'upstream = "unix:/q.sock"\nreconnect = true\n[[listen]]\n'
+                 'address = "unix:/tmp/x.sock"\n')  # fmt: skip
+    assert parse_args(["--config", conf]).reconnect is True
+    plain = ["--upstream", "unix:/q.sock", "--listen", "unix:/tmp/x.sock"]
+    assert parse_args(plain).reconnect is False
+    assert parse_args([*plain, "--reconnect"]).reconnect is True
+    with pytest.raises(ConfigError, match="--reconnect needs --upstream"):
+        parse_args(["--listen", "unix:/tmp/x.sock", "--reconnect", "--spawn", "--", "qemu"])
