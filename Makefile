@@ -21,6 +21,8 @@ $(BIN)/qmpmux: pyproject.toml
 qemu:
 	@command -v $(QEMU) >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-system-x86; }
 	@command -v $(QEMU) >/dev/null || { echo "$(QEMU) is still missing" >&2; exit 1; }
+	@# The curl block driver (a module) serves the test of credentials in block filenames.
+	@! command -v dpkg >/dev/null || dpkg -s qemu-block-extra >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq qemu-block-extra; } || true
 
 setup: $(BIN)/qmpmux qemu
 

@@ -53,6 +53,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"comma-separated subset of: {', '.join(SCENARIOS)} (default: all)",
     )
     p.add_argument(
+        "--lanes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="qmpmux on N monitors of the QEMU (default 1; the lanes scenario sets its own)",
+    )
+    p.add_argument(
         "--qmpmux-profile",
         metavar="FILE",
         type=Path,
@@ -221,13 +228,13 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     meta: dict[str, Any] = {"mode": "quick" if plan.quick else "full", "plan": plan.__dict__}
     status = 0
-    with bed(args.qmpmux_profile) as b:
+    with bed(args.qmpmux_profile, lanes=args.lanes) as b:
         meta.update(describe(b))
         keys = ("cpu_model", "cores", "kernel", "python", "qemu", "uvloop", "msgspec")
         for key in (*keys, "loadavg_at_start"):
             print(f"{key:>16}: {meta[key]}")
         print(f"{'qmpmux':>16}: {meta['qmpmux_revision']} (pid {meta['qmpmux_pid']})")
-        print(f"{'mode':>16}: {meta['mode']}\n")
+        print(f"{'mode':>16}: {meta['mode']}, qmpmux on {args.lanes} monitor(s)\n")
         res.data["memory"] = {"fresh_idle_kib": rss_kib(b.qmpmux_pid)}
         res.add(
             "memory",

@@ -275,47 +275,57 @@ class Bed:
             return []
 
 
-def qmpmux_command(upstream: Path, listen: Path, profile_to: Path | None) -> list[str]:
+def qmpmux_command(upstreams: list[Path], listen: Path, profile_to: Path | None) -> list[str]:
     args = [sys.executable]
     if profile_to is not None:
         args += ["-m", "cProfile", "-o", str(profile_to)]
-    args += ["-m", "qmpmux", "--upstream", f"unix:{upstream}", "--listen", f"unix:{listen}"]
+    args += ["-m", "qmpmux", "--listen", f"unix:{listen}"]
+    for upstream in upstreams:
+        args += ["--upstream", f"unix:{upstream}"]
     return [*args, "--log-level", "warning"]
 
 
+def start_qemu(workdir: Path, monitors: int) -> tuple[subprocess.Popen[bytes], list[Path]]:
+    """`-machine none` QEMU with `monitors` unix QMP monitors in `workdir`, all listening."""
+    mons = [workdir / f"mon{n}.sock" for n in range(monitors)]
+    args = [QEMU_BINARY, "-machine", "none", "-nodefaults", "-display", "none"]
+    for n, path in enumerate(mons):
+        args += ["-chardev", f"socket,id=mon{n},path={path},server=on,wait=off"]
+        args += ["-mon", f"chardev=mon{n},mode=control"]
+    with (workdir / "qemu.log").open("wb") as log:
+        qemu = popen(args, log, log)
+    deadline = time.monotonic() + 10
+    while not all(p.exists() for p in mons):
+        if qemu.poll() is not None or time.monotonic() > deadline:
+            end_process(qemu)
+            text = (workdir / "qemu.log").read_text(errors="replace").strip()
+            raise BenchError(f"QEMU did not start: {text[-500:]}")
+        time.sleep(0.01)
+    return qemu, mons
+
+
 @contextlib.contextmanager
-def bed(profile_to: Path | None = None) -> Iterator[Bed]:
-    """Start QEMU and qmpmux; end both (and remove the scratch directory) however we leave."""
+def bed(profile_to: Path | None = None, lanes: int = 1) -> Iterator[Bed]:
+    """Start QEMU and qmpmux (on `lanes` monitors; one more stays direct); end both (and
+    remove the scratch directory) however we leave."""
     if shutil.which(QEMU_BINARY) is None:
         raise BenchError(f"{QEMU_BINARY} not found (set QEMU=/path/to/qemu-system-x86_64)")
     workdir = Path(tempfile.mkdtemp(prefix="qmpmux-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        mons = [workdir / "mon0.sock", workdir / "mon1.sock"]
-        args = [QEMU_BINARY, "-machine", "none", "-nodefaults", "-display", "none"]
-        for n, path in enumerate(mons):
-            args += ["-chardev", f"socket,id=mon{n},path={path},server=on,wait=off"]
-            args += ["-mon", f"chardev=mon{n},mode=control"]
-        with (workdir / "qemu.log").open("wb") as log:
-            qemu = popen(args, log, log)
+        qemu, mons = start_qemu(workdir, lanes + 1)
         procs.append(qemu)
-        deadline = time.monotonic() + 10
-        while not all(p.exists() for p in mons):
-            if qemu.poll() is not None or time.monotonic() > deadline:
-                text = (workdir / "qemu.log").read_text(errors="replace").strip()
-                raise BenchError(f"QEMU did not start: {text[-500:]}")
-            time.sleep(0.01)
         mux = workdir / "mux.sock"
         qmpmux_log = workdir / "qmpmux.log"
         with qmpmux_log.open("wb") as log:
-            qmpmux = popen(qmpmux_command(mons[0], mux, profile_to), log, log, _env())
+            qmpmux = popen(qmpmux_command(mons[:lanes], mux, profile_to), log, log, _env())
         procs.append(qmpmux)
         try:
             wait_greeting(mux, qmpmux, timeout=15)
         except BenchError as exc:
             text = qmpmux_log.read_text(errors="replace").strip()
             raise BenchError(f"qmpmux did not start: {exc}: {text[-1000:]}") from None
-        yield Bed(workdir, qemu, qmpmux, mons[1], mux, qmpmux_log)
+        yield Bed(workdir, qemu, qmpmux, mons[lanes], mux, qmpmux_log)
     finally:
         for proc in reversed(procs):
             with contextlib.suppress(Exception):

@@ -27,6 +27,7 @@ from bench.harness import (
     end_process,
     popen,
     pump,
+    start_qemu,
     wait_greeting,
 )
 from bench.scenarios import QUERY_STATUS, Plan, Results, p50_p99
@@ -40,19 +41,8 @@ BIG = 2 << 20  # a 2 MiB command: about 7 s of QEMU's one-byte reads
 
 @contextlib.contextmanager
 def _qemu(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[Path]]]:
-    mons = [workdir / f"m{n}.sock" for n in range(2 * MONITORS)]
-    args = [QEMU_BINARY, "-machine", "none", "-nodefaults", "-display", "none"]
-    for n, path in enumerate(mons):
-        args += ["-chardev", f"socket,id=m{n},path={path},server=on,wait=off"]
-        args += ["-mon", f"chardev=m{n},mode=control"]
-    with (workdir / "qemu.log").open("wb") as log:
-        qemu = popen(args, log, log)
+    qemu, mons = start_qemu(workdir, 2 * MONITORS)
     try:
-        deadline = time.monotonic() + 10
-        while not all(p.exists() for p in mons):
-            if qemu.poll() is not None or time.monotonic() > deadline:
-                raise BenchError("QEMU with 16 monitors did not start")
-            time.sleep(0.01)
         yield qemu, mons
     finally:
         end_process(qemu)

@@ -21,12 +21,13 @@ import asyncio
 import contextlib
 import os
 import socket
-from typing import Final, Protocol
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 MAX_FDS_PER_MESSAGE: Final = 16
 # How a cut for not reading is worded: the shell counts these (metrics.py).
 SLOW_READER_CUT: Final = "not reading: "
-_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # Every read lands in this one buffer and only what arrived is copied out: allocating a
 # fresh 256 KiB object per read costs an mmap/mremap/munmap triple each time.
 _READ_BUFFER: Final = memoryview(bytearray(1 << 18))
@@ -60,7 +61,7 @@ class ChannelHandler(Protocol):
     def channel_closed(self, key: int, reason: str, error: bool) -> None: ...
 
 
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -145,9 +146,9 @@ class Channel:
         buffer = _READ_BUFFER[: self.read_size]
         try:
             if self.recv_fds:
-                n, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], _ANCILLARY_SIZE)
+                n, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], ANCILLARY_SIZE)
                 if ancillary:
-                    fds = _received_fds(ancillary)
+                    fds = received_fds(ancillary)
             else:
                 n = self.sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
@@ -202,27 +203,29 @@ class Channel:
 
     def _send(self) -> None:
         """Send what the kernel takes now: one write of many chunks, never a re-join of a
-        large backlog (a client far behind would make every attempt copy all of it)."""
-        out = self._out
-        if self._fd_chunks:
-            self._send_around_fds()
-            return
-        try:
-            sent = (
-                self.sock.send(out[0])  # type: ignore[arg-type]
-                if len(out) == 1
-                else self.sock.sendmsg(out[:_IOV_MAX])  # type: ignore[arg-type]
-            )
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.abort(f"write failed: {exc.strerror or exc}")
-            return
-        self._sent(sent)
+        large backlog (a client far behind would make every attempt copy all of it).
 
-    def _sent(self, sent: int) -> None:
-        """Drop what the kernel took from the head of the outbox."""
+        A chunk with fds goes in a `sendmsg` of its own (rare: only commands that pass a
+        client's fd to QEMU): the chunks before it go first, then it alone."""
         out = self._out
+        head = out[0]
+        if type(head) is _WithFds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fds))]
+            sent = self._try(self.sock.sendmsg, [head.data], ancillary)
+            if sent is None:
+                return
+            _close_all(head.fds)  # sent with the first byte: the peer has them now
+            self._fd_chunks -= 1
+            out[0] = head.data  # what is left of it is plain bytes now
+        elif len(out) == 1:
+            sent = self._try(self.sock.send, head)
+        else:
+            end = _IOV_MAX
+            if self._fd_chunks:
+                end = min(end, next(i for i, c in enumerate(out) if type(c) is _WithFds))
+            sent = self._try(self.sock.sendmsg, out[:end])
+        if sent is None:
+            return
         self._out_size -= sent
         done = 0
         for chunk in out:
@@ -234,38 +237,16 @@ class Channel:
         if sent:
             out[0] = memoryview(out[0])[sent:]  # type: ignore[arg-type]
 
-    def _send_around_fds(self) -> None:
-        """One `sendmsg`: the chunks before the first fd-carrying one, or that one alone
-        with its fds (rare: only commands that pass a client's fd to QEMU)."""
-        out = self._out
-        head = out[0]
-        if type(head) is _WithFds:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fds))]
-            try:
-                sent = self.sock.sendmsg([head.data], ancillary)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.abort(f"write failed: {exc.strerror or exc}")
-                return
-            _close_all(head.fds)  # sent with the first byte: the peer has them now
-            self._fd_chunks -= 1
-            self._out_size -= sent
-            rest = memoryview(head.data)[sent:]
-            if rest:
-                out[0] = rest
-            else:
-                del out[0]
-            return
-        end = next(i for i, chunk in enumerate(out) if type(chunk) is _WithFds)
+    def _try(self, send: Callable[..., int], *args: Any) -> int | None:
+        """One send call: bytes taken, or None when nothing was (would block, or failed
+        and the channel is aborted)."""
         try:
-            sent = self.sock.sendmsg(out[: min(end, _IOV_MAX)])  # type: ignore[arg-type]
+            return send(*args)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError as exc:
             self.abort(f"write failed: {exc.strerror or exc}")
-            return
-        self._sent(sent)
+            return None
 
     def _on_writable(self) -> None:
         self._send()

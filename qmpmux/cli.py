@@ -12,13 +12,14 @@ import gc
 import logging
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
 import msgspec
 import uvloop
 
-from qmpmux import __version__
+from qmpmux import __version__, logs
 from qmpmux.checkconfig import check_config
 from qmpmux.config import (
     DEFAULT_LANES,
@@ -110,8 +111,10 @@ signals:
                    connection and gets the new policy from its next command (an invalid
                    file is logged and the old policy stays; listeners and limits need a
                    restart)
-  SIGTERM, SIGINT  shut down (with --spawn: power the guest down first; a second
-                   signal stops waiting for it)
+  SIGTERM, SIGINT  shut down: with --upstream, stop accepting clients and let commands
+                   already accepted get QEMU's replies (up to --shutdown-timeout) before
+                   clients are closed; with --spawn, power the guest down first; a
+                   second signal stops waiting
 
 service manager: with NOTIFY_SOCKET set (systemd Type=notify), qmpmux sends READY=1
 once QEMU's monitor is negotiated and every listener is open, a STATUS= line, RELOADING=1
@@ -121,8 +124,14 @@ config file: every key is documented, commented, in systemd/qmpmux.toml.example 
 source tree; `make install` puts it under PREFIX/share/qmpmux/); the README has the
 details of policy, limits and deploying with systemd.
 
+QEMU restarts: with --reconnect (--upstream only), qmpmux outlives its QEMU: when the
+monitor goes away every client is closed, the listeners stay, and qmpmux reconnects
+with backoff; clients that connect meanwhile get the new QEMU's greeting once it is
+back (or are closed after --negotiation-timeout).
+
 exit status: 0 after QEMU shut down cleanly (quit, SHUTDOWN) or on SIGTERM/SIGINT;
-1 if QEMU went away unexpectedly or qmpmux could not start; 2 for usage errors.
+1 if QEMU went away unexpectedly (without --reconnect) or qmpmux could not start;
+2 for usage errors.
 
 examples:
   qmpmux --listen unix:/run/vm1.qmp --spawn -- qemu-system-x86_64 -machine q35 -m 1G vm1.img
@@ -171,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="log verbosity on stderr (default: info)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text: timestamps, or syslog priorities under journald; json: one object a "
+        "line, for log shippers (default: text)",
     )
     p.add_argument(
         "--audit",
@@ -222,9 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         metavar="SECONDS",
-        help="with --spawn, on SIGTERM/SIGINT: how long the guest gets to power down after "
-        "system_powerdown before QEMU is told to quit; 0 quits at once; a second signal "
-        "stops waiting (default: 60)",
+        help="on SIGTERM/SIGINT: with --spawn, how long the guest gets to power down after "
+        "system_powerdown before QEMU is told to quit (0 quits at once); with --upstream, "
+        "how long commands in flight get to be answered; a second signal stops waiting "
+        "(default: 60)",
+    )
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        default=None,
+        help="with --upstream: when QEMU goes away, close its clients, keep listening and "
+        "reconnect (backoff 0.1 s doubling to 5 s, forever); clients connecting meanwhile "
+        "are greeted once QEMU is back, or closed after --negotiation-timeout",
     )
     p.add_argument(
         "--spawn",
@@ -280,10 +304,12 @@ def parse_args(argv: Sequence[str]) -> Config:
         lanes=args.lanes or file.lanes or DEFAULT_LANES,
         allow_remote=args.allow_remote or file.allow_remote,
         log_level=args.log_level or file.log_level,
+        log_format=args.log_format or file.log_format,
         connect_timeout=args.connect_timeout or file.connect_timeout,
         shutdown_timeout=(
             file.shutdown_timeout if args.shutdown_timeout is None else args.shutdown_timeout
         ),
+        reconnect=file.reconnect if args.reconnect is None else args.reconnect,
         limits=limits,
         policy=policy_of(file, origin),
         audit=audit,
@@ -316,6 +342,9 @@ def _status(proxy: Proxy, ready: UpstreamReady | None, stopping: bool = False) -
     """The one-line STATUS= the service manager shows (`systemctl status`)."""
     if ready is None:
         return "connecting to QEMU"
+    if proxy.upstream is None and proxy.down_reason is not None and not stopping:
+        return f"QEMU away, reconnecting ({proxy.down_reason})"
+    ready = proxy.upstream or ready
     clients = len(proxy.hub.clients)
     try:  # the greeting's version object (docs/protocol.md §4)
         qemu = msgspec.json.decode(ready.version)["qemu"]
@@ -347,7 +376,13 @@ async def serve(
         links=config.link_count(),
         metrics=config.metrics is not None,
     )
-    proxy = Proxy(config, hub, audit=audit)
+    addresses = (config.upstream, *config.more_upstreams) if config.upstream else ()
+
+    async def reconnect() -> list[socket.socket]:
+        # One attempt per call: the proxy paces the retries (README "Deploying").
+        return await connect_all(addresses, 0, quiet=True)
+
+    proxy = Proxy(config, hub, audit=audit, reconnect=reconnect if config.reconnect else None)
     proxy.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start
     service = ServiceState(
         notifier or Notifier({}),
@@ -379,7 +414,8 @@ async def serve(
         service.stopping(f"received {name}")
         if qemu is None:
             log.info("received %s: shutting down", name)
-            proxy.stop(f"received {name}", 0)
+            # Commands in QEMU get their replies first (README "Deploying").
+            proxy.drain(f"received {name}", config.shutdown_timeout)
         elif not stopping:
             log.info("received %s: shutting QEMU down", name)
             # QEMU's exit ends the session, and with it proxy.wait().
@@ -404,7 +440,7 @@ async def serve(
             policy = reload_policy(config)
         except ConfigError as exc:
             log.error("reload failed, keeping the current policy: %s", exc)
-            hub.stats.reloads[ERROR] += 1
+            proxy.hub.stats.reloads[ERROR] += 1
             return
         proxy.reload(policy)
         log.info("policy reloaded from %s: %d profile(s), %d rule(s)",
@@ -464,11 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="qmpmux: %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(config.log_level, config.log_format)
     _raise_fd_limit()
     # Read (and removed from the environment) before anything else runs, so no child
     # inherits them; see qmpmux/systemd.py.

@@ -127,8 +127,10 @@ class Config(msgspec.Struct, frozen=True):
     lanes: int = DEFAULT_LANES
     allow_remote: bool = False
     log_level: str = "info"
+    log_format: str = "text"  # or "json" (qmpmux/logs.py)
     connect_timeout: float = 5.0
-    shutdown_timeout: float = 60.0  # --spawn: seconds the guest gets to power down
+    shutdown_timeout: float = 60.0  # the guest's power-down (--spawn), or the drain
+    reconnect: bool = False  # without --spawn: outlive QEMU restarts
     limits: Limits = Limits()
     policy: Policy = DEFAULT_POLICY
     audit: str | None = None  # a file path, or "stderr"
@@ -169,8 +171,10 @@ class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     listen: tuple[ListenSpec, ...] = ()
     allow_remote: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
     connect_timeout: float = 5.0
     shutdown_timeout: float = 60.0
+    reconnect: bool = False
     limits: Limits = Limits()
     audit: AuditSpec | None = None
     metrics: str | None = None  # unix:PATH or tcp:HOST:PORT
@@ -445,6 +449,8 @@ def check(config: Config) -> None:
         )
     if metrics is not None and str(metrics) in {str(lst.address) for lst in config.listeners}:
         raise ConfigError(f"--metrics {metrics} is also a --listen address")
+    if config.reconnect and config.spawn:
+        raise ConfigError("--reconnect needs --upstream: with --spawn, QEMU's end is qmpmux's")
     if not 0 <= config.shutdown_timeout <= 3600:
         raise ConfigError(f"shutdown-timeout = {config.shutdown_timeout:g}: expected 0 to 3600")
     check_limits(config.limits)

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -46,15 +46,17 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class HubCollector(Collector):
-    """Reads one hub at scrape time. `listeners` (label, profile) are reported with 0
-    clients too, so an alert on a listener's clients does not see an absent series."""
+    """Reads the current hub at scrape time (`hub()`: a new one serves each QEMU session
+    with --reconnect, and carries the counters on). `listeners` (label, profile) are
+    reported with 0 clients too, so an alert on a listener's clients sees no absent
+    series."""
 
-    def __init__(self, hub: Hub, listeners: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(self, hub: Callable[[], Hub], listeners: Sequence[tuple[str, str]] = ()) -> None:
         self.hub = hub
         self.listeners = tuple(listeners)
 
     def collect(self) -> Iterable[Metric]:
-        hub = self.hub
+        hub = self.hub()
         stats = hub.stats
         family: GaugeMetricFamily | CounterMetricFamily = GaugeMetricFamily(
             "qmpmux_build_info", "qmpmux's version (always 1)", labels=["version"]
@@ -115,8 +117,10 @@ class HubCollector(Collector):
             "qmpmux_upstream_up", "1 while QEMU monitor link (lane) is negotiated and open",
             labels=["lane"],
         )  # fmt: skip
+        over = hub.state is UpstreamState.CLOSED  # the whole session, whatever each link
         for link in hub.links:
-            family.add_metric([str(link.index)], 1 if link.state is UpstreamState.READY else 0)
+            up = link.state is UpstreamState.READY and not over
+            family.add_metric([str(link.index)], 1 if up else 0)
         yield family
         yield CounterMetricFamily(
             "qmpmux_upstream_reconnects", "Times qmpmux reconnected to QEMU's monitor",
@@ -134,7 +138,9 @@ class HubCollector(Collector):
         yield family
 
 
-def registry_for(hub: Hub, listeners: Sequence[tuple[str, str]] = ()) -> CollectorRegistry:
+def registry_for(
+    hub: Callable[[], Hub], listeners: Sequence[tuple[str, str]] = ()
+) -> CollectorRegistry:
     """A registry with the hub's metrics and the process's own (CPU, memory, fds)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(hub, listeners))

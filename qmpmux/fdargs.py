@@ -137,17 +137,21 @@ def _names(row: FdArgument, value: JsonValue, where: str) -> Iterator[tuple[str,
             yield where, value[len("fd:") :]
 
 
-def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str, str] | None:
-    """(argument, value) of the first fd argument QEMU would read as a raw number, or None."""
-    rows = _BY_COMMAND.get(command)
-    if not rows or not args:
-        return None
-    for row in rows:
+def _rows(command: str, args: Mapping[str, JsonValue] | None) -> Iterator[FdArgument]:
+    """The table's rows that apply to this call of `command`."""
+    for row in _BY_COMMAND.get(command, ()) if args else ():
         if row.when is not None:
             key, values = row.when
-            selector = args.get(key)
+            selector = args.get(key) if args else None
             if not isinstance(selector, str) or selector not in values:
                 continue
+        yield row
+
+
+def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str, str] | None:
+    """(argument, value) of the first fd argument QEMU would read as a raw number, or None."""
+    for row in _rows(command, args):
+        assert args is not None
         for value in _at(dict(args), row.path):
             for where, name in _names(row, value, ".".join(row.path)):
                 if is_numeric(name):
@@ -203,20 +207,14 @@ def rename_fds(
     """A copy of `args` with every fd name in it passed through `rename`, or None when
     the command takes no fd name. Numeric values (raw descriptor numbers, which only
     `full` may use) are left as they are: they are not names."""
-    rows = _BY_COMMAND.get(command)
-    if not rows or not args:
+    if command not in _BY_COMMAND or not args:
         return None
 
     def named(name: str) -> str:
         return name if is_numeric(name) else rename(name)
 
     out: JsonValue = dict(args)
-    for row in rows:
-        if row.when is not None:
-            key, values = row.when
-            selector = args.get(key)
-            if not isinstance(selector, str) or selector not in values:
-                continue
+    for row in _rows(command, args):
         out = _rename_at(out, row.path, row, named)
     assert isinstance(out, dict)
     return out

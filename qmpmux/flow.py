@@ -41,6 +41,7 @@ class Flow:
         "in_ready",
         "inflight",
         "link",
+        "oob_link",
         "oob_replies",
         "paused",
         "queued_bytes",
@@ -64,6 +65,8 @@ class Flow:
         # The upstream monitor its commands go to (link.Link; None until its first). It
         # moves only when nothing of it is in QEMU and it has no fd named there.
         self.link: Link | None = None
+        # Where its exec-oob commands go: any monitor, as they overtake in-band work.
+        self.oob_link: Link | None = None
         self.queued_bytes = 0
         # Bytes of replies that are made (locally, or by QEMU) but wait in `replies` or
         # `oob_replies` behind an earlier unanswered command: held by qmpmux, so counted.

@@ -71,6 +71,7 @@ from qmpmux.metrics import (
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
+from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
@@ -190,6 +191,8 @@ Action = (
 
 
 _client_log = logging.getLogger("qmpmux.client")
+# Every command and reply at debug level, redacted (`_log_command`, `_log_reply`).
+_traffic_log = logging.getLogger("qmpmux.traffic")
 _EVENT_COPIES_MAX: Final = 4096  # events awaiting their copies from the other links
 _CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only when ok
 _UNSEEN: Final[list[int]] = []
@@ -198,6 +201,19 @@ _UNSEEN: Final[list[int]] = []
 def _iso_time(now: float) -> str:
     """UTC with milliseconds, as audit records and list-clients give times."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+def _lane_link(flow: Flow, lane: int) -> Link | None:
+    """The monitor a client's in-band (or exec-oob) commands go to."""
+    return flow.oob_link if lane == OOB else flow.link
+
+
+def _who(peer: Peer) -> str:
+    """A client as a connect line shows it: a TCP peer by its address, a unix peer by its
+    credentials."""
+    if peer.address:
+        return f"from {peer.address}"
+    return f"uid={peer.uid} pid={peer.pid} exe={peer.exe!r:.80}"
 
 
 class Hub:
@@ -212,6 +228,7 @@ class Hub:
         protected: frozenset[str] = frozenset(),
         listener_caps: Mapping[str, int | None] | None = None,
         links: int = 1,
+        first_client: int = 1,
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         metrics: bool = False,
@@ -245,7 +262,9 @@ class Hub:
         # An event comes once per link: per event bytes, copies seen on each link and
         # how many were delivered (a copy beyond that on some link is a new event).
         self._event_copies: dict[bytes, list[int]] = {}
-        self._next_client = 1
+        # Client ids are never reused within a process: a hub made after QEMU restarted
+        # (README "Deploying") starts after the last one, whose connections may linger.
+        self._next_client = first_client
         self._greeting = b""
         self._offered: frozenset[str] = frozenset()
         # Whether the upstream can carry fds (unix sockets; the shell says), and the
@@ -308,17 +327,42 @@ class Hub:
         log.error("lost QEMU monitor link %d (%s); %d link(s) still serve",
                   link, reason, len(self._live))  # fmt: skip
         for cid, flow in self.clients.items():
+            lanes = [lane for lane in (INBAND, OOB) if _lane_link(flow, lane) is up]
+            if any(flow.inflight[lane] or flow.queues[lane] for lane in lanes) or (
+                flow.link is up and flow.fd_names
+            ):
+                self._drop_fds(flow)
+                flow.bye = UPSTREAM_LOST
+                self._out.append(CloseClient(cid, f"lost QEMU monitor link {link}: {reason}"))
             if flow.link is up:
-                if any(flow.inflight) or any(flow.queues) or flow.fd_names:
-                    self._drop_fds(flow)
-                    flow.bye = UPSTREAM_LOST
-                    self._out.append(CloseClient(cid, f"lost QEMU monitor link {link}: {reason}"))
                 flow.link = None
+            if flow.oob_link is up:
+                flow.oob_link = None
         up.inflight.clear()
         for line in list(self._event_copies):
             self._event_delivered(line)
         self._pump()
         return self._take()
+
+    def session_over(self, reason: str) -> list[Action]:
+        """End the upstream session now, whatever links still serve: the shell reconnects
+        every monitor (README "Running it", --reconnect), so a lost one ends it all."""
+        if self.state is not UpstreamState.CLOSED:
+            self._end(0 if self.shutdown_seen else 1, reason)
+        return self._take()
+
+    @property
+    def next_client(self) -> int:
+        """The id the next client gets."""
+        return self._next_client
+
+    @property
+    def busy(self) -> bool:
+        """Whether a command is still in QEMU or queued to go there (graceful shutdown
+        waits until it is not): every such command gets its reply before qmpmux closes."""
+        if any(up.inflight or any(up.system.queues) for up in self._live):
+            return True
+        return any(any(flow.queues) for flow in self.clients.values())
 
     def _end(self, code: int, reason: str) -> None:
         self.state = UpstreamState.CLOSED
@@ -439,9 +483,11 @@ class Hub:
         name = cmd.name
         # Decoding the reply's class costs a decode per command: only when it matters,
         # or when the reply is not plainly a success.
+        debug = _traffic_log.isEnabledFor(logging.DEBUG)
         failed = (
             error_class(line)
             if self.audit
+            or debug
             or cmd.names
             or name in _CLASS_MATTERS
             or not line.startswith(SUCCESS_OPENING)
@@ -473,6 +519,8 @@ class Hub:
                 session, cmd.name, cmd.decision, failed, cmd.arguments, cmd.started,
                 cmd.profile, len(cmd.fds),
             )  # fmt: skip
+        if debug:
+            self._log_reply(session.id, name, failed, len(line), cmd.started)
         flow = self.clients.get(session.id)
         if flow is None:
             return  # its client has gone: the reply is nobody else's
@@ -491,14 +539,17 @@ class Hub:
             data = restore_names(data, cmd.names)
         elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
             data = self._own_fdsets(session.id, data, cmd.wire_id)
+        elif cmd.name in SCRUBBED and not profile.secret_properties:
+            data = self._scrub(cmd.name, data, cmd.wire_id)
         cmd.reply = data
         flow.reply_bytes += len(data)
         self._flush(flow)
 
     def _requeue(self, flow: Flow, lane: int) -> None:
-        if flow.queues[lane] and not flow.in_ready[lane] and flow.link is not None:
+        up = _lane_link(flow, lane)
+        if flow.queues[lane] and not flow.in_ready[lane] and up is not None:
             flow.in_ready[lane] = True
-            flow.link.ready[lane].append(flow)
+            up.ready[lane].append(flow)
 
     def _fd_taken(self, up: Link) -> None:
         """QEMU answered the link's fd-carrying command: the next one may go."""
@@ -531,6 +582,15 @@ class Hub:
         except (msgspec.DecodeError, AttributeError):
             log.warning("could not filter a malformed query-fdsets reply; withholding it")
             return error_reply(wire_id, GENERIC_ERROR, "qmpmux could not filter query-fdsets")
+
+    def _scrub(self, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
+        """A block or chardev reply without credentials (scrub.py), for profiles that may
+        not read secrets; one that cannot be scrubbed is withheld, never passed on."""
+        try:
+            return replace_return(reply, scrub_return)
+        except msgspec.DecodeError:
+            log.warning("could not scrub a malformed %s reply; withholding it", name)
+            return error_reply(wire_id, GENERIC_ERROR, f"qmpmux could not scrub {name}")
 
     def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
         """An introspection reply as this profile may see it (cached: QEMU's is static)."""
@@ -577,8 +637,8 @@ class Hub:
         self.clients[cid] = flow
         self.log_client(
             logging.INFO, "connect", peer.listener,
-            "client %d: connected on %s (uid=%s pid=%s exe=%.80r), profile %s",
-            cid, peer.listener, peer.uid, peer.pid, peer.exe, profile.name,
+            "client %d: connected on %s (%s), profile %s",
+            cid, peer.listener, _who(peer), profile.name,
         )  # fmt: skip
         self._out.append(ToClient(cid, self._greeting))
         return cid, self._take()
@@ -759,7 +819,10 @@ class Hub:
                     flow.reply_bytes += len(local.data)
                     self._judged_locally(flow, local)
                     return
-            if self.audit:
+            if _traffic_log.isEnabledFor(logging.DEBUG):
+                self._log_command(flow.id, verdict)
+                verdict.started = self._clock()
+            elif self.audit:
                 verdict.started = self._clock()
             self._enqueue(flow, verdict)
             return
@@ -767,10 +830,38 @@ class Hub:
             assert isinstance(verdict, Extension)
             verdict = self._extension(flow, verdict)
         assert isinstance(verdict, Local)
+        if _traffic_log.isEnabledFor(logging.DEBUG):
+            _traffic_log.debug(
+                "client %d: %.80r answered by qmpmux (%d bytes)",
+                flow.id, verdict.name or "-", len(verdict.data),
+            )  # fmt: skip
         (flow.oob_replies if verdict.oob else flow.replies).append(verdict.data)
         flow.reply_bytes += len(verdict.data)
         if verdict.decision is not None:
             self._judged_locally(flow, verdict)
+
+    def _log_command(self, client: int, cmd: Command) -> None:
+        """Debug: the command, its arguments redacted as the audit log's are, its size."""
+        args = decode_prefix(cmd.prefix).get(ARGUMENTS)
+        shown = (
+            encode(redact(cmd.name, args)).decode(errors="replace")
+            if isinstance(args, dict)
+            else "-"
+        )
+        _traffic_log.debug(
+            "client %d: %s %.80r %.300s (%d bytes)",
+            client, "exec-oob" if cmd.oob else "execute", cmd.name, shown, len(cmd.prefix),
+        )  # fmt: skip
+
+    def _log_reply(
+        self, client: int, name: str, failed: str, size: int, started: float | None
+    ) -> None:
+        """Debug: how a command went, and the reply's size (never its payload)."""
+        took = (self._clock() - started) * 1000 if started is not None else 0.0
+        _traffic_log.debug(
+            "client %d: %.80r reply: %.60r (%d bytes, %.3f ms)",
+            client, name, failed or "ok", size, took,
+        )  # fmt: skip
 
     def reload(self, policy: Policy) -> list[Action]:
         """Apply a new policy to every client's next command and event, and to every
@@ -790,8 +881,9 @@ class Hub:
                         continue
                     queue.remove(cmd)
                     flow.queued_bytes -= len(cmd.prefix)
-                    if flow.link is not None:
-                        flow.link.queued_bytes -= len(cmd.prefix)
+                    queued_on = _lane_link(flow, OOB if cmd.oob else INBAND)
+                    if queued_on is not None:
+                        queued_on.queued_bytes -= len(cmd.prefix)
                     cmd.reply = denial
                     flow.reply_bytes += len(denial)
                     refused = True
@@ -936,12 +1028,13 @@ class Hub:
         self._negotiated.pop(client, None)
         self._per_listener[flow.session.peer.listener] -= 1
         self._drop_fds(flow)
-        for queue in flow.queues:
+        for lane, queue in enumerate(flow.queues):
+            queued_on = _lane_link(flow, lane)
+            if queued_on is not None:
+                queued_on.queued_bytes -= sum(len(cmd.prefix) for cmd in queue)
             queue.clear()
-        up = flow.link
-        if up is not None:
-            up.queued_bytes -= flow.queued_bytes
         flow.queued_bytes = 0
+        up = flow.link
         if up is not None and up.state is UpstreamState.READY:
             # A native monitor keeps a departed client's named fds until QEMU exits;
             # qmpmux closes them (in the monitor that has them), and removes its fdsets
@@ -982,7 +1075,7 @@ class Hub:
     def _system_command(self, up: Link, name: str, args: dict[str, JsonValue] | None) -> None:
         """A command of qmpmux's own on monitor `up`; its reply is dropped."""
         system = up.system
-        system.link = up
+        system.link = system.oob_link = up
         self._enqueue(system, Command(system.session, name, command_prefix(name, args, False),
                                       None, False))  # fmt: skip
 
@@ -990,12 +1083,19 @@ class Hub:
         lane = OOB if cmd.oob else INBAND
         if flow.session.id:  # nobody waits for qmpmux's own replies
             (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
-            if flow.link is None or (
-                len(self._live) > 1
-                and not (any(flow.inflight) or any(flow.queues) or flow.fd_names)
+            if lane == INBAND:
+                if flow.link is None or (
+                    len(self._live) > 1
+                    and not (flow.inflight[INBAND] or flow.queues[INBAND] or flow.fd_names)
+                ):
+                    flow.link = self._pick_link()  # free to move: it has nothing in QEMU
+            elif flow.oob_link is None or (
+                len(self._live) > 1 and not (flow.inflight[OOB] or flow.queues[OOB])
             ):
-                flow.link = self._pick_link()  # free to move: it has nothing in QEMU
-        up = flow.link
+                # exec-oob overtakes in-band work by design, on any monitor: it goes where
+                # no big command's bytes are ahead of it (not even its own client's).
+                flow.oob_link = self._pick_link()
+        up = _lane_link(flow, lane)
         assert up is not None
         flow.queues[lane].append(cmd)
         flow.queued_bytes += len(cmd.prefix)
@@ -1051,7 +1151,7 @@ class Hub:
             queue = flow.queues[lane]
             if (
                 flow.closed
-                or flow.link is not up
+                or _lane_link(flow, lane) is not up
                 or not queue
                 or flow.inflight[lane] >= share
                 # QEMU dispatches an exec-oob as soon as it reads it, so a client's
@@ -1088,9 +1188,8 @@ class Hub:
                 ready[lane].append(flow)
             else:
                 flow.in_ready[lane] = False
-                if lane == OOB and flow.queues[INBAND] and not flow.in_ready[INBAND]:
-                    flow.in_ready[INBAND] = True
-                    ready[INBAND].append(flow)
+                if lane == OOB:  # its in-band queue waited for this exec-oob
+                    self._requeue(flow, INBAND)
         if chunks:
             self._out.append(ToUpstream(b"".join(chunks), link=up.index))
 

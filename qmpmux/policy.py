@@ -84,25 +84,29 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", froze
 
 
 # Read-only by design: reads of existing state that neither change the VM or the host nor
-# reveal secrets, plus the introspection qmpmux filters per client and `qom-get`, which is
-# allowed only with the secret-property restriction below. See README "Policy".
+# reveal secrets, plus the introspection qmpmux filters per client, `qom-get`, which is
+# allowed only with the secret-property restriction below, and the block and chardev
+# queries, whose replies qmpmux scrubs of credentials for profiles without
+# `secret-properties` (scrub.py). Every read left out, and why: README "Policy".
 READONLY_COMMANDS: Final = (
     "qom-list", "qom-list-types", "qom-get",
-    "query-acpi-ospm-status", "query-balloon", "query-block-exports", "query-block-jobs",
-    "query-blockstats", "query-chardev-backends", "query-colo-status",
-    "query-command-line-options", "query-commands",
-    "query-cpus-fast", "query-current-machine", "query-dirty-rate", "query-display-options",
-    "query-dump", "query-dump-guest-memory-capability", "query-events",
-    "query-hotpluggable-cpus", "query-iothreads", "query-jobs", "query-kvm", "query-machines",
-    "query-memdev", "query-memory-devices", "query-memory-size-summary", "query-mice",
-    "query-migrate", "query-migrate-capabilities", "query-migrate-parameters", "query-name",
-    "query-pci", "query-pr-managers", "query-qmp-schema", "query-replay", "query-rocker",
+    "query-acpi-ospm-status", "query-balloon", "query-block", "query-block-exports",
+    "query-block-jobs", "query-blockstats", "query-chardev", "query-chardev-backends",
+    "query-colo-status", "query-command-line-options", "query-commands",
+    "query-cpu-definitions", "query-cpus-fast", "query-current-machine", "query-dirty-rate",
+    "query-display-options", "query-dump", "query-dump-guest-memory-capability",
+    "query-events", "query-gic-capabilities", "query-hotpluggable-cpus", "query-iothreads",
+    "query-jobs", "query-kvm", "query-machines", "query-memdev", "query-memory-devices",
+    "query-memory-size-summary", "query-mice", "query-migrate", "query-migrate-capabilities",
+    "query-migrate-parameters", "query-name", "query-named-block-nodes", "query-pci",
+    "query-pr-managers", "query-qmp-schema", "query-replay", "query-rocker",
     "query-rocker-of-dpa-flows", "query-rocker-of-dpa-groups", "query-rocker-ports",
     "query-rx-filter", "query-sev", "query-sev-capabilities", "query-sgx",
-    "query-sgx-capabilities", "query-stats-schemas", "query-status", "query-target",
-    "query-tpm", "query-tpm-models", "query-tpm-types", "query-uuid",
-    "query-vcpu-dirty-limit", "query-version", "query-vm-generation-id",
-    "query-xen-replication-status", "query-yank", "trace-event-get-state", WHOAMI,
+    "query-sgx-capabilities", "query-spice", "query-stats", "query-stats-schemas",
+    "query-status", "query-target", "query-tpm", "query-tpm-models", "query-tpm-types",
+    "query-uuid", "query-vcpu-dirty-limit", "query-version", "query-vm-generation-id",
+    "query-vnc", "query-vnc-servers", "query-xen-replication-status", "query-yank",
+    "trace-event-get-state", WHOAMI,
 )  # fmt: skip
 # Commands that construct an object of a type the client names, running that type's
 # instance code (qom/qom-qmp-cmds.c qmp_qom_list_properties and qmp_device_list_properties

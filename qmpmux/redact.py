@@ -110,7 +110,10 @@ def _scrub_text(value: str) -> str:
             inner: JsonValue = msgspec.json.decode(value[m.end() :])
         except msgspec.DecodeError:
             return "json:" + REDACTED
-        return "json:" + msgspec.json.encode(_scrub(inner)).decode()
+        scrubbed = _scrub(inner)
+        if scrubbed == inner:
+            return value  # nothing secret: the filename as it was spelt
+        return "json:" + msgspec.json.encode(scrubbed).decode()
     spans: list[tuple[int, int]] = []
     at = value.rfind("@")
     if at > 0 and (scheme := _SCHEME.search(value, 0, at)) is not None:
@@ -165,6 +168,12 @@ def _scrub(value: JsonValue) -> JsonValue:
     if isinstance(value, dict):
         return _scrub_dict(value)
     return value
+
+
+def scrub_value(value: JsonValue) -> JsonValue:
+    """A copy of any JSON value with the structural redaction above (for replies that
+    can carry credentials, scrub.py)."""
+    return _scrub(value)
 
 
 def redact(command: str, arguments: dict[str, JsonValue]) -> dict[str, JsonValue]:

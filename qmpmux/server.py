@@ -17,11 +17,11 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from qmpmux import metrics
-from qmpmux.channel import SLOW_READER_CUT, Channel
+from qmpmux.channel import ANCILLARY_SIZE, SLOW_READER_CUT, Channel, received_fds
 from qmpmux.config import Address, Config, ConfigError, Listener
 from qmpmux.exporter import MetricsServer, registry_for
 from qmpmux.hub import (
@@ -59,6 +59,22 @@ def _close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _close_unread(conn: socket.socket) -> None:
+    """Close a connection qmpmux never read: read away what it sent first (closing with
+    input pending resets the connection instead of ending it) and close the fds that
+    came with it, which nothing else would."""
+    conn.setblocking(False)
+    try:
+        for _ in range(64):
+            data, ancillary, _flags, _addr = conn.recvmsg(65536, ANCILLARY_SIZE)
+            _close_fds(received_fds(ancillary))
+            if not data:
+                break
+    except OSError:
+        pass
+    conn.close()
 
 
 class StartupError(Exception):
@@ -330,35 +346,69 @@ def peer_of(sock: socket.socket, label: str, profile: str) -> Peer:
     return Peer(label, profile, address=f"{host}:{port}")
 
 
+RECONNECT_FIRST = 0.1  # seconds before the first reconnect attempt; doubled each failure
+RECONNECT_MAX = 5.0  # ... up to this, then retried at this pace forever
+
+
+@dataclass
+class _Waiting:
+    """A client that connected while QEMU was away: accepted, not read, not greeted."""
+
+    conn: socket.socket
+    entry: _Listening
+    deadline: asyncio.TimerHandle
+
+
 class Proxy:
-    """Runs one hub: one upstream socket, any number of listeners and clients."""
+    """Runs one hub at a time: the upstream socket(s), any number of listeners and clients.
+
+    With `reconnect` (README "Deploying": QEMU restarts) a lost upstream ends only that
+    session: its clients are closed, the listeners stay, and `reconnect()` is called
+    with backoff until it gives sockets to a QEMU that greets; a fresh hub (same policy,
+    limits and client numbering) then serves them, and the clients that connected
+    meanwhile, held unread in `_waiting`, get the new QEMU's greeting."""
 
     def __init__(
         self,
         config: Config,
         hub: Hub | None = None,
         audit: Callable[[bytes], None] | None = None,
+        reconnect: Callable[[], Awaitable[list[socket.socket]]] | None = None,
     ) -> None:
         self.config = config
-        self.hub = hub or Hub(
-            config.limits,
-            config.policy,
-            audit=audit is not None,
-            listener_caps=config.listener_caps(),
-            links=config.link_count(),
-            metrics=config.metrics is not None,
-        )
+        self.policy = hub.policy if hub is not None else config.policy
         self._audit = audit
+        self.hub = hub or self._new_hub(1)
+        self._reconnect = reconnect
         self._metrics: MetricsServer | None = None
         self._loop = asyncio.get_running_loop()
         self._links: list[Channel] = []  # one per upstream monitor, by link index
         self._clients: dict[int, Channel] = {}
         self._deadlines: dict[int, asyncio.TimerHandle] = {}  # negotiation, per client
         self._listening: list[_Listening] = []
+        self._waiting: list[_Waiting] = []  # connected while QEMU is away
         self._ready: asyncio.Future[UpstreamReady] = self._loop.create_future()
         self._done: asyncio.Future[int] = self._loop.create_future()
         self._exit: Exit | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._draining: asyncio.TimerHandle | None = None
+        self._drain_reason = ""
+        # The current session's greeting facts, None while QEMU is away; why it went.
+        self.upstream: UpstreamReady | None = None
+        self.down_reason: str | None = None
         self.hub.queued_bytes = self._queued_bytes
+
+    def _new_hub(self, first_client: int) -> Hub:
+        config = self.config
+        return Hub(
+            config.limits,
+            self.policy,
+            audit=self._audit is not None,
+            listener_caps=config.listener_caps(),
+            links=config.link_count(),
+            first_client=first_client,
+            metrics=config.metrics is not None,
+        )
 
     def _queued_bytes(self, client: int) -> int:
         channel = self._clients.get(client)
@@ -403,7 +453,7 @@ class Proxy:
         sock = open_listener(Listener(where))
         listeners = [(str(lst.address), lst.profile) for lst in self.config.listeners]
         unlink = where.path if where.kind == "unix" else ""
-        self._metrics = MetricsServer(sock, registry_for(self.hub, listeners), unlink)
+        self._metrics = MetricsServer(sock, registry_for(lambda: self.hub, listeners), unlink)
 
     async def start(
         self, upstream: socket.socket | Sequence[socket.socket], handshake_timeout: float = 10.0
@@ -413,6 +463,23 @@ class Proxy:
         if not self._listening:
             self.bind()
         sockets = [upstream] if isinstance(upstream, socket.socket) else list(upstream)
+        try:
+            ready = await self._session(sockets, handshake_timeout)
+        except StartupError:
+            self.unbind()
+            raise
+        for entry in self._listening:
+            self._loop.add_reader(entry.sock.fileno(), self._accept, entry)
+            log.info("listening on %s (profile %s)", entry.label, entry.listener.profile)
+        if self._metrics is not None:
+            await self._metrics.start()
+            log.info("serving metrics on %s/metrics", self.config.metrics)
+        return ready
+
+    async def _session(
+        self, sockets: list[socket.socket], handshake_timeout: float
+    ) -> UpstreamReady:
+        """Open the links of the current hub on `sockets` and wait for QEMU's handshake."""
         assert len(sockets) == len(self.hub.links), "one socket per upstream link"
         for link, sock in enumerate(sockets):
             channel = Channel(
@@ -432,24 +499,16 @@ class Proxy:
         except TimeoutError:
             for channel in self._links:
                 channel.abort("no greeting")
-            self.unbind()
             raise StartupError(
                 f"QEMU sent no QMP greeting within {handshake_timeout:g} s "
                 "(is another client already connected to that monitor?)"
             ) from None
-        except StartupError:
-            self.unbind()
-            raise
-        for entry in self._listening:
-            self._loop.add_reader(entry.sock.fileno(), self._accept, entry)
-            log.info("listening on %s (profile %s)", entry.label, entry.listener.profile)
-        if self._metrics is not None:
-            await self._metrics.start()
-            log.info("serving metrics on %s/metrics", self.config.metrics)
+        self.upstream, self.down_reason = ready, None
         return ready
 
     async def wait(self) -> int:
-        """Wait until the upstream session ends; returns the exit code."""
+        """Wait until the proxy is done (the upstream session ended, or, with reconnect,
+        a signal); returns the exit code."""
         return await self._done
 
     def stop(self, reason: str, code: int = 0) -> None:
@@ -457,13 +516,134 @@ class Proxy:
         if self._exit is None:
             self._finish(Exit(code, reason))
 
+    def drain(self, reason: str, timeout: float) -> None:
+        """Graceful shutdown (README "Deploying"): stop accepting and reading clients, let
+        every command already accepted (in QEMU, or queued to go) get its reply for up to
+        `timeout` seconds, then close everything. Called again, it stops waiting."""
+        if self._exit is not None:
+            return
+        if self._draining is not None or self.upstream is None or not self.hub.busy:
+            self.stop(reason)
+            return
+        self.unbind()
+        self._close_waiting("qmpmux is shutting down")
+        for channel in self._clients.values():
+            channel.pause_reading()
+        log.info(
+            "%s: not accepting clients; waiting up to %g s for the commands in flight",
+            reason, timeout,
+        )  # fmt: skip
+        self._drain_reason = reason
+        self._draining = self._loop.call_later(timeout, self._drain_expired, reason, timeout)
+
+    def _drain_expired(self, reason: str, timeout: float) -> None:
+        log.warning("commands still in flight after %g s; closing anyway", timeout)
+        self.stop(reason)
+
     def reload(self, policy: Policy) -> None:
-        """A new policy for every client, queued commands included (SIGHUP)."""
+        """A new policy for every client, queued commands included (SIGHUP); a hub made
+        after QEMU restarts gets it too."""
+        self.policy = policy
         self._apply(self.hub.reload(policy))
 
     @property
     def client_count(self) -> int:
         return len(self._clients)
+
+    # --- QEMU restarts ----------------------------------------------------------------------
+
+    def _lost(self, exit_: Exit) -> None:
+        """The upstream went away and qmpmux reconnects: close this session's clients (it
+        was with that QEMU), keep listening, and hold new clients until QEMU is back."""
+        log.error("upstream session over: %s; closing %d client(s), reconnecting",
+                  exit_.reason, len(self._clients))  # fmt: skip
+        self.upstream, self.down_reason = None, exit_.reason
+        for channel in list(self._clients.values()):
+            channel.close(exit_.reason, linger=2.0)
+        links, self._links = self._links, []
+        for link in links:
+            link.abort("session over")  # synchronous: no late event reaches the next hub
+        if not self._ready.done():
+            self._ready.set_exception(StartupError(exit_.reason))
+            self._ready.exception()
+        if self._reconnecting is None:
+            self._reconnecting = self._loop.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        """Reconnect forever with backoff (RECONNECT_FIRST doubling to RECONNECT_MAX),
+        logging when the pace changes, not at every attempt."""
+        assert self._reconnect is not None
+        delay = RECONNECT_FIRST
+        logged: float | None = None
+        try:
+            while self._exit is None:
+                await asyncio.sleep(delay)
+                try:
+                    sockets = await self._reconnect()
+                    self._ready = self._loop.create_future()
+                    stats = self.hub.stats  # counters go on across QEMU sessions
+                    self.hub = self._new_hub(self.hub.next_client)
+                    self.hub.stats = stats
+                    self.hub.queued_bytes = self._queued_bytes
+                    ready = await self._session(sockets, self.config.connect_timeout)
+                except StartupError as exc:
+                    self.down_reason = str(exc)
+                    for channel in self._links:
+                        channel.abort("reconnect failed")
+                    self._links = []
+                    if logged != delay:
+                        log.warning("cannot reconnect to QEMU (%s); retrying every %g s",
+                                    exc, delay)  # fmt: skip
+                        logged = delay
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    continue
+                version = ready.version.decode("ascii", "replace")
+                self.hub.stats.reconnects += 1
+                log.info("reconnected: QEMU monitor %s, oob %s", version,
+                         "on" if ready.oob else "off")  # fmt: skip
+                waiting, self._waiting = self._waiting, []
+                for held in waiting:
+                    held.deadline.cancel()
+                    self._admit(held.conn, held.entry)
+                return
+        finally:
+            self._reconnecting = None
+
+    def _hold(self, conn: socket.socket, entry: _Listening) -> None:
+        """A client while QEMU is away: kept unread (what it sends, fds included, stays
+        in its socket until a hub reads it) until QEMU is back or its time is up."""
+        limit = self.config.limits.max_clients
+        if len(self._waiting) + len(self._clients) >= limit:
+            self.hub.log_client(
+                logging.WARNING, "refusal", entry.label,
+                "refusing client on %s: QEMU is away and %d clients wait (max-clients)",
+                entry.label, len(self._waiting),
+            )  # fmt: skip
+            conn.close()
+            return
+        timeout = self.config.limits.negotiation_timeout
+        deadline = self._loop.call_later(timeout, self._waited_too_long, conn, timeout)
+        self._waiting.append(_Waiting(conn, entry, deadline))
+
+    def _waited_too_long(self, conn: socket.socket, timeout: float) -> None:
+        for held in self._waiting:
+            if held.conn is conn:
+                self._waiting.remove(held)
+                self.hub.log_client(
+                    logging.WARNING, "negotiation", held.entry.label,
+                    "client on %s: QEMU not back within %g s; closing it", held.entry.label,
+                    timeout,
+                )  # fmt: skip
+                _close_unread(conn)
+                return
+
+    def _close_waiting(self, reason: str) -> None:
+        waiting, self._waiting = self._waiting, []
+        if waiting:
+            log.info("closing %d client(s) waiting for QEMU: %s", len(waiting), reason)
+        for held in waiting:
+            held.deadline.cancel()
+            _close_unread(held.conn)
 
     # --- accepting --------------------------------------------------------------------------
 
@@ -480,28 +660,35 @@ class Proxy:
                     self._loop.remove_reader(entry.sock.fileno())
                     self._loop.call_later(0.1, self._resume_accept, entry)
                 return
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = peer_of(conn, entry.label, entry.listener.profile)
-            cid, actions = self.hub.client_connected(peer)
-            if not cid:
-                conn.close()
-                continue
-            channel = Channel(
-                self._loop,
-                conn,
-                self,
-                cid,
-                read_size=CLIENT_READ_SIZE,
-                outbox_limit=self.config.limits.outbox_bytes,
-                recv_fds=True,
-            )
-            self._clients[cid] = channel
-            self._deadlines[cid] = self._loop.call_later(
-                self.config.limits.negotiation_timeout, self._negotiation_deadline, cid
-            )
-            channel.start()
-            self._apply(actions)
+            if self.upstream is None:
+                self._hold(conn, entry)
+            else:
+                self._admit(conn, entry)
+
+    def _admit(self, conn: socket.socket, entry: _Listening) -> None:
+        """Hand a new connection to the hub, which greets it (or refuses it)."""
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = peer_of(conn, entry.label, entry.listener.profile)
+        cid, actions = self.hub.client_connected(peer)
+        if not cid:
+            conn.close()
+            return
+        channel = Channel(
+            self._loop,
+            conn,
+            self,
+            cid,
+            read_size=CLIENT_READ_SIZE,
+            outbox_limit=self.config.limits.outbox_bytes,
+            recv_fds=True,
+        )
+        self._clients[cid] = channel
+        self._deadlines[cid] = self._loop.call_later(
+            self.config.limits.negotiation_timeout, self._negotiation_deadline, cid
+        )
+        channel.start()
+        self._apply(actions)
 
     def _negotiation_deadline(self, client: int) -> None:
         del self._deadlines[client]
@@ -516,7 +703,8 @@ class Proxy:
     def channel_data(self, key: int, data: bytes, fds: list[int]) -> None:
         if key < 0:
             _close_fds(fds)  # QEMU sends none; never keep what nobody asked for
-            self._apply(self.hub.upstream_data(data, _link_key(key)))
+            if self._links:
+                self._apply(self.hub.upstream_data(data, _link_key(key)))
         else:  # the hub owns the fds from here: it hands them on or closes them
             self._apply(self.hub.client_data(key, data, fds))
 
@@ -526,14 +714,20 @@ class Proxy:
 
     def channel_eof(self, key: int) -> None:
         if key < 0:
-            self._links[_link_key(key)].close("QEMU closed the monitor connection")
+            if self._links:
+                self._links[_link_key(key)].close("QEMU closed the monitor connection")
         else:
             self._apply(self.hub.client_eof(key))
 
     def channel_closed(self, key: int, reason: str, error: bool) -> None:
         if key < 0:
-            why = f"lost the connection to QEMU: {reason}" if error else reason
-            self._apply(self.hub.upstream_closed(why, _link_key(key)))
+            if self._links:  # not a link of a session already over
+                why = f"lost the connection to QEMU: {reason}" if error else reason
+                if self._reconnect is not None and self.upstream is not None:
+                    # Any monitor lost ends the session: all are reconnected together.
+                    self._apply(self.hub.session_over(f"monitor {_link_key(key)}: {why}"))
+                else:
+                    self._apply(self.hub.upstream_closed(why, _link_key(key)))
             return
         self._clients.pop(key, None)
         deadline = self._deadlines.pop(key, None)
@@ -600,7 +794,7 @@ class Proxy:
                     channel.pause_reading()
             elif kind is ResumeClient:
                 assert isinstance(action, ResumeClient)
-                if (channel := clients.get(action.client)) is not None:
+                if (channel := clients.get(action.client)) is not None and not self._draining:
                     channel.resume_reading()
             elif kind is UpstreamReady:
                 assert isinstance(action, UpstreamReady)
@@ -614,9 +808,18 @@ class Proxy:
                     log.error("audit log write failed: %s", exc.strerror or exc)
             elif kind is Exit:
                 assert isinstance(action, Exit)
-                self._finish(action)
+                # Reconnect once a session has served (start-up failures stay fatal), and
+                # never while shutting down.
+                served = self.upstream is not None or self._reconnecting is not None
+                if self._reconnect and served and self._exit is None and not self._draining:
+                    self._lost(action)
+                else:
+                    self._finish(action)
         for channel in dirty:
             channel.flush()
+        if self._draining is not None and self._exit is None and not self.hub.busy:
+            log.info("every command in flight answered")
+            self.stop(self._drain_reason)
 
     def _finish(self, exit_: Exit) -> None:
         if self._exit is not None:
@@ -625,6 +828,11 @@ class Proxy:
         level = logging.INFO if exit_.code == 0 else logging.ERROR
         log.log(level, "upstream session over: %s", exit_.reason)
         self.unbind()
+        if self._draining is not None:
+            self._draining.cancel()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        self._close_waiting(exit_.reason)
         for channel in list(self._clients.values()):
             channel.close(exit_.reason, linger=2.0)
         if not self._ready.done():

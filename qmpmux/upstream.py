@@ -42,8 +42,9 @@ _PEERCRED = struct.Struct("3i")
 _PR_SET_PDEATHSIG = 1
 
 
-async def connect(address: Address, timeout: float) -> socket.socket:
-    """Connect to QEMU's monitor, retrying while the socket does not exist yet."""
+async def connect(address: Address, timeout: float, quiet: bool = False) -> socket.socket:
+    """Connect to QEMU's monitor, retrying while the socket does not exist yet (`quiet`:
+    without saying so, for reconnecting, which logs on its own terms)."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     loop = asyncio.get_running_loop()
@@ -63,7 +64,7 @@ async def connect(address: Address, timeout: float) -> socket.socket:
             await loop.sock_connect(sock, target)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            if delay == 0.01:
+            if delay == 0.01 and not quiet:
                 log.info("waiting up to %g s for QEMU's monitor at %s", timeout, address)
             if time.monotonic() >= deadline:
                 raise StartupError(
@@ -110,13 +111,16 @@ def _what_is_there(address: Address, exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
-async def connect_all(addresses: Sequence[Address], timeout: float) -> list[socket.socket]:
+async def connect_all(
+    addresses: Sequence[Address], timeout: float, quiet: bool = False
+) -> list[socket.socket]:
     """Connect to every monitor; unix ones must be served by one process (one QEMU:
-    lanes of different QEMUs would mix two VMs' replies and events)."""
+    lanes of different QEMUs would mix two VMs' replies and events). Checked again on
+    every reconnect: a restarted QEMU must own all of them too."""
     sockets: list[socket.socket] = []
     try:
         for address in addresses:
-            sockets.append(await connect(address, timeout))
+            sockets.append(await connect(address, timeout, quiet))
         owners = {}
         for address, sock in zip(addresses, sockets, strict=True):
             if sock.family == socket.AF_UNIX:

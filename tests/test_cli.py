@@ -39,16 +39,17 @@ class Running:
         self.proc, self.log = proc, log
 
     @classmethod
-    async def launch(cls, *args: str) -> Running:
+    async def launch(cls, *args: str, env: dict[str, str] | None = None) -> Running:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "qmpmux", *args,
             stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env=None if env is None else {**os.environ, **env},
         )  # fmt: skip
         return cls(proc, [])
 
     @classmethod
-    async def start(cls, *args: str) -> Running:
-        running = await cls.launch(*args)
+    async def start(cls, *args: str, env: dict[str, str] | None = None) -> Running:
+        running = await cls.launch(*args, env=env)
         await running.expect(" ready: ")
         return running
 

@@ -31,6 +31,7 @@ def test_the_shipped_example_loads_and_means_what_it_says() -> None:
     assert config.listeners[1].max_clients == 64 and config.listeners[0].max_clients is None
     assert config.limits.reserve_clients == 16 and config.limits.negotiation_timeout == 30
     assert config.audit == "/var/log/qmpmux/vm1-audit.jsonl"
+    assert config.reconnect is True
     backup = config.policy.profiles["backup-agent"]
     assert backup.command("blockdev-backup") is Decision.ALLOW
     assert backup.command("block-job-set-speed") is Decision.DENY
@@ -228,3 +229,14 @@ def test_metrics_address_from_flag_or_file(tmp_path: Path) -> None:
         parse_args([*base, "--config", bad])
     with pytest.raises(ConfigError, match="also a --listen address"):
         parse_args([*base, "--metrics", "unix:/tmp/x"])
+
+
+def test_reconnect_comes_from_the_file_or_the_flag_and_never_with_spawn(tmp_path: Path) -> None:
+    conf = write(tmp_path, 'upstream = "unix:/q.sock"\nreconnect = true\n[[listen]]\n'
+                 'address = "unix:/tmp/x.sock"\n')  # fmt: skip
+    assert parse_args(["--config", conf]).reconnect is True
+    plain = ["--upstream", "unix:/q.sock", "--listen", "unix:/tmp/x.sock"]
+    assert parse_args(plain).reconnect is False
+    assert parse_args([*plain, "--reconnect"]).reconnect is True
+    with pytest.raises(ConfigError, match="--reconnect needs --upstream"):
+        parse_args(["--listen", "unix:/tmp/x.sock", "--reconnect", "--spawn", "--", "qemu"])

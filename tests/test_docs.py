@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from qmpmux.policy import READONLY_COMMANDS, WHOAMI
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = ROOT / "docs" / "protocol.md"
 # `docs/protocol.md §7.1`, `§5` after an earlier mention in the same sentence, `A.1`.
@@ -58,3 +60,13 @@ def test_nothing_cites_a_document_outside_the_repository() -> None:
     found = [f"{path.name}: {m.group(0)}" for path in files if path != Path(__file__)
              for m in outside.finditer(path.read_text())]  # fmt: skip
     assert not found, found
+
+
+def test_the_read_only_list_in_the_document_is_the_profiles() -> None:
+    """docs/protocol.md §10.1 names exactly the commands `readonly` has (but qmpmux's own)."""
+    text = PROTOCOL.read_text()
+    section = text[text.index("### 10.1") : text.index("Read-only in name but not in effect")]
+    documented = set(re.findall(r"`((?:query|qom|trace)-[a-z0-9-]*)`", section))
+    assert documented == set(READONLY_COMMANDS) - {WHOAMI}, documented ^ (
+        set(READONLY_COMMANDS) - {WHOAMI}
+    )

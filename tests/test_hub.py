@@ -394,6 +394,7 @@ def test_core_modules_do_no_io() -> None:
         "policy",
         "introspect",
         "redact",
+        "scrub",
         "config",
         "fdargs",
         "throttle",

@@ -113,3 +113,56 @@ def test_a_client_with_named_fds_stays_on_their_link() -> None:
     (use,) = hub.client_data(a, b'{"execute":"netdev_add","arguments":{"type":"tap","id":"n",'
                                 b'"fd":"t"}}')  # fmt: skip
     assert isinstance(use, ToUpstream) and use.link == sent.link
+
+
+def test_exec_oob_is_never_stuck_behind_a_big_command_even_its_own() -> None:
+    """QEMU reads a monitor's bytes in order: an exec-oob behind a big command's bytes
+    would wait for all of them. It overtakes in-band work by design, so it goes to the
+    least loaded monitor, even while its own client's big command is on another."""
+    hub = lanes_hub(2)
+    client = connect(hub, oob=True)
+    (big,) = hub.client_data(client, b'{"execute":"query-name","arguments":{"x":"%s"}}' % (
+        b"y" * 100_000))  # fmt: skip
+    assert isinstance(big, ToUpstream)
+    (oob,) = hub.client_data(client, b'{"exec-oob":"query-yank","id":"o"}')
+    assert isinstance(oob, ToUpstream) and oob.link != big.link
+    expect(
+        hub.upstream_data(b'{"return": [], "id": 0}\r\n', oob.link),
+        [ToClient(client, b'{"return": [], "id": "o"}\r\n')],
+    )
+
+
+def test_session_over_ends_every_link_and_closes_every_client() -> None:
+    """--reconnect: one lost monitor ends the whole session (the shell reconnects all)."""
+    hub = lanes_hub(2)
+    a, b = connect(hub), connect(hub)
+    expect(
+        hub.session_over("monitor 1: gone"),
+        [CloseClient(a, "monitor 1: gone"), CloseClient(b, "monitor 1: gone"),
+         Exit(1, "monitor 1: gone")],
+    )  # fmt: skip
+    expect(hub.session_over("again"), [])  # once
+
+
+def test_busy_while_a_command_is_in_qemu_or_queued() -> None:
+    """Graceful shutdown waits on `busy`: in flight or queued behind the window."""
+    hub = lanes_hub(1, Limits(client_window=1))
+    a = connect(hub)
+    assert not hub.busy
+    (sent,) = hub.client_data(a, STATUS % 1)
+    assert isinstance(sent, ToUpstream)
+    expect(hub.client_data(a, STATUS % 2), [])  # queued behind its window
+    assert hub.busy
+    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')  # the first answered, the second sent
+    assert hub.busy
+    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    assert not hub.busy
+
+
+def test_a_later_hub_numbers_clients_after_the_earlier_one() -> None:
+    first = lanes_hub(1)
+    connect(first), connect(first)
+    later = Hub(first_client=first.next_client)
+    expect(later.upstream_data(GREETING_OOB), [ToUpstream(CAPS_OOB)])
+    later.upstream_data(b'{"return": {}}\r\n')
+    assert connect(later) == 3

@@ -82,6 +82,25 @@ async def test_a_big_command_holds_up_only_its_own_client(lanes: Mux) -> None:
     assert reply["id"] == "big" and reply["error"]["class"] == "GenericError"
 
 
+async def test_exec_oob_overtakes_its_own_client_s_big_command(lanes: Mux) -> None:
+    """With oob, a client's exec-oob is answered while its own 600 KB command is still
+    being read by QEMU (on one monitor it would wait behind all of those bytes)."""
+    client = await RawClient.connect(lanes.path)
+    await client.negotiate(oob=True)
+    hub = lanes.proxy.hub
+
+    def big_in_qemu() -> bool:
+        return b'"big"' in [c.wire_id for up in hub.links for c in up.inflight.values()]
+
+    await client.send(b'{"execute":"query-name","arguments":{"%s":1},"id":"big"}' % (
+        b"x" * 600_000))  # fmt: skip
+    await until(lanes.proxy, big_in_qemu)
+    await client.send(b'{"exec-oob":"query-yank","id":"oob"}')
+    assert (await client.read()).endswith(b'"id": "oob"}\r\n')
+    assert big_in_qemu()
+    assert b'"id": "big"' in await client.read(timeout=30)
+
+
 async def test_a_client_s_commands_keep_their_order(lanes: Mux) -> None:
     """A client's in-band commands run in the order it sent them, whatever the lanes:
     its `stop` before its `query-status` shows paused, its `cont` before the next shows

@@ -27,7 +27,7 @@ def served() -> set[str]:
     hub.upstream_data(STOP_EVENT)
     ro, _ = hub.client_connected(Peer("unix:test", "readonly"))
     hub.client_data(ro, b'{"execute":"qmp_capabilities"}{"execute":"quit"}')
-    text = generate_latest(registry_for(hub, [("unix:test", "full")])).decode()
+    text = generate_latest(registry_for(lambda: hub, [("unix:test", "full")])).decode()
     return {
         sample.name for family in text_string_to_metric_families(text) for sample in family.samples
     }

@@ -14,6 +14,7 @@ from qmpmux.hub import Audit, ToUpstream
 from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.qjson import JsonValue
 from qmpmux.redact import REDACTED, encode_record, redact
+from qmpmux.scrub import scrub_return
 from qmpmux.session import Peer
 from tests.playbook import ready_hub
 
@@ -245,3 +246,20 @@ def test_line_separators_in_a_command_stay_inside_its_record() -> None:
     assert len(audit.record.decode().splitlines()) == 1
     record = json.loads(audit.record)
     assert record["command"] == "x\u2028y\u0085z" and record["arguments"]["a"] == "1\u20292\u2028"
+
+
+def test_replies_without_credentials_stay_qemus_bytes() -> None:
+    """scrub.py: a reply with nothing to scrub is passed on byte for byte."""
+    plain = b'[{"node-name": "n0", "file": "/var/lib/img.qcow2", "cache": {"direct": false}}]'
+    assert scrub_return(plain) is plain
+    # A `json:` filename (block.c bdrv_refresh_filename) with nothing secret in it.
+    spelt = b'[{"file": "json:{\\"offset\\": 512, \\"driver\\": \\"raw\\"}"}]'
+    assert scrub_return(spelt) is spelt
+    secret = (
+        b'[{"file": "json:{\\"file\\": {\\"url\\": \\"https://bob:pw@h/x\\"}}",'
+        b' "backing_file": "ssh://u:pw@h/y", "key-secret": "sec0"}]'
+    )
+    scrubbed = scrub_return(secret)
+    assert b"pw" not in scrubbed and b"bob" not in scrubbed
+    assert b'"key-secret": "sec0"' in scrubbed  # a reference to a secret object stays
+    assert b"https://<redacted>@h/x" in scrubbed
