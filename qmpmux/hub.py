@@ -318,7 +318,12 @@ class Hub:
         was_ready = up.state is UpstreamState.READY
         up.state = UpstreamState.CLOSED
         self._live.remove(up)
-        if not self._live or not was_ready or self.state is not UpstreamState.READY:
+        if (
+            not self._live
+            or not was_ready
+            or self.state is not UpstreamState.READY
+            or self.shutdown_seen  # QEMU is quitting: every monitor goes
+        ):
             if self.shutdown_seen:
                 self._end(0, "QEMU shut down")
             else:

@@ -721,7 +721,8 @@ class Proxy:
 
     def channel_closed(self, key: int, reason: str, error: bool) -> None:
         if key < 0:
-            if self._links:  # not a link of a session already over
+            # Not a link of a session already over, nor one qmpmux closes as it exits.
+            if self._links and self._exit is None:
                 why = f"lost the connection to QEMU: {reason}" if error else reason
                 if self._reconnect is not None and self.upstream is not None:
                     # Any monitor lost ends the session: all are reconnected together.

@@ -166,3 +166,14 @@ def test_a_later_hub_numbers_clients_after_the_earlier_one() -> None:
     expect(later.upstream_data(GREETING_OOB), [ToUpstream(CAPS_OOB)])
     later.upstream_data(b'{"return": {}}\r\n')
     assert connect(later) == 3
+
+
+def test_after_shutdown_the_first_monitor_to_close_ends_the_session_cleanly() -> None:
+    hub = lanes_hub(3)
+    a = connect(hub)
+    shutdown = (
+        b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {}}\r\n'
+    )
+    hub.upstream_data(shutdown, 0)
+    expect(hub.upstream_closed("gone", 2), [CloseClient(a, "QEMU shut down"),
+                                            Exit(0, "QEMU shut down")])  # fmt: skip
