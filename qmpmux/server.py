@@ -51,7 +51,9 @@ def _link_key(link: int) -> int:
 
 
 _PEERCRED = struct.Struct("3i")
-CLIENT_READ_SIZE = 16384  # bounds the parsing work one client can cause per loop turn
+# Bounds the parsing work one client can cause per loop turn: a 4 KiB read of the densest
+# hostile shapes costs a few ms (16 KiB cost up to 20 ms); commands are far smaller.
+CLIENT_READ_SIZE = 4096
 UPSTREAM_READ_SIZE = 262144
 
 
