@@ -418,8 +418,8 @@ def check_limits(limits: Limits) -> None:
         ("reserve-clients", limits.reserve_clients, 0, 1 << 20),
         # Replies qmpmux held for a client are flushed at once when the command they
         # waited behind is answered: they must fit the outbox of a client that reads,
-        # with room for one read's worth of small replies (a 16 KiB read of `{}` makes
-        # about 700 KB of errors).
+        # with room for one read's worth of small replies (a 4 KiB read of `{}` makes
+        # about 175 KB of errors).
         ("outbox-bytes", limits.outbox_bytes, limits.max_pending_bytes + (1 << 20), 1 << 34),
     ]
     if not 0 < limits.negotiation_timeout <= 3600:
