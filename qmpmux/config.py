@@ -13,7 +13,7 @@ import grp
 import ipaddress
 import pwd
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -274,30 +274,27 @@ def listeners_of(file: FileConfig, origin: str) -> tuple[Listener, ...]:
 _MAX_ID = 4294967294  # (uid_t)-1 means "unchanged" to chown, so it names nobody
 
 
+def _resolve_id(value: str | int, kind: str, lookup: Callable[[str], int]) -> int:
+    """A name or numeric id to an id; ConfigError if there is no such `kind`."""
+    if isinstance(value, int) or value.isdigit():
+        number = int(value)
+        if not 0 <= number <= _MAX_ID:
+            raise ConfigError(f"{kind[0]}id {number} out of range 0..{_MAX_ID}")
+        return number
+    try:
+        return lookup(value)
+    except KeyError:
+        raise ConfigError(f"no {kind} {value!r}") from None
+
+
 def resolve_user(value: str | int) -> int:
     """A user name or numeric uid to a uid; ConfigError if no such user."""
-    if isinstance(value, int) or value.isdigit():
-        uid = int(value)
-        if not 0 <= uid <= _MAX_ID:
-            raise ConfigError(f"uid {uid} out of range 0..{_MAX_ID}")
-        return uid
-    try:
-        return pwd.getpwnam(value).pw_uid
-    except KeyError:
-        raise ConfigError(f"no user {value!r}") from None
+    return _resolve_id(value, "user", lambda name: pwd.getpwnam(name).pw_uid)
 
 
 def resolve_group(value: str | int) -> int:
     """A group name or numeric gid to a gid; ConfigError if no such group."""
-    if isinstance(value, int) or value.isdigit():
-        gid = int(value)
-        if not 0 <= gid <= _MAX_ID:
-            raise ConfigError(f"gid {gid} out of range 0..{_MAX_ID}")
-        return gid
-    try:
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        raise ConfigError(f"no group {value!r}") from None
+    return _resolve_id(value, "group", lambda name: grp.getgrnam(name).gr_gid)
 
 
 def _unix_only(key: str, address: Address) -> str:
