@@ -635,6 +635,7 @@ class Hub:
         framer = Framer(
             max_message_bytes=self.limits.max_message_bytes,
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
+            defer_member=ARGUMENTS,
         )
         profile = self._assign(peer)
         flow = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))

@@ -80,6 +80,7 @@ if sys.getrecursionlimit() < 5000:
     sys.setrecursionlimit(5000)
 
 __all__ = [
+    "Deferred",
     "Framer",
     "JsonValue",
     "Message",
@@ -469,8 +470,11 @@ class Framer:
         max_message_bytes: int = 64 * 1024 * 1024,
         max_tokens: int = 2 * 1024 * 1024,
         max_nesting: int = 1024,
+        defer_member: str | None = None,
     ) -> None:
         self._max_size = max_message_bytes
+        # The top-level member of a big message left packed until asked for (Deferred).
+        self._defer_member = defer_member
         self._max_tokens = max_tokens
         self._max_nesting = max_nesting
         depth = min(_FAST_MAX_DEPTH, max_nesting)
@@ -668,7 +672,7 @@ class Framer:
         elif self._done:
             result = self._result
             if self._packed:
-                result = _unpack(_pack(result))
+                result = self._unpack_message(result)
             if self._keep:  # a top-level object
                 assert isinstance(result, dict)
                 message = result if type(result) is Message else Message(result)
@@ -679,6 +683,22 @@ class Framer:
             result = ParseError("JSON parse error, premature EOI")
         self._reset()
         self._out.append(result)
+
+    def _unpack_message(self, result: JsonValue) -> JsonValue:
+        """A packed message made Python values again, at C speed, but for the member to
+        defer: kept as its msgpack (Deferred), it costs nothing until someone asks."""
+        packed = _pack(result)
+        if not self._keep or self._defer_member is None:
+            whole: JsonValue = _unpack(packed)
+            return whole
+        members = _unpack_members(packed)
+        value: dict[str, JsonValue] = {}
+        for key, raw in members.items():
+            if key == self._defer_member and _is_container(raw):
+                value[key] = Deferred(raw)  # type: ignore[assignment]
+            else:
+                value[key] = _unpack(raw)
+        return value
 
     def _reset(self) -> None:
         self._brace = self._bracket = self._ntok = self._size = 0
@@ -873,12 +893,40 @@ class Message(dict[str, JsonValue]):
         return self._text[self._spans[i] : self._spans[i + 1]]
 
 
+class Deferred:
+    """A member of a big message still packed: a container, built only by resolve().
+
+    A command refused by its name alone never needs its arguments; building the objects
+    of a megabyte of them (hundreds of thousands of Python objects, tens of milliseconds
+    in one loop turn) would be spent only to throw them away."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: msgspec.Raw) -> None:
+        self._raw = raw
+
+    @property
+    def is_object(self) -> bool:
+        first = memoryview(self._raw)[0]
+        return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+
+    def resolve(self) -> JsonValue:
+        value: JsonValue = _unpack(self._raw)
+        return value
+
+
+def _is_container(raw: msgspec.Raw) -> bool:
+    first = memoryview(raw)[0]
+    return 0x80 <= first <= 0x9F or 0xDC <= first <= 0xDF
+
+
 # Packing. A container with many values is kept as msgpack (msgspec.msgpack: str, int,
 # float including inf and -0.0, bool, None, lists and dicts in order, all lossless) until
 # the message is complete, then unpacked at C speed. A closed packed container is a
 # msgspec.Raw inside its parent, which msgpack splices as it is.
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
+_unpack_members = msgspec.msgpack.Decoder(dict[str, msgspec.Raw]).decode
 _PACK_EVERY = 1024
 _RUN_MAX = 1 << 14
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from qmpmux.policy import DEFAULT_POLICY, FULL, QMPMUX_PREFIX, Decision, Profile
-from qmpmux.qjson import Framer, JsonValue, Message, ParseError, qdict_order
+from qmpmux.qjson import Deferred, Framer, JsonValue, Message, ParseError, qdict_order
 from qmpmux.wire import (
     ARGUMENTS,
     CAP_OOB,
@@ -140,13 +140,17 @@ class Command:
 Verdict = Local | Command | Extension
 
 
+def _is_object(value: object) -> bool:
+    return isinstance(value, dict) or (isinstance(value, Deferred) and value.is_object)
+
+
 def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
     """QEMU's qmp_dispatch_check_obj: the first problem in QDict hash order, or None."""
     execute = obj.get(EXECUTE)
     if (
         isinstance(execute, str)
         and _PLAIN_KEYS.issuperset(obj)
-        and isinstance(obj.get(ARGUMENTS, obj), dict)
+        and _is_object(obj.get(ARGUMENTS, obj))
     ):
         return None  # the common, valid shape: no order can matter
     exec_key: str | None = None
@@ -158,7 +162,7 @@ def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
                 return f"QMP input member '{key}' clashes with '{exec_key}'"
             exec_key = key
         elif key == ARGUMENTS:
-            if not isinstance(obj[key], dict):
+            if not _is_object(obj[key]):
                 return "QMP input member 'arguments' must be an object"
         elif key != ID:
             return f"QMP input member '{key}' is unexpected"
@@ -244,6 +248,8 @@ class Session:
         name = value[name_key]
         assert isinstance(name, str)
         args = value.get(ARGUMENTS)
+        if isinstance(args, Deferred):  # a big message's: built only if it will be read
+            args = None if self._refused_unread(name) else args.resolve()
         assert args is None or isinstance(args, dict)
         if self.phase is Phase.NEGOTIATING:
             if name != QMP_CAPABILITIES:
@@ -269,6 +275,16 @@ class Session:
             args_text = value.member_text(ARGUMENTS) if args is not None else None
             texts = (value.member_text(name_key), args_text)
         return self._authorize(name, args, wire_id, oob_path, texts)
+
+    def _refused_unread(self, name: str) -> bool:
+        """Whether this command's reply never depends on its arguments: refused by name,
+        in negotiation or by the profile, and not audited with its arguments."""
+        if name == QMP_CAPABILITIES:
+            return False
+        if self.phase is Phase.NEGOTIATING:
+            return True
+        profile = self.profile
+        return profile.command(name) is Decision.DENY and not profile.audit_arguments
 
     def _authorize(
         self,

@@ -17,6 +17,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TypedDict, Unpack
 
 import pytest
 from hypothesis import assume, given, settings
@@ -46,11 +47,17 @@ COUNT = ParseError("JSON token count limit exceeded")
 NESTING = ParseError("JSON nesting depth limit exceeded")
 
 
-def feed_whole(data: bytes, **limits: int) -> list[Item]:
+class Limits(TypedDict, total=False):
+    max_message_bytes: int
+    max_tokens: int
+    max_nesting: int
+
+
+def feed_whole(data: bytes, **limits: Unpack[Limits]) -> list[Item]:
     return Framer(**limits).feed(data)
 
 
-def feed_bytewise(data: bytes, **limits: int) -> list[Item]:
+def feed_bytewise(data: bytes, **limits: Unpack[Limits]) -> list[Item]:
     framer = Framer(**limits)
     out: list[Item] = []
     for i in range(len(data)):
@@ -58,7 +65,7 @@ def feed_bytewise(data: bytes, **limits: int) -> list[Item]:
     return out
 
 
-def feed_split(data: bytes, cuts: list[int], **limits: int) -> list[Item]:
+def feed_split(data: bytes, cuts: list[int], **limits: Unpack[Limits]) -> list[Item]:
     framer = Framer(**limits)
     out: list[Item] = []
     last = 0
@@ -73,7 +80,7 @@ def canon(items: Sequence[object]) -> list[str]:
     return [repr(x) for x in items]
 
 
-def check(data: bytes, expected: Sequence[object], **limits: int) -> None:
+def check(data: bytes, expected: Sequence[object], **limits: Unpack[Limits]) -> None:
     want = canon(expected)
     assert canon(feed_whole(data, **limits)) == want
     assert canon(feed_bytewise(data, **limits)) == want
@@ -1003,7 +1010,7 @@ def test_work_per_feed_does_not_grow_with_the_message(shape: str) -> None:
         ]
     ),
 )
-def test_element_runs_meet_the_limits_where_qemu_does(data: bytes, limits: dict[str, int]) -> None:
+def test_element_runs_meet_the_limits_where_qemu_does(data: bytes, limits: Limits) -> None:
     # Whole input takes runs of array elements at once; one byte at a time never does.
     assert canon(feed_whole(data, **limits)) == canon(feed_bytewise(data, **limits))
 

@@ -1,0 +1,166 @@
+"""A big command's arguments are built only when its reply depends on them.
+
+The reader keeps a big message's values packed while it grows (qjson.py); the client
+reader leaves the `arguments` member packed at the end too (qjson.Deferred), and the
+session builds it only for a command it may forward or audit. A client looping
+megabyte commands its profile refuses by name so costs a hash lookup per command, not
+the hundreds of thousands of Python objects its arguments would make in one loop turn
+(README "Hostile clients").
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qmpmux import qjson
+from qmpmux.policy import DEFAULT_POLICY, FULL, READONLY, ProfileSpec, compile_policy
+from qmpmux.qjson import Deferred, Framer, JsonValue, ParseError
+from qmpmux.session import Command, Local, Peer, Phase, Session, Verdict
+from qmpmux.wire import ARGUMENTS
+
+EMPTY_OBJECTS = 1 << 16  # 192 KiB of `{},`: some 4 MiB of Python dicts if built
+AUDITED = compile_policy({"audited": ProfileSpec(base="readonly", audit_arguments=True)})
+
+
+def big(name: str, arguments: bytes = b"{'a':[" + b"{}," * EMPTY_OBJECTS + b"{}]}") -> bytes:
+    return b"{'execute':'" + name.encode() + b"','arguments':" + arguments + b",'id':7}"
+
+
+def session(profile: str = READONLY, negotiated: bool = True) -> Session:
+    profiles = AUDITED.profiles if profile == "audited" else DEFAULT_POLICY.profiles
+    s = Session(1, Peer("unix:t"), frozenset({"oob"}), client_framer(), profiles[profile])
+    if negotiated:
+        s.phase = Phase.COMMAND
+    return s
+
+
+def client_framer() -> Framer:
+    return Framer(max_message_bytes=1 << 24, defer_member=ARGUMENTS)
+
+
+def judged(s: Session, data: bytes, framer: Framer | None = None) -> Verdict:
+    (value,) = (framer or s.framer).feed(data)
+    assert not isinstance(value, ParseError), value
+    return s.judge(value)
+
+
+def peak_while_judging(s: Session, data: bytes) -> tuple[Verdict, int]:
+    """The verdict, and the most memory allocated while the last bytes are read and the
+    message judged (everything before is the framer's packed state)."""
+    head, tail = data[:-64], data[-64:]
+    assert s.framer.feed(head) == []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        verdict = judged(s, tail)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return verdict, peak
+
+
+def test_a_command_refused_by_name_never_builds_its_arguments() -> None:
+    data = big("human-monitor-command")
+    verdict, peak = peak_while_judging(session(READONLY), data)
+    assert isinstance(verdict, Local), verdict
+    assert b"refused by qmpmux policy" in verdict.data and b'"id": 7' in verdict.data
+    assert peak <= 3 * len(data), peak / len(data)  # its packed text, no objects
+
+
+def test_nor_does_a_command_before_negotiation() -> None:
+    data = big("query-status")
+    verdict, peak = peak_while_judging(session(READONLY, negotiated=False), data)
+    assert isinstance(verdict, Local) and b"Expecting capabilities" in verdict.data
+    assert peak <= 3 * len(data), peak / len(data)
+
+
+def test_arguments_are_built_for_a_command_that_goes_upstream() -> None:
+    data = big("query-status")
+    verdict = judged(session(FULL), data)
+    assert isinstance(verdict, Command)
+    (eager,) = Framer(max_message_bytes=1 << 24).feed(data)
+    assert isinstance(eager, dict)
+    # the client's own tokens go upstream (wire.command_prefix)
+    assert verdict.prefix == b'{"execute":\'query-status\',"arguments":' + (
+        b"{'a':[" + b"{}," * EMPTY_OBJECTS + b"{}]}"
+    )
+    (value,) = client_framer().feed(data)
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    assert value[ARGUMENTS].resolve() == eager[ARGUMENTS]
+
+
+def test_a_refused_command_is_audited_with_its_arguments() -> None:
+    verdict = judged(session("audited"), big("human-monitor-command"))
+    assert isinstance(verdict, Local) and verdict.arguments is not None
+    assert verdict.arguments == {"a": [{}] * (EMPTY_OBJECTS + 1)}
+
+
+def test_arguments_that_are_not_an_object_are_still_refused_as_qemu_does() -> None:
+    verdict = judged(session(READONLY), big("query-status", b"[" + b"{}," * EMPTY_OBJECTS + b"1]"))
+    assert isinstance(verdict, Local)
+    assert b"QMP input member 'arguments' must be an object" in verdict.data
+
+
+def verdict_text(verdict: Verdict) -> tuple[object, ...]:
+    if isinstance(verdict, Command):
+        return ("command", verdict.name, verdict.prefix, verdict.wire_id, verdict.arguments)
+    if isinstance(verdict, Local):
+        return ("local", verdict.data, verdict.oob, verdict.name, verdict.arguments)
+    return ("extension", verdict.name, verdict.wire_id, verdict.given, verdict.arguments)
+
+
+NAMES = [
+    "query-status",
+    "human-monitor-command",
+    "qmp_capabilities",
+    "getfd",
+    "stop",
+    "qom-get",
+    "__org.qmpmux_clients",
+]
+values = st.recursive(
+    st.sampled_from([b"1", b"'a'", b"null", b"{}", b"[]"]),
+    lambda children: (
+        st.lists(children, max_size=4).map(lambda xs: b"[" + b",".join(xs) + b"]")
+        | st.lists(st.tuples(st.sampled_from([b"'a'", b"'b'", b"'fd'"]), children), max_size=4)
+        .filter(lambda kvs: len({k for k, _ in kvs}) == len(kvs))
+        .map(lambda kvs: b"{" + b",".join(k + b":" + v for k, v in kvs) + b"}")
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(NAMES),
+    arguments=values,
+    profile=st.sampled_from([FULL, READONLY, "vm-control", "audited"]),
+    negotiated=st.booleans(),
+)
+def test_deferring_changes_no_verdict(
+    name: str, arguments: bytes, profile: str, negotiated: bool
+) -> None:
+    data = b"{'execute':'" + name.encode() + b"','arguments':" + arguments + b",'id':1}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_PACK_EVERY", 1)  # every message is a packed one
+        deferred = verdict_text(judged(session(profile, negotiated), data))
+    eager = judged(session(profile, negotiated), data, Framer(max_message_bytes=1 << 24))
+    assert deferred == verdict_text(eager)
+
+
+def test_only_the_named_member_of_a_top_level_object_is_deferred() -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_PACK_EVERY", 1)
+        out: list[JsonValue | ParseError] = client_framer().feed(
+            b"{'id':[1,2],'arguments':{'x':[{}]}} [{'arguments':{}}] {'arguments':1}"
+        )
+    first, second, third = out
+    assert isinstance(first, dict) and first["id"] == [1, 2]
+    assert isinstance(first[ARGUMENTS], Deferred) and first[ARGUMENTS].is_object
+    assert second == [{"arguments": {}}]
+    assert third == {"arguments": 1}
