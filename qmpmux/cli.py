@@ -12,7 +12,6 @@ import gc
 import logging
 import resource
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 
@@ -38,21 +37,11 @@ from qmpmux.config import (
     read_file,
     split_spawn,
 )
-from qmpmux.hub import Hub, UpstreamReady
 from qmpmux.metrics import ERROR
 from qmpmux.policy import BUILTIN, Policy
-from qmpmux.server import Proxy, StartupError, open_audit
+from qmpmux.server import StartupError, open_audit
 from qmpmux.systemd import Inherited, Notifier, ServiceState, listen_fds
-from qmpmux.upstream import (
-    CONTROL_ID,
-    Spawned,
-    connect_all,
-    exit_status,
-    monitor_ids,
-    shut_down,
-    spawn,
-    stop_qemu,
-)
+from qmpmux.vm import Vm
 
 log = logging.getLogger("qmpmux")
 
@@ -338,91 +327,20 @@ def reload_policy(config: Config) -> Policy:
     return policy
 
 
-def _status(proxy: Proxy, ready: UpstreamReady | None, stopping: bool = False) -> str:
-    """The one-line STATUS= the service manager shows (`systemctl status`)."""
-    if ready is None:
-        return "connecting to QEMU"
-    if proxy.upstream is None and proxy.down_reason is not None and not stopping:
-        return f"QEMU away, reconnecting ({proxy.down_reason})"
-    ready = proxy.upstream or ready
-    clients = len(proxy.hub.clients)
-    try:  # the greeting's version object (docs/protocol.md §4)
-        qemu = msgspec.json.decode(ready.version)["qemu"]
-        version = f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}"
-    except (msgspec.DecodeError, KeyError, TypeError):
-        version = "(unknown version)"
-    return (
-        f"{clients} client{'' if clients == 1 else 's'}; QEMU {version} "
-        f"{'session over' if stopping else 'connected'}"
-    )
-
-
 async def serve(
     config: Config, inherited: Inherited | None = None, notifier: Notifier | None = None
 ) -> int:
-    """Run until the upstream session ends; returns the process exit status."""
+    """Run one VM until its session ends; returns the process exit status."""
     loop = asyncio.get_running_loop()
-    upstream_ready: list[UpstreamReady] = []
     audit = open_audit(config.audit) if config.audit else None
-    hub = Hub(
-        config.limits,
-        config.policy,
-        audit=audit is not None,
-        # Nobody may yank qmpmux's own monitors (README "Policy").
-        protected=(
-            frozenset({*monitor_ids(config.lanes), CONTROL_ID}) if config.spawn else frozenset()
-        ),
-        listener_caps=config.listener_caps(),
-        links=config.link_count(),
-        metrics=config.metrics is not None,
-    )
-    addresses = (config.upstream, *config.more_upstreams) if config.upstream else ()
-
-    async def reconnect() -> list[socket.socket]:
-        # One attempt per call: the proxy paces the retries (README "Deploying").
-        return await connect_all(addresses, 0, quiet=True)
-
-    proxy = Proxy(config, hub, audit=audit, reconnect=reconnect if config.reconnect else None)
-    proxy.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start
-    service = ServiceState(
-        notifier or Notifier({}),
-        lambda: _status(proxy, upstream_ready[0] if upstream_ready else None),
-    )
-    service.starting(
-        f"starting QEMU {config.spawn[0]}"
-        if config.spawn
-        else f"connecting to QEMU at {config.upstream}"
-    )
-    qemu: Spawned | None = None
-    process = None
-    try:
-        if config.spawn:
-            qemu, sock = await spawn(config.spawn, config.lanes)
-            process = qemu.process
-        else:
-            assert config.upstream is not None
-            sock = await connect_all(
-                (config.upstream, *config.more_upstreams), config.connect_timeout
-            )
-    except StartupError:
-        proxy.unbind()
-        raise
-    stopping: list[asyncio.Task[int]] = []
-    hurry = asyncio.Event()
+    vm = Vm(config, audit)
+    vm.bind(inherited)  # before QEMU is touched: a busy socket must not cost a VM start
+    service = ServiceState(notifier or Notifier({}), vm.status)
+    service.starting(vm.describe_start())
 
     def on_signal(name: str) -> None:
         service.stopping(f"received {name}")
-        if qemu is None:
-            log.info("received %s: shutting down", name)
-            # Commands in QEMU get their replies first (README "Deploying").
-            proxy.drain(f"received {name}", config.shutdown_timeout)
-        elif not stopping:
-            log.info("received %s: shutting QEMU down", name)
-            # QEMU's exit ends the session, and with it proxy.wait().
-            stopping.append(loop.create_task(shut_down(qemu, config.shutdown_timeout, hurry)))
-        else:
-            log.info("received %s again: not waiting for the guest", name)
-            hurry.set()
+        vm.stop(f"received {name}")
 
     def on_reload() -> None:
         # The manager waits for READY=1 after RELOADING=1, whatever the outcome.
@@ -440,9 +358,9 @@ async def serve(
             policy = reload_policy(config)
         except ConfigError as exc:
             log.error("reload failed, keeping the current policy: %s", exc)
-            proxy.hub.stats.reloads[ERROR] += 1
+            vm.hub.stats.reloads[ERROR] += 1
             return
-        proxy.reload(policy)
+        vm.reload(policy)
         log.info("policy reloaded from %s: %d profile(s), %d rule(s)",
                  config.source, len(policy.profiles), len(policy.rules))  # fmt: skip
 
@@ -450,18 +368,10 @@ async def serve(
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
-        ready = await proxy.start(sock)
+        ready = await vm.start()
     except StartupError as exc:
         service.stopping(str(exc))
-        if process is None:
-            # Name the monitor: "no greeting" most often means another client holds it.
-            raise StartupError(f"cannot use QEMU's monitor at {config.upstream}: {exc}") from None
-        try:
-            rc = await asyncio.wait_for(process.wait(), 2)
-        except TimeoutError:
-            rc = await stop_qemu(process, grace=2)
-            raise exc from None
-        raise StartupError(f"QEMU exited with status {rc} before it was ready") from None
+        raise
     # Start-up objects (modules, code, config) are never garbage: keep the collector's full
     # passes, which stall every client, from walking them again and again.
     gc.collect()
@@ -472,16 +382,10 @@ async def serve(
         "on" if ready.oob else "off",
         len(config.listeners),
     )
-    upstream_ready.append(ready)
     service.ready()
-    code = await proxy.wait()
-    service.stopping(_status(proxy, ready, stopping=True))
-    if process is not None:
-        status = exit_status(await (stopping[0] if stopping else stop_qemu(process)))
-        # QEMU's own status when it ended the session; qmpmux's failure when qmpmux lost
-        # the connection and had to stop QEMU itself.
-        return status if code == 0 else code
-    return code
+    await vm.proxy.wait()
+    service.stopping(vm.status(stopping=True))
+    return await vm.wait()
 
 
 def _raise_fd_limit() -> None:
