@@ -26,6 +26,7 @@ from qmpmux.config import (
     Config,
     ConfigError,
     FileConfig,
+    HostConfig,
     Limits,
     check,
     check_limits,
@@ -36,7 +37,10 @@ from qmpmux.config import (
     policy_of,
     read_file,
     split_spawn,
+    upstreams_of,
+    vm_key_in,
 )
+from qmpmux.host import Host
 from qmpmux.metrics import ERROR
 from qmpmux.policy import BUILTIN, Policy
 from qmpmux.server import StartupError, open_audit
@@ -139,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--config", metavar="FILE", help="TOML config file (flags given here override it)"
+    )
+    p.add_argument(
+        "--vm-dir",
+        metavar="DIR",
+        help="host mode: serve every VM whose file DIR/NAME.toml describes it (README "
+        '"Host mode"); SIGHUP, or a file added or removed, adds and removes VMs',
     )
     p.add_argument(
         "--upstream",
@@ -252,29 +262,38 @@ _LIMIT_FLAGS = ("max_clients", "max_message_bytes", "outbox_bytes", "negotiation
 
 
 def parse_args(argv: Sequence[str]) -> Config:
-    """argv (and the --config file) to a checked Config; raises ConfigError."""
+    """argv (and the --config file) to a checked single-VM Config; raises ConfigError."""
+    config = parse_command_line(argv)
+    if isinstance(config, HostConfig):
+        raise ConfigError("host mode (vm-dir) given where one VM's config was expected")
+    return config
+
+
+# Flags that configure one VM: in host mode, each VM's file gives them.
+_VM_FLAGS = (
+    "upstream", "listen", "lanes", "spawn", "reconnect", "connect_timeout",
+    "shutdown_timeout", *_LIMIT_FLAGS,
+)  # fmt: skip
+
+
+def parse_command_line(argv: Sequence[str]) -> Config | HostConfig:
+    """argv (and the --config file) to a checked Config, or with a vm-dir the host's;
+    raises ConfigError."""
     own, qemu = split_spawn(argv)
     args = build_parser().parse_args(own)
     file = read_file(args.config) if args.config else FileConfig()
     origin = args.config or "command line"
+    if args.vm_dir or file.vm_dir:
+        return _host_config(args, file, origin)
     overrides = {name: getattr(args, name) for name in _LIMIT_FLAGS if getattr(args, name)}
     for name in _LIMIT_FLAGS:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if args.upstream or qemu:
-        upstream_texts: list[str] = args.upstream
+        upstreams = [parse_address(text) for text in args.upstream]
     else:
-        upstream_texts = (
-            [file.upstream] if isinstance(file.upstream, str) else list(file.upstream or ())
-        )
-        for i, text in enumerate(upstream_texts):
-            try:
-                parse_address(text)
-            except ConfigError as exc:
-                where = "upstream" if isinstance(file.upstream, str) else f"upstream[{i}]"
-                raise ConfigError(f"{origin}: {where}: {exc}") from None
-    upstreams = [parse_address(text) for text in upstream_texts]
+        upstreams = upstreams_of(file, origin)
     audit = args.audit or (file.audit.file if file.audit else None)
     limits = msgspec.structs.replace(file.limits, **overrides)
     try:
@@ -306,6 +325,36 @@ def parse_args(argv: Sequence[str]) -> Config:
         metrics=_metrics_address(args.metrics or file.metrics, origin, bool(args.metrics)),
     )
     check(config)
+    return config
+
+
+def _host_config(args: argparse.Namespace, file: FileConfig, origin: str) -> HostConfig:
+    for flag in _VM_FLAGS:
+        if getattr(args, flag):
+            raise ConfigError(
+                f"--{flag.replace('_', '-')}: a VM's setting; with --vm-dir, each VM's file "
+                "in that directory gives its own"
+            )
+    key = vm_key_in(file)
+    if key is not None:
+        raise ConfigError(
+            f"{origin}: {key}: a VM's key; with vm-dir, each VM's file in that directory "
+            "gives its own"
+        )
+    config = HostConfig(
+        vm_dir=args.vm_dir or file.vm_dir or "",
+        allow_remote=args.allow_remote or file.allow_remote,
+        log_level=args.log_level or file.log_level,
+        log_format=args.log_format or file.log_format,
+        audit=args.audit or (file.audit.file if file.audit else None),
+        metrics=_metrics_address(args.metrics or file.metrics, origin, bool(args.metrics)),
+        source=args.config,
+    )
+    metrics = config.metrics
+    if metrics is not None and not metrics.is_loopback and not config.allow_remote:
+        raise ConfigError(
+            f"refusing to serve metrics on non-loopback {metrics} without --allow-remote"
+        )
     return config
 
 
@@ -388,6 +437,17 @@ async def serve(
     return await vm.wait()
 
 
+async def serve_host(config: HostConfig, notifier: Notifier | None = None) -> int:
+    """Run every VM of the vm-dir until SIGTERM (README "Host mode")."""
+    audit = open_audit(config.audit) if config.audit else None
+    host = Host(config, audit, notifier)
+    # Modules and code are never garbage (see serve); VMs come and go, so only what
+    # exists before the first one starts is frozen.
+    gc.collect()
+    gc.freeze()
+    return await host.run()
+
+
 def _raise_fd_limit() -> None:
     """Every client is a descriptor; the default soft limit (1024) is too low for a hub."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -400,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["check-config"]:
         return check_config(argv[1:])
     try:
-        config = parse_args(argv)
+        config = parse_command_line(argv)
     except ConfigError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
         return 2
@@ -411,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notifier = Notifier()
     inherited = listen_fds()
     try:
+        if isinstance(config, HostConfig):
+            return uvloop.run(serve_host(config, notifier))
         return uvloop.run(serve(config, inherited, notifier))
     except StartupError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)

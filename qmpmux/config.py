@@ -15,7 +15,7 @@ import pwd
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import msgspec
 
@@ -162,26 +162,37 @@ class AuditSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", froz
     file: str  # a path, or "stderr" (for journald)
 
 
-class FileConfig(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
-    """The TOML file, as written."""
+class VmFile(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    """One VM's part of a TOML config: its QEMU, listeners, limits and policy. In host
+    mode each file of the vm-dir is one of these (README "Host mode")."""
 
     upstream: str | tuple[str, ...] | None = None  # several: monitors of one QEMU
     spawn: tuple[str, ...] = ()
     lanes: int | None = None  # with spawn
     listen: tuple[ListenSpec, ...] = ()
     allow_remote: bool = False
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"
     connect_timeout: float = 5.0
     shutdown_timeout: float = 60.0
     reconnect: bool = False
     limits: Limits = Limits()
-    audit: AuditSpec | None = None
-    metrics: str | None = None  # unix:PATH or tcp:HOST:PORT
     profiles: dict[str, ProfileSpec] = {}
     rules: tuple[RuleSpec, ...] = ()
 
 
+class FileConfig(VmFile, forbid_unknown_fields=True, rename="kebab", frozen=True):
+    """The TOML file given with --config, as written: one VM's, plus the process-wide
+    keys (logs, audit, metrics), or with `vm-dir` the host's."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    audit: AuditSpec | None = None
+    metrics: str | None = None  # unix:PATH or tcp:HOST:PORT
+    vm_dir: str | None = None  # host mode: one VmFile per VM in this directory
+
+
+_File = TypeVar("_File", bound=VmFile)
+# Keys of the process, not of one VM: in host mode, only the host config has them.
+HOST_KEYS = frozenset(FileConfig.__struct_encode_fields__[len(VmFile.__struct_encode_fields__) :])
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
 
@@ -204,10 +215,19 @@ def read_file(path: str) -> FileConfig:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
+    return decode_file(data, path, FileConfig)
+
+
+def decode_file(data: bytes, path: str, kind: type[_File]) -> _File:
+    """Type-check a TOML config's text; ConfigError names the file and the key path."""
     try:
-        return msgspec.toml.decode(data, type=FileConfig)
+        return msgspec.toml.decode(data, type=kind)
     except msgspec.ValidationError as exc:  # a subclass of DecodeError: first
-        raise ConfigError(f"{path}: {_name_profile(data) or _key_path(exc)}") from None
+        where = _name_profile(data) or _key_path(exc)
+        key = where.removesuffix(": unknown key")
+        if kind is VmFile and key in HOST_KEYS:
+            where = f"{key}: a key of the whole process, given in the host config, not a VM's"
+        raise ConfigError(f"{path}: {where}") from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{path}: {_key_path(exc)}") from None
 
@@ -226,14 +246,14 @@ def _name_profile(data: bytes) -> str | None:
     return None
 
 
-def policy_of(file: FileConfig, origin: str) -> Policy:
+def policy_of(file: VmFile, origin: str) -> Policy:
     try:
         return compile_policy(file.profiles, file.rules)
     except PolicyError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
 
 
-def listeners_of(file: FileConfig, origin: str) -> tuple[Listener, ...]:
+def listeners_of(file: VmFile, origin: str) -> tuple[Listener, ...]:
     out = []
     for i, spec in enumerate(file.listen):
         where = f"{origin}: listen[{i}]"
@@ -499,3 +519,72 @@ def check_references(policy: Policy, listeners: Sequence[Listener], origin: str)
                 f"{where}: no unix listener; rules match unix peer credentials only, so "
                 "this rule could never match"
             )
+
+
+def upstreams_of(file: VmFile, origin: str) -> list[Address]:
+    """The file's `upstream`, one address or a list of monitors of the same QEMU."""
+    texts = [file.upstream] if isinstance(file.upstream, str) else list(file.upstream or ())
+    out = []
+    for i, text in enumerate(texts):
+        try:
+            out.append(parse_address(text))
+        except ConfigError as exc:
+            where = "upstream" if isinstance(file.upstream, str) else f"upstream[{i}]"
+            raise ConfigError(f"{origin}: {where}: {exc}") from None
+    return out
+
+
+def vm_config(file: VmFile, origin: str) -> Config:
+    """One VM file of host mode as the checked Config its VM runs with; ConfigError names
+    the file and the key (README "Host mode")."""
+    upstreams = upstreams_of(file, origin)
+    try:
+        check_limits(file.limits)
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    config = Config(
+        listeners=listeners_of(file, origin),
+        upstream=upstreams[0] if upstreams else None,
+        more_upstreams=tuple(upstreams[1:]),
+        spawn=file.spawn,
+        lanes=file.lanes or DEFAULT_LANES,
+        allow_remote=file.allow_remote,
+        connect_timeout=file.connect_timeout,
+        shutdown_timeout=file.shutdown_timeout,
+        reconnect=file.reconnect,
+        limits=file.limits,
+        policy=policy_of(file, origin),
+        source=origin,
+    )
+    try:
+        check(config)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(
+            message if message.startswith(origin) else f"{origin}: {message}"
+        ) from None
+    return config
+
+
+class HostConfig(msgspec.Struct, frozen=True):
+    """Host mode: the process-wide settings; each VM is a file in `vm_dir`."""
+
+    vm_dir: str
+    allow_remote: bool = False  # for the metrics address; each VM file says its own
+    log_level: str = "info"
+    log_format: str = "text"
+    audit: str | None = None
+    metrics: Address | None = None
+    source: str | None = None
+
+
+def vm_key_in(file: FileConfig) -> str | None:
+    """The first VM key a host config gives: host mode takes them from each VM's file
+    only, so that no VM is configured in two places."""
+    for key in VmFile.__struct_fields__:
+        if key != "allow_remote" and getattr(file, key) != getattr(_VM_DEFAULTS, key):
+            return key.replace("_", "-")
+    return None
+
+
+_VM_DEFAULTS = VmFile()

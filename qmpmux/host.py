@@ -1,0 +1,356 @@
+"""Host mode: one process serving every VM of a host (README "Host mode").
+
+Each VM is a file `NAME.toml` in the vm-dir, in the single-VM config format without the
+process-wide keys (logs, audit, metrics); NAME is the VM's name in logs, audit records
+and metrics. A directory rather than one file with a table per VM: a management tool
+adds or removes a VM by writing (atomically, by rename) or removing that VM's own file,
+never by editing a file every VM's tool edits; a file that does not parse refuses only
+its VM; and the labels are bounded by the files there are.
+
+The running VMs follow the directory, on SIGHUP and whenever the directory changes
+(checked every DIR_POLL seconds with one stat): a new file starts its VM, a removed file
+stops it as SIGTERM stops a single-VM qmpmux, and a changed file reloads its profiles
+and rules. Its other keys (QEMU, listeners, limits) are not changed under its clients:
+that takes removing the file and adding it back. VMs whose files are untouched, and
+their clients, see nothing. Each VM is a `Vm`, as in single-VM mode, so one VM's QEMU
+dying, flooding or stalling is that VM's alone, and a client reaches only the VM whose
+listener it connected to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import re
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from qmpmux.config import Config, ConfigError, HostConfig, VmFile, decode_file, vm_config
+from qmpmux.logs import VM
+from qmpmux.metrics import ERROR, OK
+from qmpmux.server import StartupError
+from qmpmux.systemd import Notifier, ServiceState
+from qmpmux.vm import Vm
+
+log = logging.getLogger("qmpmux.host")
+
+DIR_POLL: Final = 2.0  # seconds between looks at the vm-dir's modification time
+SUFFIX: Final = ".toml"
+# A VM's name: a label in metrics and logs, and part of nothing else.
+VM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+@dataclass
+class _Entry:
+    """One VM file and what became of it."""
+
+    name: str
+    text: bytes  # the file as last acted on: unchanged files are left alone
+    vm: Vm | None = None  # None: refused (its file is wrong)
+    state: str = "refused"  # starting, up, failed, ended, stopping, refused
+    task: asyncio.Task[None] | None = None
+    started: asyncio.Future[None] | None = field(default=None, repr=False)
+    why: str = ""  # why it is stopping
+
+
+def read_vm_dir(path: str) -> tuple[dict[str, bytes], list[str]]:
+    """The VM files in `path` (name -> text), and the names of files skipped. Dotfiles
+    and names not ending in .toml are not VM files (editors' and tools' temporary
+    files); raises OSError if the directory cannot be read."""
+    found: dict[str, bytes] = {}
+    skipped: list[str] = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(SUFFIX):
+                continue
+            name = entry.name[: -len(SUFFIX)]
+            if not VM_NAME.fullmatch(name):
+                skipped.append(entry.name)
+                continue
+            try:
+                found[name] = Path(entry.path).read_bytes()
+            except OSError:
+                skipped.append(entry.name)
+    return found, skipped
+
+
+class _TakenError(ConfigError):
+    """A VM file names a listener or monitor another VM has."""
+
+
+def _addresses(config: Config) -> set[str]:
+    """What two VMs may not share: a listener, or a QEMU monitor."""
+    upstreams = (config.upstream, *config.more_upstreams) if config.upstream else ()
+    return {f"listen {a.address}" for a in config.listeners} | {f"upstream {a}" for a in upstreams}
+
+
+class Host:
+    """Every VM of the vm-dir, each a `Vm` run in its own task, under one process."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        audit: Callable[[bytes], None] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.entries: dict[str, _Entry] = {}
+        self._audit = audit
+        self._loop = asyncio.get_running_loop()
+        self._service = ServiceState(notifier or Notifier({}), self.status)
+        self._done: asyncio.Future[int] = self._loop.create_future()
+        self._stopping: str | None = None
+        self._dir_stamp: int | None = None
+        self._poll: asyncio.TimerHandle | None = None
+        self._skipped: set[str] = set()
+        self._live = 0  # VM tasks not finished
+        self._contested: dict[str, list[str]] = {}
+        self.reloads = {OK: 0, ERROR: 0}
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start every VM of the directory, then follow it until SIGTERM; returns 0 when
+        every VM has stopped."""
+        try:
+            self._dir_stamp = os.stat(self.config.vm_dir).st_mtime_ns
+        except OSError as exc:
+            raise StartupError(f"vm-dir {self.config.vm_dir}: {exc.strerror}") from None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.stop, f"received {sig.name}")
+        self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._service.starting(f"starting the VMs of {self.config.vm_dir}")
+        self.rescan()
+        starting = [e.started for e in self.entries.values() if e.started is not None]
+        await asyncio.gather(*starting)
+        up = sum(e.state == "up" for e in self.entries.values())
+        log.info("ready: %d of %d VM(s) up", up, len(self.entries))
+        self._service.ready()
+        self._poll = self._loop.call_later(DIR_POLL, self._look)
+        return await self._done
+
+    def stop(self, why: str) -> None:
+        """SIGTERM: stop every VM as a single-VM qmpmux stops (again: stop waiting)."""
+        self._service.stopping(why)
+        self._stopping = why
+        if self._poll is not None:
+            self._poll.cancel()
+        for entry in self.entries.values():
+            self._stop_vm(entry, why)
+        self._maybe_done()
+
+    def _stop_vm(self, entry: _Entry, why: str) -> None:
+        """Stop a running VM; one still starting is stopped once started (`_serve`)."""
+        if entry.vm is None or entry.state not in ("starting", "up", "stopping"):
+            return
+        was, entry.state, entry.why = entry.state, "stopping", why
+        if was != "starting":
+            self._in_vm(entry.name, entry.vm.stop, why)
+
+    def reload(self) -> None:
+        """SIGHUP: bring the running VMs in line with the directory."""
+        self._service.reloading()
+        try:
+            self.reloads[OK if self.rescan() else ERROR] += 1
+        finally:
+            self._service.reloaded()
+
+    def status(self) -> str:
+        """One line for the service manager: VMs by state, and clients in all."""
+        states: dict[str, int] = {}
+        clients = 0
+        for entry in self.entries.values():
+            states[entry.state] = states.get(entry.state, 0) + 1
+            if entry.vm is not None:
+                clients += len(entry.vm.hub.clients)
+        shown = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        return f"VMs: {shown or 'none'}; {clients} client{'' if clients == 1 else 's'}"
+
+    def _look(self) -> None:
+        """The directory's modification time changed: a file was added, removed or
+        renamed into place. (An edit in place does not change it: SIGHUP.)"""
+        self._poll = self._loop.call_later(DIR_POLL, self._look)
+        try:
+            stamp = os.stat(self.config.vm_dir).st_mtime_ns
+        except OSError:
+            return  # reported by the rescan that finds it gone
+        if stamp != self._dir_stamp:
+            self._dir_stamp = stamp
+            self.rescan()
+
+    # --- following the directory ----------------------------------------------------------
+
+    def rescan(self) -> bool:
+        """Start new VMs, stop removed ones, reload changed ones; an unreadable directory
+        changes nothing (a VM is never stopped because its directory could not be read).
+        Whether the directory could be read."""
+        if self._stopping is not None:
+            return True
+        try:
+            found, skipped = read_vm_dir(self.config.vm_dir)
+        except OSError as exc:
+            log.error("cannot read vm-dir %s: %s; no VM changed", self.config.vm_dir,
+                      exc.strerror or exc)  # fmt: skip
+            return False
+        for name in sorted(set(skipped) - self._skipped):
+            log.warning("%s/%s: not a VM file (a VM's name is %s.toml); skipped",
+                        self.config.vm_dir, name, VM_NAME.pattern)  # fmt: skip
+        self._skipped = set(skipped)
+        for name, entry in list(self.entries.items()):
+            if name not in found and entry.state not in ("stopping",):
+                self._remove(entry)
+        self._contested = self._contest({n: t for n, t in found.items() if n not in self.entries})
+        for name, text in sorted(found.items()):
+            known = self.entries.get(name)
+            if known is None:
+                self._add(name, text)
+            elif known.text != text and known.state != "stopping":
+                self._change(known, text)
+        return True
+
+    def _contest(self, new: dict[str, bytes]) -> dict[str, list[str]]:
+        """Addresses that more than one new file claims: none of them is started (which
+        one was meant is not for qmpmux to guess)."""
+        claims: dict[str, list[str]] = {}
+        for name, text in sorted(new.items()):
+            path = self._path(name)
+            try:
+                config = vm_config(decode_file(text, path, VmFile), path)
+            except ConfigError:
+                continue  # refused on its own account
+            for address in _addresses(config):
+                claims.setdefault(address, []).append(name)
+        return {address: names for address, names in claims.items() if len(names) > 1}
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.config.vm_dir, name + SUFFIX)
+
+    def _parse(self, name: str, text: bytes) -> Config:
+        path = self._path(name)
+        config = vm_config(decode_file(text, path, VmFile), path)
+        for i, listener in enumerate(config.listeners):
+            if listener.address.kind == "systemd":
+                raise ConfigError(
+                    f"{path}: listen[{i}].address: systemd: sockets are for a single-VM "
+                    "service (qmpmux@.service); host mode binds its listeners itself"
+                )
+        mine = _addresses(config)
+        for other in self.entries.values():
+            if other.name != name and other.vm is not None and other.state != "ended":
+                shared = mine & _addresses(other.vm.config)
+                if shared:
+                    raise _TakenError(f"{path}: {min(shared)} is VM {other.name}'s")
+        for address in sorted(mine & self._contested.keys()):
+            others = ", ".join(n for n in self._contested[address] if n != name)
+            raise _TakenError(f"{path}: {address} is in VM {others}'s file too; neither starts")
+        return config
+
+    def _add(self, name: str, text: bytes) -> None:
+        entry = _Entry(name, text)
+        self.entries[name] = entry
+        try:
+            config = self._parse(name, text)
+        except ConfigError as exc:
+            self._in_vm(name, log.error, "refused: %s", exc)
+            if isinstance(exc, _TakenError):
+                entry.text = b""  # tried again at every rescan, until it is free
+            return
+        entry.vm = Vm(config, self._audit, name)
+        entry.state = "starting"
+        entry.started = self._loop.create_future()
+        self._live += 1
+        entry.task = self._loop.create_task(self._serve(entry), context=self._context(name))
+
+    def _remove(self, entry: _Entry) -> None:
+        if entry.vm is None or entry.state in ("failed", "ended", "refused"):
+            del self.entries[entry.name]
+            return
+        self._stop_vm(entry, "its file was removed")
+
+    def _change(self, entry: _Entry, text: bytes) -> None:
+        if entry.vm is None or entry.state in ("failed", "ended", "refused"):
+            del self.entries[entry.name]
+            self._add(entry.name, text)  # as new: it was not running
+            return
+        entry.text = text
+        try:
+            config = self._parse(entry.name, text)
+        except ConfigError as exc:
+            self._in_vm(entry.name, log.error, "reload failed, keeping the VM as it is: %s", exc)
+            entry.vm.hub.stats.reloads[ERROR] += 1
+            return
+        running = entry.vm.config
+        if msgspec.structs.replace(config, policy=running.policy) != running:
+            self._in_vm(
+                entry.name, log.warning,
+                "its file changed beyond profiles and rules; kept as it runs (remove the "
+                "file and add it back to apply that)",
+            )  # fmt: skip
+            entry.vm.hub.stats.reloads[ERROR] += 1
+            return
+        entry.vm.reload(config.policy)
+        entry.vm.config = config
+        self._in_vm(entry.name, log.info, "policy reloaded: %d profile(s), %d rule(s)",
+                    len(config.policy.profiles), len(config.policy.rules))  # fmt: skip
+
+    # --- one VM ---------------------------------------------------------------------------
+
+    def _context(self, name: str) -> contextvars.Context:
+        """Where a VM's work runs: every record it logs carries its name (logs.VM), and
+        the tasks, readers and timers it makes inherit that."""
+        context = contextvars.copy_context()
+        context.run(VM.set, name)
+        return context
+
+    def _in_vm(self, name: str, call: Callable[..., object], *args: object) -> None:
+        self._context(name).run(call, *args)
+
+    async def _serve(self, entry: _Entry) -> None:
+        vm = entry.vm
+        assert vm is not None and entry.started is not None
+        try:
+            try:
+                vm.bind()
+                log.info("%s", vm.describe_start())
+                ready = await vm.start()
+            except StartupError as exc:
+                log.error("cannot start: %s", exc)
+                entry.state = "failed"
+                return
+            finally:
+                entry.started.set_result(None)
+            version = ready.version.decode("ascii", "replace")
+            log.info("ready: QEMU monitor %s, %d listener(s)", version, len(vm.config.listeners))
+            if entry.state == "starting":
+                entry.state = "up"
+            else:  # removed, or SIGTERM, while it started
+                vm.stop(entry.why)
+            code = await vm.wait()
+            log.log(logging.INFO if code == 0 else logging.ERROR, "VM over (status %d)", code)
+            entry.state = "ended"
+        finally:
+            self._live -= 1
+            self._ended(entry)
+
+    def _ended(self, entry: _Entry) -> None:
+        """A VM's task is over: forget it if its file is gone (a file added back while
+        it stopped is then found by a rescan), keep it as ended or failed otherwise,
+        until its file changes."""
+        if self._stopping is not None:
+            self._maybe_done()
+        elif self.entries.get(entry.name) is entry and not os.path.exists(self._path(entry.name)):
+            del self.entries[entry.name]
+        elif entry.why:  # stopped because its file went, and it is back
+            del self.entries[entry.name]
+            self._loop.call_soon(self.rescan)
+
+    def _maybe_done(self) -> None:
+        if self._stopping is not None and self._live == 0 and not self._done.done():
+            self._done.set_result(0)
