@@ -4,18 +4,25 @@ family per metric, `qmpmux_vms`; and of the only, unnamed VM: exactly as before
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from pathlib import Path
 
 import msgspec
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qmpmux import __version__
-from qmpmux.exporter import Source, registry_for
+from qmpmux.config import Address, Listener
+from qmpmux.exporter import MetricsServer, Source, registry_for
 from qmpmux.hub import Hub, ToUpstream
+from qmpmux.server import open_listener
 from qmpmux.session import Peer
+from tests.conftest import Mux, start_mux
 from tests.playbook import STOP_EVENT, connect, ready_hub
+from tests.realqemu import Qemu, RawClient, start_qemu
 from tests.test_hub_metrics import learning_hub
+from tests.test_metrics_qemu import http_get
 
 LISTENERS = (("unix:test", "full"), ("unix:idle", "readonly"))
 Sample = tuple[str, frozenset[tuple[str, str]], float]
@@ -129,6 +136,12 @@ def samples(text: str) -> list[Sample]:
     ]
 
 
+async def http_samples(path: Path) -> list[Sample]:
+    head, body = await http_get(path, b"GET /metrics HTTP/1.1\r\nHost: qmpmux\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK"), head
+    return samples(body.decode())
+
+
 def test_one_unnamed_source_is_scraped_exactly_as_before() -> None:
     assert scrape(Source(None, busy_hub(), LISTENERS)) == BEFORE.replace("{VERSION}", __version__)
 
@@ -184,3 +197,69 @@ def test_the_sources_are_read_at_every_scrape() -> None:
     assert ("qmpmux_vms", frozenset({("state", "up")}), 1.0) in now()
     current.clear()
     assert all(name == "qmpmux_vms" for name, _, _ in now())
+
+
+async def test_two_real_vms_scraped_together_are_each_one_labelled(
+    qemu: Qemu, tmp_path: Path
+) -> None:
+    """Two proxies on two real QEMUs, each with its own (single-VM) endpoint, and one
+    endpoint over both as host mode builds it: the combined scrape is each VM's own
+    scrape with `vm` added, after different traffic through each."""
+    (tmp_path / "b").mkdir()
+    other = start_qemu(tmp_path / "b")
+    dirs = {"web1": tmp_path, "web2": tmp_path / "b"}
+    muxes: dict[str, Mux] = {}
+    clients: list[RawClient] = []
+    combined: MetricsServer | None = None
+    try:
+        for vm, q in (("web1", qemu), ("web2", other)):
+            own = Address("unix", path=str(dirs[vm] / "metrics.sock"))
+            muxes[vm] = await start_mux(q, dirs[vm], profiles=("full", "readonly"), metrics=own)
+
+        def sources() -> list[Source]:
+            return [
+                Source(vm, m.proxy.hub, tuple((str(lst.address), lst.profile)
+                                              for lst in m.proxy.config.listeners))
+                for vm, m in muxes.items()
+            ]  # fmt: skip
+
+        path = tmp_path / "all.sock"
+        combined = MetricsServer(
+            open_listener(Listener(Address("unix", path=str(path)))), registry_for(sources)
+        )
+        await combined.start()
+        for vm, queries in (("web1", 2), ("web2", 3)):
+            c = await RawClient.connect(muxes[vm].sockets["full"])
+            await c.negotiate()
+            for _ in range(queries):
+                assert b'"return"' in await c.command(b'{"execute":"query-status"}')
+            ro = await RawClient.connect(muxes[vm].sockets["readonly"])
+            await ro.negotiate()
+            clients += (c, ro)
+            if vm == "web2":
+                assert b"refused" in await ro.command(b'{"execute":"stop"}')
+        want: Counter[Sample] = Counter()
+        for vm in muxes:
+            for name, labels, value in await http_samples(dirs[vm] / "metrics.sock"):
+                if name.startswith("qmpmux_") and name != "qmpmux_build_info":
+                    want[name, labels | {("vm", vm)}, value] += 1
+        got = Counter(s for s in await http_samples(path) if s[0].startswith("qmpmux_"))
+        assert got.pop(("qmpmux_build_info", frozenset({("version", __version__)}), 1.0)) == 1
+        assert got.pop(("qmpmux_vms", frozenset({("state", "up")}), 2.0)) == 1
+        assert got.pop(("qmpmux_vms", frozenset({("state", "down")}), 0.0)) == 1
+        assert got == want
+        status = "qmpmux_commands_total", "query-status", "ok"
+        for vm, count in (("web1", 2.0), ("web2", 3.0)):
+            labels = frozenset({("vm", vm), ("command", status[1]), ("result", status[2])})
+            assert want[status[0], labels, count] == 1
+        denied = frozenset({("vm", "web2"), ("profile", "readonly"), ("command", "stop")})
+        assert want["qmpmux_denials_total", denied, 1.0] == 1
+    finally:
+        for c in clients:
+            await c.close()
+        if combined is not None:
+            combined.close()
+        for m in muxes.values():
+            m.proxy.stop("test over")
+            await asyncio.wait_for(m.proxy.wait(), 10)
+        other.stop()
