@@ -19,7 +19,8 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from typing import Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -45,105 +46,150 @@ CONNECTIONS_MAX = 16
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class HubCollector(Collector):
-    """Reads the current hub at scrape time (`hub()`: a new one serves each QEMU session
-    with --reconnect, and carries the counters on). `listeners` (label, profile) are
-    reported with 0 clients too, so an alert on a listener's clients sees no absent
-    series."""
+class Source(NamedTuple):
+    """One VM's metrics as a scrape finds them: its name (None: the only VM, single-VM
+    mode), the hub serving it now (a new one per QEMU session, counters carried on) and
+    its listeners (label, profile), reported with 0 clients too, so an alert on a
+    listener's clients sees no absent series."""
 
-    def __init__(self, hub: Callable[[], Hub], listeners: Sequence[tuple[str, str]] = ()) -> None:
-        self.hub = hub
-        self.listeners = tuple(listeners)
+    vm: str | None
+    hub: Hub
+    listeners: tuple[tuple[str, str], ...] = ()
+
+
+# qmpmux_vms's states, all reported (0 too): up once QEMU's monitor(s) negotiated.
+VM_STATES: Final = ("up", "down")
+
+
+class HubCollector(Collector):
+    """Reads `sources()` at every scrape: VMs come and go, and a hub is replaced on
+    reconnect. One source without a name (single-VM mode) is rendered with no `vm` label
+    at all; anything else gives every sample but `qmpmux_build_info` a leading `vm` label
+    (an unnamed source among others: `vm=""`; names must be unique), each metric one
+    family holding every VM's samples, and adds `qmpmux_vms`."""
+
+    def __init__(self, sources: Callable[[], Iterable[Source]]) -> None:
+        self.sources = sources
 
     def collect(self) -> Iterable[Metric]:
-        hub = self.hub()
-        stats = hub.stats
+        sources = sorted(self.sources(), key=lambda source: source.vm or "")
+        single = len(sources) == 1 and sources[0].vm is None
+        vm = [] if single else ["vm"]
+        # Each source with its label values' prefix: [] or [NAME].
+        each = [([] if single else [src.vm or ""], src) for src in sources]
         family: GaugeMetricFamily | CounterMetricFamily = GaugeMetricFamily(
             "qmpmux_build_info", "qmpmux's version (always 1)", labels=["version"]
         )
         family.add_metric([__version__], 1)
         yield family
-        clients: Counter[tuple[str, str]] = Counter(dict.fromkeys(self.listeners, 0))
-        for flow in hub.clients.values():
-            clients[flow.session.peer.listener, flow.session.profile.name] += 1
+        if not single:
+            states = Counter(dict.fromkeys(VM_STATES, 0))
+            for src in sources:
+                states["up" if src.hub.state is UpstreamState.READY else "down"] += 1
+            family = GaugeMetricFamily(
+                "qmpmux_vms", "VMs configured, by state (up: QEMU's monitor negotiated)",
+                labels=["state"],
+            )  # fmt: skip
+            for state in VM_STATES:
+                family.add_metric([state], states[state])
+            yield family
         family = GaugeMetricFamily(
             "qmpmux_clients", "Clients connected, by listener and profile",
-            labels=["listener", "profile"],
+            labels=[*vm, "listener", "profile"],
         )  # fmt: skip
-        for key, count in sorted(clients.items()):
-            family.add_metric(list(key), count)
+        for at, src in each:
+            clients: Counter[tuple[str, str]] = Counter(dict.fromkeys(src.listeners, 0))
+            for flow in src.hub.clients.values():
+                clients[flow.session.peer.listener, flow.session.profile.name] += 1
+            for key, count in sorted(clients.items()):
+                family.add_metric([*at, *key], count)
         yield family
         family = CounterMetricFamily(
             "qmpmux_commands", "Commands judged, by command and result (ok, error, denied)",
-            labels=["command", "result"],
+            labels=[*vm, "command", "result"],
         )  # fmt: skip
-        for name, row in sorted(stats.commands.items()):
-            for result, at in RESULTS:
-                if row[at]:
-                    family.add_metric([name, result], row[at])
+        for at, src in each:
+            for name, row in sorted(src.hub.stats.commands.items()):
+                for result, index in RESULTS:
+                    if row[index]:
+                        family.add_metric([*at, name, result], row[index])
         yield family
         family = CounterMetricFamily(
             "qmpmux_denials", "Commands refused by policy, by profile and command",
-            labels=["profile", "command"],
+            labels=[*vm, "profile", "command"],
         )  # fmt: skip
-        for (profile, name), count in sorted(stats.denials.items()):
-            family.add_metric([profile, name], count)
+        for at, src in each:
+            for (profile, name), count in sorted(src.hub.stats.denials.items()):
+                family.add_metric([*at, profile, name], count)
         yield family
-        hist = stats.hist
-        buckets: list[tuple[str, float]] = []
-        total = 0.0
-        for bound, in_bucket in zip((*DURATION_BUCKETS, float("inf")), hist[:-1], strict=True):
-            total += in_bucket
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
-        yield HistogramMetricFamily(
+        histogram = HistogramMetricFamily(
             "qmpmux_command_duration_seconds",
             "Upstream round trip of commands sent to QEMU (sent to reply read)",
-            buckets=buckets, sum_value=hist[-1],
-        )  # fmt: skip
+            labels=vm,
+        )
+        for at, src in each:
+            hist = src.hub.stats.hist
+            buckets: list[tuple[str, float]] = []
+            total = 0.0
+            bounds = (*DURATION_BUCKETS, float("inf"))
+            for bound, in_bucket in zip(bounds, hist[:-1], strict=True):
+                total += in_bucket
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+            histogram.add_metric(at, buckets, sum_value=hist[-1])
+        yield histogram
         family = CounterMetricFamily(
             "qmpmux_events", "QEMU events received (once each, whatever the clients)",
-            labels=["event"],
+            labels=[*vm, "event"],
         )  # fmt: skip
-        for name, count in sorted(stats.events.items()):
-            family.add_metric([name], count)
+        for at, src in each:
+            for name, count in sorted(src.hub.stats.events.items()):
+                family.add_metric([*at, name], count)
         yield family
         family = CounterMetricFamily(
-            "qmpmux_client_disconnects", "Clients gone, by reason", labels=["reason"]
+            "qmpmux_client_disconnects", "Clients gone, by reason", labels=[*vm, "reason"]
         )
-        for reason, count in stats.disconnects.items():
-            family.add_metric([reason], count)
+        for at, src in each:
+            for reason, count in src.hub.stats.disconnects.items():
+                family.add_metric([*at, reason], count)
         yield family
         family = GaugeMetricFamily(
             "qmpmux_upstream_up", "1 while QEMU monitor link (lane) is negotiated and open",
-            labels=["lane"],
+            labels=[*vm, "lane"],
         )  # fmt: skip
-        over = hub.state is UpstreamState.CLOSED  # the whole session, whatever each link
-        for link in hub.links:
-            up = link.state is UpstreamState.READY and not over
-            family.add_metric([str(link.index)], 1 if up else 0)
+        for at, src in each:
+            over = src.hub.state is UpstreamState.CLOSED  # the whole session, whatever each link
+            for link in src.hub.links:
+                up = link.state is UpstreamState.READY and not over
+                family.add_metric([*at, str(link.index)], 1 if up else 0)
         yield family
-        yield CounterMetricFamily(
-            "qmpmux_upstream_reconnects", "Times qmpmux reconnected to QEMU's monitor",
-            value=stats.reconnects,
-        )  # fmt: skip
-        yield GaugeMetricFamily(
-            "qmpmux_inflight_commands", "Commands sent to QEMU and not answered yet",
-            value=sum(len(link.inflight) for link in hub.links),
-        )  # fmt: skip
         family = CounterMetricFamily(
-            "qmpmux_config_reloads", "Policy reloads (SIGHUP), by result", labels=["result"]
+            "qmpmux_upstream_reconnects", "Times qmpmux reconnected to QEMU's monitor",
+            labels=vm,
+        )  # fmt: skip
+        for at, src in each:
+            family.add_metric(at, src.hub.stats.reconnects)
+        yield family
+        family = GaugeMetricFamily(
+            "qmpmux_inflight_commands", "Commands sent to QEMU and not answered yet",
+            labels=vm,
+        )  # fmt: skip
+        for at, src in each:
+            family.add_metric(at, sum(len(link.inflight) for link in src.hub.links))
+        yield family
+        family = CounterMetricFamily(
+            "qmpmux_config_reloads", "Policy reloads (SIGHUP), by result", labels=[*vm, "result"]
         )
-        for result, count in stats.reloads.items():
-            family.add_metric([result], count)
+        for at, src in each:
+            for result, count in src.hub.stats.reloads.items():
+                family.add_metric([*at, result], count)
         yield family
 
 
-def registry_for(
-    hub: Callable[[], Hub], listeners: Sequence[tuple[str, str]] = ()
-) -> CollectorRegistry:
-    """A registry with the hub's metrics and the process's own (CPU, memory, fds)."""
+def registry_for(sources: Callable[[], Iterable[Source]]) -> CollectorRegistry:
+    """A registry with the metrics of every VM `sources()` names at scrape time, and the
+    process's own (CPU, memory, fds)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(hub, listeners))
+    registry.register(HubCollector(sources))
     ProcessCollector(registry=registry)
     return registry
 

@@ -232,10 +232,14 @@ class Hub:
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         metrics: bool = False,
+        vm: str | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.policy = policy
         self.audit = audit
+        # The VM this hub serves when one process serves several: every audit record
+        # names it (README "Running it", `--audit`); None for the only one.
+        self.vm = vm
         # Chardev ids of qmpmux's own upstream monitor; empty means unknown (refuse all).
         self.protected = protected
         # Every listener by label, with its own max-clients (None: the global one only).
@@ -941,8 +945,10 @@ class Hub:
         """One audit record: who ran what, what the policy said, and how it went."""
         peer = session.peer
         now = self._wallclock()
-        record: dict[str, object] = {
-            "time": _iso_time(now),
+        record: dict[str, object] = {"time": _iso_time(now)}
+        if self.vm is not None:
+            record["vm"] = self.vm
+        record |= {
             "client": session.id,
             "listener": peer.listener,
             "uid": peer.uid,

@@ -7,14 +7,23 @@
   syslog priority prefix (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug,
   sd-daemon(3)) on every line, so `journalctl -p warning` finds them and a traceback's
   lines keep their priority.
-- `json` (`--log-format json`): one JSON object per line with `time`, `level`, `logger`,
-  `message` (and `exception`), encoded as the audit log is (`redact.encode_record`):
+- `json` (`--log-format json`): one JSON object per line with `time`, (`vm`,) `level`,
+  `logger`, `message` (and `exception`), encoded as the audit log is (`redact.encode_record`):
   ASCII only, so no reader's idea of a line separator can split a record, whatever a
   client put in a name that reaches a message.
+
+A process that serves several VMs runs each VM's setup in a context where `VM` names it
+(`vm_context`): every task, reader and timer registered from there copies that context
+(asyncio and uvloop take `contextvars.copy_context()` when they make a handle), so each
+record logged on that VM's behalf says which VM, as `vm NAME: ` right before the message
+in text and as a `vm` member in JSON. The handler's `VmFilter` reads `VM` when a record
+is handled, which is synchronously in the code that logged it. With no VM set (one VM,
+the default) a line is exactly what it was without any of this.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
@@ -28,6 +37,9 @@ FORMATS: Final = ("text", "json")
 # The VM whose work is running (host mode sets it for each VM's tasks and callbacks).
 VM: ContextVar[str | None] = ContextVar("qmpmux_vm", default=None)
 _PREFIX: Final = "qmpmux: %(levelname)s %(name)s: %(message)s"
+_PREFIX_VM: Final = "qmpmux: %(levelname)s %(name)s: vm %(vm)s: %(message)s"
+# The VM the running code serves; None in single-VM mode (see the module docstring).
+VM: contextvars.ContextVar[str | None] = contextvars.ContextVar("qmpmux_vm", default=None)
 # sd-daemon(3) priorities, by Python level (rounded down to the nearest known one).
 _PRIORITY: Final = (
     (logging.CRITICAL, 2),
@@ -44,6 +56,42 @@ def _utc(created: float) -> str:
     )
 
 
+def vm_context(name: str) -> contextvars.Context:
+    """A copy of the current context with `VM` set to `name`: run a VM's setup in it
+    (`ctx.run(...)`, `loop.create_task(coro, context=ctx)`) and all it schedules logs
+    as that VM."""
+    ctx = contextvars.copy_context()
+    ctx.run(VM.set, name)
+    return ctx
+
+
+class VmFilter(logging.Filter):
+    """Stamps each record with the VM of the code that logged it (`record.vm`), unless
+    the caller named one itself (`extra={"vm": NAME}`). Drops nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "vm"):
+            record.vm = VM.get()
+        return True
+
+
+def _vm(record: logging.LogRecord) -> str | None:
+    vm: str | None = getattr(record, "vm", None)
+    return vm
+
+
+class _PrefixFormatter(logging.Formatter):
+    """`qmpmux: LEVEL LOGGER: ` and, for a record of a VM, `vm NAME: ` before the message."""
+
+    def __init__(self) -> None:
+        super().__init__(_PREFIX)
+        self._vm_style = logging.PercentStyle(_PREFIX_VM)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        style = self._style if _vm(record) is None else self._vm_style
+        return style.format(record)
+
+
 def priority(levelno: int) -> int:
     """The syslog priority of a Python log level (debug and below: 7)."""
     for level, prio in _PRIORITY:
@@ -52,21 +100,15 @@ def priority(levelno: int) -> int:
     return 7
 
 
-class TimestampFormatter(logging.Formatter):
+class TimestampFormatter(_PrefixFormatter):
     """`2026-01-02T03:04:05.678Z qmpmux: INFO qmpmux.hub: ...` (UTC)."""
-
-    def __init__(self) -> None:
-        super().__init__(_PREFIX)
 
     def format(self, record: logging.LogRecord) -> str:
         return f"{_utc(record.created)} {super().format(record)}"
 
 
-class JournalFormatter(logging.Formatter):
+class JournalFormatter(_PrefixFormatter):
     """`<6>qmpmux: INFO qmpmux.hub: ...`: every line with the record's priority."""
-
-    def __init__(self) -> None:
-        super().__init__(_PREFIX)
 
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{priority(record.levelno)}>"
@@ -77,8 +119,11 @@ class JsonFormatter(logging.Formatter):
     """One ASCII JSON object per record (see the module docstring)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": _utc(record.created),
+        entry: dict[str, object] = {"time": _utc(record.created)}
+        vm = _vm(record)
+        if vm is not None:
+            entry["vm"] = vm
+        entry |= {
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -114,6 +159,7 @@ def setup(level: str, log_format: str = "text", stream: TextIO | None = None) ->
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(log_format, stream))
+    handler.addFilter(VmFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

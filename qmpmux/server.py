@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from qmpmux import metrics
 from qmpmux.channel import ANCILLARY_SIZE, SLOW_READER_CUT, Channel, received_fds
 from qmpmux.config import Address, Config, ConfigError, Listener
-from qmpmux.exporter import MetricsServer, registry_for
+from qmpmux.exporter import MetricsServer, Source, registry_for
 from qmpmux.hub import (
     Action,
     Audit,
@@ -453,9 +453,10 @@ class Proxy:
         if where is None or self._metrics is not None:
             return
         sock = open_listener(Listener(where))
-        listeners = [(str(lst.address), lst.profile) for lst in self.config.listeners]
+        listeners = tuple((str(lst.address), lst.profile) for lst in self.config.listeners)
         unlink = where.path if where.kind == "unix" else ""
-        self._metrics = MetricsServer(sock, registry_for(lambda: self.hub, listeners), unlink)
+        registry = registry_for(lambda: (Source(None, self.hub, listeners),))
+        self._metrics = MetricsServer(sock, registry, unlink)
 
     async def start(
         self, upstream: socket.socket | Sequence[socket.socket], handshake_timeout: float = 10.0

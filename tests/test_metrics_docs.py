@@ -10,7 +10,8 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from qmpmux.exporter import registry_for
+from qmpmux.exporter import Source, registry_for
+from qmpmux.hub import Hub
 from qmpmux.session import Peer
 from tests.playbook import STOP_EVENT, connect, ready_hub
 
@@ -27,10 +28,13 @@ def served() -> set[str]:
     hub.upstream_data(STOP_EVENT)
     ro, _ = hub.client_connected(Peer("unix:test", "readonly"))
     hub.client_data(ro, b'{"execute":"qmp_capabilities"}{"execute":"quit"}')
-    text = generate_latest(registry_for(lambda: hub, [("unix:test", "full")])).decode()
-    return {
-        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
-    }
+    listeners = (("unix:test", "full"),)
+    names = set()
+    # One unnamed VM, and VMs with names (which adds qmpmux_vms).
+    for sources in ([Source(None, hub, listeners)], [Source("a", hub), Source("b", Hub())]):
+        text = generate_latest(registry_for(lambda: sources)).decode()  # noqa: B023 (read at once)
+        names |= {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    return names
 
 
 def test_the_dashboard_queries_only_served_metrics() -> None:

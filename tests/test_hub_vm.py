@@ -1,0 +1,57 @@
+"""A hub that serves a named VM (one of several in a process) names it in every audit
+record; without a name the records are as they always were (README "Running it",
+`--audit`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qmpmux.hub import Audit, Hub, ToClient, ToUpstream, UpstreamReady
+from qmpmux.session import Peer
+from tests.playbook import CAPS_OOB, GREETING_OOB, VERSION, expect
+
+WALLCLOCK = 1767323045.678  # 2026-01-02T03:04:05.678Z
+DENIED = (
+    b'{"id": 2, "error": {"class": "CommandNotFound", '
+    b'"desc": "The command quit has been refused by qmpmux policy"}}\r\n'
+)
+
+
+def audited_hub(vm: str | None) -> Hub:
+    hub = Hub(audit=True, vm=vm, clock=lambda: 10.0, wallclock=lambda: WALLCLOCK)
+    expect(hub.upstream_data(GREETING_OOB), [ToUpstream(CAPS_OOB)])
+    expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, True)])
+    return hub
+
+
+def record(vm: str | None, client: int, profile: str, rest: bytes) -> bytes:
+    member = b"" if vm is None else b'"vm":"' + vm.encode() + b'",'
+    return (
+        b'{"time":"2026-01-02T03:04:05.678Z",' + member
+        + b'"client":%d,"listener":"unix:test","uid":null,"gid":null,"pid":null,' % client
+        + b'"profile":"' + profile.encode() + b'",' + rest + b"}\n"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("vm", [None, "web1"])
+def test_every_audit_record_names_the_vm_of_its_hub(vm: str | None) -> None:
+    hub = audited_hub(vm)
+    full, _ = hub.client_connected(Peer("unix:test"))
+    expect(hub.client_data(full, b'{"execute":"qmp_capabilities"}'),
+           [ToClient(full, b'{"return": {}}\r\n')])  # fmt: skip
+    expect(
+        hub.client_data(full, b'{"execute":"query-status","id":1}'),
+        [ToUpstream(b'{"execute":"query-status","id":0}')],
+    )
+    ok = b'"command":"query-status","decision":"allowed","result":"ok","latency_ms":0.0'
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [Audit(record(vm, full, "full", ok)), ToClient(full, b'{"return": {}, "id": 1}\r\n')],
+    )
+    ro, _ = hub.client_connected(Peer("unix:test", "readonly"))
+    hub.client_data(ro, b'{"execute":"qmp_capabilities"}')
+    denied = b'"command":"quit","decision":"denied","result":"CommandNotFound","latency_ms":0.0'
+    expect(
+        hub.client_data(ro, b'{"execute":"quit","id":2}'),
+        [Audit(record(vm, ro, "readonly", denied)), ToClient(ro, DENIED)],
+    )
