@@ -20,7 +20,6 @@ listener it connected to.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import re
@@ -32,10 +31,19 @@ from typing import Final
 
 import msgspec
 
-from qmpmux.config import Config, ConfigError, HostConfig, VmFile, decode_file, vm_config
-from qmpmux.logs import VM
+from qmpmux.config import (
+    Config,
+    ConfigError,
+    HostConfig,
+    Listener,
+    VmFile,
+    decode_file,
+    vm_config,
+)
+from qmpmux.exporter import MetricsServer, Source, registry_for
+from qmpmux.logs import vm_context
 from qmpmux.metrics import ERROR, OK
-from qmpmux.server import StartupError
+from qmpmux.server import StartupError, open_listener
 from qmpmux.systemd import Notifier, ServiceState
 from qmpmux.vm import Vm
 
@@ -126,6 +134,7 @@ class Host:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self.stop, f"received {sig.name}")
         self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+        metrics = await self._serve_metrics()
         self._service.starting(f"starting the VMs of {self.config.vm_dir}")
         self.rescan()
         starting = [e.started for e in self.entries.values() if e.started is not None]
@@ -134,7 +143,35 @@ class Host:
         log.info("ready: %d of %d VM(s) up", up, len(self.entries))
         self._service.ready()
         self._poll = self._loop.call_later(DIR_POLL, self._look)
-        return await self._done
+        try:
+            return await self._done
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+    async def _serve_metrics(self) -> MetricsServer | None:
+        """One /metrics for every VM, each sample labelled with its VM (README "Metrics")."""
+        where = self.config.metrics
+        if where is None:
+            return None
+        server = MetricsServer(
+            open_listener(Listener(where)),
+            registry_for(self.sources),
+            where.path if where.kind == "unix" else "",
+        )
+        await server.start()
+        log.info("serving metrics on %s/metrics", where)
+        return server
+
+    def sources(self) -> list[Source]:
+        """Every VM with a hub (running, or ended or failed: its counters stay)."""
+        out = []
+        for name, entry in sorted(self.entries.items()):
+            if entry.vm is not None:
+                listeners = entry.vm.config.listeners
+                labels = tuple((str(lst.address), lst.profile) for lst in listeners)
+                out.append(Source(name, entry.vm.hub, labels))
+        return out
 
     def stop(self, why: str) -> None:
         """SIGTERM: stop every VM as a single-VM qmpmux stops (again: stop waiting)."""
@@ -266,7 +303,7 @@ class Host:
         entry.state = "starting"
         entry.started = self._loop.create_future()
         self._live += 1
-        entry.task = self._loop.create_task(self._serve(entry), context=self._context(name))
+        entry.task = self._loop.create_task(self._serve(entry), context=vm_context(name))
 
     def _remove(self, entry: _Entry) -> None:
         if entry.vm is None or entry.state in ("failed", "ended", "refused"):
@@ -302,15 +339,10 @@ class Host:
 
     # --- one VM ---------------------------------------------------------------------------
 
-    def _context(self, name: str) -> contextvars.Context:
-        """Where a VM's work runs: every record it logs carries its name (logs.VM), and
-        the tasks, readers and timers it makes inherit that."""
-        context = contextvars.copy_context()
-        context.run(VM.set, name)
-        return context
-
     def _in_vm(self, name: str, call: Callable[..., object], *args: object) -> None:
-        self._context(name).run(call, *args)
+        """Call on a VM's behalf: what it logs, and the tasks, readers and timers it
+        makes, carry the VM's name (logs.vm_context)."""
+        vm_context(name).run(call, *args)
 
     async def _serve(self, entry: _Entry) -> None:
         vm = entry.vm

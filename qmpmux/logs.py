@@ -28,14 +28,11 @@ import logging
 import os
 import sys
 import time
-from contextvars import ContextVar
 from typing import Final, TextIO
 
 from qmpmux.redact import encode_record
 
 FORMATS: Final = ("text", "json")
-# The VM whose work is running (host mode sets it for each VM's tasks and callbacks).
-VM: ContextVar[str | None] = ContextVar("qmpmux_vm", default=None)
 _PREFIX: Final = "qmpmux: %(levelname)s %(name)s: %(message)s"
 _PREFIX_VM: Final = "qmpmux: %(levelname)s %(name)s: vm %(vm)s: %(message)s"
 # The VM the running code serves; None in single-VM mode (see the module docstring).

@@ -379,6 +379,7 @@ class Proxy:
     ) -> None:
         self.config = config
         self.policy = hub.policy if hub is not None else config.policy
+        self.vm = hub.vm if hub is not None else None  # its name in host mode
         self._audit = audit
         self.hub = hub or self._new_hub(1)
         self._reconnect = reconnect
@@ -409,7 +410,8 @@ class Proxy:
             listener_caps=config.listener_caps(),
             links=config.link_count(),
             first_client=first_client,
-            metrics=config.metrics is not None,
+            metrics=config.metrics is not None or self.vm is not None,
+            vm=self.vm,
         )
 
     def _queued_bytes(self, client: int) -> int:

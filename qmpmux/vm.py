@@ -55,6 +55,7 @@ class Vm:
             listener_caps=config.listener_caps(),
             links=config.link_count(),
             metrics=config.metrics is not None or name is not None,
+            vm=name,
         )
         self._addresses = (config.upstream, *config.more_upstreams) if config.upstream else ()
         self.proxy = Proxy(

@@ -10,11 +10,13 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from qmpmux.host import read_vm_dir
 from tests.realqemu import Qemu, RawClient, start_qemu
 from tests.test_cli import Running, one_line_error, run
+from tests.test_metrics_qemu import scrape, value
 
 
 class Vms:
@@ -254,3 +256,33 @@ async def test_sigterm_stops_every_vm_and_removes_their_sockets(vms: Vms) -> Non
         assert await c.eof()
     assert not vms.listener("a").exists() and not vms.listener("b").exists()
     assert all(qemu.alive() for qemu in vms.qemus.values())  # not qmpmux's to stop
+
+
+async def test_logs_audit_records_and_metrics_name_the_vm(vms: Vms) -> None:
+    for name in ("a", "b"):
+        vms.qemu(name)
+        vms.write(name, profile="readonly")
+    metrics = vms.root / "metrics.sock"
+    audit = vms.root / "audit.log"
+    host = await start_host(vms, "--metrics", f"unix:{metrics}", "--audit", str(audit))
+    a = await client(vms, "a")
+    assert await name_of(a) == named("a")
+    assert b"refused" in await a.command(b'{"execute":"stop","id":2}')
+    b = await client(vms, "b")
+    assert await name_of(b) == named("b")
+    samples = await scrape(metrics)
+    for name, ok in (("a", 1), ("b", 1)):
+        assert value(samples, "qmpmux_commands_total", vm=name, command="query-name",
+                     result="ok") == ok  # fmt: skip
+    assert value(samples, "qmpmux_commands_total", vm="a", command="stop", result="denied") == 1
+    assert value(samples, "qmpmux_commands_total", vm="b", command="stop", result="denied") == 0
+    assert value(samples, "qmpmux_vms", state="up") == 2
+    await stop_host(host)
+    records = [msgspec.json.decode(line) for line in audit.read_bytes().splitlines()]
+    assert sorted((r["vm"], r["command"]) for r in records) == [
+        ("a", "query-name"), ("a", "stop"), ("b", "query-name"),
+    ]  # fmt: skip
+    connects = [ln for ln in "".join(host.log).splitlines() if "connected on" in ln]
+    assert len(connects) == 2
+    assert any(f"vm a: client 1: connected on unix:{vms.listener('a')}" in ln for ln in connects)
+    assert any(f"vm b: client 1: connected on unix:{vms.listener('b')}" in ln for ln in connects)
