@@ -56,8 +56,8 @@ install:
 	$(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install -q .
 	install -d $(PREFIX)/share/qmpmux $(UNITDIR)
-	install -m 0644 systemd/qmpmux.toml.example README.md $(PREFIX)/share/qmpmux/
-	for unit in systemd/qmpmux@.service systemd/qmpmux@.socket systemd/qmpmux-readonly@.socket; do \
+	install -m 0644 systemd/qmpmux.toml.example systemd/qmpmux-host.toml.example README.md $(PREFIX)/share/qmpmux/
+	for unit in systemd/qmpmux@.service systemd/qmpmux@.socket systemd/qmpmux-readonly@.socket systemd/qmpmux.service; do \
 		sed 's|/opt/qmpmux|$(PREFIX)|g' $$unit > $(UNITDIR)/$$(basename $$unit); \
 		chmod 0644 $(UNITDIR)/$$(basename $$unit); \
 	done

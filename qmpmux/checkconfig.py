@@ -10,24 +10,33 @@ client will get before anyone connects.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 import msgspec
 
 from qmpmux.config import (
     Address,
+    Config,
     ConfigError,
+    FileConfig,
+    VmFile,
     check_references,
+    decode_file,
     listeners_of,
     parse_address,
     policy_of,
     read_file,
     split_spawn,
+    vm_config,
+    vm_key_in,
 )
+from qmpmux.host import SUFFIX, VM_NAME, claimed, read_vm_dir
 from qmpmux.policy import BUILTIN, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.upstream import monitor_args
 
@@ -167,6 +176,61 @@ def _dead_denials(profile: Profile, commands: list[str], events: list[str]) -> l
     return out
 
 
+def vm_config_file(path: str) -> VmFile:
+    """A host-mode VM file, checked as host mode checks it (ConfigError otherwise)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    file = decode_file(data, path, VmFile)
+    vm_config(file, path)
+    return file
+
+
+def _check_host(path: str, file: FileConfig) -> int:
+    """A host config, and every VM file of its vm-dir, as host mode would take them: one
+    line per VM (valid, or why host mode refuses it)."""
+    key = vm_key_in(file)
+    if key is not None:
+        print(f"qmpmux: error: {path}: {key}: a VM's key; with vm-dir, each VM's file in "
+              "that directory gives its own", file=sys.stderr)  # fmt: skip
+        return 2
+    assert file.vm_dir is not None
+    try:
+        found, skipped = read_vm_dir(file.vm_dir)
+    except OSError as exc:
+        print(f"qmpmux: error: vm-dir {file.vm_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"{path}: valid; vm-dir {file.vm_dir}: {len(found)} VM file(s)")
+    for name in skipped:
+        print(f"  {name}: skipped: not a VM file (a VM's name is {VM_NAME.pattern}.toml)")
+    configs: dict[str, Config] = {}
+    problems: dict[str, str] = {}
+    claims: dict[str, list[str]] = {}
+    for name in sorted(found):
+        vm_path = os.path.join(file.vm_dir, name + SUFFIX)
+        try:
+            configs[name] = vm_config(decode_file(found[name], vm_path, VmFile), vm_path)
+        except ConfigError as exc:
+            problems[name] = str(exc)
+            continue
+        for address in claimed(configs[name]):
+            claims.setdefault(address, []).append(name)
+    for address, names in sorted(claims.items()):
+        for name in names if len(names) > 1 else ():
+            others = ", ".join(n for n in names if n != name)
+            problems.setdefault(name, f"{address} is in VM {others}'s file too; neither starts")
+    for name in sorted(found):
+        if name in problems:
+            print(f"  {name}: refused: {problems[name]}")
+        else:
+            config = configs[name]
+            print(f"  {name}: valid ({len(config.listeners)} listener(s), "
+                  f"{len(config.policy.profiles)} profile(s))")  # fmt: skip
+    bad = len(problems)
+    return 2 if bad else 0
+
+
 def check_config(argv: Sequence[str]) -> int:
     try:
         own, qemu = split_spawn(argv)
@@ -183,12 +247,21 @@ def check_config(argv: Sequence[str]) -> int:
         "  qmpmux check-config /etc/qmpmux/vm1.toml\n"
         "  qmpmux check-config /etc/qmpmux/vm1.toml --upstream unix:/run/qemu/vm1.qmp\n"
         "  qmpmux check-config vm1.toml --spawn -- qemu-system-x86_64 -machine q35\n"
+        "  qmpmux check-config /etc/qmpmux/host.toml   (host mode: every VM file too)\n"
+        "  qmpmux check-config --vm /etc/qmpmux/vm.d/web1.toml\n"
         "exit status: 0 valid, 2 invalid (one line naming the key), 1 QEMU unreachable.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("file", metavar="FILE")
     parser.add_argument(
         "--upstream", metavar="ADDR", help="resolve against this running QEMU's monitor"
+    )
+    parser.add_argument(
+        "--vm",
+        action="store_true",
+        help="FILE is one VM's file of a host-mode vm-dir (no process-wide keys); a host "
+        "config (with vm-dir) is recognised by itself, and every VM file of its vm-dir "
+        "is checked",
     )
     parser.add_argument(
         "--spawn",
@@ -199,7 +272,12 @@ def check_config(argv: Sequence[str]) -> int:
     args = parser.parse_args(own)
     notes: list[str] = []
     try:
-        file = read_file(args.file)
+        if args.vm:
+            file: VmFile = vm_config_file(args.file)
+        else:
+            file = read_file(args.file)
+            if isinstance(file, FileConfig) and file.vm_dir is not None:
+                return _check_host(args.file, file)
         policy = policy_of(file, args.file)
         listeners = listeners_of(file, args.file)
         if listeners or not policy.rules:

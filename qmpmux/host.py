@@ -93,7 +93,7 @@ class _TakenError(ConfigError):
     """A VM file names a listener or monitor another VM has."""
 
 
-def _addresses(config: Config) -> set[str]:
+def claimed(config: Config) -> set[str]:
     """What two VMs may not share: a listener, or a QEMU monitor."""
     upstreams = (config.upstream, *config.more_upstreams) if config.upstream else ()
     return {f"listen {a.address}" for a in config.listeners} | {f"upstream {a}" for a in upstreams}
@@ -262,7 +262,7 @@ class Host:
                 config = vm_config(decode_file(text, path, VmFile), path)
             except ConfigError:
                 continue  # refused on its own account
-            for address in _addresses(config):
+            for address in claimed(config):
                 claims.setdefault(address, []).append(name)
         return {address: names for address, names in claims.items() if len(names) > 1}
 
@@ -278,10 +278,10 @@ class Host:
                     f"{path}: listen[{i}].address: systemd: sockets are for a single-VM "
                     "service (qmpmux@.service); host mode binds its listeners itself"
                 )
-        mine = _addresses(config)
+        mine = claimed(config)
         for other in self.entries.values():
             if other.name != name and other.vm is not None and other.state != "ended":
-                shared = mine & _addresses(other.vm.config)
+                shared = mine & claimed(other.vm.config)
                 if shared:
                     raise _TakenError(f"{path}: {min(shared)} is VM {other.name}'s")
         for address in sorted(mine & self._contested.keys()):

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from qmpmux.checkconfig import check_config
-from qmpmux.cli import parse_args, reload_policy
-from qmpmux.config import ConfigError, read_file
+from qmpmux.cli import parse_args, parse_command_line, reload_policy
+from qmpmux.config import ConfigError, HostConfig, read_file
 from qmpmux.policy import Decision
 from tests.realqemu import BASE_ARGS, qemu_path
 
@@ -19,6 +19,12 @@ def write(tmp_path: Path, text: str) -> str:
     path = tmp_path / "qmpmux.toml"
     path.write_text(text)
     return str(path)
+
+
+def test_the_shipped_host_example_loads_and_means_what_it_says() -> None:
+    config = parse_command_line(["--config", str(EXAMPLE.with_name("qmpmux-host.toml.example"))])
+    assert isinstance(config, HostConfig)
+    assert config.vm_dir == "/etc/qmpmux/vm.d" and config.metrics is None
 
 
 def test_the_shipped_example_loads_and_means_what_it_says() -> None:

@@ -286,3 +286,28 @@ async def test_logs_audit_records_and_metrics_name_the_vm(vms: Vms) -> None:
     assert len(connects) == 2
     assert any(f"vm a: client 1: connected on unix:{vms.listener('a')}" in ln for ln in connects)
     assert any(f"vm b: client 1: connected on unix:{vms.listener('b')}" in ln for ln in connects)
+
+
+async def test_check_config_checks_the_host_config_and_every_vm_file(tmp_path: Path) -> None:
+    vm_dir = tmp_path / "vm.d"
+    vm_dir.mkdir()
+    host = tmp_path / "host.toml"
+    host.write_text(f'vm-dir = "{vm_dir}"\n')
+    listen = '[[listen]]\naddress = "unix:{}"\n'
+    (vm_dir / "web1.toml").write_text('upstream = "unix:/q1"\n' + listen.format("/l1"))
+    (vm_dir / "web2.toml").write_text('upstream = "unix:/q1"\n' + listen.format("/l2"))
+    (vm_dir / "db.toml").write_text('upstream = "unix:/q3"\n' + listen.format("/l3"))
+    code, out = await run("check-config", str(host))
+    assert code == 2
+    assert "  db: valid (1 listener(s)" in out
+    assert "  web1: refused: upstream unix:/q1 is in VM web2's file too; neither starts" in out
+    (vm_dir / "web2.toml").write_text('upstream = "unix:/q2"\nmetrics = "unix:/m"\n')
+    code, out = await run("check-config", str(host))
+    assert code == 2
+    assert "  web1: valid" in out
+    assert f"  web2: refused: {vm_dir}/web2.toml: metrics: a key of the whole process" in out
+    (vm_dir / "web2.toml").unlink()
+    assert (await run("check-config", str(host)))[0] == 0
+    code, out = await run("check-config", "--vm", str(host))
+    assert code == 2
+    assert f"{host}: vm-dir: a key of the whole process" in one_line_error(out)

@@ -51,7 +51,7 @@ def _units_with_exec_start(tmp_path: Path) -> list[Path]:
     """The shipped units, pointed at this install's qmpmux: `verify` checks that the
     ExecStart binary exists, and /opt/qmpmux is where an operator installs it."""
     out = []
-    for unit in sorted(UNITS.glob("qmpmux*@.*")):
+    for unit in sorted([*UNITS.glob("qmpmux*@.*"), UNITS / "qmpmux.service"]):
         text = unit.read_text()
         target = tmp_path / unit.name.replace("@.", "@vm1.")
         target.write_text(text.replace("/opt/qmpmux/bin/qmpmux", str(QMPMUX)))
@@ -60,10 +60,11 @@ def _units_with_exec_start(tmp_path: Path) -> list[Path]:
 
 
 def test_units_point_at_the_documented_install() -> None:
-    service = (UNITS / "qmpmux@.service").read_text()
-    assert "\nExecStart=/opt/qmpmux/bin/qmpmux --config /etc/qmpmux/%i.toml\n" in service
-    assert "\nType=notify\n" in service
-    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in service
+    for unit, config in (("qmpmux@.service", "%i.toml"), ("qmpmux.service", "host.toml")):
+        service = (UNITS / unit).read_text()
+        assert f"\nExecStart=/opt/qmpmux/bin/qmpmux --config /etc/qmpmux/{config}\n" in service
+        assert "\nType=notify\n" in service
+        assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in service
     names = {
         unit.name: re.search(r"^FileDescriptorName=(.*)$", unit.read_text(), re.M)
         for unit in UNITS.glob("*.socket")
@@ -77,6 +78,8 @@ def test_units_point_at_the_documented_install() -> None:
         "python3 -m venv /opt/qmpmux",
         "systemctl enable --now qmpmux@vm1.socket",
         "systemctl reload qmpmux@vm1",
+        "systemctl enable --now qmpmux.service",
+        "systemctl reload qmpmux\n",
     ):
         assert command in readme
 
@@ -91,10 +94,11 @@ def test_units_verify_clean(tmp_path: Path) -> None:
     assert done.returncode == 0 and done.stdout + done.stderr == "", done.stdout + done.stderr
 
 
-def test_service_hardening_exposure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", ["qmpmux@vm1.service", "qmpmux.service"])
+def test_service_hardening_exposure(tmp_path: Path, unit: str) -> None:
     analyze = tool("systemd-analyze")
     units = _units_with_exec_start(tmp_path)
-    service = next(u for u in units if u.name.endswith(".service"))
+    service = next(u for u in units if u.name == unit)
     done = subprocess.run(
         [analyze, "security", "--offline=true", f"./{service.name}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
