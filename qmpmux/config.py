@@ -9,6 +9,7 @@ once, before anything listens.
 
 from __future__ import annotations
 
+import functools
 import grp
 import ipaddress
 import pwd
@@ -248,9 +249,17 @@ def _name_profile(data: bytes) -> str | None:
 
 def policy_of(file: VmFile, origin: str) -> Policy:
     try:
-        return compile_policy(file.profiles, file.rules)
+        return _compiled(tuple(file.profiles.items()), file.rules)
     except PolicyError as exc:
         raise ConfigError(f"{origin}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(profiles: tuple[tuple[str, ProfileSpec], ...], rules: tuple[RuleSpec, ...]) -> Policy:
+    """Compiled once per distinct text: a host's VMs mostly share their policy, and a
+    compiled policy is immutable (its per-name memos are pure), so they share the object
+    (memory per VM; a SIGHUP that adds VMs does not compile the same policy again)."""
+    return compile_policy(dict(profiles), rules)
 
 
 def listeners_of(file: VmFile, origin: str) -> tuple[Listener, ...]:

@@ -20,6 +20,7 @@ listener it connected to.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import re
@@ -61,7 +62,8 @@ class _Entry:
 
     name: str
     text: bytes  # the file as last acted on: unchanged files are left alone
-    vm: Vm | None = None  # None: refused (its file is wrong)
+    config: Config | None = None  # None: refused (its file is wrong)
+    vm: Vm | None = None  # made when its turn to start comes
     state: str = "refused"  # starting, up, failed, ended, stopping, refused
     task: asyncio.Task[None] | None = None
     started: asyncio.Future[None] | None = field(default=None, repr=False)
@@ -118,7 +120,14 @@ class Host:
         self._dir_stamp: int | None = None
         self._poll: asyncio.TimerHandle | None = None
         self._skipped: set[str] = set()
-        self._live = 0  # VM tasks not finished
+        self._live = 0  # VMs accepted and not over
+        # VMs accepted, waiting for their turn to start: one a loop turn, so that adding
+        # many never holds the loop for the VMs that serve clients (README "Host mode").
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._starter: asyncio.Task[None] | None = None
+        # Per rescan: files parsed (name -> text, result), addresses held, contested.
+        self._parsed: dict[str, tuple[bytes, Config | ConfigError]] = {}
+        self._taken: dict[str, str] = {}
         self._contested: dict[str, list[str]] = {}
         self.reloads = {OK: 0, ERROR: 0}
 
@@ -184,11 +193,12 @@ class Host:
         self._maybe_done()
 
     def _stop_vm(self, entry: _Entry, why: str) -> None:
-        """Stop a running VM; one still starting is stopped once started (`_serve`)."""
-        if entry.vm is None or entry.state not in ("starting", "up", "stopping"):
+        """Stop a running VM; one still starting is stopped once started (`_serve`), one
+        still waiting for its turn is not started (`_start_queued`)."""
+        if entry.config is None or entry.state not in ("starting", "up", "stopping"):
             return
         was, entry.state, entry.why = entry.state, "stopping", why
-        if was != "starting":
+        if was != "starting" and entry.vm is not None:
             self._in_vm(entry.name, entry.vm.stop, why)
 
     def reload(self) -> None:
@@ -243,7 +253,8 @@ class Host:
         for name, entry in list(self.entries.items()):
             if name not in found and entry.state not in ("stopping",):
                 self._remove(entry)
-        self._contested = self._contest({n: t for n, t in found.items() if n not in self.entries})
+        self._parsed = {}
+        self._contest({n: t for n, t in found.items() if n not in self.entries})
         for name, text in sorted(found.items()):
             known = self.entries.get(name)
             if known is None:
@@ -252,41 +263,61 @@ class Host:
                 self._change(known, text)
         return True
 
-    def _contest(self, new: dict[str, bytes]) -> dict[str, list[str]]:
-        """Addresses that more than one new file claims: none of them is started (which
-        one was meant is not for qmpmux to guess)."""
+    def _read(self, name: str, text: bytes) -> Config:
+        """A VM file as its Config, parsed once per rescan; raises ConfigError."""
+        known = self._parsed.get(name)
+        if known is not None and known[0] == text:
+            if isinstance(known[1], ConfigError):
+                raise known[1]
+            return known[1]
+        path = self._path(name)
+        try:
+            config = vm_config(decode_file(text, path, VmFile), path)
+            for i, listener in enumerate(config.listeners):
+                if listener.address.kind == "systemd":
+                    raise ConfigError(
+                        f"{path}: listen[{i}].address: systemd: sockets are for a single-VM "
+                        "service (qmpmux@.service); host mode binds its listeners itself"
+                    )
+        except ConfigError as exc:
+            self._parsed[name] = (text, exc)
+            raise
+        self._parsed[name] = (text, config)
+        return config
+
+    def _contest(self, new: dict[str, bytes]) -> None:
+        """What the running VMs hold, and the addresses more than one new file claims:
+        none of those is started (which one was meant is not for qmpmux to guess)."""
+        self._taken = {}
+        for entry in self.entries.values():
+            if entry.config is not None and entry.state != "ended":
+                self._taken.update(dict.fromkeys(claimed(entry.config), entry.name))
         claims: dict[str, list[str]] = {}
         for name, text in sorted(new.items()):
-            path = self._path(name)
             try:
-                config = vm_config(decode_file(text, path, VmFile), path)
+                config = self._read(name, text)
             except ConfigError:
                 continue  # refused on its own account
             for address in claimed(config):
                 claims.setdefault(address, []).append(name)
-        return {address: names for address, names in claims.items() if len(names) > 1}
+        self._contested = {address: names for address, names in claims.items() if len(names) > 1}
 
     def _path(self, name: str) -> str:
         return os.path.join(self.config.vm_dir, name + SUFFIX)
 
     def _parse(self, name: str, text: bytes) -> Config:
+        """A VM file as its Config, if its addresses are free; raises ConfigError."""
+        config = self._read(name, text)
         path = self._path(name)
-        config = vm_config(decode_file(text, path, VmFile), path)
-        for i, listener in enumerate(config.listeners):
-            if listener.address.kind == "systemd":
-                raise ConfigError(
-                    f"{path}: listen[{i}].address: systemd: sockets are for a single-VM "
-                    "service (qmpmux@.service); host mode binds its listeners itself"
-                )
         mine = claimed(config)
-        for other in self.entries.values():
-            if other.name != name and other.vm is not None and other.state != "ended":
-                shared = mine & claimed(other.vm.config)
-                if shared:
-                    raise _TakenError(f"{path}: {min(shared)} is VM {other.name}'s")
+        for address in sorted(mine):
+            owner = self._taken.get(address)
+            if owner is not None and owner != name:
+                raise _TakenError(f"{path}: {address} is VM {owner}'s")
         for address in sorted(mine & self._contested.keys()):
             others = ", ".join(n for n in self._contested[address] if n != name)
             raise _TakenError(f"{path}: {address} is in VM {others}'s file too; neither starts")
+        self._taken.update(dict.fromkeys(mine, name))
         return config
 
     def _add(self, name: str, text: bytes) -> None:
@@ -299,20 +330,43 @@ class Host:
             if isinstance(exc, _TakenError):
                 entry.text = b""  # tried again at every rescan, until it is free
             return
-        entry.vm = Vm(config, self._audit, name)
+        entry.config = config
         entry.state = "starting"
         entry.started = self._loop.create_future()
         self._live += 1
-        entry.task = self._loop.create_task(self._serve(entry), context=vm_context(name))
+        self._queue.append(entry)
+        if self._starter is None:
+            self._starter = self._loop.create_task(self._start_queued())
+
+    async def _start_queued(self) -> None:
+        """Start the accepted VMs, one a loop turn (a VM's first step binds its sockets
+        and reaches its QEMU: some 0.4 ms; a hundred at once would hold the loop)."""
+        try:
+            while self._queue:
+                entry = self._queue.popleft()
+                assert entry.config is not None and entry.started is not None
+                if entry.state != "starting":  # stopped before its turn came
+                    entry.started.set_result(None)
+                    entry.state = "ended"
+                    self._live -= 1
+                    self._ended(entry)
+                    continue
+                entry.vm = Vm(entry.config, self._audit, entry.name)
+                entry.task = self._loop.create_task(
+                    self._serve(entry), context=vm_context(entry.name)
+                )
+                await asyncio.sleep(0)
+        finally:
+            self._starter = None
 
     def _remove(self, entry: _Entry) -> None:
-        if entry.vm is None or entry.state in ("failed", "ended", "refused"):
+        if entry.config is None or entry.state in ("failed", "ended", "refused"):
             del self.entries[entry.name]
             return
         self._stop_vm(entry, "its file was removed")
 
     def _change(self, entry: _Entry, text: bytes) -> None:
-        if entry.vm is None or entry.state in ("failed", "ended", "refused"):
+        if entry.config is None or entry.state in ("failed", "ended", "refused"):
             del self.entries[entry.name]
             self._add(entry.name, text)  # as new: it was not running
             return
@@ -321,21 +375,27 @@ class Host:
             config = self._parse(entry.name, text)
         except ConfigError as exc:
             self._in_vm(entry.name, log.error, "reload failed, keeping the VM as it is: %s", exc)
-            entry.vm.hub.stats.reloads[ERROR] += 1
+            self._count_reload(entry, ERROR)
             return
-        running = entry.vm.config
+        running = entry.config
         if msgspec.structs.replace(config, policy=running.policy) != running:
             self._in_vm(
                 entry.name, log.warning,
                 "its file changed beyond profiles and rules; kept as it runs (remove the "
                 "file and add it back to apply that)",
             )  # fmt: skip
-            entry.vm.hub.stats.reloads[ERROR] += 1
+            self._count_reload(entry, ERROR)
             return
-        entry.vm.reload(config.policy)
-        entry.vm.config = config
+        entry.config = config
+        if entry.vm is not None:
+            self._in_vm(entry.name, entry.vm.reload, config.policy)
+            entry.vm.config = config
         self._in_vm(entry.name, log.info, "policy reloaded: %d profile(s), %d rule(s)",
                     len(config.policy.profiles), len(config.policy.rules))  # fmt: skip
+
+    def _count_reload(self, entry: _Entry, result: str) -> None:
+        if entry.vm is not None:
+            entry.vm.hub.stats.reloads[result] += 1
 
     # --- one VM ---------------------------------------------------------------------------
 
