@@ -6,6 +6,7 @@ says which QEMU a client reached.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from qmpmux.host import read_vm_dir
+from qmpmux.config import HostConfig
+from qmpmux.host import Host, read_vm_dir
 from tests.realqemu import Qemu, RawClient, start_qemu
 from tests.test_cli import Running, one_line_error, run
 from tests.test_metrics_qemu import scrape, value
@@ -311,3 +313,25 @@ async def test_check_config_checks_the_host_config_and_every_vm_file(tmp_path: P
     code, out = await run("check-config", "--vm", str(host))
     assert code == 2
     assert f"{host}: vm-dir: a key of the whole process" in one_line_error(out)
+
+
+async def test_vms_added_together_start_one_a_loop_turn(tmp_path: Path) -> None:
+    # Adding many VMs must not hold the loop for the clients of those already serving:
+    # each new VM's first step (binding, reaching QEMU) gets a loop turn of its own.
+    vm_dir = tmp_path / "vm.d"
+    vm_dir.mkdir()
+    for i in range(5):
+        (vm_dir / f"vm{i}.toml").write_text(
+            f'upstream = "unix:{tmp_path}/q{i}"\nconnect-timeout = 0.1\n'
+            f'[[listen]]\naddress = "unix:{tmp_path}/l{i}"\n'
+        )
+    host = Host(HostConfig(vm_dir=str(vm_dir)))
+    assert host.rescan()
+    made = []
+    for _ in range(5):
+        made.append(sum(e.vm is not None for e in host.entries.values()))
+        await asyncio.sleep(0)
+    assert made == [0, 1, 2, 3, 4]
+    host.stop("test over")
+    tasks = [e.task for e in host.entries.values() if e.task is not None]
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
