@@ -421,6 +421,7 @@ async def serve(
     except StartupError as exc:
         service.stopping(str(exc))
         raise
+    assert ready is not None, "only host mode waits for QEMU"
     # Start-up objects (modules, code, config) are never garbage: keep the collector's full
     # passes, which stall every client, from walking them again and again.
     gc.collect()

@@ -411,15 +411,17 @@ class Host:
             try:
                 vm.bind()
                 log.info("%s", vm.describe_start())
-                ready = await vm.start()
+                ready = await vm.start(wait_for_qemu=True)
             except StartupError as exc:
                 log.error("cannot start: %s", exc)
                 entry.state = "failed"
                 return
             finally:
                 entry.started.set_result(None)
-            version = ready.version.decode("ascii", "replace")
-            log.info("ready: QEMU monitor %s, %d listener(s)", version, len(vm.config.listeners))
+            if ready is not None:
+                version = ready.version.decode("ascii", "replace")
+                log.info("ready: QEMU monitor %s, %d listener(s)", version,
+                         len(vm.config.listeners))  # fmt: skip
             if entry.state == "starting":
                 entry.state = "up"
             else:  # removed, or SIGTERM, while it started

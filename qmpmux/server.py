@@ -481,6 +481,20 @@ class Proxy:
             log.info("serving metrics on %s/metrics", self.config.metrics)
         return ready
 
+    async def start_away(self, reason: str) -> None:
+        """Accept clients before QEMU is reached, and reach it as after losing it (with
+        `reconnect`): clients wait, unread, until it greets (README "Host mode")."""
+        assert self._reconnect is not None, "only a proxy that reconnects waits for QEMU"
+        if not self._listening:
+            self.bind()
+        self.upstream, self.down_reason = None, reason
+        for entry in self._listening:
+            self._loop.add_reader(entry.sock.fileno(), self._accept, entry)
+            log.info("listening on %s (profile %s)", entry.label, entry.listener.profile)
+        if self._metrics is not None:
+            await self._metrics.start()
+        self._reconnecting = self._loop.create_task(self._reconnect_loop())
+
     async def _session(
         self, sockets: list[socket.socket], handshake_timeout: float
     ) -> UpstreamReady:

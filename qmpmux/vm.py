@@ -85,16 +85,23 @@ class Vm:
             return f"starting QEMU {config.spawn[0]}"
         return f"connecting to QEMU at {config.upstream}"
 
-    async def start(self) -> UpstreamReady:
+    async def start(self, wait_for_qemu: bool = False) -> UpstreamReady | None:
         """Start or reach QEMU and negotiate with it, then accept clients. Raises
-        StartupError, having closed everything it opened (a QEMU it started included)."""
+        StartupError, having closed everything it opened (a QEMU it started included).
+
+        With `wait_for_qemu` (host mode) a VM that reconnects and cannot reach its QEMU
+        yet accepts clients anyway and keeps trying: None."""
         config = self.config
         try:
             if config.spawn:
                 self.qemu, sockets = await spawn(config.spawn, config.lanes)
             else:
                 sockets = await connect_all(self._addresses, config.connect_timeout)
-        except StartupError:
+        except StartupError as exc:
+            if wait_for_qemu and config.reconnect:
+                log.warning("QEMU not reached (%s); accepting clients, reconnecting", exc)
+                await self.proxy.start_away(str(exc))
+                return None
             self.proxy.unbind()
             raise
         try:

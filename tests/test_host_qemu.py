@@ -91,7 +91,9 @@ async def stop_host(host: Running) -> None:
     assert await host.wait() == 0
 
 
-async def test_each_vm_is_its_own_qemu_and_one_dying_costs_only_its_clients(vms: Vms) -> None:
+async def test_each_vm_is_its_own_qemu_and_one_dying_or_stalling_costs_only_its_clients(
+    vms: Vms,
+) -> None:
     for name in ("a", "b", "c"):
         vms.qemu(name)
         vms.write(name)
@@ -99,11 +101,16 @@ async def test_each_vm_is_its_own_qemu_and_one_dying_costs_only_its_clients(vms:
     clients = {name: await client(vms, name) for name in ("a", "b", "c")}
     for name, c in clients.items():
         assert await name_of(c) == named(name)
-    vms.qemus["b"].proc.kill()
-    assert await clients["b"].eof()
-    for name in ("a", "c"):
-        assert await name_of(clients[name]) == named(name)
-        assert await name_of(await client(vms, name)) == named(name)
+    vms.qemus["c"].proc.send_signal(signal.SIGSTOP)  # c's QEMU stalls: c's clients wait
+    try:
+        await clients["c"].send(b'{"execute":"query-name","id":1}')
+        vms.qemus["b"].proc.kill()
+        assert await clients["b"].eof()
+        assert await name_of(clients["a"]) == named("a")
+        assert await name_of(await client(vms, "a")) == named("a")
+    finally:
+        vms.qemus["c"].proc.send_signal(signal.SIGCONT)
+    assert await clients["c"].read() == named("c")
     assert host.proc.returncode is None
     await stop_host(host)
 
@@ -188,6 +195,26 @@ async def test_a_changed_file_reloads_that_vms_policy(vms: Vms) -> None:
     host.proc.send_signal(signal.SIGHUP)
     await host.expect("changed beyond profiles and rules")
     assert b"refused" in await name_of(a)
+    await stop_host(host)
+
+
+async def test_a_vm_that_reconnects_waits_for_its_qemu_with_clients_held(vms: Vms) -> None:
+    monitor = vms.root / "a" / "mon0.sock"  # where vms.qemu("a") will put it
+    vms.write_text(
+        "a",
+        f'upstream = "unix:{monitor}"\nreconnect = true\nconnect-timeout = 0.1\n'
+        f'[[listen]]\naddress = "unix:{vms.listener("a")}"\n',
+    )
+    host = await Running.launch("--vm-dir", str(vms.dir))
+    await host.expect("accepting clients, reconnecting")
+    await host.expect("VM(s) up")
+    early = await RawClient.connect(vms.listener("a"), greeting=False)
+    vms.qemu("a")
+    await host.expect("reconnected")
+    early.greeting = await early.read()
+    assert early.greeting.startswith(b'{"QMP"')
+    await early.negotiate()
+    assert await name_of(early) == named("a")
     await stop_host(host)
 
 
