@@ -32,6 +32,7 @@ from qmpmux.config import (
     check_limits,
     check_references,
     listeners_of,
+    no_nul,
     parse_address,
     parse_listener,
     policy_of,
@@ -294,7 +295,7 @@ def parse_command_line(argv: Sequence[str]) -> Config | HostConfig:
         upstreams = [parse_address(text) for text in args.upstream]
     else:
         upstreams = upstreams_of(file, origin)
-    audit = args.audit or (file.audit.file if file.audit else None)
+    audit = _audit_of(args, file, origin)
     limits = msgspec.structs.replace(file.limits, **overrides)
     try:
         check_limits(limits)
@@ -342,11 +343,11 @@ def _host_config(args: argparse.Namespace, file: FileConfig, origin: str) -> Hos
             "gives its own"
         )
     config = HostConfig(
-        vm_dir=args.vm_dir or file.vm_dir or "",
+        vm_dir=no_nul(args.vm_dir or file.vm_dir or "", f"{origin}: vm-dir"),
         allow_remote=args.allow_remote or file.allow_remote,
         log_level=args.log_level or file.log_level,
         log_format=args.log_format or file.log_format,
-        audit=args.audit or (file.audit.file if file.audit else None),
+        audit=_audit_of(args, file, origin),
         metrics=_metrics_address(args.metrics or file.metrics, origin, bool(args.metrics)),
         source=args.config,
     )
@@ -356,6 +357,11 @@ def _host_config(args: argparse.Namespace, file: FileConfig, origin: str) -> Hos
             f"refusing to serve metrics on non-loopback {metrics} without --allow-remote"
         )
     return config
+
+
+def _audit_of(args: argparse.Namespace, file: FileConfig, origin: str) -> str | None:
+    audit = args.audit or (file.audit.file if file.audit else None)
+    return None if audit is None else no_nul(audit, f"{origin}: audit.file")
 
 
 def _metrics_address(text: str | None, origin: str, flag: bool) -> Address | None:

@@ -312,7 +312,7 @@ def _resolve_id(value: str | int, kind: str, lookup: Callable[[str], int]) -> in
         return number
     try:
         return lookup(value)
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL in the name, which names nobody
         raise ConfigError(f"no {kind} {value!r}") from None
 
 
@@ -338,7 +338,17 @@ def _unix_only(key: str, address: Address) -> str:
 _TCP = re.compile(r"^tcp:(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$")
 
 
+def no_nul(text: str, where: str) -> str:
+    """A path or argument as the system takes it: its calls read C strings, which end at a
+    NUL, so one inside would name another file, or run another program, than the one
+    written (Python refuses it with a ValueError, at the first use)."""
+    if "\0" in text:
+        raise ConfigError(f"{where}: {text!r} holds a NUL character")
+    return text
+
+
 def parse_address(text: str) -> Address:
+    no_nul(text, f"bad address {text!r}")
     if text.startswith("unix:"):
         path = text[len("unix:") :]
         if not path:
@@ -349,7 +359,12 @@ def parse_address(text: str) -> Address:
         port = int(m["port"])
         if not 0 < port < 65536:
             raise ConfigError(f"bad address {text!r}: port out of range")
-        return Address("tcp", host=m["v6"] or m["host"], port=port)
+        host = m["v6"] or m["host"]
+        try:
+            host.encode("idna")  # as getaddrinfo will (an empty label never resolves)
+        except UnicodeError:
+            raise ConfigError(f"bad address {text!r}: {host!r} is not a host name") from None
+        return Address("tcp", host=host, port=port)
     raise ConfigError(f"bad address {text!r}: expected unix:PATH or tcp:HOST:PORT")
 
 
@@ -475,6 +490,8 @@ def check(config: Config) -> None:
         )
     if metrics is not None and str(metrics) in {str(lst.address) for lst in config.listeners}:
         raise ConfigError(f"--metrics {metrics} is also a --listen address")
+    for i, arg in enumerate(config.spawn):
+        no_nul(arg, f"{config.source}: spawn[{i}]" if config.source else f"spawn[{i}]")
     if config.reconnect and config.spawn:
         raise ConfigError("--reconnect needs --upstream: with --spawn, QEMU's end is qmpmux's")
     if not 0 <= config.shutdown_timeout <= 3600:

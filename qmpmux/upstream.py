@@ -53,7 +53,12 @@ async def connect(address: Address, timeout: float, quiet: bool = False) -> sock
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: str | tuple[Any, ...] = address.path
         else:
-            infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            try:
+                infos = await loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            except OSError as exc:  # socket.gaierror: QEMU's host is not there either
+                raise StartupError(
+                    f"cannot connect to QEMU at {address}: {exc.strerror or exc}"
+                ) from None
             if not infos:
                 raise StartupError(f"cannot resolve {address}")
             family, kind, proto, _, sockaddr = infos[0]

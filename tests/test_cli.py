@@ -142,6 +142,15 @@ async def test_missing_upstream_is_one_line_after_retrying(tmp_path: Path) -> No
     assert "cannot connect to QEMU" in one_line_error(out)
 
 
+async def test_an_upstream_name_that_does_not_resolve_is_one_line(tmp_path: Path) -> None:
+    code, out = await run(
+        "--listen", f"unix:{tmp_path}/m.sock", "--upstream", "tcp:qmpmux-test.invalid:4444",
+        "--connect-timeout", "0.3", "--log-level", "warning",
+    )  # fmt: skip
+    assert code == 1
+    assert "cannot connect to QEMU at tcp:qmpmux-test.invalid:4444: " in one_line_error(out)
+
+
 async def test_missing_qemu_binary_is_one_line(tmp_path: Path) -> None:
     code, out = await run(
         "--listen", f"unix:{tmp_path}/m.sock", "--spawn", "--", "/nonexistent/qemu-system-x86_64"

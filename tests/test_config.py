@@ -86,6 +86,17 @@ BAD = [
      "limits.negotiation-timeout"),
     ('upstream = "unix:/q"\nlisten = [{address = "unix:/s"}]\n[limits]\noutbox-bytes = 4194304\n',
      "limits.outbox-bytes"),
+    # What the system's calls would cut at a NUL, or never resolve, is refused here, with
+    # its key, rather than raised at the first use (in host mode, inside one VM).
+    ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s\\u0000x"\n',
+     "listen[0].address: bad address 'unix:/s\\x00x': 'unix:/s\\x00x' holds a NUL"),
+    ('upstream = "tcp:a..b:1"\n[[listen]]\naddress = "unix:/s"\n',
+     "upstream: bad address 'tcp:a..b:1': 'a..b' is not a host name"),
+    ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nowner = "a\\u0000b"\n',
+     "listen[0].owner: no user 'a\\x00b'"),
+    ('spawn = ["qemu\\u0000x"]\n[[listen]]\naddress = "unix:/s"\n', "spawn[0]: 'qemu\\x00x' holds"),
+    (LISTEN + '[audit]\nfile = "/a\\u0000b"\n', "audit.file: '/a\\x00b' holds a NUL"),
+    ('vm-dir = "/a\\u0000b"\n', "vm-dir: '/a\\x00b' holds a NUL"),
 ]  # fmt: skip
 
 
