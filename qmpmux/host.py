@@ -46,6 +46,7 @@ from qmpmux.logs import vm_context
 from qmpmux.metrics import ERROR, OK
 from qmpmux.server import StartupError, open_listener
 from qmpmux.systemd import Notifier, ServiceState
+from qmpmux.upstream import stop_qemu
 from qmpmux.vm import Vm
 
 log = logging.getLogger("qmpmux.host")
@@ -282,6 +283,13 @@ class Host:
         except ConfigError as exc:
             self._parsed[name] = (text, exc)
             raise
+        except Exception as exc:
+            # A defect of qmpmux's, not of the file: still the file's VM alone is refused,
+            # never the rescan (and the VMs after it) or the host (README "Host mode").
+            log.exception("%s: reading it failed", path)
+            error = ConfigError(f"{path}: cannot be read ({type(exc).__name__}: {exc})")
+            self._parsed[name] = (text, error)
+            raise error from None
         self._parsed[name] = (text, config)
         return config
 
@@ -429,6 +437,15 @@ class Host:
             code = await vm.wait()
             log.log(logging.INFO if code == 0 else logging.ERROR, "VM over (status %d)", code)
             entry.state = "ended"
+        except Exception:
+            # A defect of qmpmux's, not of the VM's file or QEMU, costs the VM it happened
+            # in: logged in its name, what it opened closed, failed until its file changes;
+            # the host's bookkeeping and the other VMs go on (README "Host mode").
+            log.exception("failed")
+            entry.state = "failed"
+            vm.proxy.stop("qmpmux failed", 1)
+            if vm.qemu is not None and vm.qemu.process.returncode is None:
+                await stop_qemu(vm.qemu.process, grace=2)
         finally:
             self._live -= 1
             self._ended(entry)

@@ -3,8 +3,18 @@ changed while their VMs start, stop or fail, and signals meanwhile (README "Host
 
 from __future__ import annotations
 
+import asyncio
 import signal
+from pathlib import Path
 
+import pytest
+
+from qmpmux import config as config_module
+from qmpmux import host as host_module
+from qmpmux.config import Config, HostConfig, VmFile
+from qmpmux.host import Host
+from qmpmux.hub import UpstreamReady
+from qmpmux.vm import Vm
 from tests.test_cli import Running
 from tests.test_host_qemu import Vms, client, name_of, named, stop_host, vms
 
@@ -68,3 +78,68 @@ async def test_a_qemu_address_that_does_not_resolve_fails_its_vm_or_is_retried(
     assert not vms.listener("once").exists()
     assert vms.listener("again").exists()
     await stop_host(host)
+
+
+async def test_a_defect_in_one_vms_start_fails_that_vm_alone(
+    vms: Vms, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What qmpmux does not expect (a bug: no QEMU can cause it on demand) costs the VM
+    # it happened in: logged in its name, its listeners closed, failed until its file
+    # changes; the host's bookkeeping and the other VMs go on.
+    for name in ("a", "b"):
+        vms.qemu(name)
+        vms.write(name)
+    real_start = Vm.start
+
+    async def start(vm: Vm, wait_for_qemu: bool = False) -> UpstreamReady | None:
+        if vm.name == "b":
+            raise RuntimeError("a bug")
+        return await real_start(vm, wait_for_qemu)
+
+    monkeypatch.setattr(Vm, "start", start)
+    host = Host(HostConfig(vm_dir=str(vms.dir)))
+    assert host.rescan()
+    started = [e.started for e in host.entries.values() if e.started is not None]
+    await asyncio.wait_for(asyncio.gather(*started), 10)
+    assert {n: e.state for n, e in host.entries.items()} == {"a": "up", "b": "failed"}
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == ["failed"]
+    assert not vms.listener("b").exists()
+    assert await name_of(await client(vms, "a")) == named("a")
+    monkeypatch.undo()
+    vms.write("b", "# changed")
+    assert host.rescan()
+    entry = host.entries["b"]
+    assert entry.started is not None
+    await asyncio.wait_for(entry.started, 10)
+    assert await name_of(await client(vms, "b")) == named("b")
+    host.stop("test over")
+    tasks = [e.task for e in host.entries.values() if e.task is not None]
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def test_a_defect_in_reading_one_vm_file_refuses_that_file_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The files are read in their names' order: one that raises what qmpmux does not
+    # expect must not end the rescan before the files after it (nor the host at start).
+    vm_dir = tmp_path / "vm.d"
+    vm_dir.mkdir()
+    for name in ("a", "b", "c"):
+        (vm_dir / f"{name}.toml").write_text(
+            f'upstream = "unix:{tmp_path}/q-{name}"\nconnect-timeout = 0.1\n'
+            f'[[listen]]\naddress = "unix:{tmp_path}/l-{name}"\n'
+        )
+    real_vm_config = config_module.vm_config
+
+    def vm_config(file: VmFile, origin: str) -> Config:
+        if origin.endswith("b.toml"):
+            raise RuntimeError("a bug")
+        return real_vm_config(file, origin)
+
+    monkeypatch.setattr(host_module, "vm_config", vm_config)
+    host = Host(HostConfig(vm_dir=str(vm_dir)))
+    assert host.rescan()
+    states = {n: e.state for n, e in host.entries.items()}
+    assert states == {"a": "starting", "b": "refused", "c": "starting"}
+    host.stop("test over")
+    await asyncio.wait_for(host._done, 10)
