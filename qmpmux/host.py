@@ -255,7 +255,7 @@ class Host:
             if name not in found and entry.state not in ("stopping",):
                 self._remove(entry)
         self._parsed = {}
-        self._contest({n: t for n, t in found.items() if n not in self.entries})
+        self._contest({n: t for n, t in found.items() if self._starts_anew(n, t)})
         for name, text in sorted(found.items()):
             known = self.entries.get(name)
             if known is None:
@@ -263,6 +263,15 @@ class Host:
             elif known.text != text and known.state != "stopping":
                 self._change(known, text)
         return True
+
+    def _starts_anew(self, name: str, text: bytes) -> bool:
+        """Whether this rescan starts `name` as a new VM: a new file, or a changed one
+        whose VM is not running (`_change`), a file refused before included."""
+        known = self.entries.get(name)
+        if known is None:
+            return True
+        not_running = known.config is None or known.state in ("failed", "ended", "refused")
+        return known.text != text and not_running
 
     def _read(self, name: str, text: bytes) -> Config:
         """A VM file as its Config, parsed once per rescan; raises ConfigError."""
@@ -294,8 +303,9 @@ class Host:
         return config
 
     def _contest(self, new: dict[str, bytes]) -> None:
-        """What the running VMs hold, and the addresses more than one new file claims:
-        none of those is started (which one was meant is not for qmpmux to guess)."""
+        """What the running VMs hold, and the addresses more than one file to start
+        claims and no VM holds: none of those is started (which one was meant is not for
+        qmpmux to guess), at this rescan and the next ones, until one gives it up."""
         self._taken = {}
         for entry in self.entries.values():
             if entry.config is not None and entry.state != "ended":
@@ -306,7 +316,7 @@ class Host:
                 config = self._read(name, text)
             except ConfigError:
                 continue  # refused on its own account
-            for address in claimed(config):
+            for address in claimed(config) - self._taken.keys():
                 claims.setdefault(address, []).append(name)
         self._contested = {address: names for address, names in claims.items() if len(names) > 1}
 

@@ -32,6 +32,24 @@ async def expect_all(host: Running, *texts: str) -> None:
         left -= {text for text in left if text in line}
 
 
+async def test_two_files_with_one_listener_stay_refused_at_every_rescan(vms: Vms) -> None:
+    vms.qemu("a")
+    vms.qemu("b")
+    vms.write("a")
+    vms.write_text(
+        "b",
+        f'upstream = "unix:{vms.qemus["b"].monitors[0]}"\n'
+        f'[[listen]]\naddress = "unix:{vms.listener("a")}"\n',
+    )
+    host = await Running.launch("--vm-dir", str(vms.dir))
+    await host.expect("0 of 2 VM(s) up")
+    host.proc.send_signal(signal.SIGHUP)  # nothing changed: which was meant is still unknown
+    for _ in range(2):
+        assert "neither starts" in await host.expect("refused")
+    assert not vms.listener("a").exists()
+    await stop_host(host)
+
+
 async def test_a_nul_in_a_path_refuses_the_vm_file_and_a_fixed_file_starts(vms: Vms) -> None:
     # A path with a NUL cannot name a file (the system call would see a shorter one):
     # refused with its key, as any other bad value, and never an exception in a VM.
