@@ -463,14 +463,19 @@ class Host:
     def _ended(self, entry: _Entry) -> None:
         """A VM's task is over: forget it if its file is gone (a file added back while
         it stopped is then found by a rescan), keep it as ended or failed otherwise,
-        until its file changes."""
+        until its file changes. What it held is free: a file refused for naming it (a
+        VM file renamed, or replaced by another) is tried again at once."""
         if self._stopping is not None:
             self._maybe_done()
-        elif self.entries.get(entry.name) is entry and not os.path.exists(self._path(entry.name)):
+            return
+        if self.entries.get(entry.name) is entry and not os.path.exists(self._path(entry.name)):
             del self.entries[entry.name]
         elif entry.why:  # stopped because its file went, and it is back
             del self.entries[entry.name]
             self._loop.call_soon(self.rescan)
+            return
+        if any(e.config is None and e.text == b"" for e in self.entries.values()):
+            self._loop.call_soon(self.rescan)  # refused for what another VM held (`_add`)
 
     def _maybe_done(self) -> None:
         if self._stopping is not None and self._live == 0 and not self._done.done():

@@ -16,7 +16,7 @@ from qmpmux.host import Host
 from qmpmux.hub import UpstreamReady
 from qmpmux.vm import Vm
 from tests.test_cli import Running
-from tests.test_host_qemu import Vms, client, name_of, named, stop_host, vms
+from tests.test_host_qemu import Vms, client, name_of, named, start_host, stop_host, vms
 
 __all__ = ["vms"]  # the fixture, used by name
 
@@ -30,6 +30,21 @@ async def expect_all(host: Running, *texts: str) -> None:
         except TimeoutError:
             raise AssertionError(f"not logged: {left}; log: {''.join(host.log)}") from None
         left -= {text for text in left if text in line}
+
+
+async def test_a_renamed_vm_file_starts_its_vm_under_the_new_name(vms: Vms) -> None:
+    # A VM's listener and monitor are held until its old name's VM has stopped; the
+    # file under the new name, refused meanwhile, starts once they are free.
+    vms.qemu("a")
+    vms.write("a")
+    host = await start_host(vms)
+    assert await name_of(await client(vms, "a")) == named("a")
+    (vms.dir / "a.toml").rename(vms.dir / "b.toml")  # seen by the look at the directory
+    await host.expect("vm b: refused")
+    await host.expect("vm a: VM over")
+    await host.expect(f"vm b: listening on unix:{vms.listener('a')}")
+    assert await name_of(await client(vms, "a")) == named("a")
+    await stop_host(host)
 
 
 async def test_two_files_with_one_listener_stay_refused_at_every_rescan(vms: Vms) -> None:
