@@ -485,6 +485,8 @@ class Proxy:
         """Accept clients before QEMU is reached, and reach it as after losing it (with
         `reconnect`): clients wait, unread, until it greets (README "Host mode")."""
         assert self._reconnect is not None, "only a proxy that reconnects waits for QEMU"
+        if self._exit is not None:
+            return  # stopped while QEMU was being reached: no clients to accept, ever
         if not self._listening:
             self.bind()
         self.upstream, self.down_reason = None, reason

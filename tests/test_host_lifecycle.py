@@ -65,6 +65,27 @@ async def test_two_files_with_one_listener_stay_refused_at_every_rescan(vms: Vms
     await stop_host(host)
 
 
+async def test_a_vm_stopped_twice_while_it_starts_leaves_no_socket(vms: Vms) -> None:
+    # `s` reconnects and its QEMU is not there: it is still trying when SIGTERM comes
+    # twice, and listens for its clients only after that; it must not, nor leave its
+    # socket file behind.
+    vms.qemu("a")
+    vms.write("a")
+    vms.write_text(
+        "s",
+        f'upstream = "unix:{vms.root / "nowhere.sock"}"\nreconnect = true\n'
+        f'connect-timeout = 1\n[[listen]]\naddress = "unix:{vms.listener("s")}"\n',
+    )
+    host = await Running.launch("--vm-dir", str(vms.dir))
+    await expect_all(host, f"vm a: listening on unix:{vms.listener('a')}", "vm s: connecting")
+    host.proc.send_signal(signal.SIGTERM)
+    await host.expect("vm a: VM over")
+    host.proc.send_signal(signal.SIGTERM)
+    await host.expect("vm s: received SIGTERM")
+    assert await host.wait() == 0
+    assert not vms.listener("s").exists(), "".join(host.log)
+
+
 async def test_a_nul_in_a_path_refuses_the_vm_file_and_a_fixed_file_starts(vms: Vms) -> None:
     # A path with a NUL cannot name a file (the system call would see a shorter one):
     # refused with its key, as any other bad value, and never an exception in a VM.
