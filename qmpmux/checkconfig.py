@@ -36,7 +36,7 @@ from qmpmux.config import (
     vm_config,
     vm_key_in,
 )
-from qmpmux.host import SUFFIX, VM_NAME, claimed, read_vm_dir
+from qmpmux.host import SUFFIX, claimed, read_vm_dir
 from qmpmux.policy import BUILTIN, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.upstream import monitor_args
 
@@ -202,8 +202,8 @@ def _check_host(path: str, file: FileConfig) -> int:
         print(f"qmpmux: error: vm-dir {file.vm_dir}: {exc.strerror}", file=sys.stderr)
         return 2
     print(f"{path}: valid; vm-dir {file.vm_dir}: {len(found)} VM file(s)")
-    for name in skipped:
-        print(f"  {name}: skipped: not a VM file (a VM's name is {VM_NAME.pattern}.toml)")
+    for name, why in sorted(skipped.items()):
+        print(f"  {name}: skipped: {why}")
     configs: dict[str, Config] = {}
     problems: dict[str, str] = {}
     claims: dict[str, list[str]] = {}

@@ -25,9 +25,9 @@ import logging
 import os
 import re
 import signal
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 import msgspec
@@ -71,25 +71,44 @@ class _Entry:
     why: str = ""  # why it is stopping
 
 
-def read_vm_dir(path: str) -> tuple[dict[str, bytes], list[str]]:
-    """The VM files in `path` (name -> text), and the names of files skipped. Dotfiles
-    and names not ending in .toml are not VM files (editors' and tools' temporary
-    files); raises OSError if the directory cannot be read."""
+def read_vm_dir(path: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The VM files in `path` (name -> text), and the files skipped (file name -> why).
+    Dotfiles and names not ending in .toml are not VM files (editors' and tools'
+    temporary files); raises OSError if the directory cannot be read."""
     found: dict[str, bytes] = {}
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     with os.scandir(path) as entries:
         for entry in entries:
             if entry.name.startswith(".") or not entry.name.endswith(SUFFIX):
                 continue
             name = entry.name[: -len(SUFFIX)]
             if not VM_NAME.fullmatch(name):
-                skipped.append(entry.name)
+                skipped[entry.name] = f"not a VM file (a VM's name is {VM_NAME.pattern}.toml)"
                 continue
             try:
-                found[name] = Path(entry.path).read_bytes()
-            except OSError:
-                skipped.append(entry.name)
+                text = _read_regular(entry.path) if entry.is_file() else None
+            except OSError as exc:
+                skipped[entry.name] = f"cannot read it: {exc.strerror or exc}"
+                continue
+            if text is None:
+                skipped[entry.name] = "not a regular file"
+            else:
+                found[name] = text
     return found, skipped
+
+
+def _read_regular(path: str) -> bytes | None:
+    """A regular file's text; None if what the name leads to is something else by the
+    time it is opened. Never waits: reading a FIFO waits for a writer and a device may
+    never end, and the rescan runs in the loop every VM is served from."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    finally:
+        os.close(fd)
 
 
 class _TakenError(ConfigError):
@@ -247,9 +266,8 @@ class Host:
             log.error("cannot read vm-dir %s: %s; no VM changed", self.config.vm_dir,
                       exc.strerror or exc)  # fmt: skip
             return False
-        for name in sorted(set(skipped) - self._skipped):
-            log.warning("%s/%s: not a VM file (a VM's name is %s.toml); skipped",
-                        self.config.vm_dir, name, VM_NAME.pattern)  # fmt: skip
+        for name in sorted(skipped.keys() - self._skipped):
+            log.warning("%s/%s: %s; skipped", self.config.vm_dir, name, skipped[name])
         self._skipped = set(skipped)
         for name, entry in list(self.entries.items()):
             if name not in found and entry.state not in ("stopping",):

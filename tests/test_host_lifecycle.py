@@ -4,6 +4,7 @@ changed while their VMs start, stop or fail, and signals meanwhile (README "Host
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -197,3 +198,21 @@ async def test_a_defect_in_reading_one_vm_file_refuses_that_file_alone(
     assert states == {"a": "starting", "b": "refused", "c": "starting"}
     host.stop("test over")
     await asyncio.wait_for(host._done, 10)
+
+
+async def test_a_vm_file_that_is_not_a_regular_file_is_skipped_and_never_read(
+    vms: Vms,
+) -> None:
+    # Reading a FIFO waits for a writer, and a device may never end: the host would hang
+    # in the rescan, every VM with it.
+    vms.qemu("a")
+    vms.write("a")
+    os.mkfifo(vms.dir / "fifo.toml")
+    (vms.dir / "zero.toml").symlink_to("/dev/zero")
+    host = await Running.launch("--vm-dir", str(vms.dir))
+    await expect_all(
+        host, "fifo.toml: not a regular file; skipped", "zero.toml: not a regular file; skipped"
+    )
+    await host.expect("1 of 1 VM(s) up")
+    assert await name_of(await client(vms, "a")) == named("a")
+    await stop_host(host)
