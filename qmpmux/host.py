@@ -53,6 +53,7 @@ log = logging.getLogger("qmpmux.host")
 
 DIR_POLL: Final = 2.0  # seconds between looks at the vm-dir's modification time
 SUFFIX: Final = ".toml"
+UNREADABLE: Final = "cannot read it"  # why a file is skipped that is there, all the same
 # A VM's name: a label in metrics and logs, and part of nothing else.
 VM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -88,7 +89,7 @@ def read_vm_dir(path: str) -> tuple[dict[str, bytes], dict[str, str]]:
             try:
                 text = _read_regular(entry.path) if entry.is_file() else None
             except OSError as exc:
-                skipped[entry.name] = f"cannot read it: {exc.strerror or exc}"
+                skipped[entry.name] = f"{UNREADABLE}: {exc.strerror or exc}"
                 continue
             if text is None:
                 skipped[entry.name] = "not a regular file"
@@ -269,8 +270,11 @@ class Host:
         for name in sorted(skipped.keys() - self._skipped):
             log.warning("%s/%s: %s; skipped", self.config.vm_dir, name, skipped[name])
         self._skipped = set(skipped)
+        # A file that is there but cannot be read now is not a file removed: as for the
+        # directory, its VM goes on as it is.
+        there = {n.removesuffix(SUFFIX) for n, why in skipped.items() if why.startswith(UNREADABLE)}
         for name, entry in list(self.entries.items()):
-            if name not in found and entry.state not in ("stopping",):
+            if name not in found and name not in there and entry.state not in ("stopping",):
                 self._remove(entry)
         self._parsed = {}
         self._contest({n: t for n, t in found.items() if self._starts_anew(n, t)})

@@ -216,3 +216,33 @@ async def test_a_vm_file_that_is_not_a_regular_file_is_skipped_and_never_read(
     await host.expect("1 of 1 VM(s) up")
     assert await name_of(await client(vms, "a")) == named("a")
     await stop_host(host)
+
+
+async def test_a_vm_whose_file_cannot_be_read_for_a_while_keeps_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for the directory: a file there that cannot be read now (its mode changed by a
+    # tool, an I/O error; root reads through any mode, so the error is made here) is not
+    # a file removed, and its VM's clients are not closed for it.
+    vm_dir = tmp_path / "vm.d"
+    vm_dir.mkdir()
+    (vm_dir / "a.toml").write_text(
+        f'upstream = "unix:{tmp_path}/q"\nreconnect = true\nconnect-timeout = 0.1\n'
+        f'[[listen]]\naddress = "unix:{tmp_path}/l"\n'
+    )
+    host = Host(HostConfig(vm_dir=str(vm_dir)))
+    assert host.rescan()
+    entry = host.entries["a"]
+    assert entry.started is not None
+    await asyncio.wait_for(entry.started, 10)
+    assert entry.state == "up"
+
+    def unreadable(path: str) -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(host_module, "_read_regular", unreadable)
+    assert host.rescan()
+    assert host.entries.get("a") is entry and entry.state == "up"
+    assert (tmp_path / "l").exists()
+    host.stop("test over")
+    await asyncio.wait_for(host._done, 10)
