@@ -171,8 +171,9 @@ class Host:
         await asyncio.gather(*starting)
         up = sum(e.state == "up" for e in self.entries.values())
         log.info("ready: %d of %d VM(s) up", up, len(self.entries))
-        self._service.ready()
-        self._poll = self._loop.call_later(DIR_POLL, self._look)
+        if self._stopping is None:  # READY=1 after STOPPING=1 would say it runs again
+            self._service.ready()
+            self._poll = self._loop.call_later(DIR_POLL, self._look)
         try:
             return await self._done
         finally:
@@ -224,6 +225,9 @@ class Host:
 
     def reload(self) -> None:
         """SIGHUP: bring the running VMs in line with the directory."""
+        if self._stopping is not None:  # RELOADING=1 and READY=1 would say it runs again
+            log.info("SIGHUP ignored: stopping")
+            return
         self._service.reloading()
         try:
             self.reloads[OK if self.rescan() else ERROR] += 1

@@ -18,8 +18,9 @@ from qmpmux.hub import UpstreamReady
 from qmpmux.vm import Vm
 from tests.test_cli import Running
 from tests.test_host_qemu import Vms, client, name_of, named, start_host, stop_host, vms
+from tests.test_service import NotifySocket, notify
 
-__all__ = ["vms"]  # the fixture, used by name
+__all__ = ["notify", "vms"]  # the fixtures, used by name
 
 
 async def expect_all(host: Running, *texts: str) -> None:
@@ -246,3 +247,29 @@ async def test_a_vm_whose_file_cannot_be_read_for_a_while_keeps_running(
     assert (tmp_path / "l").exists()
     host.stop("test over")
     await asyncio.wait_for(host._done, 10)
+
+
+async def test_sigterm_while_the_vms_start_is_never_followed_by_ready(
+    vms: Vms, notify: NotifySocket
+) -> None:
+    # The manager was told the service stops: READY=1 after that (once the VMs started,
+    # or around a reload) would say it runs.
+    vms.write_text(
+        "s",
+        f'upstream = "unix:{vms.root / "nowhere.sock"}"\nconnect-timeout = 3\n'
+        f'[[listen]]\naddress = "unix:{vms.listener("s")}"\n',
+    )
+    host = await Running.launch("--vm-dir", str(vms.dir), env={"NOTIFY_SOCKET": notify.address})
+    await host.expect("vm s: connecting")
+    host.proc.send_signal(signal.SIGTERM)
+    await notify.expect(lambda m: "STOPPING=1" in m)
+    host.proc.send_signal(signal.SIGHUP)  # nothing to reload: it stops
+    await host.expect("SIGHUP ignored: stopping")
+    assert await host.wait() == 0
+    while True:
+        try:
+            notify.messages.append(notify.sock.recv(65536).decode().split("\n"))
+        except BlockingIOError:
+            break
+    stopping = next(i for i, m in enumerate(notify.messages) if "STOPPING=1" in m)
+    assert not any("READY=1" in m for m in notify.messages[stopping:]), notify.messages
