@@ -139,6 +139,7 @@ class Host:
         self._done: asyncio.Future[int] = self._loop.create_future()
         self._stopping: str | None = None
         self._dir_stamp: int | None = None
+        self._look_again = False
         self._poll: asyncio.TimerHandle | None = None
         self._skipped: set[str] = set()
         self._live = 0  # VMs accepted and not over
@@ -253,7 +254,10 @@ class Host:
             stamp = os.stat(self.config.vm_dir).st_mtime_ns
         except OSError:
             return  # reported by the rescan that finds it gone
-        if stamp != self._dir_stamp:
+        if stamp != self._dir_stamp or self._look_again:
+            # The time comes from a coarse clock: a change within the tick in which a look
+            # read it leaves it as it was, so every change is looked at once more.
+            self._look_again = stamp != self._dir_stamp
             self._dir_stamp = stamp
             self.rescan()
 

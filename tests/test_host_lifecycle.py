@@ -273,3 +273,31 @@ async def test_sigterm_while_the_vms_start_is_never_followed_by_ready(
             break
     stopping = next(i for i, m in enumerate(notify.messages) if "STOPPING=1" in m)
     assert not any("READY=1" in m for m in notify.messages[stopping:]), notify.messages
+
+
+async def test_a_file_added_in_the_same_clock_tick_as_the_last_look_is_found(
+    tmp_path: Path,
+) -> None:
+    # A directory's modification time comes from a coarse clock: a file renamed in
+    # within the tick in which the last look read it leaves it as it was. Made so here
+    # by putting the time back, as the clock would have left it.
+    vm_dir = tmp_path / "vm.d"
+    vm_dir.mkdir()
+    text = (
+        'upstream = "unix:{0}/q-{1}"\nconnect-timeout = 0.1\n'
+        '[[listen]]\naddress = "unix:{0}/l-{1}"\n'
+    )
+    host = Host(HostConfig(vm_dir=str(vm_dir)))
+    host._dir_stamp = os.stat(vm_dir).st_mtime_ns
+    (vm_dir / "a.toml").write_text(text.format(tmp_path, "a"))
+    host._look()
+    assert list(host.entries) == ["a"]
+    seen = os.stat(vm_dir)
+    (vm_dir / "b.toml").write_text(text.format(tmp_path, "b"))
+    os.utime(vm_dir, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    host._look()
+    assert sorted(host.entries) == ["a", "b"]
+    assert host._poll is not None
+    host._poll.cancel()
+    host.stop("test over")
+    await asyncio.wait_for(host._done, 10)
