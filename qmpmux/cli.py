@@ -393,11 +393,17 @@ async def serve(
     service = ServiceState(notifier or Notifier({}), vm.status)
     service.starting(vm.describe_start())
 
+    stopping: list[str] = []
+
     def on_signal(name: str) -> None:
+        stopping.append(name)
         service.stopping(f"received {name}")
         vm.stop(f"received {name}")
 
     def on_reload() -> None:
+        if stopping:  # READY=1 after STOPPING=1 would tell the manager it runs again
+            log.info("SIGHUP ignored: stopping")
+            return
         # The manager waits for READY=1 after RELOADING=1, whatever the outcome.
         service.reloading()
         try:
@@ -425,6 +431,9 @@ async def serve(
     try:
         ready = await vm.start()
     except StartupError as exc:
+        if stopping:  # asked to stop before QEMU was ready: that is not a failure
+            log.info("received %s before QEMU was ready: %s", stopping[0], exc)
+            return 0
         service.stopping(str(exc))
         raise
     assert ready is not None, "only host mode waits for QEMU"
@@ -438,7 +447,8 @@ async def serve(
         "on" if ready.oob else "off",
         len(config.listeners),
     )
-    service.ready()
+    if not stopping:
+        service.ready()
     await vm.proxy.wait()
     service.stopping(vm.status(stopping=True))
     return await vm.wait()

@@ -26,11 +26,13 @@ import os
 import re
 import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from qmpmux.config import (
     Config,
@@ -51,6 +53,10 @@ from qmpmux.vm import Vm
 
 log = logging.getLogger("qmpmux.host")
 
+# What became of a VM file: a VM starting (or waiting for its turn), up, stopping; a VM
+# that failed to start or ended; a file refused (invalid, or its addresses taken).
+STATES: Final = ("starting", "up", "stopping", "failed", "ended", "refused")
+RUNNING: Final = frozenset({"starting", "up", "stopping"})  # these hold their addresses
 DIR_POLL: Final = 2.0  # seconds between looks at the vm-dir's modification time
 SUFFIX: Final = ".toml"
 UNREADABLE: Final = "cannot read it"  # why a file is skipped that is there, all the same
@@ -66,7 +72,7 @@ class _Entry:
     text: bytes  # the file as last acted on: unchanged files are left alone
     config: Config | None = None  # None: refused (its file is wrong)
     vm: Vm | None = None  # made when its turn to start comes
-    state: str = "refused"  # starting, up, failed, ended, stopping, refused
+    state: str = "refused"  # one of STATES
     task: asyncio.Task[None] | None = None
     started: asyncio.Future[None] | None = field(default=None, repr=False)
     why: str = ""  # why it is stopping
@@ -186,9 +192,11 @@ class Host:
         where = self.config.metrics
         if where is None:
             return None
+        registry = registry_for(self.sources)
+        registry.register(_FilesCollector(self))
         server = MetricsServer(
             open_listener(Listener(where)),
-            registry_for(self.sources),
+            registry,
             where.path if where.kind == "unix" else "",
         )
         await server.start()
@@ -300,7 +308,7 @@ class Host:
         known = self.entries.get(name)
         if known is None:
             return True
-        not_running = known.config is None or known.state in ("failed", "ended", "refused")
+        not_running = known.config is None or known.state not in RUNNING
         return known.text != text and not_running
 
     def _read(self, name: str, text: bytes) -> Config:
@@ -338,7 +346,7 @@ class Host:
         qmpmux to guess), at this rescan and the next ones, until one gives it up."""
         self._taken = {}
         for entry in self.entries.values():
-            if entry.config is not None and entry.state != "ended":
+            if entry.config is not None and entry.state in RUNNING:
                 self._taken.update(dict.fromkeys(claimed(entry.config), entry.name))
         claims: dict[str, list[str]] = {}
         for name, text in sorted(new.items()):
@@ -408,13 +416,13 @@ class Host:
             self._starter = None
 
     def _remove(self, entry: _Entry) -> None:
-        if entry.config is None or entry.state in ("failed", "ended", "refused"):
+        if entry.config is None or entry.state not in RUNNING:
             del self.entries[entry.name]
             return
         self._stop_vm(entry, "its file was removed")
 
     def _change(self, entry: _Entry, text: bytes) -> None:
-        if entry.config is None or entry.state in ("failed", "ended", "refused"):
+        if entry.config is None or entry.state not in RUNNING:
             del self.entries[entry.name]
             self._add(entry.name, text)  # as new: it was not running
             return
@@ -510,3 +518,21 @@ class Host:
     def _maybe_done(self) -> None:
         if self._stopping is not None and self._live == 0 and not self._done.done():
             self._done.set_result(0)
+
+
+class _FilesCollector(Collector):
+    """`qmpmux_vm_files{state}`: every VM file by what became of it, refused ones too
+    (they have no hub, so no series of their own to alert on)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def collect(self) -> Iterable[Metric]:
+        counts = collections.Counter(entry.state for entry in self.host.entries.values())
+        family = GaugeMetricFamily(
+            "qmpmux_vm_files", "VM files of the vm-dir, by what became of them",
+            labels=["state"],
+        )  # fmt: skip
+        for state in STATES:
+            family.add_metric([state], counts[state])
+        yield family

@@ -291,6 +291,7 @@ async def test_logs_audit_records_and_metrics_name_the_vm(vms: Vms) -> None:
     for name in ("a", "b"):
         vms.qemu(name)
         vms.write(name, profile="readonly")
+    vms.write_text("bad", "upstream = 1\n")
     metrics = vms.root / "metrics.sock"
     audit = vms.root / "audit.log"
     host = await start_host(vms, "--metrics", f"unix:{metrics}", "--audit", str(audit))
@@ -306,6 +307,10 @@ async def test_logs_audit_records_and_metrics_name_the_vm(vms: Vms) -> None:
     assert value(samples, "qmpmux_commands_total", vm="a", command="stop", result="denied") == 1
     assert value(samples, "qmpmux_commands_total", vm="b", command="stop", result="denied") == 0
     assert value(samples, "qmpmux_vms", state="up") == 2
+    # a refused file has no hub, and still shows
+    assert value(samples, "qmpmux_vm_files", state="up") == 2
+    assert value(samples, "qmpmux_vm_files", state="refused") == 1
+    assert value(samples, "qmpmux_vm_files", state="failed") == 0
     await stop_host(host)
     records = [msgspec.json.decode(line) for line in audit.read_bytes().splitlines()]
     assert sorted((r["vm"], r["command"]) for r in records) == [
@@ -362,3 +367,23 @@ async def test_vms_added_together_start_one_a_loop_turn(tmp_path: Path) -> None:
     host.stop("test over")
     tasks = [e.task for e in host.entries.values() if e.task is not None]
     await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def test_a_vm_that_failed_to_start_holds_no_listener(vms: Vms) -> None:
+    vms.qemu("b")
+    vms.write_text(
+        "a",
+        f'upstream = "unix:{vms.root / "nowhere.sock"}"\nconnect-timeout = 0.1\n'
+        f'[[listen]]\naddress = "unix:{vms.listener("a")}"\n',
+    )
+    host = await start_host(vms)
+    assert any("vm a: cannot start" in line for line in host.log)
+    vms.write_text(
+        "b",
+        f'upstream = "unix:{vms.qemus["b"].monitors[0]}"\n'
+        f'[[listen]]\naddress = "unix:{vms.listener("a")}"\n',
+    )
+    host.proc.send_signal(signal.SIGHUP)
+    await host.expect(f"vm b: listening on unix:{vms.listener('a')}")
+    assert await name_of(await client(vms, "a")) == named("b")
+    await stop_host(host)

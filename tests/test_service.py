@@ -684,3 +684,27 @@ async def test_an_inherited_tcp_socket_on_all_addresses_needs_allow_remote(
         "refusing to listen on non-loopback systemd:t (fd 3) at 0.0.0.0 without --allow-remote"
         in line
     )
+
+
+async def test_sigterm_before_qemu_is_ready_stops_cleanly_and_never_says_ready(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    sock = tmp_path / "mux.sock"
+    mux = await Running.launch(
+        "--listen", f"unix:{sock}", "--upstream", f"unix:{tmp_path / 'nowhere.sock'}",
+        "--connect-timeout", "5", env={"NOTIFY_SOCKET": notify.address},
+    )  # fmt: skip
+    await mux.expect("waiting up to 5 s")
+    mux.proc.send_signal(signal.SIGTERM)
+    await notify.expect(lambda m: "STOPPING=1" in m)
+    mux.proc.send_signal(signal.SIGHUP)  # a reload now would say READY=1 again
+    await mux.expect("SIGHUP ignored: stopping")
+    assert await mux.wait() == 0
+    assert "qmpmux: error" not in "".join(mux.log)
+    while True:
+        try:
+            notify.messages.append(notify.sock.recv(65536).decode().split("\n"))
+        except BlockingIOError:
+            break
+    stopping = next(i for i, m in enumerate(notify.messages) if "STOPPING=1" in m)
+    assert not any("READY=1" in m or "RELOADING=1" in m for m in notify.messages[stopping:])
