@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import select
@@ -53,6 +54,7 @@ from bench.scenarios import Plan, Results, _rtts, _summary, p50_p99, pct
 
 PARALLEL = 4  # QEMUs starting at once (2 cores: more only queue)
 SETTLE = 0.5  # seconds idle after ready before RSS is read
+PACED_MS = 100  # a paced looping client's pause between a reply and its next command
 IDLE_CPU_WINDOW = 2.0  # seconds the N-VM host's idle CPU use is measured over
 READY_HOST = "VM(s) up"
 READY_SINGLE = " ready: QEMU monitor"
@@ -376,7 +378,8 @@ def host(bed: Bed, plan: Plan, res: Results) -> None:
             vm_dir = workdir / "vm.d"
             _startup_and_memory(workdir, vm_dir, ref, vms, reps, data, res)
             _traffic(workdir, vm_dir, ref, vms, plan, data, res)
-            _add_by_sighup(workdir, vm_dir, vms, plan, data, res)
+            for pause_ms in (0, PACED_MS):
+                _add_by_sighup(workdir, vm_dir, vms, pause_ms, data, res)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -593,8 +596,10 @@ def _flood(
 
 
 def _add_by_sighup(
-    workdir: Path, vm_dir: Path, vms: list[Vm], plan: Plan, data: dict[str, Any], res: Results
+    workdir: Path, vm_dir: Path, vms: list[Vm], pause_ms: int, data: dict[str, Any], res: Results
 ) -> None:
+    """A host of 3/4 of the VMs, a client each looping query-status (`pause_ms` between
+    a reply and the next command; 0 saturates this machine), gets the last 1/4 by SIGHUP."""
     n = len(vms)
     serving, added = vms[: n * 3 // 4], vms[n * 3 // 4 :]
     write_vm_dir(vm_dir, serving)
@@ -606,7 +611,7 @@ def _add_by_sighup(
     listing.write_text("\n".join(str(vm.listener) for vm in serving))
     out = workdir / "loop.json"
     with running(start_host(vm_dir, serving[0], workdir, "add", len(serving))) as mux:
-        load = _load("loop", str(listing), str(out))
+        load = _load("loop", str(listing), str(out), str(pause_ms))
         try:
             time.sleep(1.0)  # warm
             cpu_b = cpu_seconds(mux.pid)
@@ -632,7 +637,11 @@ def _add_by_sighup(
     b99, d99 = pct(before, 0.99) * 1e3, pct(during, 0.99) * 1e3
     b50, d50 = pct(before, 0.5) * 1e3, pct(during, 0.5) * 1e3
     bad = summary["eofs"] + summary["unexpected"]
-    data["add"] = {
+    # The longest time no client got a reply: how long qmpmux's loop stood still (with
+    # 150 clients each sending 10 times a second, a few ms normally).
+    gap_before, gap_during = _longest_gap(pairs, t0 - 1.0, t0), _longest_gap(pairs, t0, t1)
+    kind = f"{pause_ms} ms apart" if pause_ms else "back to back"
+    data[f"add_pause_{pause_ms}ms"] = {
         **summary,
         "serving": len(serving),
         "added": len(added),
@@ -642,10 +651,11 @@ def _add_by_sighup(
         "during_ms": _summary(during, 1e3),
         "faults": faults[:20],
         "qmpmux_cpu_share": {"before": cpu_before, "during": cpu_during},
+        "longest_gap_ms": {"before": gap_before * 1e3, "during": gap_during * 1e3},
     }
     res.add(
         "host add",
-        f"{len(added)} VMs added by SIGHUP: time until every new listener greets",
+        f"{len(added)} VMs added by SIGHUP: time until every new listener greets ({kind})",
         "ms",
         None,
         window * 1e3,
@@ -655,10 +665,18 @@ def _add_by_sighup(
     )
     res.add(
         "host add",
-        f"{len(serving)} looping clients' query-status: 1 s before | during the add",
+        f"{len(serving)} clients' query-status, {kind}: 1 s before | during the add",
         "ms",
         (b50, b99),
         (d50, d99),
-        note=f"p50 / p99; {len(during)} replies during; {bad} faults (must be 0); "
-        f"{len(faults)} qmpmux warnings; qmpmux CPU {cpu_before:.0%} | {cpu_during:.0%}",
+        note=f"p50 / p99; max {max(before) * 1e3:.0f} | {max(during) * 1e3:.0f} ms; "
+        f"no reply for {gap_before * 1e3:.0f} | {gap_during * 1e3:.0f} ms at most; "
+        f"{len(during)} replies during; {bad} faults (must be 0); {len(faults)} qmpmux "
+        f"warnings; qmpmux CPU {cpu_before:.0%} | {cpu_during:.0%}",
     )
+
+
+def _longest_gap(pairs: list[tuple[float, float]], start: float, end: float) -> float:
+    """The longest time within [start, end] in which no client received a reply."""
+    times = [start, *sorted(t for t, _ in pairs if start <= t <= end), end]
+    return max(b - a for a, b in itertools.pairwise(times))

@@ -6,14 +6,16 @@ where a real second user would: in qmpmux and QEMU, not in the bench's interpret
     python -m bench.load schema SOCKET DEPTH   stream query-qmp-schema, DEPTH in flight
     python -m bench.load fanout SOCKET CLIENTS CLIENTS idle clients, stop/cont in a loop
     python -m bench.load flood SOCKET DEPTH    stop/cont pipelined, DEPTH pairs in flight
-    python -m bench.load loop LIST OUT         a client per socket named in file LIST, each
-                                               looping query-status; its samples go to OUT
+    python -m bench.load loop LIST OUT PAUSE   a client per socket named in file LIST, each
+                                               looping query-status, PAUSE ms between a
+                                               reply and the next; its samples go to OUT
 
 It prints `ready` once the load is flowing and, on SIGTERM, one summary line.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import resource
 import select
@@ -122,10 +124,11 @@ def flood(path: Path, depth: int) -> str:
 QUERY_STATUS = b'{"execute":"query-status","id":1}'
 
 
-def loop(listing: Path, out: Path) -> str:
-    """A client per socket, each with one query-status in flight, on one epoll. Every
-    reply's completion time (monotonic, comparable with the bench's) and round trip go
-    to `out`; anything but a query-status reply, and any EOF, is counted as a fault."""
+def loop(listing: Path, out: Path, pause: float) -> str:
+    """A client per socket, each with at most one query-status in flight, `pause` seconds
+    after its last reply (0: at once), on one epoll. Every reply's completion time
+    (monotonic, comparable with the bench's) and round trip go to `out`; anything but a
+    query-status reply, and any EOF, is counted as a fault."""
     clients = [Client(Path(p), timeout=60).negotiate() for p in listing.read_text().split()]
     ep = select.epoll()
     by_fd = {c.sock.fileno(): i for i, c in enumerate(clients)}
@@ -136,13 +139,21 @@ def loop(listing: Path, out: Path) -> str:
     eofs = unexpected = 0
     first_unexpected = b""
     clock = time.monotonic
-    for fd, i in by_fd.items():
+    start = clock()
+    # (when, client): sends due, in time order (the pause is the same for every client);
+    # the first ones spread over one pause so that the clients do not move in step.
+    due = collections.deque((start + pause * i / len(clients), i) for i in range(len(clients)))
+    for fd in by_fd:
         ep.register(fd, select.EPOLLIN)
-        sent[i] = clock()
-        clients[i].sock.sendall(QUERY_STATUS)
     _ready()
     while not _stopping:
-        for fd, _ in ep.poll(0.5):
+        now = clock()
+        while due and due[0][0] <= now:
+            _, i = due.popleft()
+            sent[i] = now
+            clients[i].sock.sendall(QUERY_STATUS)
+        wait = min(0.5, max(0.0, due[0][0] - now)) if due else 0.5
+        for fd, _ in ep.poll(wait):
             i = by_fd[fd]
             sock = clients[i].sock
             data = sock.recv(65536)
@@ -158,8 +169,11 @@ def loop(listing: Path, out: Path) -> str:
                 if reply.startswith(b'{"return": {') and reply.endswith(b'"id": 1}'):
                     done_at.append(now)
                     rtts.append(now - sent[i])
-                    sent[i] = now
-                    sock.sendall(QUERY_STATUS)
+                    if pause:
+                        due.append((now + pause, i))
+                    else:
+                        sent[i] = now
+                        sock.sendall(QUERY_STATUS)
                 else:
                     unexpected += 1
                     first_unexpected = first_unexpected or reply[:200]
@@ -185,7 +199,7 @@ def main(argv: list[str]) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     kind, path = argv[0], Path(argv[1])
     if kind == "loop":
-        summary = loop(path, Path(argv[2]))
+        summary = loop(path, Path(argv[2]), float(argv[3]) / 1e3)
     else:
         run = {"schema": schema, "fanout": fanout, "flood": flood}[kind]
         summary = run(path, int(argv[2]))
