@@ -11,10 +11,15 @@ each host process fresh:
 - round trip: `query-status` to one VM of the N-VM host (the others idle) against the
   single-VM qmpmux, interleaved;
 - flood isolation: another VM's client keeps stop/cont pairs in flight (one event per
-  command) while a client of one VM measures its round trips;
+  command) while a client of one VM measures its round trips; the same flood behind a
+  separate single-VM qmpmux is the control (on 2 cores the flood's CPU alone moves p99);
 - adding VMs: a host with 3/4 of the VMs serving a client each that loops query-status
-  (one load process), gets the remaining 1/4 as files and a SIGHUP; the time until every
-  new listener greets, and every one of the serving clients' faults (must be 0).
+  (one load process; back to back, then 100 ms apart), gets the remaining 1/4 as files
+  and a SIGHUP; the time until every new listener greets, the serving clients' round
+  trips before and during, and every one of their faults (must be 0).
+
+The host's own log (info level, to a file) gives the start-up times; a warning or error
+it logs is kept in the JSON (`--json`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ READY_SINGLE = " ready: QEMU monitor"
 
 @dataclass
 class Vm:
+    """A QEMU of the bench, and where a qmpmux in front of it listens."""
+
     name: str
     qemu: subprocess.Popen[bytes]
     monitor: Path
@@ -367,6 +374,8 @@ def _median(values: list[float]) -> float:
 
 def host(bed: Bed, plan: Plan, res: Results) -> None:
     """Everything in the module docstring, in one run."""
+    if shutil.which(QEMU_BINARY) is None:
+        raise BenchError(f"{QEMU_BINARY} not found")
     n = 20 if plan.quick else 200
     reps = 1 if plan.quick else 3  # starts of the N-VM host (the others: 2 more)
     workdir = Path(tempfile.mkdtemp(prefix="qmpmux-host-"))
