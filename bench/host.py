@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import math
 import os
 import select
 import shutil
@@ -372,6 +373,11 @@ def _median(values: list[float]) -> float:
     return pct(values, 0.5)
 
 
+def _max(values: list[float]) -> float:
+    """The largest value, NaN for none (a short add may see no paced reply)."""
+    return max(values, default=math.nan)
+
+
 def host(bed: Bed, plan: Plan, res: Results) -> None:
     """Everything in the module docstring, in one run."""
     if shutil.which(QEMU_BINARY) is None:
@@ -711,7 +717,7 @@ def _add_by_sighup(
         "ms",
         (b50, b99),
         (d50, d99),
-        note=f"p50 / p99; max {max(before) * 1e3:.0f} | {max(during) * 1e3:.0f} ms; "
+        note=f"p50 / p99; max {_max(before) * 1e3:.0f} | {_max(during) * 1e3:.0f} ms; "
         f"no reply for {gap_before * 1e3:.0f} | {gap_during * 1e3:.0f} ms at most; "
         f"{len(during)} replies during; {bad} faults (must be 0); {len(faults)} qmpmux "
         f"warnings; qmpmux CPU {cpu_before:.0%} | {cpu_during:.0%}",
