@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from bench.harness import REPO, Bed, BenchError, bed, end_process, rss_kib
+from bench.host import host
 from bench.lanes import lanes
 from bench.scenarios import Cell, Plan, Results, Row, blocking, fanout, large_replies, latency
 from bench.scenarios import throughput as throughput_
@@ -40,6 +41,7 @@ SCENARIOS: dict[str, Callable[[Bed, Plan, Results], None]] = {
     "fanout": fanout,
     "blocking": blocking,
     "lanes": lanes,
+    "host": host,
 }
 
 
