@@ -193,7 +193,7 @@ class Host:
         if where is None:
             return None
         registry = registry_for(self.sources)
-        registry.register(_FilesCollector(self))
+        registry.register(VmFilesCollector(lambda: [e.state for e in self.entries.values()]))
         server = MetricsServer(
             open_listener(Listener(where)),
             registry,
@@ -520,15 +520,16 @@ class Host:
             self._done.set_result(0)
 
 
-class _FilesCollector(Collector):
+class VmFilesCollector(Collector):
     """`qmpmux_vm_files{state}`: every VM file by what became of it, refused ones too
-    (they have no hub, so no series of their own to alert on)."""
+    (they have no hub, so no series of their own to alert on). `states()` is read at
+    every scrape."""
 
-    def __init__(self, host: Host) -> None:
-        self.host = host
+    def __init__(self, states: Callable[[], Iterable[str]]) -> None:
+        self.states = states
 
     def collect(self) -> Iterable[Metric]:
-        counts = collections.Counter(entry.state for entry in self.host.entries.values())
+        counts = collections.Counter(self.states())
         family = GaugeMetricFamily(
             "qmpmux_vm_files", "VM files of the vm-dir, by what became of them",
             labels=["state"],

@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from qmpmux.exporter import Source, registry_for
+from qmpmux.host import VmFilesCollector
 from qmpmux.hub import Hub
 from qmpmux.session import Peer
 from tests.playbook import STOP_EVENT, connect, ready_hub
@@ -32,7 +33,10 @@ def served() -> set[str]:
     names = set()
     # One unnamed VM, and VMs with names (which adds qmpmux_vms).
     for sources in ([Source(None, hub, listeners)], [Source("a", hub), Source("b", Hub())]):
-        text = generate_latest(registry_for(lambda: sources)).decode()  # noqa: B023 (read at once)
+        registry = registry_for(lambda: sources)  # noqa: B023 (read at once)
+        if sources[0].vm is not None:  # host mode counts its VM files too
+            registry.register(VmFilesCollector(lambda: ["up", "refused"]))
+        text = generate_latest(registry).decode()
         names |= {s.name for family in text_string_to_metric_families(text) for s in family.samples}
     return names
 
