@@ -405,6 +405,9 @@ _BAD_ESCAPE = re.compile(
     + rb"|[fF]{3}[eEfF]))"
 )
 _decode_str = msgspec.json.Decoder(str).decode
+_LOW_ESCAPE = re.compile(rb"\\u[dD][c-fC-F]")  # the low half of a surrogate pair
+# A string token is decoded as it arrives, a part each time this much more of it is read.
+_STR_STEP = 1 << 16
 
 
 def _parse_string(tok: bytes) -> str:
@@ -502,6 +505,11 @@ class Framer:
         self._packed = False
         # the last token left an array expecting an element: an element run may follow
         self._run_ok = False
+        # A long string token decoded as it arrives (_string_step): how much of the token
+        # is done, the parts so far, and the first error in them.
+        self._str_done = 0
+        self._str_parts: list[str] = []
+        self._str_error: bytes | None = None
         self._perr: bytes | None = None
         self._done = False
         self._result: JsonValue = None
@@ -599,7 +607,40 @@ class Framer:
                 state = _S_START
         self._state = state
         self._out = []
+        if state >= _S_DQ and len(tok) - self._str_done > _STR_STEP and self._perr is None:
+            self._string_step(tok)
         return out
+
+    def _string_step(self, tok: bytearray) -> None:
+        """Decode the string token read so far up to a point where it can be cut, so that
+        its last bytes cost a turn no more than any others: completing a 16 MiB string in
+        one go holds the loop tens to hundreds of milliseconds.
+
+        The cut is where parse_string() can start afresh: before a byte that starts a
+        UTF-8 sequence (or is ASCII), with no backslash in the 5 bytes before it (so the
+        escape before, 6 bytes at most, is whole), and not before the low half of a
+        surrogate pair. Every check of parse_string() then sees in one part what it would
+        see in the whole; the first error found is the token's (README "Security")."""
+        start = self._str_done or 1  # after the opening quote
+        end = len(tok) - 12  # room for the longest escape read after a cut
+        for cut in range(end, max(start, end - 64), -1):
+            c = tok[cut]
+            if 0x80 <= c <= 0xBF or tok.find(b"\\", max(cut - 5, 1), cut) >= 0:
+                continue
+            if c == 0x5C and _LOW_ESCAPE.match(tok, cut):
+                continue
+            break
+        else:
+            return  # no cut near the end: the next step looks again
+        if self._keep and self._perr is None:
+            self._text += memoryview(tok)[self._str_done : cut]  # the quote, the first time
+        if self._str_error is None:
+            quote = tok[:1]
+            try:
+                self._str_parts.append(_parse_string(bytes(quote + tok[start:cut] + quote)))
+            except _Error as e:
+                self._str_error = e.args[0]
+        self._str_done = cut
 
     # -- fast path ---------------------------------------------------------
 
@@ -657,13 +698,16 @@ class Framer:
         self._size += len(text)
         if self._perr is None:
             if self._keep:
-                self._text += text
+                # (a string decoded in parts has its text kept as far as it was cut)
+                self._text += memoryview(text)[self._str_done :] if self._str_done else text
             try:
                 self._parse(ty, text)
             except _Error as e:
                 self._perr = e.args[0]
                 self._stack = []  # only counting from here on: drop the partial value
                 self._text = bytearray()
+        if self._str_done:
+            self._string_over()
         if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 and self._bracket >= 0:
             return
         # the message is complete (or unbalanced): parse result out
@@ -676,7 +720,7 @@ class Framer:
             if self._keep:  # a top-level object
                 assert isinstance(result, dict)
                 message = result if type(result) is Message else Message(result)
-                message._text = bytes(self._text)
+                message._text = self._text  # not copied: _reset makes a new one
                 message._spans = self._spans
                 result = message
         else:
@@ -700,7 +744,21 @@ class Framer:
                 value[key] = _unpack(raw)
         return value
 
+    def _string_rest(self, tok: bytearray) -> str:
+        """The string token decoded in parts (_string_step), completed."""
+        if self._str_error is not None:
+            raise _Error(self._str_error)
+        self._str_parts.append(_parse_string(bytes(tok[:1] + tok[self._str_done :])))
+        return "".join(self._str_parts)
+
+    def _string_over(self) -> None:
+        self._str_done = 0
+        self._str_parts = []
+        self._str_error = None
+
     def _reset(self) -> None:
+        if self._str_done:
+            self._string_over()
         self._brace = self._bracket = self._ntok = self._size = 0
         self._stack = []
         self._perr = None
@@ -757,7 +815,10 @@ class Framer:
             return  # cannot happen: the streamer ends a message with its value
         # parse_value()
         if ty == _T_STRING:
-            self._deliver(_parse_string(bytes(text)))
+            if self._str_done:
+                self._deliver(self._string_rest(text))
+            else:
+                self._deliver(_parse_string(bytes(text)))
         elif ty == _T_LCURLY:
             if stack:
                 stack.append(_Object({}))
@@ -886,11 +947,11 @@ class Message(dict[str, JsonValue]):
     def __init__(self, members: dict[str, JsonValue] | None = None) -> None:
         super().__init__(members or ())
         self._spans = array("i")  # start, end of each member's text, in member order
-        self._text = b""
+        self._text: bytes | bytearray = b""
 
     def member_text(self, key: str) -> bytes:
         i = list(self).index(key) * 2
-        return self._text[self._spans[i] : self._spans[i + 1]]
+        return bytes(memoryview(self._text)[self._spans[i] : self._spans[i + 1]])
 
 
 class Deferred:

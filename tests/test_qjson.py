@@ -833,6 +833,38 @@ def test_string_tokens_decode_as_the_reference_does(body: bytes, quote: bytes) -
 
 
 @settings(max_examples=1500, deadline=None)
+@given(
+    body=st.lists(
+        st.one_of(
+            st.sampled_from(STRING_PIECES),
+            st.binary(max_size=3),
+            # valid text often, so that an error in a part made alone would show
+            st.sampled_from(
+                [b"\\ud83d\\ude00", b"\\uDBFF\\uDFFE", b"\\u00e9", b"abcdef", b"\xc3\xa9"]
+            ),
+        ),
+        max_size=40,
+    ).map(b"".join),
+    quote=st.sampled_from([b'"', b"'"]),
+    key=st.booleans(),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+)
+def test_a_string_decoded_in_parts_is_the_string_decoded_whole(
+    body: bytes, quote: bytes, key: bool, cuts: list[int]
+) -> None:
+    # A long string is decoded as it arrives, cut where parse_string() can start afresh
+    # (Framer._string_step): made to step at every feed here, whatever the cut, the
+    # values and the errors are those of the whole token, also with bytes that end it.
+    tok = quote + body + quote
+    data = b"{" + tok + b":1}" if key else b'{"a":' + tok + b"}"
+    whole = canon(feed_whole(data))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_STR_STEP", 0)
+        assert canon(feed_bytewise(data)) == whole
+        assert canon(feed_split(data, cuts)) == whole
+
+
+@settings(max_examples=1500, deadline=None)
 @given(text=string_bodies)
 def test_stray_text_prints_as_the_reference_does(text: bytes) -> None:
     assert qjson._writer_text(text) == reference.writer_text(text)
