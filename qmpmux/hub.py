@@ -65,11 +65,12 @@ from qmpmux.metrics import (
     OK,
     OK_AT,
     SHUTDOWN,
+    SLOW_READER,
     UPSTREAM_LOST,
     Stats,
 )
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
-from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
+from qmpmux.qjson import UNDELIVERABLE, Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
 from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
@@ -640,6 +641,7 @@ class Hub:
             max_message_bytes=self.limits.max_message_bytes,
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
             defer_member=ARGUMENTS,
+            max_error_bytes=self.limits.outbox_bytes,
         )
         profile = self._assign(peer)
         flow = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))
@@ -711,6 +713,8 @@ class Hub:
             self._receive_fds(flow, fds)
         try:
             for value in flow.session.framer.feed(data):
+                if value is UNDELIVERABLE:
+                    return self._undeliverable(flow)
                 self._accept(flow, value)
         except Exception:  # a bug must cost this client its connection, never the proxy
             _client_log.exception("client %d: internal error; disconnecting it", client)
@@ -816,6 +820,20 @@ class Hub:
         if type(fd) is int:
             return f"File descriptor named 'fdset-id:{fdset}, fd:{fd}' not found"
         return f"File descriptor named 'fdset-id:{fdset}' not found"
+
+    def _undeliverable(self, flow: Flow) -> list[Action]:
+        """A parse error whose reply, as QEMU words it, is over the client's outbox bound
+        (a stray byte after megabytes of non-ASCII text: each byte printed as \\uXXXX):
+        the client is cut as it would be once it queued, without making the reply,
+        which alone would hold the loop a second or more (README "Security")."""
+        flow.bye = SLOW_READER
+        self.log_client(
+            logging.WARNING, "cut", flow.session.peer.listener,
+            "client %d: connection cut: its parse error's reply would pass outbox-bytes",
+            flow.id,
+        )  # fmt: skip
+        self._out.append(CloseClient(flow.id, "its parse error's reply would pass outbox-bytes"))
+        return self._take()
 
     def _accept(self, flow: Flow, value: JsonValue | ParseError) -> None:
         verdict = flow.session.judge(value)

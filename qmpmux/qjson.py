@@ -80,6 +80,7 @@ if sys.getrecursionlimit() < 5000:
     sys.setrecursionlimit(5000)
 
 __all__ = [
+    "UNDELIVERABLE",
     "Deferred",
     "Framer",
     "JsonValue",
@@ -366,6 +367,24 @@ def _writer_text(b: bytes) -> str:
     return _NONCHAR_RE.sub("\ufffd", s) if _has_nonchar(b) else s
 
 
+# A stray-text error too long for its reply ever to reach the client (Framer's
+# max_error_bytes): the text QEMU would print is not made, and the client is let go.
+UNDELIVERABLE: Final = ParseError("JSON parse error, stray text too long to report")
+_LEADS = bytes(range(0xC0, 0x100))
+_CONTINUATIONS = bytes(range(0x80, 0xC0))
+
+
+def _reply_floor(text: bytes) -> int:
+    """At least how long the reply reporting stray ``text`` is. json-writer.c prints every
+    character outside printable ASCII as \\uXXXX (6 bytes or more), and each byte of
+    0xC0 up starts a character (or one invalid unit, U+FFFD) taking at most 5 of the
+    continuation bytes after it; those left are one U+FFFD each."""
+    leads = len(text) - len(text.translate(None, _LEADS))
+    continuations = len(text) - len(text.translate(None, _CONTINUATIONS))
+    ascii_ = len(text) - leads - continuations
+    return ascii_ + 6 * (leads + max(0, continuations - 5 * leads))
+
+
 class _Error(Exception):
     """A parser error; args[0] is the message (bytes) after "JSON parse error, "."""
 
@@ -474,10 +493,14 @@ class Framer:
         max_tokens: int = 2 * 1024 * 1024,
         max_nesting: int = 1024,
         defer_member: str | None = None,
+        max_error_bytes: int | None = None,
     ) -> None:
         self._max_size = max_message_bytes
         # The top-level member of a big message left packed until asked for (Deferred).
         self._defer_member = defer_member
+        # A stray-text error whose reply would be longer than this is not made: the
+        # client could never be sent it (UNDELIVERABLE).
+        self._max_error = max_error_bytes
         self._max_tokens = max_tokens
         self._max_nesting = max_nesting
         depth = min(_FAST_MAX_DEPTH, max_nesting)
@@ -662,7 +685,12 @@ class Framer:
 
     def _stray(self, text: bytes) -> None:
         """A lexical error: report it and drop the message so far."""
-        desc = _PREFIX + b"stray '" + text.split(b"\0", 1)[0] + b"'"
+        text = text.split(b"\0", 1)[0]
+        if self._max_error is not None and _reply_floor(text) > self._max_error:
+            self._reset()
+            self._out.append(UNDELIVERABLE)
+            return
+        desc = _PREFIX + b"stray '" + text + b"'"
         self._reset()
         self._out.append(ParseError(_writer_text(desc)))
 
@@ -1199,10 +1227,23 @@ _ESCAPES.update({0x22: '\\"', 0x5C: "\\\\", 8: "\\b", 12: "\\f", 10: "\\n", 13: 
 _NEEDS_ESCAPE = re.compile("[^\\x20\\x21\\x23-\\x5b\\x5d-\\x7e]")
 
 
+# Characters json-writer.c prints as their own \\uXXXX: the rest of the BMP but for
+# surrogates and noncharacters (U+FFFD for those). Long runs of them are escaped in bulk:
+# translate() costs ~90 ns a character, and a parse error can quote megabytes of them.
+_BMP_RUNS = re.compile("([\x7f-\ud7ff\ue000-\ufdcf\ufdf0-\ufffd]{64,})")
+
+
 def _quote(s: str) -> str:
     if _NEEDS_ESCAPE.search(s) is None:
         return '"' + s + '"'
-    return '"' + s.translate(_ESCAPES) + '"'
+    if len(s) < 4096:
+        return '"' + s.translate(_ESCAPES) + '"'
+    parts = _BMP_RUNS.split(s)
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].translate(_ESCAPES)
+    for i in range(1, len(parts), 2):
+        parts[i] = "\\u" + parts[i].encode("utf-16-be").hex(":", 2).upper().replace(":", "\\u")
+    return '"' + "".join(parts) + '"'
 
 
 def _double(x: float) -> str:

@@ -167,3 +167,24 @@ def test_a_client_that_never_negotiates_is_closed_at_its_deadline() -> None:
     done = connect(hub)
     expect(hub.negotiation_deadline(done), [])
     expect(hub.negotiation_deadline(idle), [CloseClient(idle, "did not negotiate within 30 s")])
+
+
+def test_a_parse_error_too_long_to_send_cuts_the_client_without_being_made() -> None:
+    """QEMU reports a stray byte with the whole string before it, each non-ASCII byte as
+    \\uXXXX: 16 MiB of 0x80 is a 96 MB reply, over any client's outbox bound, that
+    alone holds the loop a second or more to make. The client is cut, as it would be
+    once the reply queued; a shorter one gets QEMU's error."""
+    outbox = 1 << 20
+    limits = Limits(outbox_bytes=outbox, max_pending_bytes=outbox, max_message_bytes=outbox)
+    hub = ready_hub(limits=limits)
+    short, long_ = connect(hub), connect(hub)
+    fits = outbox // 7  # every byte printed as \uFFFD: 6 bytes, and the message around
+    actions = hub.client_data(short, b'"' + b"\x80" * fits + b"\x01")
+    (reply,) = [a for a in actions if isinstance(a, ToClient)]
+    assert reply.data.startswith(b'{"error": {"class": "GenericError", "desc": "JSON parse')
+    assert len(reply.data) < outbox
+    actions = hub.client_data(long_, b'"' + b"\x80" * (outbox // 2) + b"\x01")
+    assert not [a for a in actions if isinstance(a, ToClient)]
+    assert [a for a in actions if isinstance(a, CloseClient)] == [
+        CloseClient(long_, "its parse error's reply would pass outbox-bytes")
+    ]

@@ -865,6 +865,52 @@ def test_a_string_decoded_in_parts_is_the_string_decoded_whole(
 
 
 @settings(max_examples=1500, deadline=None)
+@given(
+    text=st.lists(st.one_of(st.sampled_from(STRING_PIECES), st.binary(max_size=6))).map(b"".join)
+)
+def test_a_stray_error_reply_is_never_shorter_than_its_floor(text: bytes) -> None:
+    # Framer(max_error_bytes=N) drops the reply (UNDELIVERABLE) only when it is surely
+    # over N: the floor must never exceed the reply as made.
+    text = text.split(b"\0", 1)[0]
+    desc = qjson._writer_text(b"JSON parse error, stray '" + text + b"'")
+    assert len(encode(desc)) >= qjson._reply_floor(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    runs=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    "a",
+                    '"',
+                    "\\",
+                    "\n",
+                    "\x00",
+                    "\x7f",
+                    "\u00e9",
+                    "\ufffd",
+                    "\ud800",
+                    "\ufdd0",
+                    "\uffff",
+                    "\U0001f600",
+                    "\ufdef",
+                    "\ue000",
+                ]
+            ),
+            st.integers(min_value=1, max_value=300),
+        ),
+        max_size=40,
+    )
+)
+def test_long_strings_are_quoted_as_character_by_character(runs: list[tuple[str, int]]) -> None:
+    # Long runs of characters printed as \uXXXX are escaped in bulk (_quote): the same
+    # text as the one-character-at-a-time table gives.
+    s = "".join(c * n for c, n in runs) * 8
+    assert qjson._quote(s) == '"' + s.translate(qjson._ESCAPES) + '"'
+
+
+@settings(max_examples=1500, deadline=None)
 @given(text=string_bodies)
 def test_stray_text_prints_as_the_reference_does(text: bytes) -> None:
     assert qjson._writer_text(text) == reference.writer_text(text)
