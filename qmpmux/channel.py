@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -71,6 +72,22 @@ def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+MIN_READ = 512
+
+
+def next_read_size(size: int, largest: int, took: float, budget: float) -> int:
+    """The next read's size: halved (down to MIN_READ) when handling this one took over
+    `budget`, doubled back (up to `largest`) when it took under a quarter of it. Input
+    that is slow to parse (a megabyte of `[`, of short keys, of floats: ~1-2 us a byte
+    token by token) is then read a few hundred bytes a turn, and everything else as
+    before (README "Security")."""
+    if took > budget:
+        return max(MIN_READ, size // 2)
+    if took < budget / 4:
+        return min(largest, size * 2)
+    return size
+
+
 class Channel:
     __slots__ = (
         "_closing",
@@ -80,11 +97,13 @@ class Channel:
         "_loop",
         "_out",
         "_out_size",
+        "_read_max",
         "_reading",
         "_writing",
         "handler",
         "key",
         "outbox_limit",
+        "read_budget",
         "read_size",
         "recv_fds",
         "sock",
@@ -100,6 +119,7 @@ class Channel:
         read_size: int = 65536,
         outbox_limit: int = 8 << 20,
         recv_fds: bool = False,
+        read_budget: float | None = None,
     ) -> None:
         sock.setblocking(False)
         self._loop = loop
@@ -107,6 +127,10 @@ class Channel:
         self.handler = handler
         self.key = key
         self.read_size = read_size
+        self._read_max = read_size
+        # Seconds the handler may spend on one read: reads shrink while it takes longer
+        # (next_read_size), so no input shape holds the loop long per turn.
+        self.read_budget = read_budget
         self.outbox_limit = outbox_limit
         self.recv_fds = recv_fds and sock.family == socket.AF_UNIX
         self._out: list[bytes | memoryview | _WithFds] = []
@@ -161,7 +185,15 @@ class Channel:
             return
         data = bytes(buffer[:n])
         if data or fds:
-            self.handler.channel_data(self.key, data, fds)
+            if self.read_budget is None:
+                self.handler.channel_data(self.key, data, fds)
+            else:
+                began = time.perf_counter()
+                self.handler.channel_data(self.key, data, fds)
+                took = time.perf_counter() - began
+                self.read_size = next_read_size(
+                    self.read_size, self._read_max, took, self.read_budget
+                )
         if not data and not self._done:
             self.pause_reading()
             self.handler.channel_eof(self.key)

@@ -54,6 +54,7 @@ _PEERCRED = struct.Struct("3i")
 # Bounds the parsing work one client can cause per loop turn: a 4 KiB read of the densest
 # hostile shapes costs a few ms (16 KiB cost up to 20 ms); commands are far smaller.
 CLIENT_READ_SIZE = 4096
+CLIENT_READ_BUDGET = 0.001  # seconds of hub work per client read, then reads shrink
 UPSTREAM_READ_SIZE = 262144
 
 
@@ -703,6 +704,7 @@ class Proxy:
             read_size=CLIENT_READ_SIZE,
             outbox_limit=self.config.limits.outbox_bytes,
             recv_fds=True,
+            read_budget=CLIENT_READ_BUDGET,
         )
         self._clients[cid] = channel
         self._deadlines[cid] = self._loop.call_later(

@@ -1,0 +1,76 @@
+"""The channel's reads shrink while what they bring is slow to handle (README "Security").
+
+A client's input that is slow to parse (a megabyte of `[`, of short keys, of floats) would
+otherwise hold the loop a few milliseconds every turn; its reads are halved while the hub
+takes over the budget on one, and grow back once it takes under a quarter of it. The
+rule is tested as a function of the time taken, and on a real socket with budgets that
+every read is over (0) or under (infinity), so no test depends on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+
+import pytest
+
+from qmpmux.channel import MIN_READ, Channel, next_read_size
+
+
+@pytest.mark.parametrize(
+    ("size", "took", "want"),
+    [
+        (4096, 0.002, 2048),  # over the budget: halved
+        (1024, 0.0011, 512),
+        (512, 0.5, MIN_READ),  # never below the floor
+        (512, 0.0001, 1024),  # under a quarter: doubled
+        (4096, 0.0, 4096),  # never above what it was made with
+        (2048, 0.0005, 2048),  # in between: kept
+    ],
+)
+def test_the_next_read_follows_the_time_the_last_took(size: int, took: float, want: int) -> None:
+    assert next_read_size(size, 4096, took, 0.001) == want
+
+
+class _Recorder:
+    def __init__(self, expected: int) -> None:
+        self.sizes: list[int] = []
+        self.expected = expected
+        self.done = asyncio.get_running_loop().create_future()
+
+    def channel_data(self, key: int, data: bytes, fds: list[int]) -> None:
+        self.sizes.append(len(data))
+        if sum(self.sizes) >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+    def channel_drained(self, key: int) -> None: ...
+    def channel_eof(self, key: int) -> None: ...
+    def channel_closed(self, key: int, reason: str, error: bool) -> None: ...
+
+
+async def read_sizes(budget: float | None, total: int = 16384) -> list[int]:
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"x" * total)  # all there before the first read
+    recorder = _Recorder(total)
+    channel = Channel(
+        asyncio.get_running_loop(), ours, recorder, 1, read_size=4096, read_budget=budget
+    )
+    channel.start()
+    try:
+        await asyncio.wait_for(recorder.done, 10)
+    finally:
+        channel.abort("test over")
+        theirs.close()
+    return recorder.sizes
+
+
+async def test_reads_halve_while_each_takes_over_the_budget() -> None:
+    sizes = await read_sizes(budget=0.0)
+    assert sizes[:4] == [4096, 2048, 1024, 512]
+    assert set(sizes[4:]) == {MIN_READ}
+
+
+async def test_reads_stay_whole_while_each_takes_under_the_budget() -> None:
+    assert await read_sizes(budget=math.inf) == [4096] * 4
+    assert await read_sizes(budget=None) == [4096] * 4
