@@ -65,6 +65,8 @@ class Vm:
         self.ready: UpstreamReady | None = None  # the first session's greeting facts
         self._stopping: asyncio.Task[int] | None = None
         self._hurry = asyncio.Event()
+        self._connecting: asyncio.Future[list[socket.socket]] | None = None
+        self._stopped: str | None = None  # why stop() was called
 
     async def _reconnect(self) -> list[socket.socket]:
         # One attempt per call: the proxy paces the retries (README "Deploying").
@@ -96,9 +98,9 @@ class Vm:
             if config.spawn:
                 self.qemu, sockets = await spawn(config.spawn, config.lanes)
             else:
-                sockets = await connect_all(self._addresses, config.connect_timeout)
+                sockets = await self._connect()
         except StartupError as exc:
-            if wait_for_qemu and config.reconnect:
+            if wait_for_qemu and config.reconnect and self._stopped is None:
                 log.warning("QEMU not reached (%s); accepting clients, reconnecting", exc)
                 await self.proxy.start_away(str(exc))
                 return None
@@ -122,6 +124,21 @@ class Vm:
         self.ready = ready
         return ready
 
+    async def _connect(self) -> list[socket.socket]:
+        """Reach QEMU's monitor(s), retrying for connect-timeout; a stop() meanwhile ends
+        the wait at once (StartupError) instead of when the timeout runs out."""
+        self._connecting = asyncio.ensure_future(
+            connect_all(self._addresses, self.config.connect_timeout)
+        )
+        try:
+            return await self._connecting
+        except asyncio.CancelledError:
+            if self._stopped is None:
+                raise  # not ours: whoever cancelled the start
+            raise StartupError(f"{self._stopped} before QEMU was reached") from None
+        finally:
+            self._connecting = None
+
     async def wait(self) -> int:
         """Wait until the VM's session is over; the exit status it stands for: QEMU's own
         when it ended the session, qmpmux's failure when qmpmux lost the connection and
@@ -138,6 +155,9 @@ class Vm:
         started powers its guest down; otherwise the commands in flight are answered
         first. Called again, it stops waiting for either."""
         config = self.config
+        self._stopped = self._stopped or why
+        if self._connecting is not None:
+            self._connecting.cancel()  # start() ends with StartupError
         if self.qemu is None:
             log.info("%s: shutting down", why)
             # Commands in QEMU get their replies first (README "Deploying").
