@@ -224,12 +224,15 @@ class Host:
         self._maybe_done()
 
     def _stop_vm(self, entry: _Entry, why: str) -> None:
-        """Stop a running VM; one still starting is stopped once started (`_serve`), one
-        still waiting for its turn is not started (`_start_queued`)."""
+        """Stop a running VM; one still reaching its QEMU stops waiting for it, one
+        spawning its QEMU is stopped once started (`_serve`), one still waiting for its
+        turn is not started (`_start_queued`)."""
         if entry.config is None or entry.state not in ("starting", "up", "stopping"):
             return
         was, entry.state, entry.why = entry.state, "stopping", why
-        if was != "starting" and entry.vm is not None:
+        if entry.vm is None:
+            return
+        if was != "starting" or not entry.vm.config.spawn:
             self._in_vm(entry.name, entry.vm.stop, why)
 
     def reload(self) -> None:
@@ -469,6 +472,10 @@ class Host:
                 log.info("%s", vm.describe_start())
                 ready = await vm.start(wait_for_qemu=True)
             except StartupError as exc:
+                if entry.state == "stopping":  # asked to stop before its QEMU was reached
+                    log.info("stopped before it started: %s", exc)
+                    entry.state = "ended"
+                    return
                 log.error("cannot start: %s", exc)
                 entry.state = "failed"
                 return

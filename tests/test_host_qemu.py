@@ -387,3 +387,19 @@ async def test_a_vm_that_failed_to_start_holds_no_listener(vms: Vms) -> None:
     await host.expect(f"vm b: listening on unix:{vms.listener('a')}")
     assert await name_of(await client(vms, "a")) == named("b")
     await stop_host(host)
+
+
+async def test_a_vm_removed_while_it_reaches_its_qemu_stops_at_once(vms: Vms) -> None:
+    host = await start_host(vms)
+    vms.write_text(
+        "s",
+        f'upstream = "unix:{vms.root / "nowhere.sock"}"\nconnect-timeout = 3600\n'
+        f'[[listen]]\naddress = "unix:{vms.listener("s")}"\n',
+    )
+    host.proc.send_signal(signal.SIGHUP)
+    await host.expect("vm s: connecting to QEMU")
+    (vms.dir / "s.toml").unlink()
+    host.proc.send_signal(signal.SIGHUP)  # not an hour later: now
+    await host.expect("vm s: stopped before it started")
+    assert not vms.listener("s").exists()
+    await stop_host(host)
