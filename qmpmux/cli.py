@@ -83,6 +83,8 @@ listener options (appended with commas):
                    a readonly listener with mode=660
   max-clients=N    clients this listener may hold at once (default: only --max-clients;
                    every listener keeps limits.reserve-clients slots for itself)
+  max-message-bytes=N  the largest message its clients may send, below
+                   --max-message-bytes (e.g. 65536 for monitoring agents)
   (for systemd:NAME, mode, owner and group are the .socket unit's SocketMode=,
   SocketUser= and SocketGroup=)
 
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--listen",
-        metavar="ADDR[,profile=NAME][,mode=OCTAL][,owner=USER][,group=GROUP][,max-clients=N]",
+        metavar="ADDR[,profile=NAME][,mode=OCTAL][,owner=USER][,group=GROUP][,max-clients=N]"
+        "[,max-message-bytes=N]",
         action="append",
         default=[],
         help="where clients connect (repeatable; replaces the file's listeners)",

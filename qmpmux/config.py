@@ -116,6 +116,9 @@ class Listener(msgspec.Struct, frozen=True):
     # None leaves qmpmux's own.
     owner: int | None = None
     group: int | None = None
+    # Its clients' largest message, below the global limits.max-message-bytes: a tighter
+    # bound on what an untrusted listener's clients can make qmpmux parse and answer.
+    max_message_bytes: int | None = None
 
 
 class Config(msgspec.Struct, frozen=True):
@@ -146,6 +149,14 @@ class Config(msgspec.Struct, frozen=True):
         """Each listener's label (as clients' `listener` shows it) and own max-clients."""
         return {str(lst.address): lst.max_clients for lst in self.listeners}
 
+    def listener_message_bytes(self) -> dict[str, int]:
+        """The listeners with their own max-message-bytes, by label."""
+        return {
+            str(lst.address): lst.max_message_bytes
+            for lst in self.listeners
+            if lst.max_message_bytes is not None
+        }
+
 
 # --- the config file ------------------------------------------------------------------------
 
@@ -157,6 +168,7 @@ class ListenSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", fro
     max_clients: int | None = None
     owner: str | int | None = None  # a user name or uid
     group: str | int | None = None  # a group name or gid
+    max_message_bytes: int | None = None  # at most limits.max-message-bytes
 
 
 class AuditSpec(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True):
@@ -278,6 +290,8 @@ def listeners_of(file: VmFile, origin: str) -> tuple[Listener, ...]:
             raise ConfigError(f"{where}.mode: expected 0o000..0o777")
         if spec.max_clients is not None and spec.max_clients < 1:
             raise ConfigError(f"{where}.max-clients: expected at least 1")
+        if spec.max_message_bytes is not None and spec.max_message_bytes < 64:
+            raise ConfigError(f"{where}.max-message-bytes: expected at least 64")
         try:
             owner = None if spec.owner is None else resolve_user(spec.owner)
         except ConfigError as exc:
@@ -295,6 +309,7 @@ def listeners_of(file: VmFile, origin: str) -> tuple[Listener, ...]:
                 f"{where}.profile",
                 owner,
                 group,
+                spec.max_message_bytes,
             )
         )
     return tuple(out)
@@ -386,11 +401,13 @@ def parse_listen_address(text: str) -> Address:
 
 
 def parse_listener(text: str) -> Listener:
-    """`ADDR[,profile=NAME][,mode=OCTAL][,owner=USER][,group=GROUP][,max-clients=N]`;
+    """`ADDR[,profile=NAME][,mode=OCTAL][,owner=USER][,group=GROUP][,max-clients=N]
+    [,max-message-bytes=N]`;
     options are split off the end of the address."""
     address_text, *options = text.split(",")
     address = parse_listen_address(address_text)
     profile, mode, max_clients = DEFAULT_PROFILE, 0o600, None
+    max_message_bytes: int | None = None
     owner: int | None = None
     group: int | None = None
     for option in options:
@@ -420,9 +437,15 @@ def parse_listener(text: str) -> Listener:
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"bad max-clients {value!r} in {text!r}: expected N >= 1")
             max_clients = int(value)
+        elif key == "max-message-bytes":
+            if not value.isdigit() or int(value) < 64:
+                raise ConfigError(f"bad max-message-bytes {value!r} in {text!r}: expected N >= 64")
+            max_message_bytes = int(value)
         else:
             raise ConfigError(f"unknown listener option {key!r} in {text!r}")
-    return Listener(address, profile, mode, max_clients, f"--listen {text}", owner, group)
+    return Listener(
+        address, profile, mode, max_clients, f"--listen {text}", owner, group, max_message_bytes
+    )
 
 
 def split_spawn(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -507,6 +530,14 @@ def check(config: Config) -> None:
     paths = [str(lst.address) for lst in config.listeners]
     if len(set(paths)) != len(paths):
         raise ConfigError("the same --listen address is given twice")
+    for listener in config.listeners:
+        own = listener.max_message_bytes
+        if own is not None and own > config.limits.max_message_bytes:
+            where = (listener.origin or str(listener.address)).removesuffix(".profile")
+            raise ConfigError(
+                f"{where}: max-message-bytes {own} is over limits.max-message-bytes "
+                f"({config.limits.max_message_bytes}): a listener's may only be lower"
+            )
     check_references(config.policy, config.listeners, config.source or "config")
 
 

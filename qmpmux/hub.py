@@ -228,6 +228,7 @@ class Hub:
         audit: bool = False,
         protected: frozenset[str] = frozenset(),
         listener_caps: Mapping[str, int | None] | None = None,
+        listener_message_bytes: Mapping[str, int] | None = None,
         links: int = 1,
         first_client: int = 1,
         clock: Callable[[], float] = time.monotonic,
@@ -245,6 +246,8 @@ class Hub:
         self.protected = protected
         # Every listener by label, with its own max-clients (None: the global one only).
         self.listener_caps: Mapping[str, int | None] = listener_caps or {}
+        # Listeners whose clients have a tighter max-message-bytes than limits' (config).
+        self.listener_message_bytes: Mapping[str, int] = listener_message_bytes or {}
         self._per_listener: dict[str, int] = {}
         self._clock = clock
         self._wallclock = wallclock
@@ -638,7 +641,9 @@ class Hub:
         cid = self._next_client
         self._next_client += 1
         framer = Framer(
-            max_message_bytes=self.limits.max_message_bytes,
+            max_message_bytes=self.listener_message_bytes.get(
+                peer.listener, self.limits.max_message_bytes
+            ),
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
             defer_member=ARGUMENTS,
             max_error_bytes=self.limits.outbox_bytes,

@@ -409,6 +409,7 @@ class Proxy:
             self.policy,
             audit=self._audit is not None,
             listener_caps=config.listener_caps(),
+            listener_message_bytes=config.listener_message_bytes(),
             links=config.link_count(),
             first_client=first_client,
             metrics=config.metrics is not None or self.vm is not None,

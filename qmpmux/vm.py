@@ -53,6 +53,7 @@ class Vm:
                 frozenset({*monitor_ids(config.lanes), CONTROL_ID}) if config.spawn else frozenset()
             ),
             listener_caps=config.listener_caps(),
+            listener_message_bytes=config.listener_message_bytes(),
             links=config.link_count(),
             metrics=config.metrics is not None or name is not None,
             vm=name,

@@ -35,6 +35,7 @@ def test_the_shipped_example_loads_and_means_what_it_says() -> None:
     ]
     assert config.listeners[1].profile == "readonly" and config.listeners[1].mode == 0o660
     assert config.listeners[1].max_clients == 64 and config.listeners[0].max_clients is None
+    assert config.listener_message_bytes() == {"unix:/run/qmpmux/vm1-monitoring.sock": 65536}
     assert config.limits.reserve_clients == 16 and config.limits.negotiation_timeout == 30
     assert config.audit == "/var/log/qmpmux/vm1-audit.jsonl"
     assert config.reconnect is True
@@ -82,6 +83,11 @@ BAD = [
     ("this is = not toml =", "qmpmux.toml"),
     ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nmax-clients = 0\n',
      "listen[0].max-clients: expected at least 1"),
+    ('upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nmax-message-bytes = 63\n',
+     "listen[0].max-message-bytes: expected at least 64"),
+    ('upstream = "unix:/q"\n[limits]\nmax-message-bytes = 4096\n'
+     '[[listen]]\naddress = "unix:/s"\nmax-message-bytes = 8192\n',
+     "listen[0]: max-message-bytes 8192 is over limits.max-message-bytes (4096)"),
     ('upstream = "unix:/q"\nlisten = [{address = "unix:/s"}]\n[limits]\nnegotiation-timeout = 0\n',
      "limits.negotiation-timeout"),
     ('upstream = "unix:/q"\nlisten = [{address = "unix:/s"}]\n[limits]\noutbox-bytes = 4194304\n',
@@ -156,6 +162,25 @@ def test_listener_max_clients_and_negotiation_timeout_flags() -> None:
     for bad in ("max-clients=0", "max-clients=x", "max-clients=-1"):
         with pytest.raises(ConfigError, match="bad max-clients"):
             parse_args(["--upstream", "unix:/q", "--listen", f"unix:/a,{bad}"])
+
+
+def test_a_listener_may_lower_max_message_bytes(tmp_path: Path) -> None:
+    config = parse_args(
+        ["--upstream", "unix:/q", "--listen", "unix:/a,profile=readonly,max-message-bytes=65536",
+         "--listen", "unix:/b"]
+    )  # fmt: skip
+    assert config.listener_message_bytes() == {"unix:/a": 65536}
+    path = write(
+        tmp_path,
+        'upstream = "unix:/q"\n[[listen]]\naddress = "unix:/s"\nmax-message-bytes = 4096\n',
+    )
+    assert parse_args(["--config", path]).listener_message_bytes() == {"unix:/s": 4096}
+    for bad in ("max-message-bytes=63", "max-message-bytes=x"):
+        with pytest.raises(ConfigError, match="bad max-message-bytes"):
+            parse_args(["--upstream", "unix:/q", "--listen", f"unix:/a,{bad}"])
+    with pytest.raises(ConfigError, match="a listener's may only be lower"):
+        parse_args(["--upstream", "unix:/q", "--max-message-bytes", "1024",
+                    "--listen", "unix:/a,max-message-bytes=2048"])  # fmt: skip
 
 
 def test_reload_checks_rules_against_the_running_listeners(tmp_path: Path) -> None:

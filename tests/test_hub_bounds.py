@@ -188,3 +188,22 @@ def test_a_parse_error_too_long_to_send_cuts_the_client_without_being_made() -> 
     assert [a for a in actions if isinstance(a, CloseClient)] == [
         CloseClient(long_, "its parse error's reply would pass outbox-bytes")
     ]
+
+
+def test_a_listener_with_its_own_max_message_bytes_bounds_its_clients_alone() -> None:
+    """An untrusted listener (agents) may be given a tighter max-message-bytes: its
+    clients get QEMU's token-size error past it, the other listeners' clients do not."""
+    hub = ready_hub()
+    hub.listener_message_bytes = {"unix:agents": 128}
+    agent, _ = hub.client_connected(Peer("unix:agents", "readonly"))
+    hub.client_data(agent, b'{"execute":"qmp_capabilities"}')
+    other = connect(hub)
+    big = b'{"execute":"query-status","id":"' + b"x" * 200 + b'"}'
+    actions = hub.client_data(agent, big)
+    replies = [a.data for a in actions if isinstance(a, ToClient)]
+    assert replies[0] == (
+        b'{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}\r\n'
+    )  # and what QEMU makes of the rest of the input, as it would
+    assert not [a for a in actions if isinstance(a, ToUpstream)]
+    actions = hub.client_data(other, big)
+    assert [a for a in actions if isinstance(a, ToUpstream)]  # goes to QEMU
