@@ -53,11 +53,7 @@ async def test_two_files_with_one_listener_stay_refused_at_every_rescan(vms: Vms
     vms.qemu("a")
     vms.qemu("b")
     vms.write("a")
-    vms.write_text(
-        "b",
-        f'upstream = "unix:{vms.qemus["b"].monitors[0]}"\n'
-        f'[[listen]]\naddress = "unix:{vms.listener("a")}"\n',
-    )
+    vms.write("b", listen_as="a")
     host = await Running.launch("--vm-dir", str(vms.dir))
     await host.expect("0 of 2 VM(s) up")
     host.proc.send_signal(signal.SIGHUP)  # nothing changed: which was meant is still unknown
@@ -265,11 +261,7 @@ async def test_sigterm_while_the_vms_start_is_never_followed_by_ready(
     host.proc.send_signal(signal.SIGHUP)  # nothing to reload: it stops
     await host.expect("SIGHUP ignored: stopping")
     assert await host.wait() == 0
-    while True:
-        try:
-            notify.messages.append(notify.sock.recv(65536).decode().split("\n"))
-        except BlockingIOError:
-            break
+    notify.read_rest()
     stopping = next(i for i, m in enumerate(notify.messages) if "STOPPING=1" in m)
     assert not any("READY=1" in m for m in notify.messages[stopping:]), notify.messages
 

@@ -40,12 +40,16 @@ class Vms:
     def listener(self, name: str) -> Path:
         return self.root / f"{name}.sock"
 
-    def write(self, name: str, extra: str = "", profile: str = "full") -> None:
-        """The VM's file, written whole and renamed into place, as a tool should."""
+    def write(
+        self, name: str, extra: str = "", profile: str = "full", listen_as: str | None = None
+    ) -> None:
+        """The VM's file, written whole and renamed into place, as a tool should; with
+        `listen_as`, on the listener of that other VM."""
         monitor = self.qemus[name].monitors[0]
+        listener = self.listener(listen_as or name)
         text = (
             f'upstream = "unix:{monitor}"\n{extra}\n'
-            f'[[listen]]\naddress = "unix:{self.listener(name)}"\nprofile = "{profile}"\n'
+            f'[[listen]]\naddress = "unix:{listener}"\nprofile = "{profile}"\n'
         )
         self.write_text(name, text)
 
@@ -163,11 +167,7 @@ async def test_two_new_files_with_one_listener_start_neither(vms: Vms) -> None:
     vms.qemu("a")
     vms.qemu("b")
     vms.write("a")
-    vms.write_text(
-        "b",
-        f'upstream = "unix:{vms.qemus["b"].monitors[0]}"\n'
-        f'[[listen]]\naddress = "unix:{vms.listener("a")}"\n',
-    )
+    vms.write("b", listen_as="a")
     host = await Running.launch("--vm-dir", str(vms.dir))
     await host.expect("neither starts")
     await host.expect("0 of 2 VM(s) up")
@@ -378,11 +378,7 @@ async def test_a_vm_that_failed_to_start_holds_no_listener(vms: Vms) -> None:
     )
     host = await start_host(vms)
     assert any("vm a: cannot start" in line for line in host.log)
-    vms.write_text(
-        "b",
-        f'upstream = "unix:{vms.qemus["b"].monitors[0]}"\n'
-        f'[[listen]]\naddress = "unix:{vms.listener("a")}"\n',
-    )
+    vms.write("b", listen_as="a")
     host.proc.send_signal(signal.SIGHUP)
     await host.expect(f"vm b: listening on unix:{vms.listener('a')}")
     assert await name_of(await client(vms, "a")) == named("b")

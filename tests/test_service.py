@@ -123,6 +123,14 @@ class NotifySocket:
         self.sock.setblocking(False)
         self.messages: list[list[str]] = []
 
+    def read_rest(self) -> None:
+        """Keep every message already sent (after the process ended, say)."""
+        while True:
+            try:
+                self.messages.append(self.sock.recv(65536).decode().split("\n"))
+            except BlockingIOError:
+                return
+
     async def expect(self, wanted: Callable[[list[str]], bool], timeout: float = 20) -> list[str]:
         """The next message that satisfies `wanted` (every one is kept in `messages`)."""
         loop = asyncio.get_running_loop()
@@ -701,10 +709,6 @@ async def test_sigterm_before_qemu_is_ready_stops_cleanly_and_never_says_ready(
     await mux.expect("SIGHUP ignored: stopping")
     assert await mux.wait() == 0
     assert "qmpmux: error" not in "".join(mux.log)
-    while True:
-        try:
-            notify.messages.append(notify.sock.recv(65536).decode().split("\n"))
-        except BlockingIOError:
-            break
+    notify.read_rest()
     stopping = next(i for i, m in enumerate(notify.messages) if "STOPPING=1" in m)
     assert not any("READY=1" in m or "RELOADING=1" in m for m in notify.messages[stopping:])
