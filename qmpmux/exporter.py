@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -61,6 +61,33 @@ class Source(NamedTuple):
 VM_STATES: Final = ("up", "down")
 
 
+def by_state(name: str, doc: str, states: Iterable[str], seen: Iterable[str]) -> Metric:
+    """A gauge counting `seen` by state, every one of `states` reported (0 too), so an
+    alert on one state sees no absent series."""
+    counts = Counter(seen)
+    family = GaugeMetricFamily(name, doc, labels=["state"])
+    for state in states:
+        family.add_metric([state], counts[state])
+    return family
+
+
+def _rows(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    doc: str,
+    labels: list[str],
+    each: list[tuple[list[str], Source]],
+    rows: Callable[[Source], Iterable[tuple[Sequence[str], float]]],
+) -> Metric:
+    """One family of every source's rows (label values, value), each prefixed with its
+    source's `vm` label value when there is one."""
+    family = kind(name, doc, labels=labels)
+    for at, src in each:
+        for values, value in rows(src):
+            family.add_metric([*at, *values], value)
+    return family
+
+
 class HubCollector(Collector):
     """Reads `sources()` at every scrape: VMs come and go, and a hub is replaced on
     reconnect. One source without a name (single-VM mode) is rendered with no `vm` label
@@ -77,51 +104,38 @@ class HubCollector(Collector):
         vm = [] if single else ["vm"]
         # Each source with its label values' prefix: [] or [NAME].
         each = [([] if single else [src.vm or ""], src) for src in sources]
-        family: GaugeMetricFamily | CounterMetricFamily = GaugeMetricFamily(
+        family = GaugeMetricFamily(
             "qmpmux_build_info", "qmpmux's version (always 1)", labels=["version"]
         )
         family.add_metric([__version__], 1)
         yield family
         if not single:
-            states = Counter(dict.fromkeys(VM_STATES, 0))
-            for src in sources:
-                states["up" if src.hub.state is UpstreamState.READY else "down"] += 1
-            family = GaugeMetricFamily(
+            yield by_state(
                 "qmpmux_vms", "VMs configured, by state (up: QEMU's monitor negotiated)",
-                labels=["state"],
+                VM_STATES,
+                ("up" if src.hub.state is UpstreamState.READY else "down" for src in sources),
             )  # fmt: skip
-            for state in VM_STATES:
-                family.add_metric([state], states[state])
-            yield family
-        family = GaugeMetricFamily(
-            "qmpmux_clients", "Clients connected, by listener and profile",
-            labels=[*vm, "listener", "profile"],
+        yield _rows(
+            GaugeMetricFamily, "qmpmux_clients", "Clients connected, by listener and profile",
+            [*vm, "listener", "profile"], each, _clients,
         )  # fmt: skip
-        for at, src in each:
-            clients: Counter[tuple[str, str]] = Counter(dict.fromkeys(src.listeners, 0))
-            for flow in src.hub.clients.values():
-                clients[flow.session.peer.listener, flow.session.profile.name] += 1
-            for key, count in sorted(clients.items()):
-                family.add_metric([*at, *key], count)
-        yield family
-        family = CounterMetricFamily(
-            "qmpmux_commands", "Commands judged, by command and result (ok, error, denied)",
-            labels=[*vm, "command", "result"],
+        yield _rows(
+            CounterMetricFamily, "qmpmux_commands",
+            "Commands judged, by command and result (ok, error, denied)",
+            [*vm, "command", "result"], each,
+            lambda src: (
+                ((name, result), row[index])
+                for name, row in sorted(src.hub.stats.commands.items())
+                for result, index in RESULTS
+                if row[index]
+            ),
         )  # fmt: skip
-        for at, src in each:
-            for name, row in sorted(src.hub.stats.commands.items()):
-                for result, index in RESULTS:
-                    if row[index]:
-                        family.add_metric([*at, name, result], row[index])
-        yield family
-        family = CounterMetricFamily(
-            "qmpmux_denials", "Commands refused by policy, by profile and command",
-            labels=[*vm, "profile", "command"],
+        yield _rows(
+            CounterMetricFamily, "qmpmux_denials",
+            "Commands refused by policy, by profile and command",
+            [*vm, "profile", "command"], each,
+            lambda src: sorted(src.hub.stats.denials.items()),
         )  # fmt: skip
-        for at, src in each:
-            for (profile, name), count in sorted(src.hub.stats.denials.items()):
-                family.add_metric([*at, profile, name], count)
-        yield family
         histogram = HistogramMetricFamily(
             "qmpmux_command_duration_seconds",
             "Upstream round trip of commands sent to QEMU (sent to reply read)",
@@ -137,52 +151,50 @@ class HubCollector(Collector):
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
             histogram.add_metric(at, buckets, sum_value=hist[-1])
         yield histogram
-        family = CounterMetricFamily(
-            "qmpmux_events", "QEMU events received (once each, whatever the clients)",
-            labels=[*vm, "event"],
+        yield _rows(
+            CounterMetricFamily, "qmpmux_events",
+            "QEMU events received (once each, whatever the clients)", [*vm, "event"], each,
+            lambda src: (((name,), n) for name, n in sorted(src.hub.stats.events.items())),
         )  # fmt: skip
-        for at, src in each:
-            for name, count in sorted(src.hub.stats.events.items()):
-                family.add_metric([*at, name], count)
-        yield family
-        family = CounterMetricFamily(
-            "qmpmux_client_disconnects", "Clients gone, by reason", labels=[*vm, "reason"]
-        )
-        for at, src in each:
-            for reason, count in src.hub.stats.disconnects.items():
-                family.add_metric([*at, reason], count)
-        yield family
-        family = GaugeMetricFamily(
-            "qmpmux_upstream_up", "1 while QEMU monitor link (lane) is negotiated and open",
-            labels=[*vm, "lane"],
+        yield _rows(
+            CounterMetricFamily, "qmpmux_client_disconnects", "Clients gone, by reason",
+            [*vm, "reason"], each,
+            lambda src: (((reason,), n) for reason, n in src.hub.stats.disconnects.items()),
         )  # fmt: skip
-        for at, src in each:
-            over = src.hub.state is UpstreamState.CLOSED  # the whole session, whatever each link
-            for link in src.hub.links:
-                up = link.state is UpstreamState.READY and not over
-                family.add_metric([*at, str(link.index)], 1 if up else 0)
-        yield family
-        family = CounterMetricFamily(
-            "qmpmux_upstream_reconnects", "Times qmpmux reconnected to QEMU's monitor",
-            labels=vm,
+        yield _rows(
+            GaugeMetricFamily, "qmpmux_upstream_up",
+            "1 while QEMU monitor link (lane) is negotiated and open", [*vm, "lane"], each,
+            _lanes_up,
         )  # fmt: skip
-        for at, src in each:
-            family.add_metric(at, src.hub.stats.reconnects)
-        yield family
-        family = GaugeMetricFamily(
-            "qmpmux_inflight_commands", "Commands sent to QEMU and not answered yet",
-            labels=vm,
+        yield _rows(
+            CounterMetricFamily, "qmpmux_upstream_reconnects",
+            "Times qmpmux reconnected to QEMU's monitor", vm, each,
+            lambda src: [((), src.hub.stats.reconnects)],
         )  # fmt: skip
-        for at, src in each:
-            family.add_metric(at, sum(len(link.inflight) for link in src.hub.links))
-        yield family
-        family = CounterMetricFamily(
-            "qmpmux_config_reloads", "Policy reloads (SIGHUP), by result", labels=[*vm, "result"]
-        )
-        for at, src in each:
-            for result, count in src.hub.stats.reloads.items():
-                family.add_metric([*at, result], count)
-        yield family
+        yield _rows(
+            GaugeMetricFamily, "qmpmux_inflight_commands",
+            "Commands sent to QEMU and not answered yet", vm, each,
+            lambda src: [((), sum(len(link.inflight) for link in src.hub.links))],
+        )  # fmt: skip
+        yield _rows(
+            CounterMetricFamily, "qmpmux_config_reloads", "Policy reloads (SIGHUP), by result",
+            [*vm, "result"], each,
+            lambda src: (((result,), n) for result, n in src.hub.stats.reloads.items()),
+        )  # fmt: skip
+
+
+def _clients(src: Source) -> Iterable[tuple[Sequence[str], float]]:
+    clients: Counter[tuple[str, str]] = Counter(dict.fromkeys(src.listeners, 0))
+    for flow in src.hub.clients.values():
+        clients[flow.session.peer.listener, flow.session.profile.name] += 1
+    return sorted(clients.items())
+
+
+def _lanes_up(src: Source) -> Iterable[tuple[Sequence[str], float]]:
+    over = src.hub.state is UpstreamState.CLOSED  # the whole session, whatever each link
+    for link in src.hub.links:
+        up = link.state is UpstreamState.READY and not over
+        yield (str(link.index),), 1 if up else 0
 
 
 def registry_for(sources: Callable[[], Iterable[Source]]) -> CollectorRegistry:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from qmpmux.config import (
@@ -43,7 +43,7 @@ from qmpmux.config import (
     decode_file,
     vm_config,
 )
-from qmpmux.exporter import MetricsServer, Source, registry_for
+from qmpmux.exporter import MetricsServer, Source, by_state, registry_for
 from qmpmux.logs import vm_context
 from qmpmux.metrics import ERROR, OK
 from qmpmux.server import StartupError, open_listener
@@ -536,11 +536,7 @@ class VmFilesCollector(Collector):
         self.states = states
 
     def collect(self) -> Iterable[Metric]:
-        counts = collections.Counter(self.states())
-        family = GaugeMetricFamily(
-            "qmpmux_vm_files", "VM files of the vm-dir, by what became of them",
-            labels=["state"],
+        yield by_state(
+            "qmpmux_vm_files", "VM files of the vm-dir, by what became of them", STATES,
+            self.states(),
         )  # fmt: skip
-        for state in STATES:
-            family.add_metric([state], counts[state])
-        yield family
