@@ -36,7 +36,7 @@ from qmpmux.config import (
     vm_config,
     vm_key_in,
 )
-from qmpmux.host import SUFFIX, claimed, read_vm_dir
+from qmpmux.host import SUFFIX, clash, contested, read_vm_dir
 from qmpmux.policy import BUILTIN, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
 from qmpmux.upstream import monitor_args
 
@@ -206,20 +206,15 @@ def _check_host(path: str, file: FileConfig) -> int:
         print(f"  {name}: skipped: {why}")
     configs: dict[str, Config] = {}
     problems: dict[str, str] = {}
-    claims: dict[str, list[str]] = {}
     for name in sorted(found):
         vm_path = os.path.join(file.vm_dir, name + SUFFIX)
         try:
             configs[name] = vm_config(decode_file(found[name], vm_path, VmFile), vm_path)
         except ConfigError as exc:
             problems[name] = str(exc)
-            continue
-        for address in claimed(configs[name]):
-            claims.setdefault(address, []).append(name)
-    for address, names in sorted(claims.items()):
-        for name in names if len(names) > 1 else ():
-            others = ", ".join(n for n in names if n != name)
-            problems.setdefault(name, f"{address} is in VM {others}'s file too; neither starts")
+    for address, names in sorted(contested(configs).items()):
+        for name in names:
+            problems.setdefault(name, f"{address} is {clash(name, names)}")
     for name in sorted(found):
         if name in problems:
             print(f"  {name}: refused: {problems[name]}")

@@ -26,7 +26,7 @@ import os
 import re
 import signal
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -116,6 +116,23 @@ def _read_regular(path: str) -> bytes | None:
             return file.read()
     finally:
         os.close(fd)
+
+
+def contested(configs: Mapping[str, Config], held: Collection[str] = ()) -> dict[str, list[str]]:
+    """The addresses (see `claimed`) that more than one of `configs` names and no VM
+    holds, with the names of the VMs that name them: none of those starts (which was
+    meant is not for qmpmux to guess)."""
+    claims: dict[str, list[str]] = {}
+    for name, config in sorted(configs.items()):
+        for address in claimed(config):
+            if address not in held:
+                claims.setdefault(address, []).append(name)
+    return {address: names for address, names in claims.items() if len(names) > 1}
+
+
+def clash(name: str, names: Sequence[str]) -> str:
+    """Why VM `name`, one of `names` naming one address, is refused."""
+    return f"in VM {', '.join(n for n in names if n != name)}'s file too; neither starts"
 
 
 class _TakenError(ConfigError):
@@ -351,15 +368,13 @@ class Host:
         for entry in self.entries.values():
             if entry.config is not None and entry.state in RUNNING:
                 self._taken.update(dict.fromkeys(claimed(entry.config), entry.name))
-        claims: dict[str, list[str]] = {}
-        for name, text in sorted(new.items()):
+        configs: dict[str, Config] = {}
+        for name, text in new.items():
             try:
-                config = self._read(name, text)
+                configs[name] = self._read(name, text)
             except ConfigError:
                 continue  # refused on its own account
-            for address in claimed(config) - self._taken.keys():
-                claims.setdefault(address, []).append(name)
-        self._contested = {address: names for address, names in claims.items() if len(names) > 1}
+        self._contested = contested(configs, self._taken.keys())
 
     def _path(self, name: str) -> str:
         return os.path.join(self.config.vm_dir, name + SUFFIX)
@@ -374,8 +389,7 @@ class Host:
             if owner is not None and owner != name:
                 raise _TakenError(f"{path}: {address} is VM {owner}'s")
         for address in sorted(mine & self._contested.keys()):
-            others = ", ".join(n for n in self._contested[address] if n != name)
-            raise _TakenError(f"{path}: {address} is in VM {others}'s file too; neither starts")
+            raise _TakenError(f"{path}: {address} is {clash(name, self._contested[address])}")
         self._taken.update(dict.fromkeys(mine, name))
         return config
 
