@@ -146,6 +146,8 @@ class Client:
         self._scan = 0
         self.events = 0
         self.greeting = self.line()
+        while self.greeting.startswith(b'{"timestamp"'):  # QEMU may send one first
+            self.greeting = self.line()
         if not self.greeting.startswith(b'{"QMP"'):
             raise BenchError(f"no QMP greeting from {path}: {self.greeting[:200]!r}")
 

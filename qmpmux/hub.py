@@ -391,6 +391,10 @@ class Hub:
         except msgspec.DecodeError:
             log.warning("ignoring non-QMP output from QEMU during handshake: %.200r", line)
             return
+        if msg.event is not None:
+            # No client is owed an event from before the link is ready. One may even come
+            # ahead of the greeting, on a connection made as QEMU starts (docs/protocol.md §4).
+            return
         if up.state is UpstreamState.GREETING:
             if not msg.QMP:
                 self._end(1, f"QEMU did not greet with QMP: {line[:200]!r}")
@@ -404,8 +408,6 @@ class Hub:
             caps_command = CAPABILITIES_OOB if up.oob else CAPABILITIES_PLAIN
             self._out.append(ToUpstream(caps_command, link=up.index))
             up.state = UpstreamState.NEGOTIATING
-        elif msg.event is not None:
-            return  # events before negotiation completes are not ours to deliver
         elif msg.error:
             self._end(1, f"QEMU refused qmp_capabilities: {describe_error(msg.error)}")
         else:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -58,30 +59,56 @@ class Qemu:
 
 
 def start_qemu(workdir: Path, monitors: int = 2, extra: Sequence[str] = ()) -> Qemu:
-    """Start QEMU and wait (bounded) until every monitor socket exists."""
+    """Start QEMU and wait (bounded) until it has started: every monitor socket exists
+    and a monitor of its own has answered a command from the main loop."""
     binary = qemu_path()
     args = [binary, *BASE_ARGS]
     paths = []
-    for n in range(monitors):
-        path = workdir / f"mon{n}.sock"
+    for name in [f"mon{n}" for n in range(monitors)] + ["ready"]:
+        path = workdir / f"{name}.sock"
         paths.append(path)
         args += [
             "-chardev",
-            f"socket,id=mon{n},path={path},server=on,wait=off",
+            f"socket,id={name},path={path},server=on,wait=off",
             "-mon",
-            f"chardev=mon{n},mode=control",
+            f"chardev={name},mode=control",
         ]
     args += list(extra)
     log = workdir / "qemu.log"
     with log.open("wb") as logf:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
     deadline = time.monotonic() + 10
-    while not all(p.exists() for p in paths):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"QEMU did not start: {log.read_text(errors='replace')}")
-        time.sleep(0.005)
-    return Qemu(proc, paths, workdir, log)
+    try:
+        while not all(p.exists() for p in paths):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise OSError("no monitor sockets")
+            time.sleep(0.005)
+        _wait_started(paths[-1], deadline)
+    except OSError as exc:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(
+            f"QEMU did not start ({exc}): {log.read_text(errors='replace')}"
+        ) from exc
+    return Qemu(proc, paths[:-1], workdir, log)
+
+
+def _wait_started(path: Path, deadline: float) -> None:
+    """Return once QEMU's main loop answers `query-status` on the monitor at `path`.
+
+    Until then QEMU may still emit its start-up events (`RESUME`), which would reach
+    some of a test's connections and not others, even ahead of a greeting
+    (docs/protocol.md §4): tests start from a QEMU with nothing left to say."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(max(deadline - time.monotonic(), 0.1))
+        sock.connect(str(path))
+        lines = sock.makefile("rb")
+        for line in lines:
+            if line.startswith(b'{"QMP"'):  # perhaps after an event
+                sock.sendall(b'{"execute":"qmp_capabilities"}{"execute":"query-status","id":"up"}')
+            elif line.endswith(b'"id": "up"}\r\n'):
+                return
+        raise OSError("the start-up monitor closed")
 
 
 class RawClient:

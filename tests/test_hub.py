@@ -41,6 +41,15 @@ def test_upstream_handshake_negotiates_oob_and_reports_ready() -> None:
     expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, True)])
 
 
+def test_events_before_the_greeting_or_during_negotiation_are_skipped() -> None:
+    """QEMU may write an event to a connection made as it starts before greeting it
+    (docs/protocol.md §4); it belongs to no client and ends nothing."""
+    hub = Hub()
+    expect(hub.upstream_data(STOP_EVENT + GREETING_OOB), [ToUpstream(CAPS_OOB)])
+    expect(hub.upstream_data(STOP_EVENT), [])
+    expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, True)])
+
+
 def test_upstream_without_oob_offers_none_to_clients() -> None:
     hub = ready_hub(oob=False)
     cid = connect(hub, negotiate=False)
