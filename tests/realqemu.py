@@ -59,8 +59,8 @@ class Qemu:
 
 
 def start_qemu(workdir: Path, monitors: int = 2, extra: Sequence[str] = ()) -> Qemu:
-    """Start QEMU and wait (bounded) until it has started: every monitor socket exists
-    and a monitor of its own has answered a command from the main loop."""
+    """Start QEMU and wait (bounded) until it has started: a monitor of its own, after
+    the `monitors` ones, has answered a command from the main loop."""
     binary = qemu_path()
     args = [binary, *BASE_ARGS]
     paths = []
@@ -77,13 +77,8 @@ def start_qemu(workdir: Path, monitors: int = 2, extra: Sequence[str] = ()) -> Q
     log = workdir / "qemu.log"
     with log.open("wb") as logf:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-    deadline = time.monotonic() + 10
     try:
-        while not all(p.exists() for p in paths):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise OSError("no monitor sockets")
-            time.sleep(0.005)
-        _wait_started(paths[-1], deadline)
+        _wait_started(paths[-1], proc, time.monotonic() + 10)
     except OSError as exc:
         proc.kill()
         proc.wait()
@@ -93,17 +88,26 @@ def start_qemu(workdir: Path, monitors: int = 2, extra: Sequence[str] = ()) -> Q
     return Qemu(proc, paths[:-1], workdir, log)
 
 
-def _wait_started(path: Path, deadline: float) -> None:
+def _wait_started(path: Path, proc: subprocess.Popen[bytes], deadline: float) -> None:
     """Return once QEMU's main loop answers `query-status` on the monitor at `path`.
 
-    Until then QEMU may still emit its start-up events (`RESUME`), which would reach
-    some of a test's connections and not others, even ahead of a greeting
-    (docs/protocol.md §4): tests start from a QEMU with nothing left to say."""
-    with socket.socket(socket.AF_UNIX) as sock:
+    That monitor's chardev comes last, so every other monitor listens by then. Until
+    then QEMU may still emit its start-up events (`RESUME`), which would reach some of a
+    test's connections and not others, even ahead of a greeting (docs/protocol.md §4):
+    tests start from a QEMU with nothing left to say."""
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise OSError("its monitors do not listen")
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.connect(str(path))
+            break
+        except (FileNotFoundError, ConnectionRefusedError):  # not yet bound, or listening
+            sock.close()
+            time.sleep(0.005)
+    with sock:
         sock.settimeout(max(deadline - time.monotonic(), 0.1))
-        sock.connect(str(path))
-        lines = sock.makefile("rb")
-        for line in lines:
+        for line in sock.makefile("rb"):
             if line.startswith(b'{"QMP"'):  # perhaps after an event
                 sock.sendall(b'{"execute":"qmp_capabilities"}{"execute":"query-status","id":"up"}')
             elif line.endswith(b'"id": "up"}\r\n'):
