@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
+from qmpmux.spelled import Spelled
+
 MAX_FDS_PER_MESSAGE: Final = 16
 # How a cut for not reading is worded: the shell counts these (metrics.py).
 SLOW_READER_CUT: Final = "not reading: "
@@ -47,6 +49,20 @@ class _WithFds:
 
     def __len__(self) -> int:
         return len(self.data)
+
+
+class _Spelling:
+    """A `Spelled` being sent: its pieces still to make, and what qmpmux still holds for
+    it (counted in the outbox until the last piece is made)."""
+
+    __slots__ = ("held", "pieces")
+
+    def __init__(self, spelled: Spelled) -> None:
+        self.pieces = spelled.pieces()
+        self.held = len(spelled)
+
+    def __len__(self) -> int:
+        return self.held
 
 
 def _close_all(fds: tuple[int, ...]) -> None:
@@ -92,13 +108,13 @@ class Channel:
     __slots__ = (
         "_closing",
         "_done",
-        "_fd_chunks",
         "_linger",
         "_loop",
         "_out",
         "_out_size",
         "_read_max",
         "_reading",
+        "_special",
         "_writing",
         "handler",
         "key",
@@ -133,8 +149,10 @@ class Channel:
         self.read_budget = read_budget
         self.outbox_limit = outbox_limit
         self.recv_fds = recv_fds and sock.family == socket.AF_UNIX
-        self._out: list[bytes | memoryview | _WithFds] = []
-        self._fd_chunks = 0  # how many entries of _out carry fds
+        self._out: list[bytes | memoryview | _WithFds | _Spelling] = []
+        # How many entries of _out carry fds, or are being spelled: a write of many
+        # chunks stops before the first of them.
+        self._special = 0
         self._out_size = 0
         self._reading = False
         self._writing = False
@@ -200,19 +218,27 @@ class Channel:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def write(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+    def write(self, data: bytes | Spelled, fds: tuple[int, ...] = ()) -> None:
         """Queue `data`; it is sent by the next `flush` (or when the socket is writable).
 
         `fds` are sent with `data`, in a `sendmsg` of its own, and then closed here (the
-        peer has its own copies); if the channel closes first, they are closed unsent."""
+        peer has its own copies); if the channel closes first, they are closed unsent.
+        A `Spelled` is made one piece per send, each when the one before has been taken
+        (spelled.py), and what is written after it waits behind it."""
         if self._done:
             _close_all(fds)
-        elif fds:
-            self._out.append(_WithFds(data, fds))
-            self._fd_chunks += 1
-            self._out_size += len(data)
-        else:
+        elif type(data) is bytes and not fds:
             self._out.append(data)
+            self._out_size += len(data)
+        elif isinstance(data, Spelled):
+            assert not fds, "fds go with bytes"
+            spelling = _Spelling(data)
+            self._out.append(spelling)
+            self._special += 1
+            self._out_size += spelling.held
+        else:
+            self._out.append(_WithFds(data, fds))
+            self._special += 1
             self._out_size += len(data)
 
     def flush(self) -> None:
@@ -241,33 +267,65 @@ class Channel:
         client's fd to QEMU): the chunks before it go first, then it alone."""
         out = self._out
         head = out[0]
+        if type(head) is _Spelling:
+            spelled = self._spell(head)
+            if spelled is None:
+                return
+            head = spelled
         if type(head) is _WithFds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", head.fds))]
             sent = self._try(self.sock.sendmsg, [head.data], ancillary)
             if sent is None:
                 return
             _close_all(head.fds)  # sent with the first byte: the peer has them now
-            self._fd_chunks -= 1
+            self._special -= 1
             out[0] = head.data  # what is left of it is plain bytes now
         elif len(out) == 1:
             sent = self._try(self.sock.send, head)
         else:
             end = _IOV_MAX
-            if self._fd_chunks:
-                end = min(end, next(i for i, c in enumerate(out) if type(c) is _WithFds))
+            if self._special:
+                end = next(
+                    (i for i, c in enumerate(out) if type(c) is _WithFds or type(c) is _Spelling),
+                    end,
+                )
+                end = min(max(end, 1), _IOV_MAX)
             sent = self._try(self.sock.sendmsg, out[:end])
         if sent is None:
             return
         self._out_size -= sent
         done = 0
         for chunk in out:
-            if sent < len(chunk):
+            if sent < len(chunk) or type(chunk) is _Spelling:  # sent only once made
                 break
             sent -= len(chunk)
             done += 1
         del out[:done]
         if sent:
             out[0] = memoryview(out[0])[sent:]  # type: ignore[arg-type]
+
+    def _spell(self, spelling: _Spelling) -> bytes | memoryview | _WithFds | None:
+        """Make the next piece of the `Spelled` at the head of the outbox, ahead of it;
+        the new head, or None when there is nothing to send this turn (an empty piece: a
+        stretch of work that wrote nothing, or the outbox ran empty)."""
+        out = self._out
+        while (piece := next(spelling.pieces, None)) is None:  # spelled out: next one
+            del out[0]
+            self._special -= 1
+            self._out_size -= spelling.held
+            if not out:
+                return None
+            head = out[0]
+            if not isinstance(head, _Spelling):
+                return head
+            spelling = head
+        taken = min(spelling.held, len(piece))
+        spelling.held -= taken
+        self._out_size += len(piece) - taken
+        if not piece:
+            return None
+        out.insert(0, piece)
+        return piece
 
     def _try(self, send: Callable[..., int], *args: Any) -> int | None:
         """One send call: bytes taken, or None when nothing was (would block, or failed
@@ -341,7 +399,7 @@ class Channel:
         for chunk in self._out:
             if type(chunk) is _WithFds:
                 _close_all(chunk.fds)
-        self._fd_chunks = 0
+        self._special = 0
         self._out.clear()
         self._out_size = 0
         if not error:

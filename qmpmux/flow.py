@@ -18,6 +18,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from qmpmux.session import Command, Session
+from qmpmux.wire import Reply
 
 if TYPE_CHECKING:
     from qmpmux.link import Link
@@ -55,8 +56,8 @@ class Flow:
         self.session = session
         self.id = session.id
         # Replies in input order, one stream per path: bytes are ready, a Command waits.
-        self.replies: deque[bytes | Command] = deque()
-        self.oob_replies: deque[bytes | Command] = deque()
+        self.replies: deque[Reply | Command] = deque()
+        self.oob_replies: deque[Reply | Command] = deque()
         # Commands not yet sent upstream, per lane (INBAND, OOB): the hub sends them
         # round-robin within each lane's window; `inflight` counts what QEMU has now.
         self.queues: tuple[deque[Command], deque[Command]] = (deque(), deque())

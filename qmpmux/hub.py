@@ -65,12 +65,11 @@ from qmpmux.metrics import (
     OK,
     OK_AT,
     SHUTDOWN,
-    SLOW_READER,
     UPSTREAM_LOST,
     Stats,
 )
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
-from qmpmux.qjson import UNDELIVERABLE, Framer, JsonValue, ParseError, encode, qdict_order
+from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
 from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
@@ -85,6 +84,7 @@ from qmpmux.wire import (
     QUERY_COMMANDS,
     SHUTDOWN_EVENT,
     SUCCESS_OPENING,
+    Reply,
     command_bytes,
     command_names,
     command_prefix,
@@ -98,6 +98,7 @@ from qmpmux.wire import (
     greeting,
     return_reply,
     rewrite_reply,
+    upstream_id_bytes,
 )
 
 log = logging.getLogger("qmpmux.hub")
@@ -110,7 +111,7 @@ QEMU_MAX_TOKENS: Final = 2 * 1024 * 1024  # MAX_TOKEN_COUNT, qobject/json-stream
 @dataclass(frozen=True, slots=True)
 class ToClient:
     client: int
-    data: bytes
+    data: Reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +203,14 @@ _UNSEEN: Final[list[int]] = []
 def _iso_time(now: float) -> str:
     """UTC with milliseconds, as audit records and list-clients give times."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+
+
+def _withheld(upstream_id: int, desc: str) -> bytes:
+    """The error that stands for a reply of QEMU's qmpmux could not filter, with QEMU's
+    id still in it (wire.rewrite_reply gives it the client's)."""
+    reply = error_reply(upstream_id_bytes(upstream_id), GENERIC_ERROR, desc)
+    assert type(reply) is bytes
+    return reply
 
 
 def _lane_link(flow: Flow, lane: int) -> Link | None:
@@ -546,18 +555,19 @@ class Hub:
         if cmd.fds:
             flow.fd_busy = False
         profile = session.profile
-        data = strip_message(line) if profile.strip_extensions else line  # before the id:
-        data = rewrite_reply(data, upstream_id, cmd.wire_id)  # the client's id is its own
+        # Every change but the id's is made to QEMU's reply as QEMU wrote it (the client's
+        # id is its own, and may be long to encode: wire.rewrite_reply).
+        data = strip_message(line) if profile.strip_extensions else line
         if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
-            data = self._narrow(profile, cmd.name, data, cmd.wire_id)
+            data = self._narrow(profile, cmd.name, data, upstream_id)
         elif cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
             data = restore_names(data, cmd.names)
         elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
-            data = self._own_fdsets(session.id, data, cmd.wire_id)
+            data = self._own_fdsets(session.id, data, upstream_id)
         elif cmd.name in SCRUBBED and not profile.secret_properties:
-            data = self._scrub(cmd.name, data, cmd.wire_id)
-        cmd.reply = data
-        flow.reply_bytes += len(data)
+            data = self._scrub(cmd.name, data, upstream_id)
+        reply = cmd.reply = rewrite_reply(data, upstream_id, cmd.wire_id)
+        flow.reply_bytes += len(reply)
         self._flush(flow)
 
     def _requeue(self, flow: Flow, lane: int) -> None:
@@ -584,7 +594,7 @@ class Hub:
         if client not in self.clients and self._fdsets[fdset] == client:
             self._forget_fdsets(client)  # it left before QEMU answered
 
-    def _own_fdsets(self, client: int, reply: bytes, wire_id: bytes | None) -> bytes:
+    def _own_fdsets(self, client: int, reply: bytes, upstream_id: int) -> bytes:
         """`query-fdsets` as a client that may not see others' fdsets sees it."""
 
         def own(value: bytes) -> bytes:
@@ -596,18 +606,18 @@ class Hub:
             return replace_return(reply, own)
         except (msgspec.DecodeError, AttributeError):
             log.warning("could not filter a malformed query-fdsets reply; withholding it")
-            return error_reply(wire_id, GENERIC_ERROR, "qmpmux could not filter query-fdsets")
+            return _withheld(upstream_id, "qmpmux could not filter query-fdsets")
 
-    def _scrub(self, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
+    def _scrub(self, name: str, reply: bytes, upstream_id: int) -> bytes:
         """A block or chardev reply without credentials (scrub.py), for profiles that may
         not read secrets; one that cannot be scrubbed is withheld, never passed on."""
         try:
             return replace_return(reply, scrub_return)
         except msgspec.DecodeError:
             log.warning("could not scrub a malformed %s reply; withholding it", name)
-            return error_reply(wire_id, GENERIC_ERROR, f"qmpmux could not scrub {name}")
+            return _withheld(upstream_id, f"qmpmux could not scrub {name}")
 
-    def _narrow(self, profile: Profile, name: str, reply: bytes, wire_id: bytes | None) -> bytes:
+    def _narrow(self, profile: Profile, name: str, reply: bytes, upstream_id: int) -> bytes:
         """An introspection reply as this profile may see it (cached: QEMU's is static)."""
         narrow = FILTERS[name]
 
@@ -624,7 +634,7 @@ class Hub:
             return replace_return(reply, view)
         except msgspec.DecodeError:
             log.warning("could not narrow a malformed %s reply; withholding it", name)
-            return error_reply(wire_id, "GenericError", f"qmpmux could not filter {name}")
+            return _withheld(upstream_id, f"qmpmux could not filter {name}")
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -648,7 +658,6 @@ class Hub:
             ),
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
             defer_member=ARGUMENTS,
-            max_error_bytes=self.limits.outbox_bytes,
         )
         profile = self._assign(peer)
         flow = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))
@@ -720,8 +729,6 @@ class Hub:
             self._receive_fds(flow, fds)
         try:
             for value in flow.session.framer.feed(data):
-                if value is UNDELIVERABLE:
-                    return self._undeliverable(flow)
                 self._accept(flow, value)
         except Exception:  # a bug must cost this client its connection, never the proxy
             _client_log.exception("client %d: internal error; disconnecting it", client)
@@ -827,20 +834,6 @@ class Hub:
         if type(fd) is int:
             return f"File descriptor named 'fdset-id:{fdset}, fd:{fd}' not found"
         return f"File descriptor named 'fdset-id:{fdset}' not found"
-
-    def _undeliverable(self, flow: Flow) -> list[Action]:
-        """A parse error whose reply, as QEMU words it, is over the client's outbox bound
-        (a stray byte after megabytes of non-ASCII text: each byte printed as \\uXXXX):
-        the client is cut as it would be once it queued, without making the reply,
-        which alone would hold the loop a second or more (README "Security")."""
-        flow.bye = SLOW_READER
-        self.log_client(
-            logging.WARNING, "cut", flow.session.peer.listener,
-            "client %d: connection cut: its parse error's reply would pass outbox-bytes",
-            flow.id,
-        )  # fmt: skip
-        self._out.append(CloseClient(flow.id, "its parse error's reply would pass outbox-bytes"))
-        return self._take()
 
     def _accept(self, flow: Flow, value: JsonValue | ParseError) -> None:
         verdict = flow.session.judge(value)
@@ -1238,13 +1231,12 @@ class Hub:
         for replies in (flow.oob_replies, flow.replies):
             while replies:
                 head = replies[0]
-                if type(head) is bytes:
-                    data = head
-                else:
-                    assert isinstance(head, Command)
+                if type(head) is Command:
                     if head.reply is None:
                         break
                     data = head.reply
+                else:
+                    data = head  # type: ignore[assignment]
                 out.append(ToClient(cid, data))
                 sent += len(data)
                 replies.popleft()

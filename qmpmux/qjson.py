@@ -69,7 +69,7 @@ import re
 import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable, Iterator
 from typing import Final, NamedTuple, TypeAlias
 
 import msgspec
@@ -80,18 +80,37 @@ if sys.getrecursionlimit() < 5000:
     sys.setrecursionlimit(5000)
 
 __all__ = [
-    "UNDELIVERABLE",
+    "CText",
     "Deferred",
     "Framer",
     "JsonValue",
     "Message",
     "ParseError",
+    "c_text_pieces",
     "encode",
     "encode_compact",
+    "heavy",
     "qdict_order",
+    "text_pieces",
+    "value_pieces",
 ]
 
 JsonValue: TypeAlias = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
+
+
+class CText(NamedTuple):
+    """A C string as json-writer.c prints it (invalid UTF-8 as U+FFFD), `head + raw +
+    tail` up to its first NUL: a parse error's text too long to decode in one loop turn,
+    written a piece at a time (c_text_pieces). The client's `raw` is not copied."""
+
+    raw: bytes | bytearray
+    head: bytes = b""
+    tail: bytes = b""
+
+    @property
+    def text(self) -> bytes:
+        """All of it at once (tests, logs)."""
+        return (self.head + self.raw + self.tail).split(b"\0", 1)[0]
 
 
 class ParseError(NamedTuple):
@@ -100,7 +119,9 @@ class ParseError(NamedTuple):
     E.g. ``desc="JSON parse error, stray '\\x0c'"``.
     """
 
-    desc: str  # encode(desc) gives exactly the bytes QEMU puts in the "desc" member
+    # encode(desc) gives exactly the bytes QEMU puts in the "desc" member (for a CText,
+    # c_text_pieces does)
+    desc: str | CText
 
 
 # --------------------------------------------------------------------------
@@ -367,22 +388,10 @@ def _writer_text(b: bytes) -> str:
     return _NONCHAR_RE.sub("\ufffd", s) if _has_nonchar(b) else s
 
 
-# A stray-text error too long for its reply ever to reach the client (Framer's
-# max_error_bytes): the text QEMU would print is not made, and the client is let go.
-UNDELIVERABLE: Final = ParseError("JSON parse error, stray text too long to report")
-_LEADS = bytes(range(0xC0, 0x100))
-_CONTINUATIONS = bytes(range(0x80, 0xC0))
-
-
-def _reply_floor(text: bytes) -> int:
-    """At least how long the reply reporting stray ``text`` is. json-writer.c prints every
-    character outside printable ASCII as \\uXXXX (6 bytes or more), and each byte of
-    0xC0 up starts a character (or one invalid unit, U+FFFD) taking at most 5 of the
-    continuation bytes after it; those left are one U+FFFD each."""
-    leads = len(text) - len(text.translate(None, _LEADS))
-    continuations = len(text) - len(text.translate(None, _CONTINUATIONS))
-    ascii_ = len(text) - leads - continuations
-    return ascii_ + 6 * (leads + max(0, continuations - 5 * leads))
+def _error_text(b: bytes) -> str | CText:
+    """A parse error's text: decoded now when short, else written in pieces (CText): the
+    stray token of a megabyte of 0x80 is a reply of 6 MiB, ~60 ms of work at once."""
+    return _writer_text(b) if len(b) <= _SLICE else CText(b)
 
 
 class _Error(Exception):
@@ -493,14 +502,10 @@ class Framer:
         max_tokens: int = 2 * 1024 * 1024,
         max_nesting: int = 1024,
         defer_member: str | None = None,
-        max_error_bytes: int | None = None,
     ) -> None:
         self._max_size = max_message_bytes
         # The top-level member of a big message left packed until asked for (Deferred).
         self._defer_member = defer_member
-        # A stray-text error whose reply would be longer than this is not made: the
-        # client could never be sent it (UNDELIVERABLE).
-        self._max_error = max_error_bytes
         self._max_tokens = max_tokens
         self._max_nesting = max_nesting
         depth = min(_FAST_MAX_DEPTH, max_nesting)
@@ -618,8 +623,12 @@ class Framer:
                 state = _S_START
             elif action == _A_ERROR:
                 tok.append(c)
-                self._stray(bytes(tok))
-                tok.clear()
+                if len(tok) <= _SLICE:
+                    self._stray(bytes(tok))
+                    tok.clear()
+                else:  # the error keeps the token: no megabyte copy
+                    self._stray(tok)
+                    self._tok = tok = bytearray()
                 state = _S_RECOVERY
                 i += 1
             else:
@@ -683,16 +692,14 @@ class Framer:
 
     # -- streamer (json-streamer.c json_message_process_token) -------------
 
-    def _stray(self, text: bytes) -> None:
+    def _stray(self, text: bytes | bytearray) -> None:
         """A lexical error: report it and drop the message so far."""
-        text = text.split(b"\0", 1)[0]
-        if self._max_error is not None and _reply_floor(text) > self._max_error:
-            self._reset()
-            self._out.append(UNDELIVERABLE)
-            return
-        desc = _PREFIX + b"stray '" + text + b"'"
         self._reset()
-        self._out.append(ParseError(_writer_text(desc)))
+        if len(text) <= _SLICE:
+            desc = _writer_text(_PREFIX + b"stray '" + text.split(b"\0", 1)[0] + b"'")
+            self._out.append(ParseError(desc))
+        else:
+            self._out.append(ParseError(CText(text, _PREFIX + b"stray '", b"'")))
 
     def _size_exceeded(self) -> None:
         """The lexer's single-token limit: QEMU hands the partial token on, and it fails."""
@@ -740,7 +747,7 @@ class Framer:
             return
         # the message is complete (or unbalanced): parse result out
         if self._perr is not None:
-            result: JsonValue | ParseError = ParseError(_writer_text(_PREFIX + self._perr))
+            result: JsonValue | ParseError = ParseError(_error_text(_PREFIX + self._perr))
         elif self._done:
             result = self._result
             if self._packed:
@@ -981,6 +988,10 @@ class Message(dict[str, JsonValue]):
         i = list(self).index(key) * 2
         return bytes(memoryview(self._text)[self._spans[i] : self._spans[i + 1]])
 
+    def member_size(self, key: str) -> int:
+        i = list(self).index(key) * 2
+        return self._spans[i + 1] - self._spans[i]
+
 
 class Deferred:
     """A member of a big message still packed: a container, built only by resolve().
@@ -1158,16 +1169,27 @@ _BUCKET_CACHE: dict[str, int] = {}
 _CACHED_KEY_MAX: Final = 64  # longer keys are client noise, never worth remembering
 
 
+def _modified_utf8(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
+
+
+def _tdb_sum(raw: bytes) -> int:
+    """tdb_hash()'s sum over `raw`, taken as if it started at a multiple of 24 bytes."""
+    return sum(sum(raw[r::24]) << shift for r, shift in enumerate(_SHIFTS))
+
+
+def _tdb_bucket(length: int, total: int) -> int:
+    value = 0x238F13AF * length + total
+    return ((1103515243 * (value & 0xFFFFFFFF) + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
+
+
 def _bucket(key: str) -> int:
     """qdict.c tdb_hash() % QDICT_BUCKET_MAX, over the key's modified UTF-8."""
     bucket = _BUCKET_CACHE.get(key)
     if bucket is not None:
         return bucket
-    raw = key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
-    value = 0x238F13AF * len(raw)
-    for r, shift in enumerate(_SHIFTS):
-        value += sum(raw[r::24]) << shift
-    bucket = ((1103515243 * (value & 0xFFFFFFFF) + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
+    raw = _modified_utf8(key)
+    bucket = _tdb_bucket(len(raw), _tdb_sum(raw))
     if len(key) <= _CACHED_KEY_MAX:
         if len(_BUCKET_CACHE) >= 4096:
             _BUCKET_CACHE.clear()
@@ -1276,6 +1298,213 @@ def _to_json(v: object) -> str:
 def encode(value: JsonValue) -> bytes:
     """QEMU json-writer output for ``value`` (non-pretty), without the trailing CRLF."""
     return _to_json(value).encode("ascii")
+
+
+# --------------------------------------------------------------------------
+# The writer in pieces (spelled.py): echoes too long to encode in one loop turn
+# --------------------------------------------------------------------------
+
+# Characters quoted at a time: at most 48 KiB of text, about half a millisecond.
+_SLICE: Final = 4096
+# Values written per piece at most: about half a millisecond of small ones.
+_FRAGMENTS: Final = 2048
+# Values lighter than this are written at once (a character weighs 1, a value 16): about
+# a millisecond at worst.
+_LIGHT: Final = 1 << 14
+
+
+class _Busy:
+    """Work was done that wrote nothing yet (a stretch of a long key's hash): a piece
+    ends here, so the next turn of the loop carries on."""
+
+
+_BUSY: Final = _Busy()
+# A writer's steps: text, _BUSY, or the steps of a value inside (run in turn).
+_Steps: TypeAlias = Iterator[object]
+
+
+def heavy(value: JsonValue) -> bool:
+    """Whether writing `value` could take over about a millisecond (weighed only until
+    that is known, so weighing a big value costs little)."""
+    if isinstance(value, str):
+        return len(value) > _LIGHT
+    if not isinstance(value, list | dict):
+        return False
+    budget = _LIGHT
+    stack: list[JsonValue] = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            budget -= len(v)
+        elif isinstance(v, list | dict):
+            budget -= 16 * len(v)
+            if budget < 0:
+                return True
+            stack.extend(v)
+            if isinstance(v, dict):
+                stack.extend(v.values())
+        if budget < 0:
+            return True
+    return False
+
+
+def value_pieces(value: JsonValue) -> Iterator[bytes]:
+    """encode(value) in pieces, each a bounded amount of work (spelled.PIECE)."""
+    return _written(_steps(value))
+
+
+def text_pieces(text: str) -> Iterator[bytes]:
+    """encode(text) in pieces, each a bounded amount of work."""
+    return _written(_string_steps(text))
+
+
+def c_text_pieces(text: CText) -> Iterator[bytes]:
+    """The quoted text json-writer.c prints for C string `text` (a parse error's stray
+    token), in pieces: each cut where no character of it is split."""
+    return _written(_c_string_steps(text))
+
+
+def _written(steps: _Steps) -> Iterator[bytes]:
+    """Run `steps` (a stack of them, not recursion: values nest 1024 deep), handing out
+    the text every _FRAGMENTS fragments or _SLICE-ish characters, and at every _BUSY."""
+    text: list[str] = []
+    size = count = 0
+    stack = [steps]
+    while stack:
+        step = next(stack[-1], None)
+        if type(step) is str:
+            text.append(step)
+            size += len(step)
+            count += 1
+            if size < 8 * _SLICE and count < _FRAGMENTS:
+                continue
+        elif step is None:
+            stack.pop()
+            continue
+        elif step is not _BUSY:
+            stack.append(step)  # type: ignore[arg-type]
+            continue
+        yield "".join(text).encode("ascii")
+        text.clear()
+        size = count = 0
+    if text:
+        yield "".join(text).encode("ascii")
+
+
+def _steps(v: object) -> _Steps:
+    """The text of `v`: fragments, and the steps of each value inside it in turn."""
+    kind = type(v)
+    if kind is str:
+        yield _quote(v) if len(v) <= _SLICE else _string_steps(v)  # type: ignore[arg-type]
+    elif kind is list and v:
+        opening = "["
+        for item in v:  # type: ignore[attr-defined]
+            if _light(item):
+                yield opening + _to_json(item)
+            else:
+                yield opening
+                yield _steps(item)
+            opening = ", "
+        yield "]"
+    elif kind is dict and v:
+        yield from _dict_steps(v)  # type: ignore[arg-type]
+    else:
+        yield _to_json(v)
+
+
+def _light(v: object) -> bool:
+    """A value written in one step: a scalar, an empty container, a short string."""
+    kind = type(v)
+    if kind is str:
+        return len(v) <= _SLICE  # type: ignore[arg-type]
+    return not v if kind is list or kind is dict else True
+
+
+def _string_steps(s: str) -> _Steps:
+    yield '"'
+    for start in range(0, len(s), _SLICE):
+        yield _quote(s[start : start + _SLICE])[1:-1]
+    yield '"'
+
+
+def _dict_steps(d: dict[str, JsonValue]) -> _Steps:
+    """A dict in QDict order (qdict_order), its hashes taken a stretch at a time."""
+    keys = list(d)
+    if len(keys) <= 128 and sum(map(len, keys)) <= _SLICE:
+        members = _members(tuple(keys))
+    else:
+        buckets: list[list[str]] = [[] for _ in range(_QDICT_BUCKETS)]
+        for n, key in enumerate(keys, 1):
+            if len(key) <= _SLICE:
+                buckets[_bucket(key)].append(key)
+            else:
+                bucket = yield from _long_bucket(key)
+                buckets[bucket].append(key)
+            if n % 128 == 0:
+                yield _BUSY
+        # Each bucket's newest key first (qdict.c inserts at the head).
+        members = ((key, "") for bucket in buckets for key in reversed(bucket))  # type: ignore[assignment]
+    opening = "{"
+    for key, prefix in members:
+        if prefix or len(key) <= _SLICE:
+            yield opening + (prefix or _quote(key) + ": ")
+        else:
+            yield opening
+            yield _string_steps(key)
+            yield ": "
+        opening = ", "
+        value = d[key]
+        if _light(value):
+            yield _to_json(value)
+        else:
+            yield _steps(value)
+    yield "}"
+
+
+def _long_bucket(key: str) -> Generator[_Busy, None, int]:
+    """_bucket(key) a stretch of the key at a time (its return value)."""
+    total = length = 0
+    rest = b""
+    for start in range(0, len(key), _SLICE):
+        raw = rest + _modified_utf8(key[start : start + _SLICE])
+        whole = len(raw) - len(raw) % 24  # the sum restarts at a multiple of 24
+        total += _tdb_sum(raw[:whole])
+        length += whole
+        rest = raw[whole:]
+        yield _BUSY
+    return _tdb_bucket(length + len(rest), total + _tdb_sum(rest))
+
+
+def _c_string_steps(text: CText) -> _Steps:
+    raw = memoryview(text.raw)
+    nul = text.raw.find(b"\0")
+    if nul >= 0:
+        raw = raw[:nul]
+    yield '"' + _quote(_writer_text(text.head))[1:-1]
+    start = 0
+    while start < len(raw):
+        end = _unit_boundary(raw, start, start + _SLICE)
+        yield _quote(_writer_text(bytes(raw[start:end])))[1:-1]
+        start = end
+    yield ("" if nul >= 0 else _quote(_writer_text(text.tail))[1:-1]) + '"'
+
+
+def _unit_boundary(raw: memoryview, start: int, end: int) -> int:
+    """A cut after `start`, at or before `end`, that splits no unit mod_utf8_codepoint()
+    reads: before an ASCII or lead byte among the 6 bytes up to `end`, else at `end` (6
+    continuation bytes in a row end every unit begun before them). Past the first unit
+    after `start` when the slice is shorter than that (tests cut every few bytes)."""
+    if end >= len(raw):
+        return len(raw)
+    for cut in range(end, max(start, end - 6), -1):
+        if raw[cut] < 0x80 or raw[cut] >= 0xC0:
+            return cut
+    if end - start >= 6:
+        return end
+    cut = start + 1
+    while cut < len(raw) and cut - start < 6 and 0x80 <= raw[cut] < 0xC0:
+        cut += 1
+    return cut
 
 
 # --------------------------------------------------------------------------

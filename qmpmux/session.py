@@ -35,6 +35,8 @@ from qmpmux.wire import (
     ID,
     NO_ID,
     QMP_CAPABILITIES,
+    Reply,
+    WireId,
     command_prefix,
     decode_prefix,
     encode_id,
@@ -72,7 +74,7 @@ class Local:
 
     `name` and `decision` are set when it answers a command (for the audit log)."""
 
-    data: bytes
+    data: Reply
     oob: bool = False
     name: str | None = None
     decision: Decision | None = None
@@ -84,7 +86,7 @@ class Extension:
     """One of qmpmux's own commands, answered by the hub (it needs the hub's state)."""
 
     name: str
-    wire_id: bytes | None
+    wire_id: WireId
     oob: bool
     decision: Decision
     arguments: dict[str, JsonValue] | None  # for the audit log
@@ -115,7 +117,7 @@ class Command:
         session: Session,
         name: str,
         prefix: bytes,
-        wire_id: bytes | None,
+        wire_id: WireId,
         oob: bool,
         decision: Decision = Decision.ALLOW,
         arguments: dict[str, JsonValue] | None = None,
@@ -127,7 +129,7 @@ class Command:
         self.oob = oob
         self.decision = decision
         self.arguments = arguments  # kept only for the audit log, when it records them
-        self.reply: bytes | None = None
+        self.reply: Reply | None = None
         self.started = 0.0
         self.issued = 0.0  # when it went upstream (the hub's clock), for its round trip
         # The fd it takes (getfd, add-fd), sent with its own bytes; and the fd names it
@@ -154,7 +156,7 @@ def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
     ):
         return None  # the common, valid shape: no order can matter
     exec_key: str | None = None
-    for key in qdict_order(obj):
+    for key in _in_qdict_order(_at_fault(obj, allow_oob)):
         if key == EXECUTE or (key == EXEC_OOB and allow_oob):
             if not isinstance(obj[key], str):
                 return f"QMP input member '{key}' must be a string"
@@ -166,9 +168,30 @@ def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
                 return "QMP input member 'arguments' must be an object"
         elif key != ID:
             return f"QMP input member '{key}' is unexpected"
-    if exec_key is None:
+    if EXECUTE not in obj and (EXEC_OOB not in obj or not allow_oob):
         return "QMP input lacks member 'execute'"
     return None
+
+
+def _at_fault(obj: dict[str, JsonValue], allow_oob: bool) -> list[str]:
+    """The members check_command could stop at, in insertion order: the order of the
+    others cannot change its answer, and a member of megabytes takes milliseconds to hash
+    (qjson.qdict_order), so only these are ordered."""
+    exec_keys = [key for key in (EXECUTE, EXEC_OOB) if key in obj and (key == EXECUTE or allow_oob)]
+    clash = len(exec_keys) == 2 and all(isinstance(obj[key], str) for key in exec_keys)
+    return [
+        key
+        for key, value in obj.items()
+        if not (
+            key == ID
+            or (key == ARGUMENTS and _is_object(value))
+            or (key in exec_keys and isinstance(value, str) and not clash)
+        )
+    ]
+
+
+def _in_qdict_order(keys: list[str]) -> list[str]:
+    return keys if len(keys) < 2 else qdict_order(keys)
 
 
 def check_capabilities_arguments(args: dict[str, JsonValue]) -> str | list[str]:
@@ -188,9 +211,8 @@ def check_capabilities_arguments(args: dict[str, JsonValue]) -> str | list[str]:
                 # QEMU names list elements 'null' in this message (qapi-visit-core.c).
                 return f"Parameter 'null' does not accept value '{cap}'"
             requested.append(cap)
-    for key in qdict_order(args):
-        if key != "enable":
-            return f"Parameter '{key}' is unexpected"
+    for key in _in_qdict_order([key for key in args if key != "enable"]):
+        return f"Parameter '{key}' is unexpected"
     return requested
 
 
@@ -237,7 +259,7 @@ class Session:
             return Local(error_reply(None, GENERIC_ERROR, value.desc))
         if not isinstance(value, dict):
             return Local(error_reply(None, GENERIC_ERROR, "QMP input must be a JSON object"))
-        wire_id = encode_id(value.get(ID, NO_ID))
+        wire_id = encode_id(value.get(ID, NO_ID), value)
         # QEMU answers the exec-oob path at once, but it only reads a monitor without oob
         # after the previous command finished, so for such a client that is in order too.
         oob_path = EXEC_OOB in value and EXECUTE not in value
@@ -290,7 +312,7 @@ class Session:
         self,
         name: str,
         args: dict[str, JsonValue] | None,
-        wire_id: bytes | None,
+        wire_id: WireId,
         oob: bool,
         texts: tuple[bytes, bytes | None] | None = None,
     ) -> Verdict:
@@ -332,7 +354,7 @@ class Session:
             return Decision.AUDIT, None
         return decision, (GENERIC_ERROR, problem)
 
-    def rejudge(self, cmd: Command) -> bytes | None:
+    def rejudge(self, cmd: Command) -> Reply | None:
         """Judge a queued command again under the current profile (after a reload): the
         denial reply if it is now refused; otherwise it is updated to its new authority.
 
@@ -350,7 +372,7 @@ class Session:
         cmd.decision = decision
         return None
 
-    def _negotiate(self, wire_id: bytes | None, args: dict[str, JsonValue]) -> Local:
+    def _negotiate(self, wire_id: WireId, args: dict[str, JsonValue]) -> Local:
         checked = check_capabilities_arguments(args)
         if isinstance(checked, str):
             return Local(error_reply(wire_id, GENERIC_ERROR, checked))

@@ -17,13 +17,26 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any, Final
 
 import msgspec
 
-from qmpmux.qjson import Framer, JsonValue, encode, encode_compact
+from qmpmux.qjson import (
+    CText,
+    Framer,
+    JsonValue,
+    Message,
+    c_text_pieces,
+    encode,
+    encode_compact,
+    heavy,
+    text_pieces,
+    value_pieces,
+)
+from qmpmux.spelled import Spelled, joined
 
 CRLF: Final = b"\r\n"
 
@@ -54,11 +67,34 @@ NO_ID: Final = Absent.ID
 ClientId = JsonValue | Absent
 
 
-def encode_id(value: ClientId) -> bytes | None:
-    """A client's id as QEMU would echo it (re-serialised, not verbatim), or None if absent."""
+# What qmpmux writes to a client: bytes, or a reply too long to encode at once, made in
+# pieces as the client's socket takes them (spelled.py).
+Reply = bytes | Spelled
+# A client's id as QEMU would echo it, or None when it gave none.
+WireId = bytes | Spelled | None
+
+
+def encode_id(value: ClientId, message: dict[str, JsonValue] | None = None) -> WireId:
+    """A client's id as QEMU would echo it (re-serialised, not verbatim), or None if absent.
+
+    An id that would take long to encode is encoded as it is sent: a `Spelled` that holds
+    about the size of the id's text in `message` (qmpmux holds the id itself)."""
     if value is NO_ID:
         return None
+    if heavy(value):
+        held = message.member_size(ID) if isinstance(message, Message) else len(value)  # type: ignore[arg-type]
+        return Spelled((functools.partial(value_pieces, value),), held)
     return encode(value)
+
+
+def _quoted(text: str | CText) -> bytes | Spelled:
+    """`text` as a JSON string, QEMU's spelling; made in pieces when long."""
+    if type(text) is CText:
+        return Spelled((functools.partial(c_text_pieces, text),), len(text.raw))
+    assert isinstance(text, str)
+    if heavy(text):
+        return Spelled((functools.partial(text_pieces, text),), len(text))
+    return encode(text)
 
 
 # --- messages qmpmux writes to clients ----------------------------------------------------
@@ -70,19 +106,25 @@ def greeting(version: bytes, oob: bool) -> bytes:
     return b'{"QMP": {"version": ' + version + b', "capabilities": ' + caps + b"}}" + CRLF
 
 
-def error_reply(wire_id: bytes | None, error_class: str, desc: str) -> bytes:
+def error_reply(wire_id: WireId, error_class: str, desc: str | CText) -> Reply:
     """`{"id": ..., "error": {"class": ..., "desc": ...}}` exactly as QEMU lays it out."""
-    body = b'"error": {"class": ' + encode(error_class) + b', "desc": ' + encode(desc) + b"}}"
-    if wire_id is None:
-        return b"{" + body + CRLF
-    return b'{"id": ' + wire_id + b", " + body + CRLF
+    if isinstance(desc, str) and not isinstance(wire_id, Spelled) and not heavy(desc):
+        body = b'"error": {"class": ' + encode(error_class) + b', "desc": ' + encode(desc) + b"}}"
+        if wire_id is None:
+            return b"{" + body + CRLF
+        return b'{"id": ' + wire_id + b", " + body + CRLF
+    head = (b"{",) if wire_id is None else (b'{"id": ', wire_id, b", ")
+    return joined(
+        *head, b'"error": {"class": ', encode(error_class), b', "desc": ', _quoted(desc),
+        b"}}" + CRLF, error=error_class,
+    )  # fmt: skip
 
 
-def return_reply(wire_id: bytes | None, value: bytes = b"{}") -> bytes:
+def return_reply(wire_id: WireId, value: bytes = b"{}") -> Reply:
     """`{"return": ..., "id": ...}` for replies qmpmux answers itself."""
     if wire_id is None:
         return b'{"return": ' + value + b"}" + CRLF
-    return b'{"return": ' + value + b', "id": ' + wire_id + b"}" + CRLF
+    return joined(b'{"return": ', value, b', "id": ', wire_id, b"}" + CRLF)
 
 
 # --- commands qmpmux writes to QEMU ---------------------------------------------------------
@@ -212,8 +254,10 @@ class _Reply(msgspec.Struct):
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 
 
-def error_class(reply: bytes) -> str:
+def error_class(reply: Reply) -> str:
     """The error class of a reply, or "" for a success (for audit records)."""
+    if isinstance(reply, Spelled):
+        return reply.error
     try:
         err = _decode_reply(reply).error
     except msgspec.DecodeError:
@@ -240,7 +284,7 @@ def command_names(reply: bytes) -> list[str]:
         return []
 
 
-def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes:
+def rewrite_reply(line: bytes, upstream_id: int, wire_id: WireId) -> Reply:
     """Give an upstream reply the client's id back, touching nothing else.
 
     QEMU writes a reply as `{"return": R, "id": N}` or `{"id": N, "error": E}` (its hash
@@ -249,6 +293,8 @@ def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes
     """
     n = upstream_id_bytes(upstream_id)
     suffix = b', "id": ' + n + b"}\r\n"
+    if isinstance(wire_id, Spelled):
+        return _spelled_rewrite(line, n, wire_id)
     if line.endswith(suffix):
         return (
             line[: -len(suffix)]
@@ -258,16 +304,31 @@ def rewrite_reply(line: bytes, upstream_id: int, wire_id: bytes | None) -> bytes
     prefix = b'{"id": ' + n + b", "
     if line.startswith(prefix):
         return (b"{" if wire_id is None else b'{"id": ' + wire_id + b", ") + line[len(prefix) :]
-    members = []
+    return _rebuilt(line, wire_id)
+
+
+def _spelled_rewrite(line: bytes, n: bytes, wire_id: Spelled) -> Reply:
+    """rewrite_reply for an id encoded as it is sent."""
+    suffix = b', "id": ' + n + b"}\r\n"
+    if line.endswith(suffix):
+        return joined(line[: -len(suffix)], b', "id": ', wire_id, b"}" + CRLF)
+    prefix = b'{"id": ' + n + b", "
+    if line.startswith(prefix):
+        return joined(b'{"id": ', wire_id, b", ", line[len(prefix) :])
+    return _rebuilt(line, wire_id)
+
+
+def _rebuilt(line: bytes, wire_id: WireId) -> Reply:
+    parts: list[bytes | Spelled] = []
     for key, raw in _decode_members(line).items():
         if key == ID:
             if wire_id is None:
                 continue
-            value = wire_id
+            value: bytes | Spelled = wire_id
         else:
             value = bytes(raw)
-        members.append(encode(key) + b": " + value)
-    return b"{" + b", ".join(members) + b"}" + CRLF
+        parts += (b", " if parts else b"{", encode(key), b": ", value)
+    return joined(*(parts or [b"{"]), b"}" + CRLF)
 
 
 # A token-level rewrite from QEMU's pretty output to its compact form: strings are kept,

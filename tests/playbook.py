@@ -7,12 +7,19 @@ from collections.abc import Sequence
 from qmpmux.config import Limits
 from qmpmux.hub import Action, Hub, ToClient, ToUpstream, UpstreamReady
 from qmpmux.session import Peer
+from qmpmux.spelled import Spelled
+from qmpmux.wire import Reply
 
 VERSION = b'{"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "test"}'
 GREETING_OOB = b'{"QMP": {"version": ' + VERSION + b', "capabilities": ["oob"]}}\r\n'
 GREETING_PLAIN = b'{"QMP": {"version": ' + VERSION + b', "capabilities": []}}\r\n'
 CAPS_OOB = b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}'
 STOP_EVENT = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}\r\n'
+
+
+def spelled_out(data: Reply) -> bytes:
+    """A reply's bytes, made at once if qmpmux makes it a piece at a time."""
+    return data.spell() if isinstance(data, Spelled) else data
 
 
 def expect(got: Sequence[Action], want: Sequence[Action]) -> None:

@@ -223,3 +223,25 @@ SPELLING_CASES = [
 
 async def test_argument_spellings_reach_qemu_as_written(mux: Mux) -> None:
     await assert_same(mux, SPELLING_CASES)
+
+
+BIG_ID = b"[" + b'"\xc3\xa9",' * 10_000 + b"0.5]"  # 10,001 values to echo
+LONG_NAME = "\u00e9".encode() * 20_000  # 40 KB, echoed as 120 KB of \u00E9
+
+
+@pytest.mark.parametrize(
+    ("negotiate", "chunks"),
+    [
+        ("plain", [b'"' + b"\x80" * 40_000 + b"\x01"]),  # a 240 KB stray-token error
+        ("plain", [b'{"execute":"query-status","id":' + BIG_ID + b"}"]),  # QEMU's reply
+        ("", [b'{"execute":"query-status","id":' + BIG_ID + b"}"]),  # qmpmux's own
+        ("", [b'{"execute":"qmp_capabilities","arguments":{"' + LONG_NAME + b'":1}}']),
+    ],
+    ids=["stray-token", "id-on-qemus-reply", "id-on-own-reply", "member-name"],
+)
+async def test_echoes_made_in_pieces_are_qemus_bytes(
+    mux: Mux, negotiate: str, chunks: list[bytes]
+) -> None:
+    """What qmpmux writes a piece at a time (echoes too long to write in one turn of its
+    loop: README "Security") is byte for byte what QEMU writes at once."""
+    await assert_same(mux, chunks, negotiate=negotiate)

@@ -28,7 +28,7 @@ from qmpmux.policy import (
 )
 from qmpmux.qjson import JsonValue
 from qmpmux.session import Peer
-from tests.playbook import ready_hub
+from tests.playbook import ready_hub, spelled_out
 
 READONLY = DEFAULT_POLICY.profiles["readonly"]
 VM_CONTROL = DEFAULT_POLICY.profiles["vm-control"]
@@ -358,9 +358,9 @@ def test_nothing_denied_ever_reaches_qemu(
                     held.append(int(upstream_id))
             else:
                 assert isinstance(action, ToClient), action
-                reply = msgspec.json.decode(action.data)
+                reply = msgspec.json.decode(spelled_out(action.data))
                 assert reply["id"] not in replies, action  # one reply per command
-                replies[reply["id"]] = action.data
+                replies[reply["id"]] = spelled_out(action.data)
 
     def answer_all() -> None:
         while held:  # in order, as QEMU answers one monitor's in-band commands

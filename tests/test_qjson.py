@@ -648,13 +648,13 @@ def test_encode_strings() -> None:
 
 def test_encode_desc_of_stray_bytes() -> None:
     (err,) = Framer().feed(b"\xff")
-    assert isinstance(err, ParseError)
+    assert isinstance(err, ParseError) and isinstance(err.desc, str)
     assert encode(err.desc) == b"\"JSON parse error, stray '\\uFFFD'\""
     (err,) = Framer().feed(b"\x04")
-    assert isinstance(err, ParseError)
+    assert isinstance(err, ParseError) and isinstance(err.desc, str)
     assert encode(err.desc) == b"\"JSON parse error, stray '\\u0004'\""
     (err,) = Framer().feed(b'{"id":"\\ud800"}')
-    assert isinstance(err, ParseError)
+    assert isinstance(err, ParseError) and isinstance(err.desc, str)
     assert encode(err.desc) == b'"JSON parse error, \\\\ud800 is not a valid Unicode character"'
 
 
@@ -868,12 +868,76 @@ def test_a_string_decoded_in_parts_is_the_string_decoded_whole(
 @given(
     text=st.lists(st.one_of(st.sampled_from(STRING_PIECES), st.binary(max_size=6))).map(b"".join)
 )
-def test_a_stray_error_reply_is_never_shorter_than_its_floor(text: bytes) -> None:
-    # Framer(max_error_bytes=N) drops the reply (UNDELIVERABLE) only when it is surely
-    # over N: the floor must never exceed the reply as made.
-    text = text.split(b"\0", 1)[0]
-    desc = qjson._writer_text(b"JSON parse error, stray '" + text + b"'")
-    assert len(encode(desc)) >= qjson._reply_floor(text)
+def test_a_stray_text_in_pieces_is_the_text_qemu_prints(text: bytes) -> None:
+    # Cut every few bytes, so that cuts fall inside every kind of unit: the pieces must
+    # still join to what json-writer.c prints for the whole C string.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_SLICE", 5)
+        pieces = list(qjson.c_text_pieces(qjson.CText(text, b"stray '", b"'")))
+    assert b"".join(pieces) == encode(qjson._writer_text(b"stray '" + text + b"'"))
+    assert len(pieces) >= len(text.split(b"\0", 1)[0]) // 5 // 8
+
+
+LONG_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8").filter(
+        lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or (ord(c) & 0xFFFE) == 0xFFFE)
+    ),
+    max_size=40,
+)
+BIG_VALUES: st.SearchStrategy[JsonValue] = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | LONG_TEXT,
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(LONG_TEXT, children, max_size=6)
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(value=BIG_VALUES)
+def test_a_value_in_pieces_is_what_encode_writes(value: JsonValue) -> None:
+    # Small slices and pieces: long strings, long keys and big dicts take the paths a
+    # megabyte-long id takes (hashes a stretch at a time, keys written in parts).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_SLICE", 3)
+        patch.setattr(qjson, "_FRAGMENTS", 2)
+        pieces = list(qjson.value_pieces(value))
+        if isinstance(value, str):
+            assert b"".join(qjson.text_pieces(value)) == encode(value)
+    assert b"".join(pieces) == encode(value)
+
+
+def test_long_keys_hash_in_stretches_to_the_same_bucket() -> None:
+    for key in ["a" * 10000, "\u00e9" * 7777, "\x00" * 5000 + "x", "\U0001f600" * 3001]:
+        steps = qjson._long_bucket(key)
+        with pytest.raises(StopIteration) as done:
+            while True:
+                next(steps)
+        assert done.value.value == qjson._bucket(key)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [0] * 200_000,
+        [""] * 100_000,
+        [{}] * 100_000,
+        [[0.5]] * 50_000,
+        {f"k{n}": n for n in range(50_000)},
+        {"\u00e9" * 300_000: 0},
+        "\U0001f600" * 200_000,
+    ],
+    ids=["ints", "strings", "objects", "nested", "wide-object", "long-key", "long-string"],
+)
+def test_pieces_are_bounded_work(value: JsonValue) -> None:
+    """Each piece writes at most _FRAGMENTS values, about 8 slices of text, or one stretch
+    of a long key's hash: the work one loop turn does for such an echo."""
+    pieces = list(qjson.value_pieces(value))
+    assert b"".join(pieces) == encode(value)
+    assert max(map(len, pieces)) <= 8 * 12 * qjson._SLICE + 12 * qjson._SLICE
+    values = len(value) if isinstance(value, list | dict) else 1
+    assert len(pieces) >= values // qjson._FRAGMENTS
+    assert not qjson.heavy(list(range(100))) and qjson.heavy(value)
 
 
 @settings(max_examples=300, deadline=None)

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qmpmux import qjson
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, encode_compact, qdict_order
 from qmpmux.session import Command
 from tests.realqemu import Qemu, RawClient
@@ -47,7 +48,9 @@ def error(cls: str, desc: str, request: dict[str, JsonValue] | None = None) -> b
 def answer(item: JsonValue | ParseError) -> bytes:
     """QEMU's answer on a negotiated monitor without OOB (monitor/qmp.c, qapi/qmp-dispatch.c)."""
     if isinstance(item, ParseError):
-        return error("GenericError", item.desc)
+        desc = item.desc
+        text = desc if isinstance(desc, str) else qjson._writer_text(desc.text)
+        return error("GenericError", text)
     if not isinstance(item, dict):
         return error("GenericError", "QMP input must be a JSON object")
     # qmp_dispatch_check_obj() walks the members in QDict order

@@ -1,0 +1,88 @@
+"""Replies too long to encode in one loop turn, made a piece at a time as they are sent.
+
+A client can make qmpmux echo megabytes back: an id of half a million numbers, or a
+command name, a member name or a stray token of a megabyte of non-ASCII text, which
+QEMU's writer prints as `\\uXXXX` escapes (3 to 6 times as long). Encoded at once, one
+such reply holds the event loop for tens to hundreds of milliseconds, and every other
+client waits (README "Security"). A `Spelled` is the recipe instead: plain bytes and
+functions that make the rest in pieces, each piece a bounded amount of work (qjson's
+`*_pieces`). The client's channel makes the next piece only when its socket has taken
+the last one (channel.py), so a turn of the loop does one piece of it, and whatever is
+written to that client afterwards waits behind it, in order.
+
+A `Spelled` is immutable and can be spelled any number of times; its `len()` is what
+qmpmux holds for it (about the size of what it echoes), which is what the per-client
+bounds count, not the size of the text it will make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Final
+
+# About how many bytes of output a piece is: a few hundred microseconds of encoding at
+# worst, and large enough that sending it costs little next to making it.
+PIECE: Final = 32 << 10
+
+Part = bytes | Callable[[], Iterator[bytes]]
+
+
+class Spelled:
+    """Bytes yet to be made: `parts` in order, each bytes or a maker of pieces."""
+
+    __slots__ = ("error", "parts", "size")
+
+    def __init__(self, parts: tuple[Part, ...], size: int, error: str = "") -> None:
+        self.parts = parts
+        self.size = size
+        # The error class of the reply it spells ("" for anything else): for audit
+        # records and statistics, which must not spell it to learn that.
+        self.error = error
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Spelled({len(self.parts)} parts, {self.size} bytes held)"
+
+    def pieces(self) -> Iterator[bytes]:
+        """The bytes in pieces: bytes parts gathered up to about PIECE, and each piece a
+        maker makes handed out as it comes (each is one bounded stretch of its work, even
+        an empty one), with the bytes gathered before it."""
+        gathered: list[bytes] = []
+        size = 0
+        for part in self.parts:
+            if type(part) is bytes:
+                gathered.append(part)
+                size += len(part)
+                if size < PIECE:
+                    continue
+                yield b"".join(gathered)
+            else:
+                for piece in part():  # type: ignore[operator]
+                    gathered.append(piece)
+                    yield b"".join(gathered)
+                    gathered.clear()
+            gathered.clear()
+            size = 0
+        if gathered:
+            yield b"".join(gathered)
+
+    def spell(self) -> bytes:
+        """All of it at once (tests, and what is never sent to a client)."""
+        return b"".join(self.pieces())
+
+
+def joined(*parts: bytes | Spelled, error: str = "") -> bytes | Spelled:
+    """The parts one after another: bytes when they all are, else one `Spelled`."""
+    if all(type(part) is bytes for part in parts):
+        return b"".join(parts)  # type: ignore[arg-type]
+    flat: list[Part] = []
+    size = 0
+    for part in parts:
+        if type(part) is Spelled:
+            flat.extend(part.parts)
+        else:
+            flat.append(part)  # type: ignore[arg-type]
+        size += len(part)
+    return Spelled(tuple(flat), size, error)
