@@ -707,22 +707,34 @@ def test_encode_compact_examples() -> None:
         encode_compact(math.nan)
 
 
-ALL_TEXT = st.text(
-    alphabet=st.characters(codec="utf-8").filter(
-        lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or (ord(c) & 0xFFFE) == 0xFFFE)
-    ),
-    max_size=8,
-)
-JSON_VALUES: st.SearchStrategy[JsonValue] = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False)
-    | ALL_TEXT,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(ALL_TEXT, children, max_size=4)
-    ),
-    max_leaves=12,
+def texts(max_size: int) -> st.SearchStrategy[str]:
+    """Strings of any characters QEMU's decoder can produce (no noncharacters)."""
+    return st.text(
+        alphabet=st.characters(codec="utf-8").filter(
+            lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or (ord(c) & 0xFFFE) == 0xFFFE)
+        ),
+        max_size=max_size,
+    )
+
+
+def json_values(
+    text: st.SearchStrategy[str], numbers: st.SearchStrategy[JsonValue], width: int, leaves: int
+) -> st.SearchStrategy[JsonValue]:
+    return st.recursive(
+        st.none() | st.booleans() | numbers | text,
+        lambda children: (
+            st.lists(children, max_size=width) | st.dictionaries(text, children, max_size=width)
+        ),
+        max_leaves=leaves,
+    )
+
+
+ALL_TEXT = texts(8)
+JSON_VALUES = json_values(
+    ALL_TEXT,
+    st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats(allow_nan=False),
+    width=4,
+    leaves=12,
 )
 
 
@@ -878,19 +890,7 @@ def test_a_stray_text_in_pieces_is_the_text_qemu_prints(text: bytes) -> None:
     assert len(pieces) >= len(text.split(b"\0", 1)[0]) // 5 // 8
 
 
-LONG_TEXT = st.text(
-    alphabet=st.characters(codec="utf-8").filter(
-        lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or (ord(c) & 0xFFFE) == 0xFFFE)
-    ),
-    max_size=40,
-)
-BIG_VALUES: st.SearchStrategy[JsonValue] = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | LONG_TEXT,
-    lambda children: (
-        st.lists(children, max_size=6) | st.dictionaries(LONG_TEXT, children, max_size=6)
-    ),
-    max_leaves=40,
-)
+BIG_VALUES = json_values(texts(40), st.integers() | st.floats(), width=6, leaves=40)
 
 
 @settings(max_examples=600, deadline=None)
