@@ -236,9 +236,12 @@ class Channel:
             self._out.append(spelling)
             self._special += 1
             self._out_size += spelling.held
-        else:
+        elif fds:
             self._out.append(_WithFds(data, fds))
             self._special += 1
+            self._out_size += len(data)
+        else:
+            self._out.append(data)
             self._out_size += len(data)
 
     def flush(self) -> None:

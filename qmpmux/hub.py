@@ -79,6 +79,7 @@ from qmpmux.wire import (
     CAP_OOB,
     CAPABILITIES_OOB,
     CAPABILITIES_PLAIN,
+    DEFERRED_MEMBERS,
     GENERIC_ERROR,
     NO_ID,
     QUERY_COMMANDS,
@@ -657,7 +658,7 @@ class Hub:
                 peer.listener, self.limits.max_message_bytes
             ),
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
-            defer_member=ARGUMENTS,
+            defer_members=DEFERRED_MEMBERS,
         )
         profile = self._assign(peer)
         flow = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))

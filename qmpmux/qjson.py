@@ -66,6 +66,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import struct
 import sys
 from array import array
 from bisect import bisect_left
@@ -90,27 +91,29 @@ __all__ = [
     "encode",
     "encode_compact",
     "heavy",
+    "pack",
+    "packed_pieces",
     "qdict_order",
     "text_pieces",
-    "value_pieces",
 ]
 
 JsonValue: TypeAlias = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
 
 
 class CText(NamedTuple):
-    """A C string as json-writer.c prints it (invalid UTF-8 as U+FFFD), `head + raw +
-    tail` up to its first NUL: a parse error's text too long to decode in one loop turn,
-    written a piece at a time (c_text_pieces). The client's `raw` is not copied."""
+    """A C string as json-writer.c prints it (invalid UTF-8 as U+FFFD): `head`, `raw`
+    up to its first NUL, then `tail` (QEMU formats "stray '%s'"): a parse error's text
+    too long to decode in one loop turn, written a piece at a time (c_text_pieces). The
+    client's `raw` is not copied."""
 
-    raw: bytes | bytearray
+    raw: bytes | bytearray  # up to its first NUL, as C's %s
     head: bytes = b""
     tail: bytes = b""
 
     @property
     def text(self) -> bytes:
         """All of it at once (tests, logs)."""
-        return (self.head + self.raw + self.tail).split(b"\0", 1)[0]
+        return self.head + bytes(self.raw).split(b"\0", 1)[0] + self.tail
 
 
 class ParseError(NamedTuple):
@@ -501,11 +504,11 @@ class Framer:
         max_message_bytes: int = 64 * 1024 * 1024,
         max_tokens: int = 2 * 1024 * 1024,
         max_nesting: int = 1024,
-        defer_member: str | None = None,
+        defer_members: frozenset[str] = frozenset(),
     ) -> None:
         self._max_size = max_message_bytes
-        # The top-level member of a big message left packed until asked for (Deferred).
-        self._defer_member = defer_member
+        # Top-level members of a big message left packed until asked for (Deferred).
+        self._defer = defer_members
         self._max_tokens = max_tokens
         self._max_nesting = max_nesting
         depth = min(_FAST_MAX_DEPTH, max_nesting)
@@ -764,16 +767,16 @@ class Framer:
         self._out.append(result)
 
     def _unpack_message(self, result: JsonValue) -> JsonValue:
-        """A packed message made Python values again, at C speed, but for the member to
-        defer: kept as its msgpack (Deferred), it costs nothing until someone asks."""
+        """A packed message made Python values again, at C speed, but for the members to
+        defer: kept as their msgpack (Deferred), they cost nothing until someone asks."""
         packed = _pack(result)
-        if not self._keep or self._defer_member is None:
+        if not self._keep or not self._defer:
             whole: JsonValue = _unpack(packed)
             return whole
         members = _unpack_members(packed)
         value: dict[str, JsonValue] = {}
         for key, raw in members.items():
-            if key == self._defer_member and _is_container(raw):
+            if key in self._defer and _is_container(raw):
                 value[key] = Deferred(raw)  # type: ignore[assignment]
             else:
                 value[key] = _unpack(raw)
@@ -988,10 +991,6 @@ class Message(dict[str, JsonValue]):
         i = list(self).index(key) * 2
         return bytes(memoryview(self._text)[self._spans[i] : self._spans[i + 1]])
 
-    def member_size(self, key: str) -> int:
-        i = list(self).index(key) * 2
-        return self._spans[i + 1] - self._spans[i]
-
 
 class Deferred:
     """A member of a big message still packed: a container, built only by resolve().
@@ -1009,6 +1008,11 @@ class Deferred:
     def is_object(self) -> bool:
         first = memoryview(self._raw)[0]
         return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+
+    @property
+    def raw(self) -> bytes:
+        """Its msgpack (packed_pieces writes from it)."""
+        return bytes(self._raw)
 
     def resolve(self) -> JsonValue:
         value: JsonValue = _unpack(self._raw)
@@ -1307,7 +1311,7 @@ def encode(value: JsonValue) -> bytes:
 # Characters quoted at a time: at most 48 KiB of text, about half a millisecond.
 _SLICE: Final = 4096
 # Values written per piece at most: about half a millisecond of small ones.
-_FRAGMENTS: Final = 2048
+_FRAGMENTS: Final = 1024
 # Values lighter than this are written at once (a character weighs 1, a value 16): about
 # a millisecond at worst.
 _LIGHT: Final = 1 << 14
@@ -1348,9 +1352,16 @@ def heavy(value: JsonValue) -> bool:
     return False
 
 
-def value_pieces(value: JsonValue) -> Iterator[bytes]:
-    """encode(value) in pieces, each a bounded amount of work (spelled.PIECE)."""
-    return _written(_steps(value))
+def pack(value: JsonValue) -> bytes:
+    """`value` as msgpack, the compact form packed_pieces() writes from."""
+    return _pack(value)
+
+
+def packed_pieces(raw: bytes) -> Iterator[bytes]:
+    """encode() of the value packed in `raw` (msgpack, as the Framer keeps big values),
+    written from the packed bytes in pieces, each a bounded amount of work
+    (spelled.PIECE): the value is never built, and qmpmux holds only `raw`."""
+    return _written(_packed_steps(_Reader(raw)))
 
 
 def text_pieces(text: str) -> Iterator[bytes]:
@@ -1391,35 +1402,6 @@ def _written(steps: _Steps) -> Iterator[bytes]:
         yield "".join(text).encode("ascii")
 
 
-def _steps(v: object) -> _Steps:
-    """The text of `v`: fragments, and the steps of each value inside it in turn."""
-    kind = type(v)
-    if kind is str:
-        yield _quote(v) if len(v) <= _SLICE else _string_steps(v)  # type: ignore[arg-type]
-    elif kind is list and v:
-        opening = "["
-        for item in v:  # type: ignore[attr-defined]
-            if _light(item):
-                yield opening + _to_json(item)
-            else:
-                yield opening
-                yield _steps(item)
-            opening = ", "
-        yield "]"
-    elif kind is dict and v:
-        yield from _dict_steps(v)  # type: ignore[arg-type]
-    else:
-        yield _to_json(v)
-
-
-def _light(v: object) -> bool:
-    """A value written in one step: a scalar, an empty container, a short string."""
-    kind = type(v)
-    if kind is str:
-        return len(v) <= _SLICE  # type: ignore[arg-type]
-    return not v if kind is list or kind is dict else True
-
-
 def _string_steps(s: str) -> _Steps:
     yield '"'
     for start in range(0, len(s), _SLICE):
@@ -1427,46 +1409,239 @@ def _string_steps(s: str) -> _Steps:
     yield '"'
 
 
-def _dict_steps(d: dict[str, JsonValue]) -> _Steps:
-    """A dict in QDict order (qdict_order), its hashes taken a stretch at a time."""
-    keys = list(d)
-    if len(keys) <= 128 and sum(map(len, keys)) <= _SLICE:
-        members = _members(tuple(keys))
-    else:
-        buckets: list[list[str]] = [[] for _ in range(_QDICT_BUCKETS)]
-        for n, key in enumerate(keys, 1):
-            if len(key) <= _SLICE:
-                buckets[_bucket(key)].append(key)
-            else:
-                bucket = yield from _long_bucket(key)
-                buckets[bucket].append(key)
-            if n % 128 == 0:
+class _Reader:
+    """A position in packed bytes (msgpack as msgspec writes JSON values: nil, bools,
+    ints up to 64 bits, float64, UTF-8 strings, arrays, maps), shared by the steps of
+    the values inside one another: each reads its value from where the last one ended."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, raw: bytes) -> None:
+        self.data = raw
+        self.pos = 0
+
+    def scalar(self) -> str | None:
+        """The text of the scalar here, read past; None (not read) for a string or a
+        container."""
+        data, pos = self.data, self.pos
+        b = data[pos]
+        if b <= 0x7F:
+            self.pos = pos + 1
+            return _SMALL_INTS[b]
+        if b >= 0xE0:
+            self.pos = pos + 1
+            return _SMALL_INTS[b - 256]
+        if b in _FIXED:
+            code, size = _FIXED[b]
+            self.pos = pos + 1 + size
+            if not code:
+                return ("null", "false", "true")[b - 0xC0 - (b > 0xC0)]
+            return _to_json(_struct_unpack_from(code, data, pos + 1)[0])
+        return None
+
+    def light(self) -> str | None:
+        """The text of the scalar or short string here, read past; None (not read) for
+        a container or a long string."""
+        text = self.scalar()
+        if text is not None:
+            return text
+        data, pos = self.data, self.pos
+        b = data[pos]
+        if 0xA0 <= b <= 0xBF:
+            start, stop = pos + 1, pos + 1 + (b & 0x1F)
+        elif b == 0xD9:
+            start = pos + 2
+            stop = start + data[pos + 1]
+        elif b == 0xDA and (size := int.from_bytes(data[pos + 1 : pos + 3], "big")) <= _SLICE:
+            start = pos + 3
+            stop = start + size
+        else:
+            return None
+        self.pos = stop
+        return _quote(data[start:stop].decode())
+
+    def header(self) -> tuple[int, int]:
+        """(kind, n) of the string or container here, read past its header: kind 0 for
+        a string of n bytes, 1 an array of n values, 2 a map of n pairs."""
+        data, pos = self.data, self.pos
+        b = data[pos]
+        if 0xA0 <= b <= 0xBF:
+            self.pos = pos + 1
+            return 0, b & 0x1F
+        if 0x90 <= b <= 0x9F:
+            self.pos = pos + 1
+            return 1, b & 0x0F
+        if 0x80 <= b <= 0x8F:
+            self.pos = pos + 1
+            return 2, b & 0x0F
+        kind, size = _SIZED[b]
+        self.pos = pos + 1 + size
+        return kind, int.from_bytes(data[pos + 1 : pos + 1 + size], "big")
+
+    def skip(self) -> Iterator[_Busy]:
+        """Read past the value here, a stretch at a time (a map's keys are ordered
+        before any of its values is written)."""
+        left = 1
+        read = 0
+        while left:
+            left -= 1
+            if self.scalar() is None:
+                kind, n = self.header()
+                if kind == 0:
+                    self.pos += n
+                else:
+                    left += n * kind
+            read += 1
+            if read % 256 == 0:
                 yield _BUSY
-        # Each bucket's newest key first (qdict.c inserts at the head).
-        members = ((key, "") for bucket in buckets for key in reversed(bucket))  # type: ignore[assignment]
+
+
+_SMALL_INTS: Final = {n: str(n) for n in range(-32, 128)}
+_struct_unpack_from: Final = struct.unpack_from
+# One-byte type codes of fixed-size scalars: (struct format, size); "" for nil/false/true.
+_FIXED: Final = {
+    0xC0: ("", 0), 0xC2: ("", 0), 0xC3: ("", 0),
+    0xCA: (">f", 4), 0xCB: (">d", 8),
+    0xCC: (">B", 1), 0xCD: (">H", 2), 0xCE: (">I", 4), 0xCF: (">Q", 8),
+    0xD0: (">b", 1), 0xD1: (">h", 2), 0xD2: (">i", 4), 0xD3: (">q", 8),
+}  # fmt: skip
+# Type codes of strings and containers with a length after them: (kind, length size).
+_SIZED: Final = {
+    0xD9: (0, 1), 0xDA: (0, 2), 0xDB: (0, 4),
+    0xDC: (1, 2), 0xDD: (1, 4), 0xDE: (2, 2), 0xDF: (2, 4),
+}  # fmt: skip
+
+
+def _packed_steps(r: _Reader) -> _Steps:
+    """The text of the value at `r`: fragments, and the steps of the values inside it,
+    each run in turn (by _written) from where the one before it ended."""
+    text = r.scalar()
+    if text is not None:
+        yield text
+        return
+    kind, n = r.header()
+    if kind == 0:
+        start = r.pos
+        r.pos += n
+        yield from _utf8_steps(r.data, start, r.pos)
+    elif n == 0:
+        yield "[]" if kind == 1 else "{}"
+    elif kind == 1:
+        opening = "["
+        for _ in range(n):
+            text = r.light()
+            if text is None:
+                yield opening
+                yield _packed_steps(r)
+            else:
+                yield opening + text
+            opening = ", "
+        yield "]"
+    else:
+        yield from _packed_map(r, n)
+
+
+def _packed_map(r: _Reader, n: int) -> _Steps:
+    """A map in QDict order (qdict_order): its keys and where each value starts are
+    read first, values skipped, then each key's bucket, a stretch at a time. Positions
+    are kept in arrays: a hundred thousand tuples would cost milliseconds to free."""
+    data = r.data
+    entries = array("q")  # per key: where it starts, where it ends (its value starts)
+    for i in range(n):
+        _, size = r.header()
+        entries.append(r.pos)
+        r.pos += size
+        entries.append(r.pos)
+        yield from r.skip()
+        if i % 128 == 127:
+            yield _BUSY
+    end = r.pos
+    keys = range(0, 2 * n, 2)
+    if n <= 128 and all(entries[i + 1] - entries[i] <= _CACHED_KEY_MAX for i in keys):
+        yield from _small_map(r, entries, end)
+        return
+    buckets = [array("q") for _ in range(_QDICT_BUCKETS)]
+    for i in keys:
+        start, stop = entries[i], entries[i + 1]
+        if stop - start <= _SLICE:
+            bucket = _bucket(data[start:stop].decode())
+        else:
+            bucket = yield from _bucket_steps(
+                data[at : min(at + _SLICE, stop)].replace(b"\0", b"\xc0\x80")
+                for at in range(start, stop, _SLICE)
+            )
+        buckets[bucket].append(i)
+        if i % 256 == 254:
+            yield _BUSY
     opening = "{"
-    for key, prefix in members:
-        if prefix or len(key) <= _SLICE:
-            yield opening + (prefix or _quote(key) + ": ")
-        else:
-            yield opening
-            yield _string_steps(key)
-            yield ": "
-        opening = ", "
-        value = d[key]
-        if _light(value):
-            yield _to_json(value)
-        else:
-            yield _steps(value)
+    for bucket_keys in buckets:
+        for i in reversed(bucket_keys):  # newest first: qdict.c inserts at the head
+            start, stop = entries[i], entries[i + 1]
+            if stop - start <= _SLICE:
+                yield opening + _quote(data[start:stop].decode()) + ": "
+            else:
+                yield opening
+                yield _utf8_steps(data, start, stop)
+                yield ": "
+            opening = ", "
+            r.pos = stop
+            text = r.light()
+            if text is None:
+                yield _packed_steps(r)
+            else:
+                yield text
+    r.pos = end
     yield "}"
 
 
-def _long_bucket(key: str) -> Generator[_Busy, None, int]:
-    """_bucket(key) a stretch of the key at a time (its return value)."""
+def _small_map(r: _Reader, entries: array[int], end: int) -> _Steps:
+    """A map of a few short keys: ordered at once (_members, cached)."""
+    data = r.data
+    values = {
+        data[entries[i] : entries[i + 1]].decode(): entries[i + 1]
+        for i in range(0, len(entries), 2)
+    }
+    opening = "{"
+    for key, prefix in _members(tuple(values)):
+        r.pos = values[key]
+        text = r.light()
+        if text is None:
+            yield opening + prefix
+            yield _packed_steps(r)
+        else:
+            yield opening + prefix + text
+        opening = ", "
+    r.pos = end
+    yield "}"
+
+
+def _utf8_steps(data: bytes, start: int, stop: int) -> _Steps:
+    """A string given as valid UTF-8, quoted a slice at a time (cut before a byte that
+    starts a character)."""
+    if stop - start <= _SLICE:
+        yield _quote(data[start:stop].decode())
+        return
+    yield '"'
+    while start < stop:
+        end = min(start + _SLICE, stop)
+        while start < end < stop and 0x80 <= data[end] <= 0xBF:
+            end -= 1
+        if end == start:  # a slice shorter than its first character (tests)
+            end += 1
+            while end < stop and 0x80 <= data[end] <= 0xBF:
+                end += 1
+        yield _quote(data[start:end].decode())[1:-1]
+        start = end
+    yield '"'
+
+
+def _bucket_steps(chunks: Iterator[bytes]) -> Generator[_Busy, None, int]:
+    """_bucket() of a long key given as its modified UTF-8 in chunks, a chunk at a time
+    (its return value)."""
     total = length = 0
     rest = b""
-    for start in range(0, len(key), _SLICE):
-        raw = rest + _modified_utf8(key[start : start + _SLICE])
+    for chunk in chunks:
+        raw = rest + chunk
         whole = len(raw) - len(raw) % 24  # the sum restarts at a multiple of 24
         total += _tdb_sum(raw[:whole])
         length += whole
@@ -1486,7 +1661,7 @@ def _c_string_steps(text: CText) -> _Steps:
         end = _unit_boundary(raw, start, start + _SLICE)
         yield _quote(_writer_text(bytes(raw[start:end])))[1:-1]
         start = end
-    yield ("" if nul >= 0 else _quote(_writer_text(text.tail))[1:-1]) + '"'
+    yield _quote(_writer_text(text.tail))[1:-1] + '"'  # printf("...'%s'"): the ' after
 
 
 def _unit_boundary(raw: memoryview, start: int, end: int) -> int:

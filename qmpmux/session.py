@@ -259,7 +259,7 @@ class Session:
             return Local(error_reply(None, GENERIC_ERROR, value.desc))
         if not isinstance(value, dict):
             return Local(error_reply(None, GENERIC_ERROR, "QMP input must be a JSON object"))
-        wire_id = encode_id(value.get(ID, NO_ID), value)
+        wire_id = encode_id(value.get(ID, NO_ID))
         # QEMU answers the exec-oob path at once, but it only reads a monitor without oob
         # after the previous command finished, so for such a client that is in order too.
         oob_path = EXEC_OOB in value and EXECUTE not in value

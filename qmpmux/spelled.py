@@ -55,16 +55,16 @@ class Spelled:
             if type(part) is bytes:
                 gathered.append(part)
                 size += len(part)
-                if size < PIECE:
-                    continue
-                yield b"".join(gathered)
+                if size >= PIECE:
+                    yield b"".join(gathered)
+                    gathered.clear()
+                    size = 0
             else:
                 for piece in part():  # type: ignore[operator]
                     gathered.append(piece)
                     yield b"".join(gathered)
                     gathered.clear()
-            gathered.clear()
-            size = 0
+                    size = 0
         if gathered:
             yield b"".join(gathered)
 

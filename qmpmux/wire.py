@@ -26,15 +26,16 @@ import msgspec
 
 from qmpmux.qjson import (
     CText,
+    Deferred,
     Framer,
     JsonValue,
-    Message,
     c_text_pieces,
     encode,
     encode_compact,
     heavy,
+    pack,
+    packed_pieces,
     text_pieces,
-    value_pieces,
 )
 from qmpmux.spelled import Spelled, joined
 
@@ -74,17 +75,29 @@ Reply = bytes | Spelled
 WireId = bytes | Spelled | None
 
 
-def encode_id(value: ClientId, message: dict[str, JsonValue] | None = None) -> WireId:
+# Members a big message keeps packed: its arguments (built only if its reply depends on
+# them) and its id (echoed from the packed form).
+DEFERRED_MEMBERS: Final = frozenset({ARGUMENTS, ID})
+# Packed bytes written at once: about half a millisecond of values at worst.
+_PACKED_LIGHT: Final = 2048
+
+
+def encode_id(value: ClientId | Deferred) -> WireId:
     """A client's id as QEMU would echo it (re-serialised, not verbatim), or None if absent.
 
-    An id that would take long to encode is encoded as it is sent: a `Spelled` that holds
-    about the size of the id's text in `message` (qmpmux holds the id itself)."""
+    An id that would take long to encode is written as it is sent, from its packed form
+    (a `Spelled` that holds only those bytes)."""
     if value is NO_ID:
         return None
-    if heavy(value):
-        held = message.member_size(ID) if isinstance(message, Message) else len(value)  # type: ignore[arg-type]
-        return Spelled((functools.partial(value_pieces, value),), held)
-    return encode(value)
+    if isinstance(value, Deferred):  # a big message's container, still packed
+        raw = value.raw
+        if len(raw) <= _PACKED_LIGHT:
+            return encode(value.resolve())
+    elif heavy(value):
+        raw = pack(value)
+    else:
+        return encode(value)
+    return Spelled((functools.partial(packed_pieces, raw),), len(raw))
 
 
 def _quoted(text: str | CText) -> bytes | Spelled:

@@ -233,11 +233,12 @@ LONG_NAME = "\u00e9".encode() * 20_000  # 40 KB, echoed as 120 KB of \u00E9
     ("negotiate", "chunks"),
     [
         ("plain", [b'"' + b"\x80" * 40_000 + b"\x01"]),  # a 240 KB stray-token error
+        ("plain", [b'"' + b"a" * 5_000 + b"\x00"]),  # printed up to the NUL, then '
         ("plain", [b'{"execute":"query-status","id":' + BIG_ID + b"}"]),  # QEMU's reply
         ("", [b'{"execute":"query-status","id":' + BIG_ID + b"}"]),  # qmpmux's own
         ("", [b'{"execute":"qmp_capabilities","arguments":{"' + LONG_NAME + b'":1}}']),
     ],
-    ids=["stray-token", "id-on-qemus-reply", "id-on-own-reply", "member-name"],
+    ids=["stray-token", "stray-nul", "id-on-qemus-reply", "id-on-own-reply", "member-name"],
 )
 async def test_echoes_made_in_pieces_are_qemus_bytes(
     mux: Mux, negotiate: str, chunks: list[bytes]

@@ -21,7 +21,7 @@ from qmpmux import qjson
 from qmpmux.policy import DEFAULT_POLICY, FULL, READONLY, ProfileSpec, compile_policy
 from qmpmux.qjson import Deferred, Framer, JsonValue, ParseError
 from qmpmux.session import Command, Local, Peer, Phase, Session, Verdict
-from qmpmux.wire import ARGUMENTS
+from qmpmux.wire import ARGUMENTS, DEFERRED_MEMBERS
 from tests.playbook import spelled_out
 
 EMPTY_OBJECTS = 1 << 16  # 192 KiB of `{},`: some 4 MiB of Python dicts if built
@@ -41,7 +41,7 @@ def session(profile: str = READONLY, negotiated: bool = True) -> Session:
 
 
 def client_framer() -> Framer:
-    return Framer(max_message_bytes=1 << 24, defer_member=ARGUMENTS)
+    return Framer(max_message_bytes=1 << 24, defer_members=DEFERRED_MEMBERS)
 
 
 def judged(s: Session, data: bytes, framer: Framer | None = None) -> Verdict:
@@ -155,14 +155,15 @@ def test_deferring_changes_no_verdict(
     assert deferred == verdict_text(eager)
 
 
-def test_only_the_named_member_of_a_top_level_object_is_deferred() -> None:
+def test_only_the_named_members_of_a_top_level_object_are_deferred() -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qjson, "_PACK_EVERY", 1)
         out: list[JsonValue | ParseError] = client_framer().feed(
-            b"{'id':[1,2],'arguments':{'x':[{}]}} [{'arguments':{}}] {'arguments':1}"
+            b"{'id':[1,2],'arguments':{'x':[{}]},'y':[3]} [{'arguments':{}}] {'arguments':1}"
         )
     first, second, third = out
-    assert isinstance(first, dict) and first["id"] == [1, 2]
+    assert isinstance(first, dict) and first["y"] == [3]
+    assert isinstance(first["id"], Deferred) and first["id"].resolve() == [1, 2]
     assert isinstance(first[ARGUMENTS], Deferred) and first[ARGUMENTS].is_object
     assert second == [{"arguments": {}}]
     assert third == {"arguments": 1}

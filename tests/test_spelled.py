@@ -71,3 +71,10 @@ async def test_a_spelled_reply_is_made_as_the_peer_reads_it() -> None:
     finally:
         channel.abort("test over")
         theirs.close()
+
+
+def test_bytes_before_a_maker_that_makes_nothing_are_kept() -> None:
+    def nothing() -> Iterator[bytes]:
+        yield from ()
+
+    assert Spelled((b"a", nothing, b"b"), 2).spell() == b"ab"
