@@ -104,6 +104,8 @@ from qmpmux.wire import (
 
 log = logging.getLogger("qmpmux.hub")
 QEMU_MAX_TOKENS: Final = 2 * 1024 * 1024  # MAX_TOKEN_COUNT, qobject/json-streamer.c
+# How much of a command name an audit record keeps (QEMU's are under 64 characters).
+_RECORDED_NAME_MAX: Final = 256
 
 
 # --- actions for the shell ------------------------------------------------------------------
@@ -399,7 +401,7 @@ class Hub:
         try:
             msg = decode_upstream(line)
         except msgspec.DecodeError:
-            log.warning("ignoring non-QMP output from QEMU during handshake: %.200r", line)
+            log.warning("ignoring non-QMP output from QEMU during handshake: %r", line[:200])
             return
         if msg.event is not None:
             # No client is owed an event from before the link is ready. One may even come
@@ -438,7 +440,7 @@ class Hub:
         try:
             msg = decode_upstream(line)
         except msgspec.DecodeError:
-            log.warning("dropping malformed output from QEMU: %.200r", line)
+            log.warning("dropping malformed output from QEMU: %r", line[:200])
             return
         if msg.event is not None:
             if len(self._live) > 1 and not self._first_copy(up, line):
@@ -453,7 +455,7 @@ class Hub:
             # qmpmux sends every command with an id, so QEMU could not parse our output.
             log.error("QEMU reported an error without id: %s", describe_error(msg.error))
         else:
-            log.warning("dropping unexpected message from QEMU: %.200r", line)
+            log.warning("dropping unexpected message from QEMU: %r", line[:200])
 
     def _first_copy(self, up: Link, line: bytes) -> bool:
         """QEMU writes every event to every monitor (the same bytes), before the reply of
@@ -497,7 +499,7 @@ class Hub:
     def _route_reply(self, up: Link, line: bytes, upstream_id: object) -> None:
         cmd = up.inflight.pop(upstream_id, None) if type(upstream_id) is int else None
         if cmd is None:
-            log.warning("dropping reply with an id qmpmux did not issue: %.200r", line)
+            log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
             return
         assert isinstance(upstream_id, int)
         up.ids.give_back(upstream_id)
@@ -589,7 +591,7 @@ class Hub:
         try:
             fdset = decode_fdset(line)
         except msgspec.DecodeError:
-            log.warning("unexpected add-fd reply from QEMU: %.200r", line)
+            log.warning("unexpected add-fd reply from QEMU: %r", line[:200])
             return
         self._fdsets.setdefault(fdset, client)
         if client not in self.clients and self._fdsets[fdset] == client:
@@ -861,8 +863,8 @@ class Hub:
         assert isinstance(verdict, Local)
         if _traffic_log.isEnabledFor(logging.DEBUG):
             _traffic_log.debug(
-                "client %d: %.80r answered by qmpmux (%d bytes)",
-                flow.id, verdict.name or "-", len(verdict.data),
+                "client %d: %r answered by qmpmux (%d bytes)",
+                flow.id, (verdict.name or "-")[:80], len(verdict.data),
             )  # fmt: skip
         (flow.oob_replies if verdict.oob else flow.replies).append(verdict.data)
         flow.reply_bytes += len(verdict.data)
@@ -878,8 +880,8 @@ class Hub:
             else "-"
         )
         _traffic_log.debug(
-            "client %d: %s %.80r %.300s (%d bytes)",
-            client, "exec-oob" if cmd.oob else "execute", cmd.name, shown, len(cmd.prefix),
+            "client %d: %s %r %.300s (%d bytes)",
+            client, "exec-oob" if cmd.oob else "execute", cmd.name[:80], shown, len(cmd.prefix),
         )  # fmt: skip
 
     def _log_reply(
@@ -888,8 +890,8 @@ class Hub:
         """Debug: how a command went, and the reply's size (never its payload)."""
         took = (self._clock() - started) * 1000 if started is not None else 0.0
         _traffic_log.debug(
-            "client %d: %.80r reply: %.60r (%d bytes, %.3f ms)",
-            client, name, failed or "ok", size, took,
+            "client %d: %r reply: %r (%d bytes, %.3f ms)",
+            client, name[:80], (failed or "ok")[:60], size, took,
         )  # fmt: skip
 
     def reload(self, policy: Policy) -> list[Action]:
@@ -941,7 +943,7 @@ class Hub:
             note = self.log_limit.admit("denial", flow.session.peer.listener)
             if note is not None:  # a flood, even one reconnecting, must not flood the log
                 _client_log.warning(
-                    "client %d: %.80r denied by profile %s%s", flow.id, verdict.name,
+                    "client %d: %r denied by profile %s%s", flow.id, verdict.name[:80],
                     flow.session.profile.name, note,
                 )  # fmt: skip
         if self.audit:
@@ -974,11 +976,13 @@ class Hub:
             "gid": peer.gid,
             "pid": peer.pid,
             "profile": profile,
-            "command": name,
+            "command": name[:_RECORDED_NAME_MAX],
             "decision": decision.value,
             "result": result or "ok",
             "latency_ms": round((self._clock() - started) * 1000, 3) if started else 0.0,
         }
+        if len(name) > _RECORDED_NAME_MAX:  # a client's megabyte of name, not a command
+            record["command_chars"] = len(name)
         if fds:
             record["fds"] = fds
         if arguments is not None:
@@ -987,8 +991,8 @@ class Hub:
             note = self.log_limit.admit("audit-only", peer.listener)
             if note is not None:
                 _client_log.warning(
-                    "client %d: %.80r would be denied by profile %s (audit-only)%s",
-                    session.id, name, profile, note,
+                    "client %d: %r would be denied by profile %s (audit-only)%s",
+                    session.id, name[:80], profile, note,
                 )  # fmt: skip
         self._out.append(Audit(encode_record(record)))
 

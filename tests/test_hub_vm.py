@@ -55,3 +55,21 @@ def test_every_audit_record_names_the_vm_of_its_hub(vm: str | None) -> None:
         hub.client_data(ro, b'{"execute":"quit","id":2}'),
         [Audit(record(vm, ro, "readonly", denied)), ToClient(ro, DENIED)],
     )
+
+
+def test_a_megabyte_command_name_is_recorded_cut_and_logged_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No command name is that long: the record keeps 256 characters and the length,
+    the denial log line 80 (formatting all of it held the loop ~13 ms for 4 MiB)."""
+    hub = audited_hub(None)
+    ro, _ = hub.client_connected(Peer("unix:test", "readonly"))
+    hub.client_data(ro, b'{"execute":"qmp_capabilities"}')
+    name = "x" * (1 << 20)
+    with caplog.at_level("WARNING", logger="qmpmux.client"):
+        (audit, _) = hub.client_data(ro, b'{"execute":"' + name.encode() + b'"}')
+    assert isinstance(audit, Audit)
+    assert b'"command":"' + b"x" * 256 + b'","decision":"denied"' in audit.record
+    assert audit.record.endswith(b',"command_chars":1048576}\n') and len(audit.record) < 1000
+    (line,) = [r.getMessage() for r in caplog.records if "denied" in r.getMessage()]
+    assert "'" + "x" * 80 + "'" in line and len(line) < 200
