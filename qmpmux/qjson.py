@@ -1311,7 +1311,7 @@ def encode(value: JsonValue) -> bytes:
 # Characters quoted at a time: at most 48 KiB of text, about half a millisecond.
 _SLICE: Final = 4096
 # Values written per piece at most: about half a millisecond of small ones.
-_FRAGMENTS: Final = 1024
+_FRAGMENTS: Final = 512
 # Values lighter than this are written at once (a character weighs 1, a value 16): about
 # a millisecond at worst.
 _LIGHT: Final = 1 << 14
@@ -1414,11 +1414,15 @@ class _Reader:
     ints up to 64 bits, float64, UTF-8 strings, arrays, maps), shared by the steps of
     the values inside one another: each reads its value from where the last one ended."""
 
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "layouts", "pos", "work")
 
     def __init__(self, raw: bytes) -> None:
         self.data = raw
         self.pos = 0
+        # Per map not yet written, by where its header starts: where each key starts and
+        # ends (its value starts there), and where the map ends (learned by walk()).
+        self.layouts: dict[int, tuple[array[int], int]] = {}
+        self.work = 0  # values walked, for _BUSY every 256
 
     def scalar(self) -> str | None:
         """The text of the scalar here, read past; None (not read) for a string or a
@@ -1478,21 +1482,42 @@ class _Reader:
         self.pos = pos + 1 + size
         return kind, int.from_bytes(data[pos + 1 : pos + 1 + size], "big")
 
-    def skip(self) -> Iterator[_Busy]:
-        """Read past the value here, a stretch at a time (a map's keys are ordered
-        before any of its values is written)."""
+    def walk(self) -> Iterator[_Busy]:
+        """Read past the value here, a stretch at a time, noting the layout of every map
+        in it (a map's keys are ordered before any of its values is written): once,
+        however deep the maps nest, never again for the maps inside."""
+        frames: list[list[int]] = []  # per open container: items left, its header's start
+        layouts = self.layouts
+        entries: list[array[int]] = []  # per open map, its layout so far
         left = 1
-        read = 0
-        while left:
+        while True:
+            while left == 0:
+                if not frames:
+                    return
+                left, start, is_map = frames.pop()
+                if is_map:
+                    layouts[start] = (entries.pop(), self.pos)
+            in_map = bool(frames) and frames[-1][2] == 1 and left % 2 == 0
             left -= 1
-            if self.scalar() is None:
+            if in_map:  # a key: a string
+                _, size = self.header()
+                entries[-1].append(self.pos)
+                self.pos += size
+                entries[-1].append(self.pos)
+            elif self.scalar() is None:
+                start = self.pos
                 kind, n = self.header()
                 if kind == 0:
                     self.pos += n
-                else:
-                    left += n * kind
-            read += 1
-            if read % 256 == 0:
+                elif n:
+                    frames.append([left, start, kind - 1])
+                    left = n * kind
+                    if kind == 2:
+                        entries.append(array("q"))
+                elif kind == 2:
+                    layouts[start] = (array("q"), self.pos)
+            self.work += 1
+            if self.work % 256 == 0:
                 yield _BUSY
 
 
@@ -1519,6 +1544,7 @@ def _packed_steps(r: _Reader) -> _Steps:
     if text is not None:
         yield text
         return
+    start = r.pos
     kind, n = r.header()
     if kind == 0:
         start = r.pos
@@ -1538,29 +1564,28 @@ def _packed_steps(r: _Reader) -> _Steps:
             opening = ", "
         yield "]"
     else:
-        yield from _packed_map(r, n)
+        yield from _packed_map(r, start)
 
 
-def _packed_map(r: _Reader, n: int) -> _Steps:
-    """A map in QDict order (qdict_order): its keys and where each value starts are
-    read first, values skipped, then each key's bucket, a stretch at a time. Positions
-    are kept in arrays: a hundred thousand tuples would cost milliseconds to free."""
+def _packed_map(r: _Reader, start: int) -> _Steps:
+    """A map in QDict order (qdict_order): where its keys and values are comes from
+    walking it once (_Reader.walk, done for a whole value at its outermost map), then
+    each key's bucket is taken, a stretch at a time. Positions are kept in arrays: a
+    hundred thousand tuples would cost milliseconds to free."""
     data = r.data
-    entries = array("q")  # per key: where it starts, where it ends (its value starts)
-    for i in range(n):
-        _, size = r.header()
-        entries.append(r.pos)
-        r.pos += size
-        entries.append(r.pos)
-        yield from r.skip()
-        if i % 128 == 127:
-            yield _BUSY
-    end = r.pos
+    layout = r.layouts.pop(start, None)
+    if layout is None:
+        r.pos = start
+        yield from r.walk()
+        layout = r.layouts.pop(start)
+    entries, end = layout
+    n = len(entries) // 2
     keys = range(0, 2 * n, 2)
     if n <= 128 and all(entries[i + 1] - entries[i] <= _CACHED_KEY_MAX for i in keys):
         yield from _small_map(r, entries, end)
         return
     buckets = [array("q") for _ in range(_QDICT_BUCKETS)]
+    hashed = 0
     for i in keys:
         start, stop = entries[i], entries[i + 1]
         if stop - start <= _SLICE:
@@ -1571,7 +1596,9 @@ def _packed_map(r: _Reader, n: int) -> _Steps:
                 for at in range(start, stop, _SLICE)
             )
         buckets[bucket].append(i)
-        if i % 256 == 254:
+        hashed += stop - start + 64
+        if hashed > 8 * _SLICE:  # ~0.5 ms of keys
+            hashed = 0
             yield _BUSY
     opening = "{"
     for bucket_keys in buckets:

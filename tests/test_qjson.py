@@ -1187,3 +1187,25 @@ def test_element_runs_stop_at_each_limit_exactly(data: bytes) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qjson, "_PACK_EVERY", 1)
         assert canon(feed_whole(data)) == canon(feed_bytewise(data))
+
+
+def test_nested_maps_are_walked_once() -> None:
+    """A map's keys are ordered before its values are written, which needs where each
+    value ends: that walk is done once for the outermost map and remembered for the
+    maps inside, never again per level (300 levels over 1000 values: 300x the work)."""
+    value: JsonValue = [0] * 1000
+    for _ in range(300):
+        value = {"a": value, "b": 1}
+    readers: list[qjson._Reader] = []
+
+    class Counting(qjson._Reader):
+        def __init__(self, raw: bytes) -> None:
+            super().__init__(raw)
+            readers.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_Reader", Counting)
+        out = b"".join(qjson.packed_pieces(qjson.pack(value)))
+    assert out == encode(value)
+    (reader,) = readers
+    assert reader.work <= 1 + 1000 + 4 * 300 and not reader.layouts  # each item once
