@@ -72,7 +72,7 @@ from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, 
 from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
 from qmpmux.redact import encode_record, redact
 from qmpmux.scrub import SCRUBBED, scrub_return
-from qmpmux.session import Command, Extension, Local, Peer, Phase, Session
+from qmpmux.session import Audited, Command, Extension, Local, Peer, Phase, Session
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
     ARGUMENTS,
@@ -958,7 +958,7 @@ class Hub:
         name: str,
         decision: Decision,
         result: str,
-        arguments: dict[str, JsonValue] | None,
+        arguments: Audited,
         started: float | None,
         profile: str,
         fds: int = 0,
@@ -985,7 +985,9 @@ class Hub:
             record["command_chars"] = len(name)
         if fds:
             record["fds"] = fds
-        if arguments is not None:
+        if isinstance(arguments, int):  # too big to record: only how big
+            record["arguments_bytes"] = arguments
+        elif arguments is not None:
             record["arguments"] = redact(name, arguments)
         if decision is Decision.AUDIT:
             note = self.log_limit.admit("audit-only", peer.listener)

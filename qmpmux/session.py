@@ -23,6 +23,8 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
+
 from qmpmux.policy import DEFAULT_POLICY, FULL, QMPMUX_PREFIX, Decision, Profile
 from qmpmux.qjson import Deferred, Framer, JsonValue, Message, ParseError, qdict_order
 from qmpmux.wire import (
@@ -68,6 +70,22 @@ class Peer:
     exe: str | None = None
 
 
+# Arguments as the audit log records them: none, the arguments, or (an int) only their
+# size: redacting and encoding a megabyte of them would hold the loop tens of ms.
+Audited = dict[str, JsonValue] | int | None
+# Arguments up to this much client text are recorded whole.
+AUDITED_ARGUMENTS_MAX: Final = 64 * 1024
+
+
+def _audited(profile: Profile, args: dict[str, JsonValue] | None, text: bytes | None) -> Audited:
+    """What the audit log records of `args`, whose client text is `text` (None when the
+    message was decoded whole: its compact encoding, at C speed, stands in)."""
+    if not profile.audit_arguments or args is None:
+        return None
+    size = len(text if text is not None else msgspec.json.encode(args))
+    return size if size > AUDITED_ARGUMENTS_MAX else args
+
+
 @dataclass(slots=True)
 class Local:
     """A reply qmpmux makes itself; `oob` when it belongs to the out-of-band stream.
@@ -78,7 +96,7 @@ class Local:
     oob: bool = False
     name: str | None = None
     decision: Decision | None = None
-    arguments: dict[str, JsonValue] | None = None
+    arguments: Audited = None
 
 
 @dataclass(slots=True)
@@ -89,7 +107,7 @@ class Extension:
     wire_id: WireId
     oob: bool
     decision: Decision
-    arguments: dict[str, JsonValue] | None  # for the audit log
+    arguments: Audited  # for the audit log
     given: dict[str, JsonValue] | None = None  # what the client passed
 
 
@@ -120,7 +138,7 @@ class Command:
         wire_id: WireId,
         oob: bool,
         decision: Decision = Decision.ALLOW,
-        arguments: dict[str, JsonValue] | None = None,
+        arguments: Audited = None,
     ) -> None:
         self.session = session
         self.name = name
@@ -318,7 +336,7 @@ class Session:
     ) -> Verdict:
         """The profile's decision on a well-formed command (exec-oob takes the same road)."""
         profile = self.profile
-        audited = args if profile.audit_arguments else None
+        audited = _audited(profile, args, texts[1] if texts else None)
         decision, refusal = self._verdict(name, args)
         if refusal is not None:
             reply = error_reply(wire_id, *refusal)
@@ -364,7 +382,7 @@ class Session:
         args = message.get(ARGUMENTS)
         assert args is None or isinstance(args, dict)
         decision, refusal = self._verdict(cmd.name, args)
-        cmd.arguments = args if self.profile.audit_arguments else None
+        cmd.arguments = _audited(self.profile, args, cmd.prefix)
         cmd.profile = self.profile.name
         if refusal is not None:
             cmd.decision = Decision.DENY

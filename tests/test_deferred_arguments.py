@@ -97,9 +97,13 @@ def test_arguments_are_built_for_a_command_that_goes_upstream() -> None:
 
 
 def test_a_refused_command_is_audited_with_its_arguments() -> None:
+    few = 10_000  # still a big message (packed), under the 64 KiB recorded whole
+    arguments = b"{'a':[" + b"{}," * few + b"{}]}"
+    verdict = judged(session("audited"), big("human-monitor-command", arguments))
+    assert isinstance(verdict, Local) and verdict.arguments == {"a": [{}] * (few + 1)}
+    # Past 64 KiB of text, only their size (README "Policy", audit-arguments).
     verdict = judged(session("audited"), big("human-monitor-command"))
-    assert isinstance(verdict, Local) and verdict.arguments is not None
-    assert verdict.arguments == {"a": [{}] * (EMPTY_OBJECTS + 1)}
+    assert isinstance(verdict, Local) and verdict.arguments == 6 + 3 * EMPTY_OBJECTS + 4
 
 
 def test_arguments_that_are_not_an_object_are_still_refused_as_qemu_does() -> None:

@@ -15,7 +15,7 @@ from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.qjson import JsonValue
 from qmpmux.redact import REDACTED, encode_record, redact
 from qmpmux.scrub import scrub_return
-from qmpmux.session import Peer
+from qmpmux.session import AUDITED_ARGUMENTS_MAX, Peer
 from tests.playbook import ready_hub
 
 CASES: list[tuple[str, dict[str, JsonValue], list[str]]] = [
@@ -246,6 +246,27 @@ def test_line_separators_in_a_command_stay_inside_its_record() -> None:
     assert len(audit.record.decode().splitlines()) == 1
     record = json.loads(audit.record)
     assert record["command"] == "x\u2028y\u0085z" and record["arguments"]["a"] == "1\u20292\u2028"
+
+
+def test_arguments_too_big_to_record_are_recorded_by_size() -> None:
+    """audit-arguments records arguments up to 64 KiB of the client's text; past that
+    only their size: redacting and encoding a megabyte of them held the loop 25-65 ms."""
+    policy = compile_policy({"p": ProfileSpec(base="readonly", audit_arguments=True)})
+    hub = ready_hub()
+    hub.audit = True
+    hub.reload(policy)
+    cid, _ = hub.client_connected(Peer("unix:t", profile="p"))
+    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    records = []
+    for size in (AUDITED_ARGUMENTS_MAX - 8, AUDITED_ARGUMENTS_MAX + 1):
+        text = b'{"a":"' + b"x" * (size - 8) + b'"}'
+        assert len(text) == size
+        actions = hub.client_data(cid, b'{"execute":"quit","arguments":' + text + b"}")
+        (audit,) = [a for a in actions if isinstance(a, Audit)]
+        records.append(json.loads(audit.record))
+    whole, sized = records
+    assert whole["arguments"]["a"] == "x" * (AUDITED_ARGUMENTS_MAX - 16)
+    assert "arguments" not in sized and sized["arguments_bytes"] == AUDITED_ARGUMENTS_MAX + 1
 
 
 def test_replies_without_credentials_stay_qemus_bytes() -> None:
