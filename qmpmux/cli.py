@@ -41,7 +41,7 @@ from qmpmux.config import (
     upstreams_of,
     vm_key_in,
 )
-from qmpmux.host import Host
+from qmpmux.host import Host, ignore_reloads
 from qmpmux.metrics import ERROR
 from qmpmux.policy import BUILTIN, Policy
 from qmpmux.server import StartupError, open_audit
@@ -399,14 +399,13 @@ async def serve(
     stopping: list[str] = []
 
     def on_signal(name: str) -> None:
+        if not stopping:
+            ignore_reloads(loop)
         stopping.append(name)
         service.stopping(f"received {name}")
         vm.stop(f"received {name}")
 
     def on_reload() -> None:
-        if stopping:  # READY=1 after STOPPING=1 would tell the manager it runs again
-            log.info("SIGHUP ignored: stopping")
-            return
         # The manager waits for READY=1 after RELOADING=1, whatever the outcome.
         service.reloading()
         try:

@@ -64,6 +64,14 @@ UNREADABLE: Final = "cannot read it"  # why a file is skipped that is there, all
 VM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+def ignore_reloads(loop: asyncio.AbstractEventLoop) -> None:
+    """From the first stop signal on, SIGHUP is ignored by the process itself: a reload
+    then would say RELOADING=1 and READY=1 after STOPPING=1 (the manager would think it
+    runs again), and one arriving as the loop closes, its handlers gone, would kill it."""
+    loop.remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 @dataclass
 class _Entry:
     """One VM file and what became of it."""
@@ -232,6 +240,7 @@ class Host:
 
     def stop(self, why: str) -> None:
         """SIGTERM: stop every VM as a single-VM qmpmux stops (again: stop waiting)."""
+        ignore_reloads(self._loop)
         self._service.stopping(why)
         self._stopping = why
         if self._poll is not None:
@@ -254,9 +263,6 @@ class Host:
 
     def reload(self) -> None:
         """SIGHUP: bring the running VMs in line with the directory."""
-        if self._stopping is not None:  # RELOADING=1 and READY=1 would say it runs again
-            log.info("SIGHUP ignored: stopping")
-            return
         self._service.reloading()
         try:
             self.reloads[OK if self.rescan() else ERROR] += 1
