@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qmpmux.hub import Audit, ToUpstream
+from qmpmux.hub import Audit, Hub, ToUpstream
 from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.qjson import JsonValue
 from qmpmux.redact import REDACTED, encode_record, redact
@@ -231,14 +231,21 @@ def test_every_record_is_one_line(name: str, arguments: JsonValue) -> None:
     assert json.loads(line) == record
 
 
-def test_line_separators_in_a_command_stay_inside_its_record() -> None:
-    """A client's U+2028/U+0085/U+2029 never split the audit file for a line reader."""
+def audited_client() -> tuple[Hub, int]:
+    """A hub writing audit records, and a negotiated client whose profile records
+    arguments."""
     policy = compile_policy({"p": ProfileSpec(base="readonly", audit_arguments=True)})
     hub = ready_hub()
     hub.audit = True
     hub.reload(policy)
     cid, _ = hub.client_connected(Peer("unix:t", profile="p"))
     hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    return hub, cid
+
+
+def test_line_separators_in_a_command_stay_inside_its_record() -> None:
+    """A client's U+2028/U+0085/U+2029 never split the audit file for a line reader."""
+    hub, cid = audited_client()
     command = '{"execute":"x\u2028y\u0085z","arguments":{"a":"1\u20292\u2028"}}'
     actions = hub.client_data(cid, command.encode())
     (audit,) = [a for a in actions if isinstance(a, Audit)]
@@ -251,12 +258,7 @@ def test_line_separators_in_a_command_stay_inside_its_record() -> None:
 def test_arguments_too_big_to_record_are_recorded_by_size() -> None:
     """audit-arguments records arguments up to 64 KiB of the client's text; past that
     only their size: redacting and encoding a megabyte of them held the loop 25-65 ms."""
-    policy = compile_policy({"p": ProfileSpec(base="readonly", audit_arguments=True)})
-    hub = ready_hub()
-    hub.audit = True
-    hub.reload(policy)
-    cid, _ = hub.client_connected(Peer("unix:t", profile="p"))
-    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    hub, cid = audited_client()
     records = []
     for size in (AUDITED_ARGUMENTS_MAX - 8, AUDITED_ARGUMENTS_MAX + 1):
         text = b'{"a":"' + b"x" * (size - 8) + b'"}'
