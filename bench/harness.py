@@ -337,7 +337,12 @@ def bed(profile_to: Path | None = None, lanes: int = 1) -> Iterator[Bed]:
 
 def load_process(bed_: Bed, kind: str, *args: str, timeout: float = 60.0) -> LoadProcess:
     """Start `python -m bench.load KIND SOCKET ARGS...` and wait for its `ready` line."""
-    cmd = [sys.executable, "-m", "bench.load", kind, str(bed_.mux), *args]
+    return start_load(kind, str(bed_.mux), *args, timeout=timeout)
+
+
+def start_load(kind: str, *args: str, timeout: float) -> LoadProcess:
+    """Start `python -m bench.load KIND ARGS...` and wait for its `ready` line."""
+    cmd = [sys.executable, "-m", "bench.load", kind, *args]
     proc = popen(cmd, subprocess.PIPE, subprocess.DEVNULL, _env())
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)

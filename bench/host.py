@@ -55,6 +55,7 @@ from bench.harness import (
     end_process,
     popen,
     rss_kib,
+    start_load,
 )
 from bench.scenarios import Plan, Results, _rtts, _summary, p50_p99, pct
 
@@ -343,20 +344,6 @@ def _idle_rss(pid: int) -> int:
 # --- the load processes ----------------------------------------------------------------------
 
 
-def _load(*args: str, timeout: float = 120) -> LoadProcess:
-    """`python -m bench.load ARGS...`, once it says `ready`."""
-    proc = popen(
-        [sys.executable, "-m", "bench.load", *args], subprocess.PIPE, subprocess.DEVNULL, _env()
-    )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else b""
-    if line.strip() != b"ready":
-        end_process(proc)
-        raise BenchError(f"load generator {args[0]!r} did not start: {line[:200]!r}")
-    return LoadProcess(proc)
-
-
 def _summary_of(load: LoadProcess) -> dict[str, Any]:
     text = load.stop()
     try:
@@ -596,7 +583,7 @@ def _flood(
         rtts["quiet"] += _rtts(probe, 0, block)
         for name in list(cases) if r % 2 == 0 else list(cases)[::-1]:
             vm, owner = cases[name]
-            load = _load("flood", str(vm.listener), str(FLOOD_DEPTH))
+            load = start_load("flood", str(vm.listener), str(FLOOD_DEPTH), timeout=120)
             try:
                 cpu0 = (cpu_seconds(owner.pid), cpu_seconds(vm.qemu.pid), time.monotonic())
                 rtts[name] += _rtts(probe, 0, block)
@@ -659,7 +646,7 @@ def _add_by_sighup(
     listing.write_text("\n".join(str(vm.listener) for vm in serving))
     out = workdir / "loop.json"
     with running(start_host(vm_dir, serving[0], workdir, "add", len(serving))) as mux:
-        load = _load("loop", str(listing), str(out), str(pause_ms))
+        load = start_load("loop", str(listing), str(out), str(pause_ms), timeout=120)
         try:
             time.sleep(1.0)  # warm
             cpu_b = cpu_seconds(mux.pid)
