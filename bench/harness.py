@@ -239,7 +239,8 @@ def wait_greeting(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> 
 
 @dataclass
 class Bed:
-    """A running QEMU (`mon0` for qmpmux, `mon1` direct) and qmpmux on `mux`."""
+    """A running QEMU, qmpmux on `mux` in front of its first monitor(s), one monitor used
+    `direct`ly, and a zero-work relay (bench/relay.py) on `relay` in front of another."""
 
     workdir: Path
     qemu: subprocess.Popen[bytes]
@@ -247,6 +248,7 @@ class Bed:
     direct: Path
     mux: Path
     qmpmux_log: Path
+    relay: Path
 
     @property
     def qmpmux_pid(self) -> int:
@@ -269,6 +271,10 @@ class Bed:
     def direct_client(self, oob: bool = False) -> Client:
         """The direct monitor serves one client at a time: close it before the next."""
         return Client(self.direct).negotiate(oob)
+
+    def relay_client(self) -> Client:
+        """Like the direct client, one at a time, through the zero-work relay."""
+        return Client(self.relay).negotiate()
 
     def qmpmux_log_lines(self) -> list[str]:
         try:
@@ -308,15 +314,17 @@ def start_qemu(workdir: Path, monitors: int) -> tuple[subprocess.Popen[bytes], l
 
 @contextlib.contextmanager
 def bed(profile_to: Path | None = None, lanes: int = 1) -> Iterator[Bed]:
-    """Start QEMU and qmpmux (on `lanes` monitors; one more stays direct); end both (and
-    remove the scratch directory) however we leave."""
+    """Start QEMU, qmpmux (on `lanes` monitors; one more stays direct) and the relay (on
+    the last); end them all (and remove the scratch directory) however we leave."""
     if shutil.which(QEMU_BINARY) is None:
         raise BenchError(f"{QEMU_BINARY} not found (set QEMU=/path/to/qemu-system-x86_64)")
     workdir = Path(tempfile.mkdtemp(prefix="qmpmux-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        qemu, mons = start_qemu(workdir, lanes + 1)
+        qemu, mons = start_qemu(workdir, lanes + 2)
         procs.append(qemu)
+        relay = workdir / "relay.sock"
+        procs.append(start_helper("bench.relay", str(relay), str(mons[-1]), timeout=15))
         mux = workdir / "mux.sock"
         qmpmux_log = workdir / "qmpmux.log"
         with qmpmux_log.open("wb") as log:
@@ -327,7 +335,7 @@ def bed(profile_to: Path | None = None, lanes: int = 1) -> Iterator[Bed]:
         except BenchError as exc:
             text = qmpmux_log.read_text(errors="replace").strip()
             raise BenchError(f"qmpmux did not start: {exc}: {text[-1000:]}") from None
-        yield Bed(workdir, qemu, qmpmux, mons[lanes], mux, qmpmux_log)
+        yield Bed(workdir, qemu, qmpmux, mons[lanes], mux, qmpmux_log, relay)
     finally:
         for proc in reversed(procs):
             with contextlib.suppress(Exception):
@@ -342,15 +350,20 @@ def load_process(bed_: Bed, kind: str, *args: str, timeout: float = 60.0) -> Loa
 
 def start_load(kind: str, *args: str, timeout: float) -> LoadProcess:
     """Start `python -m bench.load KIND ARGS...` and wait for its `ready` line."""
-    cmd = [sys.executable, "-m", "bench.load", kind, *args]
+    return LoadProcess(start_helper("bench.load", kind, *args, timeout=timeout))
+
+
+def start_helper(module: str, *args: str, timeout: float) -> subprocess.Popen[bytes]:
+    """Start `python -m MODULE ARGS...` and wait for its `ready` line."""
+    cmd = [sys.executable, "-m", module, *args]
     proc = popen(cmd, subprocess.PIPE, subprocess.DEVNULL, _env())
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     line = proc.stdout.readline() if ready else b""
     if line.strip() != b"ready":
         end_process(proc)
-        raise BenchError(f"load generator {kind!r} did not start: {line[:200]!r}")
-    return LoadProcess(proc)
+        raise BenchError(f"{' '.join([module, *args[:1]])!r} did not start: {line[:200]!r}")
+    return proc
 
 
 @dataclass

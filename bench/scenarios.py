@@ -152,32 +152,44 @@ def _rtts(client: Client, first: int, count: int) -> list[int]:
 
 
 def latency(bed: Bed, plan: Plan, res: Results) -> None:
+    """Sequential round trips direct, through qmpmux, and through the zero-work relay:
+    the relay's figure is what any process in between costs on this machine."""
     n = plan.latency_count
-    direct, mux = bed.direct_client(), bed.mux_client()
+    direct, mux, relay = bed.direct_client(), bed.mux_client(), bed.relay_client()
     try:
-        _rtts(direct, 0, 100)
-        _rtts(mux, 0, 100)
-        times: dict[str, list[int]] = {"direct": [], "qmpmux": []}
-        paths = [("direct", direct), ("qmpmux", mux)]
+        paths = [("direct", direct), ("qmpmux", mux), ("relay", relay)]
+        for _name, client in paths:
+            _rtts(client, 0, 100)
+        times: dict[str, list[int]] = {name: [] for name, _client in paths}
         block = 50
-        cpu0 = cpu_seconds(bed.qmpmux_pid)  # qmpmux idles while the direct blocks run
+        cpu0 = cpu_seconds(bed.qmpmux_pid)  # qmpmux idles while the other blocks run
         for b, first in enumerate(range(0, n, block)):
             for name, client in paths if b % 2 == 0 else paths[::-1]:
                 times[name] += _rtts(client, first, min(block, n - first))
         cpu = cpu_seconds(bed.qmpmux_pid) - cpu0
     finally:
-        direct.close()
-        mux.close()
+        for _name, client in paths:
+            client.close()
     us = 1e-3
     res.data["latency"] = {k: _summary(v, us) for k, v in times.items()}
     d, m = p50_p99(times["direct"], us), p50_p99(times["qmpmux"], us)
+    r = p50_p99(times["relay"], us)
     res.add(
         "latency",
         f"query-status round trip, {n} sequential, p50 / p99",
         "µs",
         d,
         m,
-        note=f"added {m[0] - d[0]:+.0f} / {m[1] - d[1]:+.0f} µs",
+        note=f"added {m[0] - d[0]:+.0f} / {m[1] - d[1]:+.0f} µs; "
+        f"{m[0] - r[0]:+.0f} / {m[1] - r[1]:+.0f} over the relay",
+    )
+    res.add(
+        "latency",
+        "the same through a relay that does no work (the hop alone)",
+        "µs",
+        d,
+        r,
+        note=f"added {r[0] - d[0]:+.0f} / {r[1] - d[1]:+.0f} µs (bench/relay.py)",
     )
     res.data["latency"]["qmpmux_cpu_s"] = cpu
     res.add(
