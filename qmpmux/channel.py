@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from qmpmux.spelled import Spelled
+from qmpmux.spelled import Spelled, Spliced
 
 MAX_FDS_PER_MESSAGE: Final = 16
 # How a cut for not reading is worded: the shell counts these (metrics.py).
@@ -218,13 +218,14 @@ class Channel:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def write(self, data: bytes | Spelled, fds: tuple[int, ...] = ()) -> None:
+    def write(self, data: bytes | Spelled | Spliced, fds: tuple[int, ...] = ()) -> None:
         """Queue `data`; it is sent by the next `flush` (or when the socket is writable).
 
         `fds` are sent with `data`, in a `sendmsg` of its own, and then closed here (the
         peer has its own copies); if the channel closes first, they are closed unsent.
         A `Spelled` is made one piece per send, each when the one before has been taken
-        (spelled.py), and what is written after it waits behind it."""
+        (spelled.py), and what is written after it waits behind it. A `Spliced` is
+        queued as its parts, never joined."""
         if self._done:
             _close_all(fds)
         elif type(data) is bytes and not fds:
@@ -237,11 +238,14 @@ class Channel:
             self._special += 1
             self._out_size += spelling.held
         elif fds:
-            self._out.append(_WithFds(data, fds))
+            self._out.append(_WithFds(bytes(data), fds))  # small: a command taking an fd
             self._special += 1
             self._out_size += len(data)
+        elif isinstance(data, Spliced):
+            self._out += data.parts
+            self._out_size += len(data)
         else:
-            self._out.append(data)
+            self._out.append(bytes(data))
             self._out_size += len(data)
 
     def flush(self) -> None:

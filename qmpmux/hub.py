@@ -85,6 +85,7 @@ from qmpmux.wire import (
     QUERY_COMMANDS,
     SHUTDOWN_EVENT,
     SUCCESS_OPENING,
+    CommandText,
     Reply,
     command_bytes,
     command_names,
@@ -100,6 +101,7 @@ from qmpmux.wire import (
     return_reply,
     rewrite_reply,
     upstream_id_bytes,
+    upstream_write,
 )
 
 log = logging.getLogger("qmpmux.hub")
@@ -130,7 +132,7 @@ class ToUpstream:
     """Bytes for QEMU; `fds` go in the same `sendmsg`, on its first byte, and are then
     closed by the shell (QEMU has its own copies)."""
 
-    data: bytes
+    data: CommandText
     fds: tuple[int, ...] = ()
     link: int = 0  # which upstream monitor (lane)
 
@@ -1151,7 +1153,7 @@ class Hub:
         order = live[self._turn :] + live[: self._turn]
         return min(order, key=lambda up: up.load)
 
-    def _issue(self, up: Link, cmd: Command) -> tuple[int, bytes]:
+    def _issue(self, up: Link, cmd: Command) -> tuple[int, CommandText]:
         upstream_id = up.ids.take()
         up.inflight[upstream_id] = cmd
         return upstream_id, command_bytes(cmd.prefix, upstream_id)
@@ -1174,7 +1176,7 @@ class Hub:
         limits = self.limits
         window, share, budget = limits.upstream_window, limits.client_window, limits.upstream_bytes
         ready, inflight = up.ready, up.lane_inflight
-        chunks: list[bytes] = []
+        chunks: list[CommandText] = []
         while up.inflight_bytes < budget:
             oob_can = bool(ready[OOB]) and inflight[OOB] < window
             inband_can = bool(ready[INBAND]) and inflight[INBAND] < window
@@ -1212,7 +1214,7 @@ class Hub:
             cmd.issued = now
             if cmd.fds:  # in a sendmsg of its own, so the fd comes with its own first byte
                 if chunks:
-                    self._out.append(ToUpstream(b"".join(chunks), link=up.index))
+                    self._out.append(ToUpstream(upstream_write(chunks), link=up.index))
                     chunks = []
                 up.fd_inflight = upstream_id
                 self._out.append(ToUpstream(data, cmd.fds, up.index))
@@ -1228,7 +1230,7 @@ class Hub:
                 if lane == OOB:  # its in-band queue waited for this exec-oob
                     self._requeue(flow, INBAND)
         if chunks:
-            self._out.append(ToUpstream(b"".join(chunks), link=up.index))
+            self._out.append(ToUpstream(upstream_write(chunks), link=up.index))
 
     def _flush(self, flow: Flow) -> None:
         """Send the client's replies that are ready, each stream in input order."""

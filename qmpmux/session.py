@@ -20,13 +20,23 @@ Invariants:
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import msgspec
 
 from qmpmux.policy import DEFAULT_POLICY, FULL, QMPMUX_PREFIX, Decision, Profile
-from qmpmux.qjson import Deferred, Framer, JsonValue, Message, ParseError, qdict_order
+from qmpmux.qjson import (
+    Deferred,
+    DeferredObject,
+    Framer,
+    JsonValue,
+    Message,
+    ParseError,
+    qdict_order,
+)
+from qmpmux.spelled import Buffer
 from qmpmux.wire import (
     ARGUMENTS,
     CAP_OOB,
@@ -37,6 +47,7 @@ from qmpmux.wire import (
     ID,
     NO_ID,
     QMP_CAPABILITIES,
+    CommandText,
     Reply,
     WireId,
     command_prefix,
@@ -77,11 +88,17 @@ Audited = dict[str, JsonValue] | int | None
 AUDITED_ARGUMENTS_MAX: Final = 64 * 1024
 
 
-def _audited(profile: Profile, args: dict[str, JsonValue] | None, text: bytes | None) -> Audited:
+def _audited(
+    profile: Profile, args: Mapping[str, JsonValue] | None, text: Buffer | CommandText | None
+) -> Audited:
     """What the audit log records of `args`, whose client text is `text` (None when the
     message was decoded whole: its compact encoding, at C speed, stands in)."""
     if not profile.audit_arguments or args is None:
         return None
+    if isinstance(args, DeferredObject):
+        assert text is not None, "deferred arguments come with their text"
+        return len(text) if len(text) > AUDITED_ARGUMENTS_MAX else args.members()
+    assert isinstance(args, dict)
     size = len(text if text is not None else msgspec.json.encode(args))
     return size if size > AUDITED_ARGUMENTS_MAX else args
 
@@ -134,7 +151,7 @@ class Command:
         self,
         session: Session,
         name: str,
-        prefix: bytes,
+        prefix: CommandText,
         wire_id: WireId,
         oob: bool,
         decision: Decision = Decision.ALLOW,
@@ -212,7 +229,7 @@ def _in_qdict_order(keys: list[str]) -> list[str]:
     return keys if len(keys) < 2 else qdict_order(keys)
 
 
-def check_capabilities_arguments(args: dict[str, JsonValue]) -> str | list[str]:
+def check_capabilities_arguments(args: Mapping[str, JsonValue]) -> str | list[str]:
     """Validate `qmp_capabilities` arguments as QEMU's generated visitor does.
 
     Returns the requested capabilities, or the error desc QEMU would give.
@@ -287,10 +304,13 @@ class Session:
         name_key = EXECUTE if EXECUTE in value else EXEC_OOB
         name = value[name_key]
         assert isinstance(name, str)
-        args = value.get(ARGUMENTS)
-        if isinstance(args, Deferred):  # a big message's: built only if it will be read
-            args = None if self._refused_unread(name) else args.resolve()
-        assert args is None or isinstance(args, dict)
+        given = value.get(ARGUMENTS)
+        args: Mapping[str, JsonValue] | None
+        if isinstance(given, Deferred):  # a big message's: built only if it will be read
+            args = None if self._refused_unread(name) else DeferredObject(given)
+        else:
+            assert given is None or isinstance(given, dict)
+            args = given
         if self.phase is Phase.NEGOTIATING:
             if name != QMP_CAPABILITIES:
                 return Local(
@@ -329,10 +349,10 @@ class Session:
     def _authorize(
         self,
         name: str,
-        args: dict[str, JsonValue] | None,
+        args: Mapping[str, JsonValue] | None,
         wire_id: WireId,
         oob: bool,
-        texts: tuple[bytes, bytes | None] | None = None,
+        texts: tuple[Buffer, Buffer | None] | None = None,
     ) -> Verdict:
         """The profile's decision on a well-formed command (exec-oob takes the same road)."""
         profile = self.profile
@@ -342,7 +362,8 @@ class Session:
             reply = error_reply(wire_id, *refusal)
             return Local(reply, oob=oob, name=name, decision=Decision.DENY, arguments=audited)
         if name.startswith(QMPMUX_PREFIX):
-            return Extension(name, wire_id, oob, decision, audited, args)
+            given = dict(args) if args is not None else None  # small: qmpmux's own commands
+            return Extension(name, wire_id, oob, decision, audited, given)
         prefix = command_prefix(name, args, oob, texts)
         if len(prefix) > MAX_UPSTREAM_BYTES:
             # Never reached while max-message-bytes stays below QEMU's limit (upstream text
@@ -352,7 +373,7 @@ class Session:
         return Command(self, name, prefix, wire_id, oob, decision, audited)
 
     def _verdict(
-        self, name: str, args: dict[str, JsonValue] | None
+        self, name: str, args: Mapping[str, JsonValue] | None
     ) -> tuple[Decision, tuple[str, str] | None]:
         """The profile's decision, and the (error class, desc) of a refusal if refused."""
         profile = self.profile
@@ -390,7 +411,7 @@ class Session:
         cmd.decision = decision
         return None
 
-    def _negotiate(self, wire_id: WireId, args: dict[str, JsonValue]) -> Local:
+    def _negotiate(self, wire_id: WireId, args: Mapping[str, JsonValue]) -> Local:
         checked = check_capabilities_arguments(args)
         if isinstance(checked, str):
             return Local(error_reply(wire_id, GENERIC_ERROR, checked))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 import msgspec
@@ -37,7 +37,7 @@ from qmpmux.qjson import (
     packed_pieces,
     text_pieces,
 )
-from qmpmux.spelled import Spelled, joined
+from qmpmux.spelled import Buffer, Spelled, Spliced, joined
 
 CRLF: Final = b"\r\n"
 
@@ -149,47 +149,75 @@ def upstream_id_bytes(n: int) -> bytes:
     return _UPSTREAM_IDS[n] if n < 1024 else str(n).encode()
 
 
+# Command text the client wrote is spliced in, not copied, from this size on.
+SPLICED_FROM: Final = 64 * 1024
+# What qmpmux writes to QEMU.
+CommandText = bytes | Spliced
+
+
 def command_prefix(
     name: str,
-    arguments: dict[str, JsonValue] | None,
+    arguments: Mapping[str, JsonValue] | None,
     oob: bool,
-    texts: tuple[bytes, bytes | None] | None = None,
-) -> bytes:
+    texts: tuple[Buffer, Buffer | None] | None = None,
+) -> CommandText:
     """A command's upstream bytes up to (not including) its id: `{"execute":"x","arguments":{..}`.
 
     `texts` are the client's own tokens for the name and the arguments (qjson.Message),
     sent as they are: QEMU reads the same tokens to the same value, and the command costs
     QEMU no more bytes than the client wrote (the id aside). Without them, the values are
     encoded compactly. Empty arguments are dropped: QEMU treats a missing `arguments` as
-    `{}`, and every byte costs QEMU ~3.7 us to read.
+    `{}`, and every byte costs QEMU ~3.7 us to read. A long text is spliced in (Spliced).
     """
     head = b'{"exec-oob":' if oob else b'{"execute":'
     if texts is None:
+        assert arguments is None or isinstance(arguments, dict), "decoded whole, so a dict"
         prefix = head + encode_compact(name)
         if arguments:
             prefix += b',"arguments":' + encode_compact(arguments)
         return prefix
     name_text, arguments_text = texts
-    prefix = head + name_text
+    parts: tuple[Buffer, ...] = (head, name_text)
     if arguments:
         assert arguments_text is not None
-        prefix += b',"arguments":' + arguments_text
-    return prefix
+        parts += (b',"arguments":', arguments_text)
+    if len(name_text) + len(arguments_text or b"") >= SPLICED_FROM:
+        return Spliced(parts)
+    return b"".join(parts)
 
 
-def decode_prefix(prefix: bytes) -> dict[str, JsonValue]:
+def decode_prefix(prefix: CommandText) -> dict[str, JsonValue]:
     """The command a `command_prefix` encodes, read back in QEMU's own dialect (rare:
     a policy reload re-judges queued commands from their upstream bytes)."""
     values = Framer(max_message_bytes=len(prefix) + 2, max_tokens=len(prefix) + 2).feed(
-        prefix + b"}"
+        bytes(prefix) + b"}"
     )
     value = values[0] if len(values) == 1 else None
     assert isinstance(value, dict), "command_prefix always encodes an object"
     return value
 
 
-def command_bytes(prefix: bytes, upstream_id: int) -> bytes:
-    return prefix + b',"id":' + upstream_id_bytes(upstream_id) + b"}"
+def command_bytes(prefix: CommandText, upstream_id: int) -> CommandText:
+    tail = b',"id":' + upstream_id_bytes(upstream_id) + b"}"
+    if type(prefix) is bytes:
+        return prefix + tail
+    assert isinstance(prefix, Spliced)
+    return Spliced((*prefix.parts, tail))
+
+
+def upstream_write(chunks: list[CommandText]) -> CommandText:
+    """Commands sent together as one write: joined, unless one of them is spliced."""
+    if len(chunks) == 1:
+        return chunks[0]
+    if all(type(chunk) is bytes for chunk in chunks):
+        return b"".join(chunks)  # type: ignore[arg-type]
+    parts: list[Buffer] = []
+    for chunk in chunks:
+        if isinstance(chunk, Spliced):
+            parts += chunk.parts
+        else:
+            parts.append(chunk)
+    return Spliced(tuple(parts))
 
 
 CAPABILITIES_OOB: Final = b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}'

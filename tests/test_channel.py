@@ -16,6 +16,7 @@ import socket
 import pytest
 
 from qmpmux.channel import MIN_READ, Channel, next_read_size
+from qmpmux.spelled import Spliced
 
 
 @pytest.mark.parametrize(
@@ -74,3 +75,36 @@ async def test_reads_halve_while_each_takes_over_the_budget() -> None:
 async def test_reads_stay_whole_while_each_takes_under_the_budget() -> None:
     assert await read_sizes(budget=math.inf) == [4096] * 4
     assert await read_sizes(budget=None) == [4096] * 4
+
+
+class _Quiet:
+    def channel_data(self, key: int, data: bytes, fds: list[int]) -> None: ...
+    def channel_drained(self, key: int) -> None: ...
+    def channel_eof(self, key: int) -> None: ...
+    def channel_closed(self, key: int, reason: str, error: bool) -> None: ...
+
+
+async def test_a_spliced_write_reaches_the_peer_whole_and_in_order() -> None:
+    """A big command's text is written as the views it is made of (wire.Spliced): the
+    peer reads exactly those bytes, and what is written after them comes after."""
+    text = bytearray(bytes(range(256)) * (3 << 12))  # 3 MiB, more than a socket buffer
+    parts = (b'{"execute":"x","arguments":', memoryview(text)[1:-1], b',"id":1}')
+    spliced = Spliced(parts)
+    ours, theirs = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    channel = Channel(loop, ours, _Quiet(), 1)
+    try:
+        channel.write(spliced)
+        channel.write(b"after")
+        channel.flush()
+        assert channel.queued < len(spliced) + 5  # the kernel took some already
+        want = b"".join(parts) + b"after"
+        got = bytearray()
+        theirs.setblocking(False)
+        while len(got) < len(want):
+            got += await loop.sock_recv(theirs, 1 << 20)
+        assert got == want
+        assert channel.queued == 0
+    finally:
+        channel.abort("test over")
+        theirs.close()

@@ -5,7 +5,9 @@ reader leaves the `arguments` member packed at the end too (qjson.Deferred), and
 session builds it only for a command it may forward or audit. A client looping
 megabyte commands its profile refuses by name so costs a hash lookup per command, not
 the hundreds of thousands of Python objects its arguments would make in one loop turn
-(README "Hostile clients").
+(README "Hostile clients"). A command that goes upstream is sent as the client's own
+text, a view of what was read (wire.Spliced), and its arguments are built only if a
+check reads them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from qmpmux import qjson
 from qmpmux.policy import DEFAULT_POLICY, FULL, READONLY, ProfileSpec, compile_policy
 from qmpmux.qjson import Deferred, Framer, JsonValue, ParseError
 from qmpmux.session import Command, Local, Peer, Phase, Session, Verdict
+from qmpmux.spelled import Spliced
 from qmpmux.wire import ARGUMENTS, DEFERRED_MEMBERS
 from tests.playbook import spelled_out
 
@@ -81,19 +84,31 @@ def test_nor_does_a_command_before_negotiation() -> None:
     assert peak <= 3 * len(data), peak / len(data)
 
 
-def test_arguments_are_built_for_a_command_that_goes_upstream() -> None:
+def test_a_forwarded_command_goes_as_the_clients_text_and_never_builds_its_arguments() -> None:
     data = big("query-status")
-    verdict = judged(session(FULL), data)
+    verdict, peak = peak_while_judging(session(FULL), data)
     assert isinstance(verdict, Command)
+    assert peak <= 3 * len(data), peak / len(data)  # no objects, and no copy of the text
+    # the client's own tokens go upstream (wire.command_prefix), spliced in, not joined
+    text = b"{'a':[" + b"{}," * EMPTY_OBJECTS + b"{}]}"
+    assert isinstance(verdict.prefix, Spliced)
+    assert bytes(verdict.prefix) == b'{"execute":\'query-status\',"arguments":' + text
+    assert any(type(part) is memoryview for part in verdict.prefix.parts)
     (eager,) = Framer(max_message_bytes=1 << 24).feed(data)
     assert isinstance(eager, dict)
-    # the client's own tokens go upstream (wire.command_prefix)
-    assert verdict.prefix == b'{"execute":\'query-status\',"arguments":' + (
-        b"{'a':[" + b"{}," * EMPTY_OBJECTS + b"{}]}"
-    )
     (value,) = client_framer().feed(data)
     assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
     assert value[ARGUMENTS].resolve() == eager[ARGUMENTS]
+
+
+def test_a_check_that_reads_the_arguments_gets_them_built() -> None:
+    filler = b"'x':[" + b"{}," * EMPTY_OBJECTS + b"{}]"
+    secret = big("qom-get", b"{'path':'/objects/s'," + filler + b",'property':'Secret'}")
+    verdict = judged(session(READONLY), secret)
+    assert isinstance(verdict, Local)
+    assert b"qom-get of property 'Secret' refused" in spelled_out(verdict.data)
+    plain = big("qom-get", b"{'path':'/objects/s'," + filler + b",'property':'size'}")
+    assert isinstance(judged(session(READONLY), plain), Command)
 
 
 def test_a_refused_command_is_audited_with_its_arguments() -> None:

@@ -98,7 +98,7 @@ def run(hub: Hub, now: list[float], cid: int, command: bytes, reply: bytes, took
     """One command of `cid` through the hub, QEMU answering `reply` after `took` s."""
     (sent,) = hub.client_data(cid, command)
     assert isinstance(sent, ToUpstream)
-    wire_id = msgspec.json.decode(sent.data)["id"]
+    wire_id = msgspec.json.decode(bytes(sent.data))["id"]
     now[0] += took
     hub.upstream_data(reply % wire_id)
 

@@ -349,8 +349,9 @@ def test_nothing_denied_ever_reaches_qemu(
     def run(actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, ToUpstream):
-                names = FORWARDED.findall(action.data)  # one write may carry several
-                ids = UPSTREAM_ID.findall(action.data)
+                data = bytes(action.data)
+                names = FORWARDED.findall(data)  # one write may carry several
+                ids = UPSTREAM_ID.findall(data)
                 assert names and len(names) == len(ids), action
                 for name, upstream_id in zip(names, ids, strict=True):
                     assert profile.command(name.decode()) is Decision.ALLOW, name

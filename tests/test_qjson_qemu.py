@@ -450,10 +450,11 @@ async def test_forwarded_arguments_mean_to_qemu_what_the_client_wrote(qemu: Qemu
         assert isinstance(value, dict)
         verdict = command_mode_session().judge(value)
         assert isinstance(verdict, Command)
-        if not verdict.prefix.startswith(head):
+        prefix = bytes(verdict.prefix)
+        if not prefix.startswith(head):
             continue  # empty arguments are not forwarded
         request: dict[str, JsonValue] = {"execute": "nope-id", "id": value["arguments"]}
-        chunks.append(ID_PREFIX + verdict.prefix[len(head) :] + b"}" + SYNC % len(chunks))
+        chunks.append(ID_PREFIX + prefix[len(head) :] + b"}" + SYNC % len(chunks))
         expected.append(
             [
                 error("CommandNotFound", "The command nope-id has not been found", request),

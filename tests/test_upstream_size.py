@@ -12,7 +12,8 @@ from hypothesis import given, settings
 
 from qmpmux.qjson import Framer, JsonValue, Message
 from qmpmux.session import Command, Peer, Phase, Session
-from qmpmux.wire import command_bytes
+from qmpmux.spelled import Spliced
+from qmpmux.wire import SPLICED_FROM, command_bytes, upstream_write
 from tests.spellings import commands
 
 UPSTREAM_ID = 1023
@@ -31,7 +32,7 @@ def forwarded(data: bytes) -> tuple[JsonValue, bytes]:
     assert isinstance(value, dict), value
     verdict = command_mode_session().judge(value)
     assert isinstance(verdict, Command), verdict
-    return value, command_bytes(verdict.prefix, UPSTREAM_ID)
+    return value, bytes(command_bytes(verdict.prefix, UPSTREAM_ID))
 
 
 def same_command(upstream: bytes, value: JsonValue) -> None:
@@ -94,3 +95,20 @@ def test_member_texts_do_not_depend_on_how_input_is_split(data: bytes) -> None:
     assert repr(a) == repr(b)
     for key in a:
         assert a.member_text(key) == b.member_text(key), key
+
+
+def test_a_long_text_is_spliced_in_and_written_with_the_commands_around_it() -> None:
+    """From SPLICED_FROM on, the client's text is sent as the view it is, never copied
+    into qmpmux's bytes (a copy costs ~0.5 ms a MiB in one loop turn), and commands that
+    share a write keep their order."""
+    long = b"{'a':'" + b"x" * SPLICED_FROM + b"'}"
+    _, small = forwarded(b'{"execute":"query-status"}')
+    value, big = forwarded(b"{'execute':'query-status','arguments':" + long + b"}")
+    verdict = command_mode_session().judge(value)
+    assert isinstance(verdict, Command) and isinstance(verdict.prefix, Spliced)
+    assert any(type(part) is memoryview for part in verdict.prefix.parts)
+    assert big == b'{"execute":\'query-status\',"arguments":' + long + b',"id":1023}'
+    joined = upstream_write([small, command_bytes(verdict.prefix, 5), small])
+    assert isinstance(joined, Spliced)
+    assert bytes(joined) == small + big.replace(b"1023}", b"5}") + small
+    assert upstream_write([small, small]) == small + small
