@@ -88,17 +88,21 @@ def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-MIN_READ = 512
+# The slowest input costs ~4 us a byte (past QEMU's token limit every token is a message
+# of its own, each answered with an error): 128 bytes stay within the 1 ms budget.
+MIN_READ = 128
 
 
 def next_read_size(size: int, largest: int, took: float, budget: float) -> int:
-    """The next read's size: halved (down to MIN_READ) when handling this one took over
-    `budget`, doubled back (up to `largest`) when it took under a quarter of it. Input
-    that is slow to parse (a megabyte of `[`, of short keys, of floats: ~1-2 us a byte
-    token by token) is then read a few hundred bytes a turn, and everything else as
-    before (README "Security")."""
+    """The next read's size: when handling this one took over `budget`, at most half of
+    it and what the budget would have taken at the same cost a byte (down to MIN_READ),
+    so input ten times slower than the last costs one slow turn, not four; doubled back
+    (up to `largest`) when it took under a quarter of the budget. Input that is slow to
+    parse (a megabyte of `[`, of short keys, of floats: ~1-2 us a byte token by token)
+    is then read a hundred or so bytes a turn, and everything else as before (README
+    "Security")."""
     if took > budget:
-        return max(MIN_READ, size // 2)
+        return max(MIN_READ, min(size // 2, int(size * budget / took)))
     if took < budget / 4:
         return min(largest, size * 2)
     return size

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -28,6 +29,7 @@ import msgspec
 
 from qmpmux.policy import DEFAULT_POLICY, FULL, QMPMUX_PREFIX, Decision, Profile
 from qmpmux.qjson import (
+    CText,
     Deferred,
     DeferredObject,
     Framer,
@@ -61,6 +63,22 @@ KNOWN_CAPABILITIES: Final = frozenset({CAP_OOB})  # QMPCapability in qapi/contro
 # QEMU's MAX_TOKEN_SIZE (qobject/json-streamer.c), less room for qmpmux's `,"id":N}`.
 MAX_UPSTREAM_BYTES: Final = 64 * 1024 * 1024 - 64
 _PLAIN_KEYS: Final = frozenset({EXECUTE, ARGUMENTS, ID})
+
+
+# Input past QEMU's token limit is read token by token, each an error of its own: the
+# replies to those are the same few texts over and over (README "Security").
+_NOT_AN_OBJECT: Final = error_reply(None, GENERIC_ERROR, "QMP input must be a JSON object")
+
+
+@functools.lru_cache(maxsize=64)
+def _short_parse_error(desc: str) -> Reply:
+    return error_reply(None, GENERIC_ERROR, desc)
+
+
+def _parse_error_reply(desc: str | CText) -> Reply:
+    if type(desc) is str and len(desc) <= 64:
+        return _short_parse_error(desc)
+    return error_reply(None, GENERIC_ERROR, desc)
 
 
 class Phase(enum.Enum):
@@ -291,9 +309,9 @@ class Session:
     def judge(self, value: JsonValue | ParseError) -> Verdict:
         """Decide what one complete input value gets: a local reply or a command for QEMU."""
         if isinstance(value, ParseError):
-            return Local(error_reply(None, GENERIC_ERROR, value.desc))
+            return Local(_parse_error_reply(value.desc))
         if not isinstance(value, dict):
-            return Local(error_reply(None, GENERIC_ERROR, "QMP input must be a JSON object"))
+            return Local(_NOT_AN_OBJECT)
         wire_id = encode_id(value.get(ID, NO_ID))
         # QEMU answers the exec-oob path at once, but it only reads a monitor without oob
         # after the previous command finished, so for such a client that is in order too.
