@@ -252,6 +252,28 @@ class Channel:
             self._out.append(bytes(data))
             self._out_size += len(data)
 
+    def write_now(self, data: bytes) -> None:
+        """`write` then `flush`, for the same bytes to many channels in a row (an event to
+        every client, where the last client waits for all the others): a channel with
+        nothing queued hands them to the kernel straight away, and queues what it did not
+        take."""
+        if self._out or self._writing or self._done:
+            self.write(data)
+            self.flush()
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.abort(f"write failed: {exc.strerror or exc}")
+            return
+        if sent < len(data):
+            self.write(data[sent:] if sent else data)  # rare: a client behind on reading
+            self.flush()  # waits for the socket to be writable, or cuts a slow reader
+        elif not self._reading and not self._closing:
+            self.handler.channel_drained(self.key)  # a paused reader may resume
+
     def flush(self) -> None:
         if self._done or not self._out:
             return

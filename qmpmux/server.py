@@ -797,8 +797,7 @@ class Proxy:
                 data = action.data
                 for client in action.clients:
                     if (channel := clients.get(client)) is not None:
-                        channel.write(data)
-                        channel.flush()  # at once: the first client need not wait for the last
+                        channel.write_now(data)  # the first client need not wait for the last
             elif kind is ToUpstream:
                 assert isinstance(action, ToUpstream)
                 link = self._links[action.link]
