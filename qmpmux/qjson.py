@@ -468,12 +468,19 @@ def _parse_string(tok: bytes) -> str:
     return _decode_str(b'"' + text + b'"')
 
 
-def _parse_integer(tok: bytes) -> int | float:
+# An integer token this long (it never starts with 0) is over DBL_MAX (~1.8e308): strtod()
+# makes it an infinity, known without reading its megabytes of digits.
+_INFINITE_DIGITS: Final = 320
+
+
+def _parse_integer(tok: bytes | bytearray) -> int | float:
     """int64 if it fits, else uint64 if it fits (and not negative), else strtod()."""
     if len(tok) <= 21:
         value = int(tok)
         if -(1 << 63) <= value < (1 << 64):
             return value
+    if len(tok) > _INFINITE_DIGITS:
+        return -math.inf if tok[0] == 0x2D else math.inf
     return float(tok)
 
 
@@ -866,7 +873,7 @@ class Framer:
         elif ty == _T_LSQUARE:
             stack.append(_Array())
         elif ty == _T_INTEGER:
-            self._deliver(_parse_integer(bytes(text)))
+            self._deliver(_parse_integer(text))  # never copied: it may be megabytes long
         elif ty == _T_FLOAT:
             self._deliver(float(text))
         elif ty == _T_KEYWORD:
