@@ -30,6 +30,7 @@ import msgspec
 
 from bench.harness import REPO, Bed, BenchError, bed, end_process, rss_kib
 from bench.host import host
+from bench.hostile import hostile
 from bench.lanes import lanes
 from bench.scenarios import Cell, Plan, Results, Row, blocking, fanout, large_replies, latency
 from bench.scenarios import throughput as throughput_
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Callable[[Bed, Plan, Results], None]] = {
     "fanout": fanout,
     "blocking": blocking,
     "lanes": lanes,
+    "hostile": hostile,
     "host": host,
 }
 

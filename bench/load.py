@@ -6,6 +6,7 @@ where a real second user would: in qmpmux and QEMU, not in the bench's interpret
     python -m bench.load schema SOCKET DEPTH   stream query-qmp-schema, DEPTH in flight
     python -m bench.load fanout SOCKET CLIENTS CLIENTS idle clients, stop/cont in a loop
     python -m bench.load flood SOCKET DEPTH    stop/cont pipelined, DEPTH pairs in flight
+    python -m bench.load hostile SOCKET SHAPE BYTES  send one of bench.hostile's shapes
     python -m bench.load loop LIST OUT PAUSE   a client per socket named in file LIST, each
                                                looping query-status, PAUSE ms between a
                                                reply and the next; its samples go to OUT
@@ -16,6 +17,7 @@ It prints `ready` once the load is flowing and, on SIGTERM, one summary line.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import resource
 import select
@@ -26,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench.harness import Client, Swarm
+from bench.hostile import SHAPES
 
 SCHEMA = b'{"execute":"query-qmp-schema","id":1}'
 STOP = (b'{"execute":"stop"}', b"STOP")
@@ -124,6 +127,29 @@ def flood(path: Path, depth: int) -> str:
 QUERY_STATUS = b'{"execute":"query-status","id":1}'
 
 
+def hostile(path: Path, shape: str, size: int) -> str:
+    """Send `size` bytes of one of bench.hostile's SHAPES once, as fast as they are read;
+    write `sent` when the kernel has taken the last byte, then keep the connection (its
+    replies unread) until stopped."""
+    data = SHAPES[shape][1](size)
+    client = Client(path, timeout=60).negotiate()
+    client.sock.settimeout(0.2)  # so that a stop is seen while qmpmux reads slowly
+    _ready()
+    started = time.monotonic()
+    view = memoryview(data)
+    while view and not _stopping:
+        with contextlib.suppress(TimeoutError):
+            view = view[client.sock.send(view[: 1 << 16]) :]
+    took = time.monotonic() - started
+    if not view:
+        print("sent", flush=True)
+    while not _stopping:
+        time.sleep(0.05)
+    client.sock.close()  # without reading: it may owe megabytes of replies
+    done = len(data) - len(view)
+    return f"{done >> 10} KiB sent in {took:.1f} s" if view else f"sent in {took:.2f} s"
+
+
 def loop(listing: Path, out: Path, pause: float) -> str:
     """A client per socket, each with at most one query-status in flight, `pause` seconds
     after its last reply (0: at once), on one epoll. Every reply's completion time
@@ -200,6 +226,8 @@ def main(argv: list[str]) -> int:
     kind, path = argv[0], Path(argv[1])
     if kind == "loop":
         summary = loop(path, Path(argv[2]), float(argv[3]) / 1e3)
+    elif kind == "hostile":
+        summary = hostile(path, argv[2], int(argv[3]))
     else:
         run = {"schema": schema, "fanout": fanout, "flood": flood}[kind]
         summary = run(path, int(argv[2]))
