@@ -1084,7 +1084,8 @@ _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder().decode
 _unpack_members = msgspec.msgpack.Decoder(dict[str, msgspec.Raw]).decode
 _PACK_EVERY = 1024
-_RUN_MAX = 1 << 14
+_RUN_MAX = 1 << 13
+_BITS_A_KEY = 32
 
 
 def _header_size(first: int) -> int:
@@ -1125,9 +1126,10 @@ class _Object:
     """An object being parsed: members so far, phase, and the key awaiting its value.
 
     Packed members' keys are remembered as sorted runs of their 64-bit hashes (8 bytes a
-    key, merged like a binary counter up to _RUN_MAX, so one merge never sorts more),
-    checked exactly when a hash matches. A bitmap of at least 8 bits a key answers most
-    lookups of new keys without searching the runs.
+    key, merged like a binary counter up to _RUN_MAX, one merge a pack at most, so no
+    turn sorts more), checked exactly when a hash matches. A bitmap of at least 32 bits
+    a key, two of them set for each (from both halves of its hash), answers all but a
+    few percent of lookups of new keys without searching the runs.
     """
 
     __slots__ = ("bits", "key", "mask", "packed", "phase", "runs", "value")
@@ -1147,8 +1149,10 @@ class _Object:
         if self.packed is None:
             return False
         h = hash(key)
-        i = h & self.mask
-        if not self.bits[i >> 3] & (1 << (i & 7)):
+        bits, mask = self.bits, self.mask
+        i = h & mask
+        j = (h >> 32) & mask
+        if not (bits[i >> 3] & (1 << (i & 7)) and bits[j >> 3] & (1 << (j & 7))):
             return False
         for run in self.runs:
             i = bisect_left(run, h)
@@ -1165,7 +1169,7 @@ class _Object:
         if self.mask < 0:
             self.bits = bytearray(1 << 12)
             self.mask = (1 << 15) - 1
-        while count * 8 > self.mask + 1:
+        while count * _BITS_A_KEY > self.mask + 1:
             # Doubled, a key's bit i is at i or i + size: both are set (at C speed; the
             # old keys' density stays, so a lookup still seldom needs the runs).
             self.bits = self.bits * 2
@@ -1175,10 +1179,16 @@ class _Object:
         for h in hashes:
             i = h & mask
             bits[i >> 3] |= 1 << (i & 7)
-        run = array("q", sorted(hashes))
-        while self.runs and len(self.runs[-1]) <= len(run) < _RUN_MAX:
-            run = array("q", sorted(self.runs.pop() + run))
-        self.runs.append(run)
+            i = (h >> 32) & mask
+            bits[i >> 3] |= 1 << (i & 7)
+        runs = self.runs
+        runs.append(array("q", sorted(hashes)))
+        # One merge a pack at most, of the newest two neighbours that may merge: the
+        # counter's carries are paid a pack at a time, never a cascade in one turn.
+        for k in range(len(runs) - 2, -1, -1):
+            if len(runs[k]) <= len(runs[k + 1]) and len(runs[k]) + len(runs[k + 1]) <= _RUN_MAX:
+                runs[k : k + 2] = [array("q", sorted(runs[k] + runs[k + 1]))]
+                break
         self.packed.add(self.value)
         self.value.clear()
 
