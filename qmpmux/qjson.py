@@ -773,10 +773,11 @@ class Framer:
         self._reset()
         self._out.append(result)
 
-    def _unpack_message(self, result: JsonValue) -> JsonValue:
+    def _unpack_message(self, result: JsonValue | msgspec.Raw) -> JsonValue:
         """A packed message made Python values again, at C speed, but for the members to
         defer: kept as their msgpack (Deferred), they cost nothing until someone asks."""
-        packed = _pack(result)
+        # A packed message is one already (its members' views are taken from it below).
+        packed = result if isinstance(result, msgspec.Raw) else _pack(result)
         if not self._keep or not self._defer:
             whole: JsonValue = _unpack(packed)
             return whole
@@ -1081,6 +1082,7 @@ def _is_container(raw: msgspec.Raw) -> bool:
 # the message is complete, then unpacked at C speed. A closed packed container is a
 # msgspec.Raw inside its parent, which msgpack splices as it is.
 _pack = msgspec.msgpack.Encoder().encode
+_encode_into = msgspec.msgpack.Encoder().encode_into
 _unpack = msgspec.msgpack.Decoder().decode
 _unpack_members = msgspec.msgpack.Decoder(dict[str, msgspec.Raw]).decode
 _PACK_EVERY = 1024
@@ -1103,23 +1105,40 @@ def _header(n: int, is_map: bool) -> bytes:
     return bytes([0xDF if is_map else 0xDD]) + n.to_bytes(4, "big")
 
 
+_ROOM = 5  # the longest msgpack container header
+
+
 class _Packed:
-    """The packed part of a container: its first ``count`` values' msgpack, no header."""
+    """The packed part of a container: its first ``count`` values' msgpack, after room
+    for the header, which is written in place when the whole is read (`whole`): a packed
+    child is a view of its parent's bytes, never a copy of them.
+
+    The values are encoded straight onto the end (one copy of a packed child's bytes,
+    whose own header is then moved over: a copy of only what was added)."""
 
     __slots__ = ("count", "data")
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self.data = bytearray(_ROOM)
         self.count = 0
 
     def add(self, value: list[JsonValue] | dict[str, JsonValue]) -> None:
-        packed = _pack(value)
-        self.data += memoryview(packed)[_header_size(packed[0]) :]
+        data = self.data
+        start = len(data)
+        _encode_into(value, data, start)
+        del data[start : start + _header_size(data[start])]
         self.count += len(value)
+
+    def whole(self, is_map: bool) -> memoryview:
+        """All of it, header first (a view: valid until the next `add`)."""
+        header = _header(self.count, is_map)
+        at = _ROOM - len(header)
+        self.data[at:_ROOM] = header
+        return memoryview(self.data)[at:]
 
     def close(self, value: list[JsonValue] | dict[str, JsonValue], is_map: bool) -> msgspec.Raw:
         self.add(value)
-        return msgspec.Raw(_header(self.count, is_map) + self.data)
+        return msgspec.Raw(self.whole(is_map))
 
 
 class _Object:
@@ -1157,7 +1176,7 @@ class _Object:
         for run in self.runs:
             i = bisect_left(run, h)
             if i < len(run) and run[i] == h:
-                unpacked = _unpack(_header(self.packed.count, True) + self.packed.data)
+                unpacked = _unpack(self.packed.whole(True))
                 return key in unpacked
         return False
 
