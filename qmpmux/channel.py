@@ -89,7 +89,7 @@ def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 # The slowest input costs ~4 us a byte (past QEMU's token limit every token is a message
-# of its own, each answered with an error): 128 bytes stay within the 1 ms budget.
+# of its own, each answered with an error): 128 bytes take about the 0.5 ms budget (server.py).
 MIN_READ = 128
 
 

@@ -56,7 +56,9 @@ _PEERCRED = struct.Struct("3i")
 # 4 KiB was 10 ms. Commands are far smaller, and a 16 MiB one is still read 100 times
 # faster than QEMU reads it.
 CLIENT_READ_SIZE = 1024
-CLIENT_READ_BUDGET = 0.001  # seconds of hub work per client read, then reads shrink
+# Seconds of hub work per client read, then reads shrink: another client's round trip
+# waits for about two such reads under a flood of slow input.
+CLIENT_READ_BUDGET = 0.0005
 UPSTREAM_READ_SIZE = 262144
 
 
