@@ -234,6 +234,27 @@ def wait_greeting(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> 
             raise BenchError(f"{path} accepted but sent no greeting in {timeout:g} s") from None
 
 
+@contextlib.contextmanager
+def running_qmpmux(
+    upstreams: list[Path], listens: list[str], log_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m qmpmux` on `upstreams` (unix monitors) and `listens` (--listen values,
+    the first a unix path it must greet on), logging to `log_path`; ended on leaving."""
+    args = [sys.executable, "-m", "qmpmux", "--log-level", "warning"]
+    for listen in listens:
+        args += ["--listen", listen]
+    for path in upstreams:
+        args += ["--upstream", f"unix:{path}"]
+    with log_path.open("ab") as log:
+        proc = popen(args, log, log, _env())
+    try:
+        first = Path(listens[0].removeprefix("unix:").split(",", 1)[0])
+        wait_greeting(first, proc, timeout=15)
+        yield proc
+    finally:
+        end_process(proc)
+
+
 # --- the test bed ---------------------------------------------------------------------------
 
 

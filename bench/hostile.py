@@ -14,7 +14,6 @@ import contextlib
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +24,10 @@ from bench.harness import (
     Bed,
     BenchError,
     Client,
-    _env,
     end_process,
-    popen,
+    running_qmpmux,
     start_load,
     start_qemu,
-    wait_greeting,
 )
 from bench.scenarios import QUERY_STATUS, Plan, Results, pct
 
@@ -103,17 +100,9 @@ SHAPES: dict[str, tuple[str, Callable[[int], bytes]]] = {
 def _qmpmux(workdir: Path, upstreams: list[Path]) -> Iterator[tuple[Path, Path]]:
     """A fresh qmpmux: (its full listener, its readonly listener)."""
     full, readonly = workdir / "full.sock", workdir / "readonly.sock"
-    args = [sys.executable, "-m", "qmpmux", "--log-level", "error"]
-    args += ["--listen", f"unix:{full}", "--listen", f"unix:{readonly},profile=readonly"]
-    for path in upstreams:
-        args += ["--upstream", f"unix:{path}"]
-    with (workdir / "qmpmux.log").open("ab") as log:
-        proc = popen(args, log, log, _env())
-    try:
-        wait_greeting(full, proc, timeout=15)
+    listens = [f"unix:{full}", f"unix:{readonly},profile=readonly"]
+    with running_qmpmux(upstreams, listens, workdir / "qmpmux.log"):
         yield full, readonly
-    finally:
-        end_process(proc)
 
 
 def _probe(path: Path, seconds: float, sent: Callable[[], bool]) -> list[int]:

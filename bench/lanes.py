@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,12 +22,10 @@ from bench.harness import (
     Bed,
     BenchError,
     Client,
-    _env,
     end_process,
-    popen,
     pump,
+    running_qmpmux,
     start_qemu,
-    wait_greeting,
 )
 from bench.scenarios import QUERY_STATUS, Plan, Results, p50_p99
 
@@ -51,17 +48,9 @@ def _qemu(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], list[Path]]]
 @contextlib.contextmanager
 def _qmpmux(workdir: Path, upstreams: list[Path]) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     sock = workdir / f"mux{len(upstreams)}.sock"
-    args = [sys.executable, "-m", "qmpmux", "--listen", f"unix:{sock}", "--log-level", "warning"]
-    for path in upstreams:
-        args += ["--upstream", f"unix:{path}"]
-    log_path = workdir / f"qmpmux{len(upstreams)}.log"
-    with log_path.open("wb") as log:
-        proc = popen(args, log, log, _env())
-    try:
-        wait_greeting(sock, proc, timeout=15)
+    log = workdir / f"qmpmux{len(upstreams)}.log"
+    with running_qmpmux(upstreams, [f"unix:{sock}"], log) as proc:
         yield proc, sock
-    finally:
-        end_process(proc)
 
 
 def _rate(socks: list[Client], seconds: float, pids: tuple[int, int]) -> float:
