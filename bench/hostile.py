@@ -34,25 +34,9 @@ from bench.scenarios import QUERY_STATUS, Plan, Results, pct
 E_ACUTE = "\u00e9".encode()  # two bytes; QEMU echoes it as a six-byte \u00e9
 
 
-def _string_argument(size: int) -> bytes:
-    return b'{"execute":"query-status","arguments":{"a":"' + E_ACUTE * (size // 2) + b'"}}'
-
-
-def _command_name(size: int) -> bytes:
-    return b'{"execute":"' + E_ACUTE * (size // 2) + b'"}'
-
-
-def _stray_bytes(size: int) -> bytes:
-    return b'"' + b"\x80" * size + b"\x01"
-
-
-def _id_of_numbers(size: int) -> bytes:
-    return b'{"execute":"x","id":[' + b"0," * (size // 2) + b"0]}"
-
-
-def _values(size: int) -> bytes:
-    # More tokens than QEMU's limit: past it, every token is answered with an error.
-    return b'{"execute":"query-status","arguments":{"a":[' + b"0," * (size // 2) + b"0]}}"
+def _repeated(head: bytes, unit: bytes, tail: bytes) -> Callable[[int], bytes]:
+    """A maker of `head`, then `unit` over and over for about `size` bytes, then `tail`."""
+    return lambda size: head + unit * (size // len(unit)) + tail
 
 
 def _keys(size: int) -> bytes:
@@ -60,39 +44,23 @@ def _keys(size: int) -> bytes:
     return b'{"execute":"query-status","arguments":{' + members + b"}}"
 
 
-def _denied_objects(size: int) -> bytes:
-    return b'{"execute":"stop","arguments":{"a":[' + b"{}," * (size // 3) + b"{}]}}"
-
-
-def _nesting(size: int) -> bytes:
-    return b"[" * size
-
-
-def _number(size: int) -> bytes:
-    return b"[" + b"1" * size + b"]"
-
-
-def _two_byte_nuls(size: int) -> bytes:
-    return b'{"execute":"stop","arguments":{"a":"' + b"\xc0\x80" * (size // 2) + b'"}}'
-
-
-def _escapes(size: int) -> bytes:
-    return b'{"execute":"query-status","arguments":{"a":"' + b"\\u00e9" * (size // 6) + b'"}}'
-
+QUERY_ARGUMENT = b'{"execute":"query-status","arguments":{"a":'
+STOP_ARGUMENT = b'{"execute":"stop","arguments":{"a":'
 
 # name -> (listener profile, maker of about `size` bytes of it)
 SHAPES: dict[str, tuple[str, Callable[[int], bytes]]] = {
-    "string argument": ("full", _string_argument),
-    "command name": ("readonly", _command_name),
-    "stray bytes": ("readonly", _stray_bytes),
-    "id of numbers": ("readonly", _id_of_numbers),
-    "values past the token limit": ("full", _values),
+    "string argument": ("full", _repeated(QUERY_ARGUMENT + b'"', E_ACUTE, b'"}}')),
+    "command name": ("readonly", _repeated(b'{"execute":"', E_ACUTE, b'"}')),
+    "stray bytes": ("readonly", _repeated(b'"', b"\x80", b"\x01")),
+    "id of numbers": ("readonly", _repeated(b'{"execute":"x","id":[', b"0,", b"0]}")),
+    # more tokens than QEMU's limit: past it, every token is answered with an error
+    "values past the token limit": ("full", _repeated(QUERY_ARGUMENT + b"[", b"0,", b"0]}}")),
     "keys": ("full", _keys),
-    "denied, of {}": ("readonly", _denied_objects),
-    "nesting": ("readonly", _nesting),
-    "number": ("readonly", _number),
-    "\\xC0\\x80 string": ("readonly", _two_byte_nuls),
-    "escaped string": ("full", _escapes),
+    "denied, of {}": ("readonly", _repeated(STOP_ARGUMENT + b"[", b"{},", b"{}]}}")),
+    "nesting": ("readonly", _repeated(b"", b"[", b"")),
+    "number": ("readonly", _repeated(b"[", b"1", b"]")),
+    "\\xC0\\x80 string": ("readonly", _repeated(STOP_ARGUMENT + b'"', b"\xc0\x80", b'"}}')),
+    "escaped string": ("full", _repeated(QUERY_ARGUMENT + b'"', b"\\u00e9", b'"}}')),
 }
 
 
