@@ -181,9 +181,18 @@ def command_prefix(
     if arguments:
         assert arguments_text is not None
         parts += (b',"arguments":', arguments_text)
-    if len(name_text) + len(arguments_text or b"") >= SPLICED_FROM:
+    size = sum(map(len, parts))
+    if size >= SPLICED_FROM and 2 * size >= _kept_alive(parts):
         return Spliced(parts)
     return b"".join(parts)
+
+
+def _kept_alive(parts: tuple[Buffer, ...]) -> int:
+    """The bytes that holding `parts` holds: a view holds all of the text it views (the
+    whole message's), which must not be much more than the command qmpmux counts (a huge
+    id beside small arguments is copied out of it instead)."""
+    views = {id(p.obj): memoryview(p.obj).nbytes for p in parts if type(p) is memoryview}
+    return sum(views.values()) + sum(len(part) for part in parts if type(part) is not memoryview)
 
 
 def decode_prefix(prefix: CommandText) -> dict[str, JsonValue]:

@@ -112,3 +112,16 @@ def test_a_long_text_is_spliced_in_and_written_with_the_commands_around_it() -> 
     assert isinstance(joined, Spliced)
     assert bytes(joined) == small + big.replace(b"1023}", b"5}") + small
     assert upstream_write([small, small]) == small + small
+
+
+def test_a_text_that_would_keep_a_much_bigger_message_alive_is_copied_out() -> None:
+    """A view holds all of the message it views: arguments beside an id of megabytes are
+    copied, so that what qmpmux holds for the command is what it counts."""
+    arguments = b"{'a':'" + b"x" * SPLICED_FROM + b"'}"
+    big_id = b"[" + b"1," * (2 * SPLICED_FROM) + b"1]"
+    (value,) = Framer().feed(
+        b"{'execute':'query-status','arguments':" + arguments + b",'id':" + big_id + b"}"
+    )
+    verdict = command_mode_session().judge(value)
+    assert isinstance(verdict, Command) and type(verdict.prefix) is bytes
+    assert verdict.prefix == b'{"execute":\'query-status\',"arguments":' + arguments
