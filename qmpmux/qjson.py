@@ -469,7 +469,8 @@ def _parse_string(tok: bytes) -> str:
 
 
 # An integer token this long (it never starts with 0) is over DBL_MAX (~1.8e308): strtod()
-# makes it an infinity, known without reading its megabytes of digits.
+# makes it an infinity, known without reading its megabytes of digits (docs/protocol.md
+# §3.3).
 _INFINITE_DIGITS: Final = 320
 
 
