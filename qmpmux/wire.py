@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 import msgspec
@@ -421,8 +421,19 @@ class UpstreamFramer:
         self._pretty_size = 0
         self._max = max_message_bytes
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Yield each complete message, CRLF ended; raise ValueError if one is too large."""
+    def feed(self, data: bytes) -> Iterable[bytes]:
+        """Each complete message, CRLF ended; raise ValueError if one is too large."""
+        if (
+            not self._buf
+            and self._pretty is None
+            and data.startswith(b'{"')  # not a pretty block's `{` line
+            and data.find(b"\n") == len(data) - 1
+            and data.endswith(CRLF)
+        ):
+            return (data,)  # one whole compact message: a reply, most often
+        return self._lines(data)
+
+    def _lines(self, data: bytes) -> Iterator[bytes]:
         buf = self._buf
         buf += data
         start = 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qmpmux import session as session_module
 from qmpmux.config import ConfigError, Limits, check_limits
@@ -195,3 +198,36 @@ def test_strip_extensions_leaves_the_clients_id_alone() -> None:
     (reply,) = hub.upstream_data(b'{"return": {"__x": 1, "name": "a"}, "id": 0}\r\n')
     # The id comes back whole, in QEMU's own member order for it.
     assert reply == ToClient(cid, b'{"return": {"name": "a"}, "id": {"n": 1, "__tag": 7}}\r\n')
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(
+        st.sampled_from(
+            [
+                b'{"return": {}, "id": 1}\r\n',
+                b'{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}\r\n',
+                b"{\r\n" + b'    "return": {\r\n    },\r\n    "id": 2\r\n}\r\n',  # pretty
+                b'{  \r\n    "id": 4\r\n}\r\n',  # pretty, blanks after its `{`
+                b"\r\n",
+                b'{"return": 3}\n',
+            ]
+        ),
+        max_size=8,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+)
+def test_upstream_messages_do_not_depend_on_how_reads_split_them(
+    messages: list[bytes], cuts: list[int]
+) -> None:
+    """A read of exactly one compact line is handed on as it is (the common reply); any
+    other read goes through the line splitter: both give what byte-by-byte reading does."""
+    stream = b"".join(messages)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    framer = UpstreamFramer()
+    got = [m for a, b in itertools.pairwise(bounds) for m in framer.feed(stream[a:b])]
+    one = UpstreamFramer()
+    want = [m for i in range(len(stream)) for m in one.feed(stream[i : i + 1])]
+    assert got == want
+    lines = UpstreamFramer()  # a line a read, a pretty block's included
+    assert [m for line in stream.splitlines(True) for m in lines.feed(line)] == want
