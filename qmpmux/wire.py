@@ -89,6 +89,10 @@ def encode_id(value: ClientId | Deferred) -> WireId:
     (a `Spelled` that holds only those bytes)."""
     if value is NO_ID:
         return None
+    if type(value) is int:  # the commonest ids, with short strings: written at once
+        return b"%d" % value
+    if type(value) is str and len(value) <= 256:
+        return encode(value)
     if isinstance(value, Deferred):  # a big message's container, still packed
         raw = value.raw
         if len(raw) <= _PACKED_LIGHT:
