@@ -1122,14 +1122,21 @@ class Hub:
         lane = OOB if cmd.oob else INBAND
         if flow.session.id:  # nobody waits for qmpmux's own replies
             (flow.oob_replies if cmd.oob else flow.replies).append(cmd)
+            # A client moves only when it has nothing in QEMU, and only off a monitor that
+            # has something: an idle one is as good as any (and a sequential client then
+            # costs no choosing at all).
             if lane == INBAND:
-                if flow.link is None or (
+                link = flow.link
+                if link is None or (
                     len(self._live) > 1
                     and not (flow.inflight[INBAND] or flow.queues[INBAND] or flow.fd_names)
+                    and (link.inflight_bytes or link.queued_bytes)
                 ):
                     flow.link = self._pick_link()  # free to move: it has nothing in QEMU
-            elif flow.oob_link is None or (
-                len(self._live) > 1 and not (flow.inflight[OOB] or flow.queues[OOB])
+            elif (link := flow.oob_link) is None or (
+                len(self._live) > 1
+                and not (flow.inflight[OOB] or flow.queues[OOB])
+                and (link.inflight_bytes or link.queued_bytes)
             ):
                 # exec-oob overtakes in-band work by design, on any monitor: it goes where
                 # no big command's bytes are ahead of it (not even its own client's).

@@ -177,3 +177,18 @@ def test_after_shutdown_the_first_monitor_to_close_ends_the_session_cleanly() ->
     hub.upstream_data(shutdown, 0)
     expect(hub.upstream_closed("gone", 2), [CloseClient(a, "QEMU shut down"),
                                             Exit(0, "QEMU shut down")])  # fmt: skip
+
+
+def test_a_client_stays_on_an_idle_monitor() -> None:
+    """A sequential client keeps its monitor while nothing else is there: moving it
+    would gain nothing, and choosing costs every command."""
+    hub = lanes_hub(4)
+    a = connect(hub)
+    links = []
+    for i in range(6):
+        (sent,) = hub.client_data(a, STATUS % i)
+        assert isinstance(sent, ToUpstream)
+        links.append(sent.link)
+        expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n', sent.link),
+               [ToClient(a, b'{"return": {}, "id": %d}\r\n' % i)])  # fmt: skip
+    assert len(set(links)) == 1, links
