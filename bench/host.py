@@ -57,7 +57,7 @@ from bench.harness import (
     rss_kib,
     start_load,
 )
-from bench.scenarios import Plan, Results, _rtts, _summary, p50_p99, pct
+from bench.scenarios import Plan, Results, _summary, p50_p99, pct, round_trips
 
 PARALLEL = 4  # QEMUs starting at once (2 cores: more only queue)
 SETTLE = 0.5  # seconds idle after ready before RSS is read
@@ -532,13 +532,13 @@ def _traffic(
         a, b = Client(ref.listener).negotiate(), Client(vms[0].listener).negotiate()
         time.sleep(1.0)  # both settled after their start
         try:
-            _rtts(a, 0, 100)
-            _rtts(b, 0, 100)
+            round_trips(a, 0, 100)
+            round_trips(b, 0, 100)
             times: dict[str, list[int]] = {"single": [], "host": []}
             paths = [("single", a), ("host", b)]
             for k, first in enumerate(range(0, count, 50)):
                 for name, client in paths if k % 2 == 0 else paths[::-1]:
-                    times[name] += _rtts(client, first, min(50, count - first))
+                    times[name] += round_trips(client, first, min(50, count - first))
         finally:
             a.close()
         us = 1e-3
@@ -580,13 +580,13 @@ def _flood(
     rtts: dict[str, list[int]] = {"quiet": [], **{k: [] for k in cases}}
     sums: dict[str, dict[str, float]] = {k: {} for k in cases}
     for r in range(rounds):
-        rtts["quiet"] += _rtts(probe, 0, block)
+        rtts["quiet"] += round_trips(probe, 0, block)
         for name in list(cases) if r % 2 == 0 else list(cases)[::-1]:
             vm, owner = cases[name]
             load = start_load("flood", str(vm.listener), str(FLOOD_DEPTH), timeout=120)
             try:
                 cpu0 = (cpu_seconds(owner.pid), cpu_seconds(vm.qemu.pid), time.monotonic())
-                rtts[name] += _rtts(probe, 0, block)
+                rtts[name] += round_trips(probe, 0, block)
                 cpu1 = (cpu_seconds(owner.pid), cpu_seconds(vm.qemu.pid), time.monotonic())
             finally:
                 summary = _summary_of(load)

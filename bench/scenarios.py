@@ -136,7 +136,7 @@ def _summary(values: Sequence[float], scale: float) -> dict[str, float]:
 # --- 1. latency -----------------------------------------------------------------------------
 
 
-def _rtts(client: Client, first: int, count: int) -> list[int]:
+def round_trips(client: Client, first: int, count: int) -> list[int]:
     """`count` sequential query-status round trips with ids first.., in nanoseconds."""
     sock, line, clock = client.sock, client.line, time.perf_counter_ns
     out = []
@@ -159,13 +159,13 @@ def latency(bed: Bed, plan: Plan, res: Results) -> None:
     try:
         paths = [("direct", direct), ("qmpmux", mux), ("relay", relay)]
         for _name, client in paths:
-            _rtts(client, 0, 100)
+            round_trips(client, 0, 100)
         times: dict[str, list[int]] = {name: [] for name, _client in paths}
         block = 50
         cpu0 = cpu_seconds(bed.qmpmux_pid)  # qmpmux idles while the other blocks run
         for b, first in enumerate(range(0, n, block)):
             for name, client in paths if b % 2 == 0 else paths[::-1]:
-                times[name] += _rtts(client, first, min(block, n - first))
+                times[name] += round_trips(client, first, min(block, n - first))
         cpu = cpu_seconds(bed.qmpmux_pid) - cpu0
     finally:
         for _name, client in paths:
