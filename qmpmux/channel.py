@@ -22,7 +22,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol
 
 from qmpmux.spelled import Spelled, Spliced
@@ -252,27 +252,30 @@ class Channel:
             self._out.append(bytes(data))
             self._out_size += len(data)
 
-    def write_now(self, data: bytes) -> None:
-        """`write` then `flush`, for the same bytes to many channels in a row (an event to
+    @staticmethod
+    def write_all(channels: Iterable[Channel], data: bytes) -> None:
+        """`write` then `flush` of the same bytes on every channel in turn (an event to
         every client, where the last client waits for all the others): a channel with
         nothing queued hands them to the kernel straight away, and queues what it did not
-        take."""
-        if self._out or self._writing or self._done:
-            self.write(data)
-            self.flush()
-            return
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self.abort(f"write failed: {exc.strerror or exc}")
-            return
-        if sent < len(data):
-            self.write(data[sent:] if sent else data)  # rare: a client behind on reading
-            self.flush()  # waits for the socket to be writable, or cuts a slow reader
-        elif not self._reading and not self._closing:
-            self.handler.channel_drained(self.key)  # a paused reader may resume
+        take. One loop for all: per channel, only what must be done for it."""
+        size = len(data)
+        for channel in channels:
+            if channel._out or channel._writing or channel._done:
+                channel.write(data)
+                channel.flush()
+                continue
+            try:
+                sent = channel.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                channel.abort(f"write failed: {exc.strerror or exc}")
+                continue
+            if sent < size:
+                channel.write(data[sent:] if sent else data)  # rare: a client behind
+                channel.flush()  # waits for the socket to be writable, or cuts a slow reader
+            elif not channel._reading and not channel._closing:
+                channel.handler.channel_drained(channel.key)  # a paused reader may resume
 
     def flush(self) -> None:
         if self._done or not self._out:

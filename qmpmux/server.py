@@ -798,10 +798,9 @@ class Proxy:
                     dirty.add(channel)
             elif kind is Broadcast:
                 assert isinstance(action, Broadcast)
-                data = action.data
-                for client in action.clients:
-                    if (channel := clients.get(client)) is not None:
-                        channel.write_now(data)  # the first client need not wait for the last
+                # At once: the first client need not wait for the last.
+                found = map(clients.get, action.clients)
+                Channel.write_all([c for c in found if c is not None], action.data)
             elif kind is ToUpstream:
                 assert isinstance(action, ToUpstream)
                 link = self._links[action.link]

@@ -112,19 +112,19 @@ async def test_a_spliced_write_reaches_the_peer_whole_and_in_order() -> None:
         theirs.close()
 
 
-async def test_write_now_sends_at_once_and_queues_what_the_socket_did_not_take() -> None:
+async def test_write_all_sends_at_once_and_queues_what_the_socket_did_not_take() -> None:
     """An event to every client goes straight to each socket; what one does not take
     waits in order, ahead of anything written after it."""
     ours, theirs = socket.socketpair()
     loop = asyncio.get_running_loop()
     channel = Channel(loop, ours, _Quiet(), 1)
     try:
-        channel.write_now(b"event\r\n")
+        Channel.write_all([channel], b"event\r\n")
         assert channel.queued == 0 and theirs.recv(100) == b"event\r\n"
         big = bytes(range(256)) * (1 << 14)  # 4 MiB: more than the socket takes
-        channel.write_now(big)
+        Channel.write_all([channel], big)
         assert 0 < channel.queued < len(big)
-        channel.write_now(b"next\r\n")  # behind what is queued, never ahead of it
+        Channel.write_all([channel], b"next\r\n")  # behind what is queued, never ahead of it
         got = bytearray()
         theirs.setblocking(False)
         while len(got) < len(big) + 6:
