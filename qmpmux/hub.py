@@ -333,34 +333,37 @@ class Hub:
         The session ends when the last link goes, or any before all were ready. A link
         lost while others serve costs only the clients that had commands in flight or
         queued on it, or fds named in it: what became of those commands is unknown, so
-        they are closed (with the reason) rather than told something QEMU never said."""
+        they are closed (with the reason) rather than told something QEMU never said.
+
+        Once QEMU has announced SHUTDOWN every monitor goes, each after what QEMU wrote
+        to it: the reply to `quit` may still be on a monitor that closes after another,
+        so the session ends cleanly with the last one, not the first."""
         up = self.links[link]
         if self.state is UpstreamState.CLOSED or up.state is UpstreamState.CLOSED:
             return self._take()
         was_ready = up.state is UpstreamState.READY
         up.state = UpstreamState.CLOSED
         self._live.remove(up)
-        if (
-            not self._live
-            or not was_ready
-            or self.state is not UpstreamState.READY
-            or self.shutdown_seen  # QEMU is quitting: every monitor goes
-        ):
+        if not self._live or not was_ready or self.state is not UpstreamState.READY:
             if self.shutdown_seen:
                 self._end(0, "QEMU shut down")
             else:
                 self._end(1, reason)
             return self._take()
-        log.error("lost QEMU monitor link %d (%s); %d link(s) still serve",
-                  link, reason, len(self._live))  # fmt: skip
+        if self.shutdown_seen:
+            bye, why = SHUTDOWN, "QEMU shut down"
+        else:
+            log.error("lost QEMU monitor link %d (%s); %d link(s) still serve",
+                      link, reason, len(self._live))  # fmt: skip
+            bye, why = UPSTREAM_LOST, f"lost QEMU monitor link {link}: {reason}"
         for cid, flow in self.clients.items():
             lanes = [lane for lane in (INBAND, OOB) if _lane_link(flow, lane) is up]
             if any(flow.inflight[lane] or flow.queues[lane] for lane in lanes) or (
                 flow.link is up and flow.fd_names
             ):
                 self._drop_fds(flow)
-                flow.bye = UPSTREAM_LOST
-                self._out.append(CloseClient(cid, f"lost QEMU monitor link {link}: {reason}"))
+                flow.bye = bye
+                self._out.append(CloseClient(cid, why))
             if flow.link is up:
                 flow.link = None
             if flow.oob_link is up:

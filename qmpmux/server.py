@@ -752,7 +752,11 @@ class Proxy:
             # Not a link of a session already over, nor one qmpmux closes as it exits.
             if self._links and self._exit is None:
                 why = f"lost the connection to QEMU: {reason}" if error else reason
-                if self._reconnect is not None and self.upstream is not None:
+                if (
+                    self._reconnect is not None
+                    and self.upstream is not None
+                    and not self.hub.shutdown_seen  # then every monitor goes: the last ends it
+                ):
                     # Any monitor lost ends the session: all are reconnected together.
                     self._apply(self.hub.session_over(f"monitor {_link_key(key)}: {why}"))
                 else:

@@ -168,15 +168,30 @@ def test_a_later_hub_numbers_clients_after_the_earlier_one() -> None:
     assert connect(later) == 3
 
 
-def test_after_shutdown_the_first_monitor_to_close_ends_the_session_cleanly() -> None:
+def test_after_shutdown_the_last_monitor_to_close_ends_the_session_cleanly() -> None:
+    """QEMU writes SHUTDOWN to every monitor, the reply to `quit` to its own, then closes
+    them all: a monitor that closes first must not cost the reply still on another."""
     hub = lanes_hub(3)
-    a = connect(hub)
+    a, b = connect(hub), connect(hub)
+    (sent,) = hub.client_data(a, b'{"execute":"quit","id":1}')
+    assert isinstance(sent, ToUpstream)
+    hub.client_data(b, STATUS % 2)  # b's command is in QEMU too, on another monitor
     shutdown = (
         b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {}}\r\n'
     )
-    hub.upstream_data(shutdown, 0)
-    expect(hub.upstream_closed("gone", 2), [CloseClient(a, "QEMU shut down"),
-                                            Exit(0, "QEMU shut down")])  # fmt: skip
+    for link in range(3):
+        hub.upstream_data(shutdown, link)
+    others = [link for link in range(3) if link != sent.link]
+    # The first to close: b's command there gets no reply now; a keeps waiting for its own.
+    b_link = next(link for link in others if hub.links[link].inflight)
+    expect(hub.upstream_closed("gone", b_link), [CloseClient(b, "QEMU shut down")])
+    hub.client_closed(b)  # as the shell reports it
+    expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n', sent.link),
+           [ToClient(a, b'{"return": {}, "id": 1}\r\n')])  # fmt: skip
+    (last_but_one,) = [link for link in others if link != b_link]
+    expect(hub.upstream_closed("gone", last_but_one), [])
+    expect(hub.upstream_closed("gone", sent.link), [CloseClient(a, "QEMU shut down"),
+                                                    Exit(0, "QEMU shut down")])  # fmt: skip
 
 
 def test_a_client_stays_on_an_idle_monitor() -> None:
