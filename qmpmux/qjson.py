@@ -1088,6 +1088,7 @@ _unpack = msgspec.msgpack.Decoder().decode
 _unpack_members = msgspec.msgpack.Decoder(dict[str, msgspec.Raw]).decode
 _PACK_EVERY = 1024
 _RUN_MAX = 1 << 13
+_RUNS_CROWDED = 32
 _BITS_A_KEY = 32
 
 
@@ -1203,10 +1204,13 @@ class _Object:
             bits[i >> 3] |= 1 << (i & 7)
         runs = self.runs
         runs.append(array("q", sorted(hashes)))
-        # One merge a pack at most, of the newest two neighbours that may merge: the
-        # counter's carries are paid a pack at a time, never a cascade in one turn.
+        # One merge a pack at most, of the newest two neighbours that may merge, so the
+        # counter's carries are paid a pack at a time, never a cascade in one turn; past
+        # _RUNS_CROWDED runs (packs that shrink never carry) any two that fit merge.
+        crowded = len(runs) > _RUNS_CROWDED
         for k in range(len(runs) - 2, -1, -1):
-            if len(runs[k]) <= len(runs[k + 1]) and len(runs[k]) + len(runs[k + 1]) <= _RUN_MAX:
+            older, newer = len(runs[k]), len(runs[k + 1])
+            if (older <= newer or crowded) and older + newer <= _RUN_MAX:
                 runs[k : k + 2] = [array("q", sorted(runs[k] + runs[k + 1]))]
                 break
         self.packed.add(self.value)

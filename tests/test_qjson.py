@@ -1216,3 +1216,19 @@ def test_nested_maps_are_walked_once() -> None:
     assert out == encode(value)
     (reader,) = readers
     assert reader.work <= 1 + 1000 + 4 * 300 and not reader.layouts  # each item once
+
+
+def test_packed_keys_stay_in_few_runs_whatever_the_pack_sizes() -> None:
+    """Every pack of an object's keys is a sorted run that new keys are looked up in:
+    runs merge a pack at a time even when packs shrink, so lookups stay cheap, and every
+    key is still found."""
+    frame = qjson._Object({})
+    keys = []
+    for i, n in enumerate(range(600, 0, -1)):  # packs of 600, 599, ... 1 keys
+        batch = [f"k{i}.{j}" for j in range(n)]
+        frame.value.update(dict.fromkeys(batch, 0))
+        frame.pack()
+        keys += batch[:1]
+    assert len(frame.runs) <= qjson._RUNS_CROWDED + 1, len(frame.runs)
+    assert all(frame.has(key) for key in keys[::150])  # a found key unpacks them all
+    assert not frame.has("k-none")
