@@ -84,6 +84,7 @@ from qmpmux.wire import (
     NO_ID,
     QUERY_COMMANDS,
     SHUTDOWN_EVENT,
+    STAYING_EVENTS,
     SUCCESS_OPENING,
     CommandText,
     Reply,
@@ -274,6 +275,7 @@ class Hub:
         self.state = UpstreamState.GREETING
         self.version = b""
         self.oob = False
+        # QEMU announced SHUTDOWN and has not shown since that it stays: it is quitting.
         self.shutdown_seen = False
         self.clients: dict[int, Flow] = {}
         self._negotiated: dict[int, Flow] = {}  # clients events go to
@@ -452,6 +454,10 @@ class Hub:
                 return
             if msg.event == SHUTDOWN_EVENT:
                 self.shutdown_seen = True
+            elif self.shutdown_seen and msg.event in STAYING_EVENTS:
+                # The guest shut down under -no-shutdown: QEMU paused and stays, and a
+                # monitor that goes now is lost, not closed by QEMU quitting (§9).
+                self.shutdown_seen = False
             self.stats.event(msg.event)
             self._fan_out(msg.event, line)
         elif msg.id is not NO_ID:

@@ -52,6 +52,9 @@ CAP_OOB: Final = "oob"
 GENERIC_ERROR: Final = "GenericError"
 COMMAND_NOT_FOUND: Final = "CommandNotFound"
 SHUTDOWN_EVENT: Final = "SHUTDOWN"
+# After SHUTDOWN, these say QEMU stays (docs/protocol.md §9): a guest's shutdown under
+# -no-shutdown pauses the VM (STOP), and it may be reset and resumed from there.
+STAYING_EVENTS: Final = frozenset({"STOP", "RESET", "RESUME"})
 QUERY_COMMANDS: Final = "query-commands"
 # QEMU writes a success as `{"return": R, "id": N}` (see `rewrite_reply`): a reply that
 # opens with its return member needs no decoding to know it succeeded.

@@ -194,6 +194,25 @@ def test_after_shutdown_the_last_monitor_to_close_ends_the_session_cleanly() -> 
                                                     Exit(0, "QEMU shut down")])  # fmt: skip
 
 
+def test_a_monitor_lost_after_a_shutdown_qemu_stays_through_is_lost() -> None:
+    """Under -no-shutdown a guest's shutdown pauses QEMU (SHUTDOWN, then STOP) and every
+    monitor stays: one that goes after that is lost, as at any other time."""
+    hub = lanes_hub(2)
+    a = connect(hub)
+    (sent,) = hub.client_data(a, STATUS % 1)
+    assert isinstance(sent, ToUpstream)
+    shutdown = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN"}\r\n'
+    stop = b'{"timestamp": {"seconds": 1, "microseconds": 3}, "event": "STOP"}\r\n'
+    for link in range(2):
+        hub.upstream_data(shutdown, link)
+    assert hub.shutdown_seen
+    for link in range(2):
+        hub.upstream_data(stop, link)
+    assert not hub.shutdown_seen
+    expect(hub.upstream_closed("gone", sent.link),
+           [CloseClient(a, f"lost QEMU monitor link {sent.link}: gone")])  # fmt: skip
+
+
 def test_a_client_stays_on_an_idle_monitor() -> None:
     """A sequential client keeps its monitor while nothing else is there: moving it
     would gain nothing, and choosing costs every command."""
