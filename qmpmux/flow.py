@@ -9,7 +9,9 @@ Invariants:
 - `replies` and `oob_replies` hold, in input order, ready reply bytes and `Command`s still
   waiting for QEMU; `reply_bytes` is the size of the ready ones among them.
 - `queued_bytes` is the size of the commands in `queues` (what they cost upstream).
-- `in_ready[lane]` is True exactly while the flow sits in the hub's ready list of that lane.
+- `ready_on[lane]` is the monitor (link.Link) whose ready list of that lane holds the flow,
+  or None: an entry in any other monitor's list is stale (the client moved) and that
+  monitor drops it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ class Flow:
         "fd_names",
         "fds",
         "id",
-        "in_ready",
         "inflight",
         "link",
         "oob_link",
@@ -47,6 +48,7 @@ class Flow:
         "paused",
         "queued_bytes",
         "queues",
+        "ready_on",
         "replies",
         "reply_bytes",
         "session",
@@ -62,7 +64,7 @@ class Flow:
         # round-robin within each lane's window; `inflight` counts what QEMU has now.
         self.queues: tuple[deque[Command], deque[Command]] = (deque(), deque())
         self.inflight = [0, 0]
-        self.in_ready = [False, False]
+        self.ready_on: list[Link | None] = [None, None]
         # The upstream monitor its commands go to (link.Link; None until its first). It
         # moves only when nothing of it is in QEMU and it has no fd named there.
         self.link: Link | None = None

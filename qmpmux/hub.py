@@ -586,8 +586,8 @@ class Hub:
 
     def _requeue(self, flow: Flow, lane: int) -> None:
         up = _lane_link(flow, lane)
-        if flow.queues[lane] and not flow.in_ready[lane] and up is not None:
-            flow.in_ready[lane] = True
+        if flow.queues[lane] and up is not None and flow.ready_on[lane] is not up:
+            flow.ready_on[lane] = up
             up.ready[lane].append(flow)
 
     def _fd_taken(self, up: Link) -> None:
@@ -1155,8 +1155,8 @@ class Hub:
         flow.queues[lane].append(cmd)
         flow.queued_bytes += len(cmd.prefix)
         up.queued_bytes += len(cmd.prefix)
-        if not flow.in_ready[lane]:
-            flow.in_ready[lane] = True
+        if flow.ready_on[lane] is not up:  # not there yet, or listed where it was before
+            flow.ready_on[lane] = up
             up.ready[lane].append(flow)
 
     def _pick_link(self) -> Link:
@@ -1203,6 +1203,8 @@ class Hub:
             else:
                 break
             flow = ready[lane].popleft()
+            if flow.ready_on[lane] is not up:
+                continue  # listed before it moved: it is listed where it is now
             queue = flow.queues[lane]
             if (
                 flow.closed
@@ -1213,13 +1215,13 @@ class Hub:
                 # in-band command never goes before its earlier out-of-band ones.
                 or (lane == INBAND and flow.queues[OOB])
             ):
-                flow.in_ready[lane] = False  # re-queued when that changes
+                flow.ready_on[lane] = None  # re-queued when that changes
                 continue
             cmd = queue[0]
             if cmd.fds and up.fd_inflight is not None:
                 # QEMU reads ahead of execution (with oob), and an fd-carrying read closes
                 # the fds an earlier command has not taken yet: one at a time.
-                flow.in_ready[lane] = False
+                flow.ready_on[lane] = None
                 up.fd_waiting.append((flow, lane))
                 continue
             queue.popleft()
@@ -1242,7 +1244,7 @@ class Hub:
             if queue:
                 ready[lane].append(flow)
             else:
-                flow.in_ready[lane] = False
+                flow.ready_on[lane] = None
                 if lane == OOB:  # its in-band queue waited for this exec-oob
                     self._requeue(flow, INBAND)
         if chunks:

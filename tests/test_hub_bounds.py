@@ -9,7 +9,7 @@ from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.qjson import encode
 from qmpmux.session import Peer
 from qmpmux.spelled import Spelled
-from tests.playbook import connect, expect, ready_hub, spelled_out
+from tests.playbook import GREETING_OOB, connect, expect, ready_hub, spelled_out
 
 BOUND = 64 * 1024
 
@@ -231,3 +231,30 @@ def test_a_listener_with_its_own_max_message_bytes_bounds_its_clients_alone() ->
     assert not [a for a in actions if isinstance(a, ToUpstream)]
     actions = hub.client_data(other, big)
     assert [a for a in actions if isinstance(a, ToUpstream)]  # goes to QEMU
+
+
+def test_a_client_whose_queued_commands_a_reload_denied_can_move_lanes() -> None:
+    """A reload that empties a client's queue leaves it listed on its old monitor; its
+    next command may go to another, and must be sent from there, not wait forever."""
+    hub = Hub(Limits(upstream_window=1), links=2)
+    for link in range(2):
+        hub.upstream_data(GREETING_OOB, link)
+    for link in range(2):
+        hub.upstream_data(b'{"return": {}}\r\n', link)
+    hub.reload(compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop"))}))
+    busy = [connect(hub), connect(hub)]
+    sent = [hub.client_data(c, b'{"execute":"query-status","id":1}') for c in busy]
+    ctl, _ = hub.client_connected(Peer("unix:t", profile="ctl"))
+    hub.client_data(ctl, b'{"execute":"qmp_capabilities"}')
+    expect(hub.client_data(ctl, b'{"execute":"stop","id":"s"}'), [])  # both windows full
+    denying = compile_policy({"ctl": ProfileSpec(commands=("query-status",))})
+    hub.reload(denying)  # answers the stop with its denial; ctl has nothing queued now
+    listed = hub.clients[ctl].link
+    # Its next command may go to either monitor (both are busy): it waits for a window.
+    expect(hub.client_data(ctl, b'{"execute":"query-status","id":"q"}'), [])
+    assert hub.clients[ctl].link is not None
+    out = []
+    for (action,) in sent:  # the two others' replies come: both windows free again
+        assert isinstance(action, ToUpstream)
+        out += hub.upstream_data(b'{"return": {}, "id": 0}\r\n', action.link)
+    assert [a for a in out if isinstance(a, ToUpstream)], (listed, out)  # it went
