@@ -1208,7 +1208,6 @@ class Hub:
             queue = flow.queues[lane]
             if (
                 flow.closed
-                or _lane_link(flow, lane) is not up
                 or not queue
                 or flow.inflight[lane] >= share
                 # QEMU dispatches an exec-oob as soon as it reads it, so a client's

@@ -1148,8 +1148,8 @@ class _Object:
 
     Packed members' keys are remembered as sorted runs of their 64-bit hashes (8 bytes a
     key, merged like a binary counter up to _RUN_MAX, one merge a pack at most, so no
-    turn sorts more, and never more than about _RUNS_CROWDED of them), checked exactly
-    when a hash matches. A bitmap of at least 32 bits
+    turn sorts more; past _RUNS_CROWDED runs any two that fit merge, so shrinking packs
+    do not pile up), checked exactly when a hash matches. A bitmap of at least 32 bits
     a key, two of them set for each (from both halves of its hash), answers all but a
     few percent of lookups of new keys without searching the runs.
     """
