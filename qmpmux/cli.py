@@ -13,7 +13,7 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import msgspec
 import uvloop
@@ -41,7 +41,7 @@ from qmpmux.config import (
     upstreams_of,
     vm_key_in,
 )
-from qmpmux.host import Host, ignore_reloads
+from qmpmux.host import Host, ignore_reloads, ignore_signals
 from qmpmux.metrics import ERROR
 from qmpmux.policy import BUILTIN, Policy
 from qmpmux.server import StartupError, open_audit
@@ -467,6 +467,16 @@ async def serve_host(config: HostConfig, notifier: Notifier | None = None) -> in
     return await host.run()
 
 
+async def _until_done(run: Awaitable[int]) -> int:
+    """`run`, after which no signal can kill the process on its way out: what serves is
+    over, whatever comes now (a second SIGTERM right behind the first) is too late."""
+    try:
+        return await run
+    finally:
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        ignore_signals(asyncio.get_running_loop(), stops)
+
+
 def _raise_fd_limit() -> None:
     """Every client is a descriptor; the default soft limit (1024) is too low for a hub."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -491,8 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     inherited = listen_fds()
     try:
         if isinstance(config, HostConfig):
-            return uvloop.run(serve_host(config, notifier))
-        return uvloop.run(serve(config, inherited, notifier))
+            return uvloop.run(_until_done(serve_host(config, notifier)))
+        return uvloop.run(_until_done(serve(config, inherited, notifier)))
     except StartupError as exc:
         print(f"qmpmux: error: {exc}", file=sys.stderr)
         return 1

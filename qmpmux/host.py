@@ -64,12 +64,20 @@ UNREADABLE: Final = "cannot read it"  # why a file is skipped that is there, all
 VM_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+def ignore_signals(loop: asyncio.AbstractEventLoop, signals: tuple[signal.Signals, ...]) -> None:
+    """Take `signals` from the loop and have the process itself ignore them: once the loop
+    closes its handlers are gone, and one arriving then would kill the process (a second
+    SIGTERM as a clean stop ends: exit status -15 instead of 0)."""
+    for sig in signals:
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def ignore_reloads(loop: asyncio.AbstractEventLoop) -> None:
     """From the first stop signal on, SIGHUP is ignored by the process itself: a reload
     then would say RELOADING=1 and READY=1 after STOPPING=1 (the manager would think it
-    runs again), and one arriving as the loop closes, its handlers gone, would kill it."""
-    loop.remove_signal_handler(signal.SIGHUP)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    runs again), and one arriving as the loop closes would kill it."""
+    ignore_signals(loop, (signal.SIGHUP,))
 
 
 @dataclass

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
+from qmpmux import cli
 from tests.realqemu import BASE_ARGS, RawClient, qemu_path, start_qemu
 
 
@@ -375,3 +377,21 @@ async def test_metrics_on_loopback_tcp_from_the_config_file(tmp_path: Path) -> N
     finally:
         mux.proc.send_signal(signal.SIGTERM)
         assert await mux.wait() == 0
+
+
+def test_once_serving_is_over_no_stop_signal_can_kill_the_process() -> None:
+    """A second SIGTERM right behind the first could arrive after the loop closed and took
+    its handlers: the process, done and exiting 0, would die of it (status -15)."""
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    saved = {sig: signal.getsignal(sig) for sig in stops}
+
+    async def serving() -> int:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: None)
+        return 0
+
+    try:
+        assert uvloop.run(cli._until_done(serving())) == 0
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in stops)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
