@@ -52,8 +52,11 @@ def popen(
     stdout: IO[bytes] | int,
     stderr: IO[bytes] | int,
     env: dict[str, str] | None = None,
+    cwd: Path = REPO,
 ) -> subprocess.Popen[bytes]:
-    """Start a helper in its own session (Ctrl-C reaches only the bench, which ends it)."""
+    """Start a helper in its own session (Ctrl-C reaches only the bench, which ends it).
+
+    `python -m` imports from the working directory first: `cwd` picks the checkout."""
     return subprocess.Popen(
         list(args),
         stdin=subprocess.DEVNULL,
@@ -61,7 +64,7 @@ def popen(
         stderr=stderr,
         start_new_session=True,
         preexec_fn=_die_with_parent,  # noqa: PLW1509 (the bench starts no threads)
-        cwd=REPO,
+        cwd=cwd,
         env=env,
     )
 
