@@ -174,7 +174,7 @@ class HubCollector(Collector):
         yield _rows(
             GaugeMetricFamily, "qmpmux_inflight_commands",
             "Commands sent to QEMU and not answered yet", vm, each,
-            lambda src: [((), sum(len(link.inflight) for link in src.hub.links))],
+            lambda src: [((), sum(link.in_qemu for link in src.hub.links))],
         )  # fmt: skip
         yield _rows(
             CounterMetricFamily, "qmpmux_config_reloads", "Policy reloads (SIGHUP), by result",

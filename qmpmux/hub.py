@@ -6,8 +6,10 @@ owns every routing decision:
 
 - Upstream handshake: read QEMU's greeting, negotiate `oob` when offered, then report
   `UpstreamReady`; clients are greeted with QEMU's own version from then on.
-- Commands get qmpmux's smallest free integer id upstream; the reply is routed back by
-  that id and restored to the client's id (`wire.rewrite_reply`).
+- A short in-band command goes upstream without an id, its reply known by its place in
+  the monitor's in-band order; others get qmpmux's smallest free integer id and are
+  routed back by it (`link.py`). Either way the client's id is restored
+  (`wire.rewrite_reply`).
 - At most `upstream_window` in-band commands are in flight upstream (QEMU queues 8 per
   monitor and stops reading past that, which would strand exec-oob commands:
   docs/protocol.md §7.1); clients with queued commands are served round-robin, one
@@ -75,6 +77,7 @@ from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Audited, Command, Extension, Local, Peer, Phase, Session
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
+    ANONYMOUS_MAX,
     ARGUMENTS,
     CAP_OOB,
     CAPABILITIES_OOB,
@@ -211,10 +214,11 @@ def _iso_time(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
-def _withheld(upstream_id: int, desc: str) -> bytes:
+def _withheld(upstream_id: int | None, desc: str) -> bytes:
     """The error that stands for a reply of QEMU's qmpmux could not filter, with QEMU's
-    id still in it (wire.rewrite_reply gives it the client's)."""
-    reply = error_reply(upstream_id_bytes(upstream_id), GENERIC_ERROR, desc)
+    id still in it if it had one (wire.rewrite_reply gives it the client's)."""
+    wire_id = None if upstream_id is None else upstream_id_bytes(upstream_id)
+    reply = error_reply(wire_id, GENERIC_ERROR, desc)
     assert type(reply) is bytes
     return reply
 
@@ -370,7 +374,7 @@ class Hub:
                 flow.link = None
             if flow.oob_link is up:
                 flow.oob_link = None
-        up.inflight.clear()
+        up.forget_commands()
         for line in list(self._event_copies):
             self._event_delivered(line)
         self._pump()
@@ -392,7 +396,7 @@ class Hub:
     def busy(self) -> bool:
         """Whether a command is still in QEMU or queued to go there (graceful shutdown
         waits until it is not): every such command gets its reply before qmpmux closes."""
-        if any(up.inflight or any(up.system.queues) for up in self._live):
+        if any(up.in_qemu or any(up.system.queues) for up in self._live):
             return True
         return any(any(flow.queues) for flow in self.clients.values())
 
@@ -462,8 +466,10 @@ class Hub:
             self._fan_out(msg.event, line)
         elif msg.id is not NO_ID:
             self._route_reply(up, line, msg.id)
+        elif up.anonymous:  # the reply to the oldest command sent without an id (link.py)
+            self._route_reply(up, line, None)
         elif msg.error:
-            # qmpmux sends every command with an id, so QEMU could not parse our output.
+            # Every command in QEMU has an id: QEMU could not parse what it was sent.
             log.error("QEMU reported an error without id: %s", describe_error(msg.error))
         else:
             log.warning("dropping unexpected message from QEMU: %r", line[:200])
@@ -508,12 +514,21 @@ class Hub:
                 self._out.append(Broadcast(data, clients))
 
     def _route_reply(self, up: Link, line: bytes, upstream_id: object) -> None:
-        cmd = up.inflight.pop(upstream_id, None) if type(upstream_id) is int else None
-        if cmd is None:
-            log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
-            return
-        assert isinstance(upstream_id, int)
-        up.ids.give_back(upstream_id)
+        """QEMU's reply to a command sent with `upstream_id`, or without one (None)."""
+        if upstream_id is None:
+            cmd = up.anonymous.popleft()
+        else:
+            numbered = up.inflight.pop(upstream_id, None) if type(upstream_id) is int else None
+            if numbered is None:
+                log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
+                return
+            assert isinstance(upstream_id, int)
+            cmd = numbered
+            up.ids.give_back(upstream_id)
+            if not cmd.oob:
+                up.numbered -= 1
+            if upstream_id == up.fd_inflight:
+                self._fd_taken(up)
         lane = OOB if cmd.oob else INBAND
         up.lane_inflight[lane] -= 1
         up.inflight_bytes -= len(cmd.prefix)
@@ -531,8 +546,6 @@ class Hub:
             or not line.startswith(SUCCESS_OPENING)
             else ""
         )
-        if upstream_id == up.fd_inflight:
-            self._fd_taken(up)
         if cmd.name == ADD_FD and not failed:
             self._fdset_created(session.id, line)
         if not session.id:
@@ -608,7 +621,7 @@ class Hub:
         if client not in self.clients and self._fdsets[fdset] == client:
             self._forget_fdsets(client)  # it left before QEMU answered
 
-    def _own_fdsets(self, client: int, reply: bytes, upstream_id: int) -> bytes:
+    def _own_fdsets(self, client: int, reply: bytes, upstream_id: int | None) -> bytes:
         """`query-fdsets` as a client that may not see others' fdsets sees it."""
 
         def own(value: bytes) -> bytes:
@@ -622,7 +635,7 @@ class Hub:
             log.warning("could not filter a malformed query-fdsets reply; withholding it")
             return _withheld(upstream_id, "qmpmux could not filter query-fdsets")
 
-    def _scrub(self, name: str, reply: bytes, upstream_id: int) -> bytes:
+    def _scrub(self, name: str, reply: bytes, upstream_id: int | None) -> bytes:
         """A block or chardev reply without credentials (scrub.py), for profiles that may
         not read secrets; one that cannot be scrubbed is withheld, never passed on."""
         try:
@@ -631,7 +644,7 @@ class Hub:
             log.warning("could not scrub a malformed %s reply; withholding it", name)
             return _withheld(upstream_id, f"qmpmux could not scrub {name}")
 
-    def _narrow(self, profile: Profile, name: str, reply: bytes, upstream_id: int) -> bytes:
+    def _narrow(self, profile: Profile, name: str, reply: bytes, upstream_id: int | None) -> bytes:
         """An introspection reply as this profile may see it (cached: QEMU's is static)."""
         narrow = FILTERS[name]
 
@@ -1169,10 +1182,23 @@ class Hub:
         order = live[self._turn :] + live[: self._turn]
         return min(order, key=lambda up: up.load)
 
-    def _issue(self, up: Link, cmd: Command) -> tuple[int, CommandText]:
+    def _issue(self, up: Link, cmd: Command) -> tuple[int | None, CommandText]:
+        """The command's upstream id (None: it goes without one, link.py) and bytes."""
+        prefix = cmd.prefix
+        if (
+            not cmd.oob
+            and not up.numbered
+            and type(prefix) is bytes
+            and len(prefix) < ANONYMOUS_MAX
+            and not cmd.fds
+        ):
+            up.anonymous.append(cmd)
+            return None, prefix + b"}"
         upstream_id = up.ids.take()
         up.inflight[upstream_id] = cmd
-        return upstream_id, command_bytes(cmd.prefix, upstream_id)
+        if not cmd.oob:
+            up.numbered += 1
+        return upstream_id, command_bytes(prefix, upstream_id)
 
     def _pump(self) -> None:
         """Fill every live monitor's window from its clients' queues."""

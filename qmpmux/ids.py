@@ -1,9 +1,10 @@
 """Upstream command ids: the smallest free integers, so upstream commands stay short.
 
-QEMU reads its monitor one byte at a time (~3.7 us a byte), so qmpmux's ids are the
-smallest integers not in flight: with at most a few dozen commands outstanding they
-are one or two digits, forever. An id returns to the pool only when its reply has
-arrived, so a late reply can never be mistaken for a newer command's.
+QEMU reads its monitor one byte at a time (~4 us a byte), so a short in-band command
+goes with no id at all (link.py), and the others get the smallest integers not in
+flight: with at most a few dozen commands outstanding they are one or two digits. An id
+returns to the pool only when its reply has arrived, so a late reply can never be
+mistaken for a newer command's.
 """
 
 from __future__ import annotations

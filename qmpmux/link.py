@@ -6,7 +6,14 @@ spread its clients over them. Each link has its own handshake, framer, upstream 
 window of commands in QEMU, and fd barrier (fds and fd names live in one monitor).
 
 Invariants:
-- `inflight` maps this link's upstream ids to the commands QEMU has not answered.
+- `inflight` maps this link's upstream ids to the commands sent with one that QEMU has
+  not answered; `anonymous` holds, oldest first, the in-band commands sent without an id
+  (docs/protocol.md §7.2: a monitor answers its in-band input in order, so their replies
+  are told apart by place, and QEMU reads 7 fewer bytes for each).
+- `numbered` counts the in-band commands in `inflight`. While any is in QEMU, every
+  command goes with an id: the client text of a big command is the only upstream input
+  QEMU could fail to parse, and its errors carry no id, so nothing without an id may be
+  sent behind it. Every command in `anonymous` is therefore ahead of every numbered one.
 - `ready[lane]` holds the flows assigned to this link that have commands queued for that
   lane (in-band or out-of-band) and room in their share of the window.
 - `system` queues qmpmux's own commands for this link (closing a departed client's fds).
@@ -37,6 +44,7 @@ class Link:
     """An upstream monitor: handshake state, framer, id pool, window and fd barrier."""
 
     __slots__ = (
+        "anonymous",
         "fd_inflight",
         "fd_waiting",
         "framer",
@@ -46,6 +54,7 @@ class Link:
         "inflight_bytes",
         "lane_inflight",
         "last_lane",
+        "numbered",
         "oob",
         "queued_bytes",
         "ready",
@@ -62,6 +71,8 @@ class Link:
         self.framer = UpstreamFramer()
         self.ids = IdPool()
         self.inflight: dict[int, Command] = {}
+        self.anonymous: deque[Command] = deque()
+        self.numbered = 0
         self.ready: tuple[deque[Flow], deque[Flow]] = (deque(), deque())
         self.lane_inflight = [0, 0]
         self.inflight_bytes = 0
@@ -72,6 +83,17 @@ class Link:
         self.fd_inflight: int | None = None
         self.fd_waiting: list[tuple[Flow, int]] = []
         self.system = Flow(Session(0, Peer(f"qmpmux link {index}"), frozenset(), Framer()))
+
+    @property
+    def in_qemu(self) -> int:
+        """Commands sent on this monitor and not answered yet."""
+        return len(self.inflight) + len(self.anonymous)
+
+    def forget_commands(self) -> None:
+        """The monitor is gone: no reply will come for what it held."""
+        self.inflight.clear()
+        self.anonymous.clear()
+        self.numbered = 0
 
     @property
     def load(self) -> int:

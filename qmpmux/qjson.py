@@ -70,7 +70,7 @@ import struct
 import sys
 from array import array
 from bisect import bisect_left
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Final, NamedTuple, TypeAlias
 
 import msgspec
@@ -1298,6 +1298,16 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     for index, key in enumerate(keys):
         first.setdefault(key, index)
     return sorted(first, key=lambda k: (_bucket(k), -first[k]))
+
+
+def qdict_slot(keys: Sequence[str], key: str) -> int:
+    """Where `key`, inserted into a QDict after `keys` (listed in QDict order), is printed
+    among them: before the first in its bucket or a later one (the newest comes first)."""
+    bucket = _bucket(key)
+    for index, other in enumerate(keys):
+        if _bucket(other) >= bucket:
+            return index
+    return len(keys)
 
 
 # Per key tuple (in insertion order): the keys in QDict order, each with its

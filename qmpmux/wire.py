@@ -35,6 +35,7 @@ from qmpmux.qjson import (
     heavy,
     pack,
     packed_pieces,
+    qdict_slot,
     text_pieces,
 )
 from qmpmux.spelled import Buffer, Spelled, Spliced, joined
@@ -213,8 +214,16 @@ def decode_prefix(prefix: CommandText) -> dict[str, JsonValue]:
     return value
 
 
-def command_bytes(prefix: CommandText, upstream_id: int) -> CommandText:
-    tail = b',"id":' + upstream_id_bytes(upstream_id) + b"}"
+# An in-band command this small goes to QEMU without an id (link.py, docs/protocol.md
+# §7.2): qmpmux wrote it, far inside every limit of QEMU's parser (§2.5), so QEMU parses
+# it as one object and answers it in its place. At ~4 µs a byte (§1.3) the 7 bytes of
+# `,"id":0` are a tenth of a short command's round trip.
+ANONYMOUS_MAX: Final = 4096
+
+
+def command_bytes(prefix: CommandText, upstream_id: int | None) -> CommandText:
+    """A command as QEMU reads it: its prefix closed, with `upstream_id` if not None."""
+    tail = b"}" if upstream_id is None else b',"id":' + upstream_id_bytes(upstream_id) + b"}"
     if type(prefix) is bytes:
         return prefix + tail
     assert isinstance(prefix, Spliced)
@@ -341,13 +350,17 @@ def command_names(reply: bytes) -> list[str]:
         return []
 
 
-def rewrite_reply(line: bytes, upstream_id: int, wire_id: WireId) -> Reply:
+def rewrite_reply(line: bytes, upstream_id: int | None, wire_id: WireId) -> Reply:
     """Give an upstream reply the client's id back, touching nothing else.
 
     QEMU writes a reply as `{"return": R, "id": N}` or `{"id": N, "error": E}` (its hash
-    order), so the common case is a splice at a known end; anything else (a downstream
-    build adding members, say) takes the general path that rebuilds the top-level object.
+    order, docs/protocol.md §3.4), so the common case is a splice at a known end; anything
+    else (a downstream build adding members, say) takes the general path that rebuilds the
+    top-level object. A command sent without an id (`upstream_id` None) has a reply
+    without one, `{"return": R}` or `{"error": E}`: the client's id goes where QEMU puts it.
     """
+    if upstream_id is None:
+        return _id_added(line, wire_id)
     n = upstream_id_bytes(upstream_id)
     suffix = b', "id": ' + n + b"}\r\n"
     if isinstance(wire_id, Spelled):
@@ -364,6 +377,26 @@ def rewrite_reply(line: bytes, upstream_id: int, wire_id: WireId) -> Reply:
     return _rebuilt(line, wire_id)
 
 
+_ERROR_OPENING: Final = b'{"error": '
+
+
+def _id_added(line: bytes, wire_id: WireId) -> Reply:
+    """rewrite_reply for a reply to a command sent without an id: QEMU prints the id
+    first before `error` and last after `return` (§3.4). A reply that may hold another
+    member (a downstream build's `__RFQDN_` one) is rebuilt to place it exactly."""
+    if wire_id is None:
+        return line
+    if line.startswith(_ERROR_OPENING):
+        if type(wire_id) is bytes:
+            return b'{"id": ' + wire_id + b", " + line[1:]
+        return joined(b'{"id": ', wire_id, b", ", line[1:])
+    if line.startswith(SUCCESS_OPENING) and line.endswith(b"}" + CRLF) and b'"__' not in line:
+        if type(wire_id) is bytes:
+            return line[:-3] + b', "id": ' + wire_id + b"}" + CRLF
+        return joined(line[:-3], b', "id": ', wire_id, b"}" + CRLF)
+    return _rebuilt(line, wire_id)
+
+
 def _spelled_rewrite(line: bytes, n: bytes, wire_id: Spelled) -> Reply:
     """rewrite_reply for an id encoded as it is sent."""
     suffix = b', "id": ' + n + b"}\r\n"
@@ -376,14 +409,22 @@ def _spelled_rewrite(line: bytes, n: bytes, wire_id: Spelled) -> Reply:
 
 
 def _rebuilt(line: bytes, wire_id: WireId) -> Reply:
-    parts: list[bytes | Spelled] = []
-    for key, raw in _decode_members(line).items():
-        if key == ID:
-            if wire_id is None:
-                continue
-            value: bytes | Spelled = wire_id
+    """The reply's members in its order, the id's value the client's; a reply without an
+    id gets it where QEMU would have printed it (it adds the id last, qjson.qdict_slot)."""
+    members: dict[str, bytes | Spelled] = {
+        key: bytes(raw) for key, raw in _decode_members(line).items()
+    }
+    if ID in members or wire_id is None:
+        if wire_id is None:
+            members.pop(ID, None)
         else:
-            value = bytes(raw)
+            members[ID] = wire_id
+        items = list(members.items())
+    else:
+        items = list(members.items())
+        items.insert(qdict_slot(list(members), ID), (ID, wire_id))
+    parts: list[bytes | Spelled] = []
+    for key, value in items:
         parts += (b", " if parts else b"{", encode(key), b": ", value)
     return joined(*(parts or [b"{"]), b"}" + CRLF)
 

@@ -56,6 +56,13 @@ class FakeQemu:
     async def next_command(self) -> dict[str, Any]:
         return await asyncio.wait_for(self.commands.get(), 10)
 
+    def answer(self, command: dict[str, Any], body: bytes = b"{}") -> None:
+        """`{"return": BODY}` to `command` as QEMU writes it: with its id if it had one."""
+        if "id" in command:
+            self.send(b'{"return": %s, "id": %s}\r\n' % (body, json.dumps(command["id"]).encode()))
+        else:
+            self.send(b'{"return": %s}\r\n' % body)
+
     def send(self, data: bytes) -> None:
         assert self.writer is not None
         self.writer.write(data)

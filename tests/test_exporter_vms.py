@@ -8,7 +8,6 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
-import msgspec
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,9 +97,9 @@ def run(hub: Hub, now: list[float], cid: int, command: bytes, reply: bytes, took
     """One command of `cid` through the hub, QEMU answering `reply` after `took` s."""
     (sent,) = hub.client_data(cid, command)
     assert isinstance(sent, ToUpstream)
-    wire_id = msgspec.json.decode(bytes(sent.data))["id"]
+    assert b'"id"' not in bytes(sent.data)  # a small in-band command goes without one
     now[0] += took
-    hub.upstream_data(reply % wire_id)
+    hub.upstream_data(reply)
 
 
 def busy_hub() -> Hub:
@@ -109,8 +108,8 @@ def busy_hub() -> Hub:
     now = [100.0]
     hub = learning_hub(["query-status", "stop"], now)
     cid = connect(hub)
-    ok = b'{"return": {}, "id": %d}\r\n'
-    failed = b'{"id": %d, "error": {"class": "GenericError", "desc": "x"}}\r\n'
+    ok = b'{"return": {}}\r\n'
+    failed = b'{"error": {"class": "GenericError", "desc": "x"}}\r\n'
     run(hub, now, cid, b'{"execute":"query-status"}', ok, 0.0078125)
     run(hub, now, cid, b'{"execute":"query-status"}', failed, 0.25)
     hub.client_data(cid, b'{"execute":"stop"}')

@@ -66,7 +66,7 @@ async def test_profiles_see_or_lose_extension_members(
     # The vendor event never reaches `plain` (no `__*` event pattern): next is a reply.
     await clients["plain"].send(b'{"execute":"query-name","id":"p"}')
     cmd = await fake.next_command()
-    fake.send(b'{"return": {"name": "vm", "__com.example_n": 1}, "id": %d}\r\n' % cmd["id"])
+    fake.answer(cmd, b'{"name": "vm", "__com.example_n": 1}')
     assert await clients["plain"].read() == b'{"return": {"name": "vm"}, "id": "p"}\r\n'
 
 
@@ -83,5 +83,5 @@ async def test_extension_commands_need_a_pattern_that_names_them(
     await vendor.send(b'{"execute":"__com.example_frob","id":2}')
     cmd = await fake.next_command()
     assert cmd["execute"] == "__com.example_frob"
-    fake.send(b'{"return": {}, "id": %d}\r\n' % cmd["id"])
+    fake.answer(cmd)
     assert await vendor.read() == b'{"return": {}, "id": 2}\r\n'

@@ -25,12 +25,19 @@ class Rig:
         await c.negotiate()
         return c
 
-    async def forwarded(self) -> int:
-        """The upstream id of the next command qmpmux forwards."""
+    async def forwarded(self) -> int | None:
+        """The upstream id of the next command qmpmux forwards (None: it has none)."""
         cmd = await self.fake.next_command()
-        upstream_id = cmd["id"]
-        assert isinstance(upstream_id, int)
+        upstream_id = cmd.get("id")
+        assert upstream_id is None or isinstance(upstream_id, int)
         return upstream_id
+
+
+def answer(body: bytes, upstream_id: int | None) -> bytes:
+    """QEMU's reply `{"return": BODY}` to a command sent with `upstream_id`."""
+    if upstream_id is None:
+        return b'{"return": ' + body + b"}\r\n"
+    return b'{"return": ' + body + b', "id": %d}\r\n' % upstream_id
 
 
 def make_config(tmp_path: Path) -> Config:
@@ -61,7 +68,7 @@ async def test_garbage_from_qemu_is_logged_and_skipped(
     uid = await rig.forwarded()
     with caplog.at_level(logging.WARNING):
         rig.fake.send(b'\x00\xffnot json at all\r\n{"half": \r\n')
-        rig.fake.send(b'{"return": {}, "id": %d}\r\n' % uid)
+        rig.fake.send(answer(b"{}", uid))
         assert await client.read() == b'{"return": {}, "id": "x"}\r\n'
     assert "malformed output from QEMU" in caplog.text
 
@@ -69,18 +76,22 @@ async def test_garbage_from_qemu_is_logged_and_skipped(
 async def test_idless_error_and_unknown_ids_are_not_misrouted(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An error without an id while every command in QEMU has one is QEMU failing to
+    parse its input, nobody's reply; so is a reply with an id qmpmux never issued."""
     a, b = await rig.client(), await rig.client()
-    await a.send(b'{"execute":"query-name","id":"a"}')
+    # Too big to go without an id (wire.ANONYMOUS_MAX).
+    await a.send(b'{"execute":"query-name","arguments":{"x":"%s"},"id":"a"}' % (b"y" * 5000))
     uid = await rig.forwarded()
+    assert uid is not None
     with caplog.at_level(logging.WARNING):
         rig.fake.send(b'{"error": {"class": "GenericError", "desc": "JSON parse error"}}\r\n')
         rig.fake.send(b'{"return": {}, "id": 999}\r\n{"return": {}, "id": "__qmp#00001"}\r\n')
-        rig.fake.send(b'{"return": {"ok": 1}, "id": %d}\r\n' % uid)
+        rig.fake.send(answer(b'{"ok": 1}', uid))
         assert await a.read() == b'{"return": {"ok": 1}, "id": "a"}\r\n'
     # b received none of it: its next message is the reply to its own command.
     await b.send(b'{"execute":"query-uuid","id":"b"}')
     uid = await rig.forwarded()
-    rig.fake.send(b'{"return": {}, "id": %d}\r\n' % uid)
+    rig.fake.send(answer(b"{}", uid))
     assert await b.read() == b'{"return": {}, "id": "b"}\r\n'
     assert "without id" in caplog.text and "did not issue" in caplog.text
 
@@ -98,12 +109,11 @@ async def test_qemu_dying_mid_reply_closes_every_client(rig: Rig) -> None:
 async def test_downstream_extension_members_in_replies_survive(rig: Rig) -> None:
     client = await rig.client()
     await client.send(b'{"execute":"query-name","id":"x"}')
-    uid = await rig.forwarded()
-    rig.fake.send(
-        b'{"__com.example_extra": 1, "return": {}, "id": %d, "__com.example_z": []}\r\n' % uid
-    )
+    assert await rig.forwarded() is None
+    # Printed in QEMU's hash order (docs/protocol.md §3.4), the id's place among them too.
+    rig.fake.send(b'{"__com.example_extra": 1, "return": {}, "__com.example_101": []}\r\n')
     assert await client.read() == (
-        b'{"__com.example_extra": 1, "return": {}, "id": "x", "__com.example_z": []}\r\n'
+        b'{"__com.example_extra": 1, "return": {}, "id": "x", "__com.example_101": []}\r\n'
     )
 
 

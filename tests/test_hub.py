@@ -120,16 +120,58 @@ def test_negotiation_mode_replies_exactly_like_qemu() -> None:
     )
 
 
-def test_reply_gets_the_client_id_back_and_upstream_ids_are_small() -> None:
+def test_reply_gets_the_client_id_back_and_a_small_command_goes_without_one() -> None:
     hub = ready_hub()
     cid = connect(hub)
     expect(
         hub.client_data(cid, b'{"execute":"query-status","id":{"deep":[1,2.0]}}'),
-        [ToUpstream(b'{"execute":"query-status","id":0}')],
+        [ToUpstream(b'{"execute":"query-status"}')],
     )
     expect(
-        hub.upstream_data(b'{"return": ' + STATUS + b', "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": ' + STATUS + b"}\r\n"),
         [ToClient(cid, b'{"return": ' + STATUS + b', "id": {"deep": [1, 2]}}\r\n')],
+    )
+
+
+def test_small_in_band_commands_go_without_an_id_unless_a_numbered_one_is_ahead() -> None:
+    """QEMU answers a monitor's in-band input in order (docs/protocol.md §7.2): replies
+    to commands sent without an id are told apart by place. A big command goes as the
+    client's own text, which QEMU might fail to parse, with errors that carry no id, so
+    it goes with an id, and so does everything behind it until it is answered."""
+    hub = ready_hub(limits=Limits(client_window=8))
+    a, b = connect(hub), connect(hub)
+    expect(hub.client_data(a, b'{"execute":"stop","id":"s"}'), [ToUpstream(b'{"execute":"stop"}')])
+    big = b'{"execute":"query-name","arguments":{"x":"%s"},"id":"big"}' % (b"y" * 100_000)
+    (sent,) = hub.client_data(a, big)
+    assert isinstance(sent, ToUpstream) and bytes(sent.data).endswith(b',"id":0}')
+    expect(
+        hub.client_data(b, b'{"execute":"cont","id":"c"}'),
+        [ToUpstream(b'{"execute":"cont","id":1}')],
+    )
+    expect(
+        hub.upstream_data(b'{"return": {}}\r\n'), [ToClient(a, b'{"return": {}, "id": "s"}\r\n')]
+    )
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        [ToClient(a, b'{"return": {}, "id": "big"}\r\n')],
+    )
+    # One numbered command is still in QEMU: b's next goes with an id too.
+    expect(
+        hub.client_data(b, b'{"execute":"query-uuid","id":"u"}'),
+        [ToUpstream(b'{"execute":"query-uuid","id":0}')],
+    )
+    hub.upstream_data(b'{"return": {}, "id": 1}\r\n{"return": {}, "id": 0}\r\n')
+    expect(
+        hub.client_data(b, b'{"execute":"query-uuid","id":"v"}'),
+        [ToUpstream(b'{"execute":"query-uuid"}')],
+    )
+    expect(
+        hub.upstream_data(b'{"id": 7, "error": {"class": "GenericError", "desc": "x"}}\r\n'),
+        [],  # an id qmpmux did not issue: nobody's reply, the id-less command still waits
+    )
+    expect(
+        hub.upstream_data(b'{"error": {"class": "GenericError", "desc": "x"}}\r\n'),
+        [ToClient(b, b'{"id": "v", "error": {"class": "GenericError", "desc": "x"}}\r\n')],
     )
 
 
@@ -148,13 +190,13 @@ def test_id_absent_stays_absent_and_null_stays_null(client_id: bytes, echoed: by
     cid = connect(hub)
     hub.client_data(cid, b'{"execute":"stop"' + client_id + b"}")
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": {}}\r\n'),
         [ToClient(cid, b'{"return": {}' + echoed + b"}\r\n")],
     )
     hub.client_data(cid, b'{"execute":"nope"' + client_id + b"}")
     err = b'"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}'
     want = b"{" + echoed[2:] + b", " + err if echoed else b"{" + err
-    expect(hub.upstream_data(b'{"id": 0, ' + err + b"\r\n"), [ToClient(cid, want + b"\r\n")])
+    expect(hub.upstream_data(b"{" + err + b"\r\n"), [ToClient(cid, want + b"\r\n")])
 
 
 def test_colliding_client_ids_are_routed_to_their_owners() -> None:
@@ -163,10 +205,10 @@ def test_colliding_client_ids_are_routed_to_their_owners() -> None:
     hub.client_data(a, b'{"execute":"query-name","id":1}')
     hub.client_data(b, b'{"execute":"query-uuid","id":1}')
     expect(
-        hub.upstream_data(b'{"return": {"name": "b"}, "id": 1}\r\n{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": {"name": "a"}}\r\n{"return": {}}\r\n'),
         [
-            ToClient(b, b'{"return": {"name": "b"}, "id": 1}\r\n'),
-            ToClient(a, b'{"return": {}, "id": 1}\r\n'),
+            ToClient(a, b'{"return": {"name": "a"}, "id": 1}\r\n'),
+            ToClient(b, b'{"return": {}, "id": 1}\r\n'),
         ],
     )
 
@@ -176,10 +218,10 @@ def test_local_errors_wait_behind_the_clients_pending_commands() -> None:
     cid = connect(hub)
     expect(
         hub.client_data(cid, b'{"execute":"stop","id":1}{"execute":5,"id":2}[3]'),
-        [ToUpstream(b'{"execute":"stop","id":0}')],
+        [ToUpstream(b'{"execute":"stop"}')],
     )
     expect(
-        hub.upstream_data(STOP_EVENT + b'{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(STOP_EVENT + b'{"return": {}}\r\n'),
         [
             Broadcast(STOP_EVENT, [cid]),
             ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
@@ -205,11 +247,7 @@ def test_exec_oob_goes_straight_up_and_its_reply_overtakes() -> None:
             cid,
             b'{"execute":"stop","id":"ib"}{"exec-oob":"yank","arguments":{"instances":[]},"id":"o"}',
         ),
-        [
-            ToUpstream(
-                b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}{"execute":"stop","id":1}'
-            )
-        ],
+        [ToUpstream(b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}{"execute":"stop"}')],
     )
     expect(
         hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
@@ -223,7 +261,7 @@ def test_exec_oob_without_oob_enabled_is_refused_in_order() -> None:
     hub.client_data(cid, b'{"execute":"stop","id":1}')
     expect(hub.client_data(cid, b'{"exec-oob":"yank","id":2}'), [])
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": {}}\r\n'),
         [
             ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
             ToClient(
@@ -258,11 +296,11 @@ def test_upstream_window_holds_at_most_eight_in_band_commands() -> None:
     hub = ready_hub(limits=Limits(client_window=8))
     cid = connect(hub)
     actions = hub.client_data(cid, b"".join(b'{"execute":"stop","id":%d}' % i for i in range(10)))
-    expect(actions, [ToUpstream(b"".join(b'{"execute":"stop","id":%d}' % i for i in range(8)))])
+    expect(actions, [ToUpstream(b'{"execute":"stop"}' * 8)])
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
-        [ToClient(cid, b'{"return": {}, "id": 0}\r\n'), ToUpstream(b'{"execute":"stop","id":0}')],
-    )  # the freed id 0 is reused
+        hub.upstream_data(b'{"return": {}}\r\n'),
+        [ToClient(cid, b'{"return": {}, "id": 0}\r\n'), ToUpstream(b'{"execute":"stop"}')],
+    )
 
 
 def test_clients_are_served_round_robin() -> None:
@@ -272,19 +310,15 @@ def test_clients_are_served_round_robin() -> None:
     hub.client_data(b, b'{"execute":"query-uuid","id":"b1"}')
     order = []
     for _ in range(3):
-        (up,) = [
-            x
-            for x in hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
-            if isinstance(x, ToUpstream)
-        ]
+        (up,) = [x for x in hub.upstream_data(b'{"return": {}}\r\n') if isinstance(x, ToUpstream)]
         order.append(up.data)
     # a1 went first; a was already back in line for a2 when b joined; then b before a3.
     assert order == [
-        b'{"execute":"query-name","id":0}',
-        b'{"execute":"query-uuid","id":0}',
-        b'{"execute":"query-name","id":0}',
+        b'{"execute":"query-name"}',
+        b'{"execute":"query-uuid"}',
+        b'{"execute":"query-name"}',
     ]
-    assert hub.upstream_data(b'{"return": {}, "id": 0}\r\n') == [
+    assert hub.upstream_data(b'{"return": {}}\r\n') == [
         ToClient(a, b'{"return": {}, "id": "a3"}\r\n')
     ]
 
@@ -302,10 +336,10 @@ def test_reply_for_a_departed_client_goes_to_nobody(caplog: pytest.LogCaptureFix
     a, b = connect(hub), connect(hub)
     hub.client_data(a, b'{"execute":"stop","id":1}')
     expect(hub.client_closed(a), [])
-    expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n'), [])
+    expect(hub.upstream_data(b'{"return": {}}\r\n'), [])
     hub.client_data(b, b'{"execute":"cont","id":1}')  # id 0 is free again
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": {}}\r\n'),
         [ToClient(b, b'{"return": {}, "id": 1}\r\n')],
     )
 
@@ -317,8 +351,8 @@ def test_queued_commands_of_a_departed_client_are_never_sent() -> None:
     hub.client_closed(a)
     hub.client_data(b, b'{"execute":"cont"}')
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
-        [ToUpstream(b'{"execute":"cont","id":0}')],
+        hub.upstream_data(b'{"return": {}}\r\n'),
+        [ToUpstream(b'{"execute":"cont"}')],
     )
 
 
@@ -328,7 +362,7 @@ def test_unknown_ids_and_idless_errors_are_logged_and_dropped(
     hub = ready_hub()
     connect(hub)
     with caplog.at_level(logging.WARNING):
-        expect(hub.upstream_data(b'{"return": {}, "id": 77}\r\n'), [])
+        expect(hub.upstream_data(b'{"return": {}}\r\n'), [])
         expect(hub.upstream_data(b'{"return": {}, "id": "__qmp#1"}\r\n'), [])
         expect(hub.upstream_data(b'{"error": {"class": "GenericError", "desc": "x"}}\r\n'), [])
         expect(hub.upstream_data(b"garbage\r\n"), [])
@@ -359,8 +393,8 @@ def test_a_client_flooding_commands_is_paused_then_resumed() -> None:
     cid = connect(hub)
     actions = hub.client_data(cid, b'{"execute":"stop"}' * 4)
     assert PauseClient(cid) in actions
-    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
-    actions = hub.upstream_data(b'{"return": {}, "id": 1}\r\n')
+    hub.upstream_data(b'{"return": {}}\r\n')
+    actions = hub.upstream_data(b'{"return": {}}\r\n')
     assert ResumeClient(cid) in actions
 
 
@@ -370,7 +404,7 @@ def test_half_closed_client_gets_its_replies_then_is_closed() -> None:
     hub.client_data(cid, b'{"execute":"stop","id":1}')
     expect(hub.client_eof(cid), [])
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": {}}\r\n'),
         [
             ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
             CloseClient(cid, "client finished sending"),
@@ -384,7 +418,7 @@ def test_pretty_upstream_output_is_compacted() -> None:
     hub.client_data(cid, b'{"execute":"query-status","id":"p"}')
     pretty = (
         b'{\r\n    "return": {\r\n        "status": "running",\r\n        "running": true'
-        b'\r\n    },\r\n    "id": 0\r\n}\r\n'
+        b"\r\n    }\r\n}\r\n"
     )
     expect(
         hub.upstream_data(pretty),
@@ -427,13 +461,13 @@ def test_a_client_gets_at_most_its_share_of_the_window() -> None:
     a, b = connect(hub), connect(hub)
     expect(
         hub.client_data(a, b'{"execute":"query-name"}' * 5),
-        [ToUpstream(b'{"execute":"query-name","id":0}{"execute":"query-name","id":1}')],
+        [ToUpstream(b'{"execute":"query-name"}{"execute":"query-name"}')],
     )
     expect(hub.client_data(b, b'{"execute":"query-uuid"}'),
-           [ToUpstream(b'{"execute":"query-uuid","id":2}')])  # fmt: skip
+           [ToUpstream(b'{"execute":"query-uuid"}')])  # fmt: skip
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
-        [ToClient(a, b'{"return": {}}\r\n'), ToUpstream(b'{"execute":"query-name","id":0}')],
+        hub.upstream_data(b'{"return": {}}\r\n'),
+        [ToClient(a, b'{"return": {}}\r\n'), ToUpstream(b'{"execute":"query-name"}')],
     )
 
 
@@ -453,7 +487,7 @@ def test_out_of_band_commands_are_windowed_and_keep_their_lead() -> None:
             ToClient(cid, b'{"return": [], "id": "o1"}\r\n'),
             ToUpstream(
                 b'{"exec-oob":"query-yank","id":0}{"exec-oob":"query-yank","id":1}'
-                b'{"execute":"query-name","id":2}'
+                b'{"execute":"query-name"}'
             ),
         ],
     )

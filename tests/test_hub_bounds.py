@@ -21,7 +21,7 @@ def test_replies_held_behind_a_slow_command_count_against_the_client_bound() -> 
     cid = connect(hub)
     expect(
         hub.client_data(cid, b'{"execute":"query-status","id":"slow"}'),
-        [ToUpstream(b'{"execute":"query-status","id":0}')],
+        [ToUpstream(b'{"execute":"query-status"}')],
     )
     # QEMU echoes a bad member name in its error: each reply is as big as the input.
     bad = b'{"execute":"query-status","' + b"x" * 20000 + b'":1}'
@@ -37,7 +37,7 @@ def test_replies_held_behind_a_slow_command_count_against_the_client_bound() -> 
         assert held < BOUND
     assert PauseClient(cid) in actions, "reading never paused"
     assert held - len(bad) - 100 < BOUND <= held  # paused at the bound, not later
-    actions = hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    actions = hub.upstream_data(b'{"return": {}}\r\n')
     replies = [a for a in actions if isinstance(a, ToClient)]
     assert len(replies) == sent + 1 and b'"slow"' in spelled_out(replies[0].data)
     assert ResumeClient(cid) not in actions  # the shell still holds them all
@@ -76,12 +76,12 @@ def test_a_reload_re_judges_commands_still_queued_inside_qmpmux() -> None:
     hub, cid = _ctl_client(Limits(client_window=1), "query-status", "stop")
     expect(
         hub.client_data(cid, b'{"execute":"query-status","id":1}{"execute":"stop","id":2}'),
-        [ToUpstream(b'{"execute":"query-status","id":0}')],  # stop waits: window of 1
+        [ToUpstream(b'{"execute":"query-status"}')],  # stop waits: window of 1
     )
     denying = compile_policy({"ctl": ProfileSpec(commands=("query-status",))})
     expect(hub.reload(denying), [])  # the denial waits behind query-status
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": {}}\r\n'),
         [
             ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
             ToClient(
@@ -100,10 +100,10 @@ def test_a_reload_lets_through_what_it_still_allows() -> None:
     widening = compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop", "cont"))})
     expect(hub.reload(widening), [])
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
+        hub.upstream_data(b'{"return": {}}\r\n'),
         [
             ToClient(cid, b'{"return": {}, "id": 1}\r\n'),
-            ToUpstream(b'{"execute":"stop","id":0}'),
+            ToUpstream(b'{"execute":"stop"}'),
         ],
     )
 
@@ -127,7 +127,7 @@ def test_a_reload_denying_a_queued_exec_oob_releases_the_in_band_queue() -> None
     )
     denying = compile_policy({"ctl": ProfileSpec(commands=("query-status",))})
     actions = hub.reload(denying)
-    assert ToUpstream(b'{"execute":"query-status","id":1}') in actions
+    assert ToUpstream(b'{"execute":"query-status"}') in actions
     assert any(
         isinstance(a, ToClient) and b"migrate-pause has been refused" in spelled_out(a.data)
         for a in actions
@@ -206,8 +206,8 @@ def test_echoes_too_long_to_write_at_once_are_written_as_they_are_sent() -> None
     full = connect(hub)
     ids = b"[" + b'"\xc3\xa9",' * 50_000 + b"1]"
     (command,) = hub.client_data(full, b'{"execute":"query-status","id":' + ids + b"}")
-    assert command == ToUpstream(b'{"execute":"query-status","id":0}')
-    (reply,) = hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    assert command == ToUpstream(b'{"execute":"query-status"}')
+    (reply,) = hub.upstream_data(b'{"return": {}}\r\n')
     assert isinstance(reply, ToClient) and isinstance(reply.data, Spelled)
     assert reply.data.spell() == (
         b'{"return": {}, "id": ' + encode(["\u00e9"] * 50_000 + [1]) + b"}\r\n"
@@ -256,5 +256,5 @@ def test_a_client_whose_queued_commands_a_reload_denied_can_move_lanes() -> None
     out = []
     for (action,) in sent:  # the two others' replies come: both windows free again
         assert isinstance(action, ToUpstream)
-        out += hub.upstream_data(b'{"return": {}, "id": 0}\r\n', action.link)
+        out += hub.upstream_data(b'{"return": {}}\r\n', action.link)
     assert [a for a in out if isinstance(a, ToUpstream)], (listed, out)  # it went

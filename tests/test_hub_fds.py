@@ -31,15 +31,16 @@ def test_an_fd_goes_upstream_only_with_the_command_that_takes_it() -> None:
     expect(hub.client_data(cid, b" ", [100]), [])
     expect(
         hub.client_data(cid, b'{"execute":"query-status","id":1}'),
-        [ToUpstream(b'{"execute":"query-status","id":0}')],
+        [ToUpstream(b'{"execute":"query-status"}')],
     )
+    # A command that carries an fd goes with an id (hub._issue).
     expect(
         hub.client_data(cid, GETFD),
-        [PauseClient(cid), ToUpstream(_getfd_upstream(cid, 1), (100,))],
+        [PauseClient(cid), ToUpstream(_getfd_upstream(cid, 0), (100,))],
     )
-    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    hub.upstream_data(b'{"return": {}}\r\n')
     expect(
-        hub.upstream_data(b'{"return": {}, "id": 1}\r\n'),
+        hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
         [ToClient(cid, b'{"return": {}, "id": "g"}\r\n'), ResumeClient(cid)],
     )
 
@@ -95,10 +96,8 @@ def test_a_departing_client_s_fds_are_closed_here_and_in_qemu() -> None:
     hub.client_data(cid, b" ", [101])  # waiting, never taken
     actions = hub.client_closed(cid)
     assert CloseFds((101,)) in actions
-    assert ToUpstream(b'{"execute":"closefd","arguments":{"fdname":"qmpmux.1.tap0"},"id":0}') in (
-        actions
-    )
-    expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n'), [])  # nobody to answer
+    assert ToUpstream(b'{"execute":"closefd","arguments":{"fdname":"qmpmux.1.tap0"}}') in actions
+    expect(hub.upstream_data(b'{"return": {}}\r\n'), [])  # nobody to answer
 
 
 def test_a_profile_that_cannot_pass_fds_has_them_closed_at_once() -> None:
@@ -140,7 +139,7 @@ def test_qemu_s_errors_name_the_fd_as_the_client_does() -> None:
     hub.client_data(cid, b'{"execute":"closefd","arguments":{"fdname":"x"},"id":1}')
     expect(
         hub.upstream_data(
-            b'{"id": 0, "error": {"class": "GenericError", '
+            b'{"error": {"class": "GenericError", '
             b'"desc": "File descriptor named \'qmpmux.1.x\' not found"}}\r\n'
         ),
         [
@@ -174,7 +173,7 @@ def test_fdsets_of_other_clients_are_invisible_to_a_profile_other_than_full() ->
     expect(
         hub.upstream_data(
             b'{"return": [{"fds": [{"fd": 21}], "fdset-id": 1}, '
-            b'{"fds": [{"fd": 20}], "fdset-id": 0}], "id": 0}\r\n'
+            b'{"fds": [{"fd": 20}], "fdset-id": 0}]}\r\n'
         ),
         [ToClient(a, b'{"return": [{"fds": [{"fd": 20}], "fdset-id": 0}], "id": "q"}\r\n')],
     )
@@ -193,4 +192,4 @@ def test_fdsets_of_other_clients_are_invisible_to_a_profile_other_than_full() ->
 def test_a_departing_client_s_fdsets_are_removed() -> None:
     hub, a, _b = _fdset_hub()
     actions = hub.client_closed(a)
-    assert ToUpstream(b'{"execute":"remove-fd","arguments":{"fdset-id":0},"id":0}') in actions
+    assert ToUpstream(b'{"execute":"remove-fd","arguments":{"fdset-id":0}}') in actions

@@ -23,10 +23,10 @@ def lanes_hub(n: int, limits: Limits | None = None) -> Hub:
 def test_clients_spread_over_the_links_by_load() -> None:
     hub = lanes_hub(2)
     a, b = connect(hub), connect(hub)
-    expect(hub.client_data(a, STATUS % 1), [ToUpstream(b'{"execute":"query-status","id":0}',
+    expect(hub.client_data(a, STATUS % 1), [ToUpstream(b'{"execute":"query-status"}',
                                                        link=1)])  # fmt: skip
     # The other link is idle now: b goes there.
-    expect(hub.client_data(b, STATUS % 1), [ToUpstream(b'{"execute":"query-status","id":0}',
+    expect(hub.client_data(b, STATUS % 1), [ToUpstream(b'{"execute":"query-status"}',
                                                        link=0)])  # fmt: skip
 
 
@@ -49,7 +49,7 @@ def test_a_big_command_keeps_only_its_own_client_waiting() -> None:
     for i in range(5):  # the other client never lands behind the big command
         (action,) = hub.client_data(other, STATUS % i)
         assert isinstance(action, ToUpstream) and action.link != sent.link
-        reply = b'{"return": {}, "id": 0}\r\n'
+        reply = b'{"return": {}}\r\n'
         expect(hub.upstream_data(reply, action.link),
                [ToClient(other, b'{"return": {}, "id": %d}\r\n' % i)])  # fmt: skip
 
@@ -75,7 +75,7 @@ def test_an_event_precedes_the_reply_of_the_command_that_caused_it() -> None:
     (sent,) = hub.client_data(a, b'{"execute":"stop","id":"s"}')
     assert isinstance(sent, ToUpstream)
     expect(
-        hub.upstream_data(STOP_EVENT + b'{"return": {}, "id": 0}\r\n', sent.link),
+        hub.upstream_data(STOP_EVENT + b'{"return": {}}\r\n', sent.link),
         [Broadcast(STOP_EVENT, [a]), ToClient(a, b'{"return": {}, "id": "s"}\r\n')],
     )
     expect(hub.upstream_data(STOP_EVENT, 1 - sent.link), [])
@@ -106,7 +106,10 @@ def test_a_client_with_named_fds_stays_on_their_link() -> None:
     a = connect(hub)
     actions = hub.client_data(a, b'{"execute":"getfd","arguments":{"fdname":"t"}}', [100])
     (sent,) = [x for x in actions if isinstance(x, ToUpstream)]
-    hub.upstream_data(b'{"return": {}, "id": 0}\r\n', sent.link)
+    assert ToClient(a, b'{"return": {}}\r\n') in hub.upstream_data(
+        b'{"return": {}, "id": 0}\r\n',
+        sent.link,  # it carried an fd: it went with an id
+    )
     hog = connect(hub)
     for i in range(4):  # load the fd's link
         hub.client_data(hog, STATUS % i)
@@ -153,9 +156,9 @@ def test_busy_while_a_command_is_in_qemu_or_queued() -> None:
     assert isinstance(sent, ToUpstream)
     expect(hub.client_data(a, STATUS % 2), [])  # queued behind its window
     assert hub.busy
-    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')  # the first answered, the second sent
+    hub.upstream_data(b'{"return": {}}\r\n')  # the first answered, the second sent
     assert hub.busy
-    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    hub.upstream_data(b'{"return": {}}\r\n')
     assert not hub.busy
 
 
@@ -183,10 +186,10 @@ def test_after_shutdown_the_last_monitor_to_close_ends_the_session_cleanly() -> 
         hub.upstream_data(shutdown, link)
     others = [link for link in range(3) if link != sent.link]
     # The first to close: b's command there gets no reply now; a keeps waiting for its own.
-    b_link = next(link for link in others if hub.links[link].inflight)
+    b_link = next(link for link in others if hub.links[link].in_qemu)
     expect(hub.upstream_closed("gone", b_link), [CloseClient(b, "QEMU shut down")])
     hub.client_closed(b)  # as the shell reports it
-    expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n', sent.link),
+    expect(hub.upstream_data(b'{"return": {}}\r\n', sent.link),
            [ToClient(a, b'{"return": {}, "id": 1}\r\n')])  # fmt: skip
     (last_but_one,) = [link for link in others if link != b_link]
     expect(hub.upstream_closed("gone", last_but_one), [])
@@ -223,6 +226,6 @@ def test_a_client_stays_on_an_idle_monitor() -> None:
         (sent,) = hub.client_data(a, STATUS % i)
         assert isinstance(sent, ToUpstream)
         links.append(sent.link)
-        expect(hub.upstream_data(b'{"return": {}, "id": 0}\r\n', sent.link),
+        expect(hub.upstream_data(b'{"return": {}}\r\n', sent.link),
                [ToClient(a, b'{"return": {}, "id": %d}\r\n' % i)])  # fmt: skip
     assert len(set(links)) == 1, links

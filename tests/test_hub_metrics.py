@@ -9,7 +9,7 @@ from qmpmux.metrics import DURATION_BUCKETS, NAMES_MAX, OK_AT, OTHER
 from qmpmux.session import Peer
 from tests.playbook import CAPS_OOB, GREETING_OOB, VERSION, connect, expect, ready_hub, spelled_out
 
-QUERY_COMMANDS = b'{"execute":"query-commands","id":0}'
+QUERY_COMMANDS = b'{"execute":"query-commands"}'
 
 
 def learning_hub(names: list[str], clock: list[float] | None = None) -> Hub:
@@ -21,7 +21,7 @@ def learning_hub(names: list[str], clock: list[float] | None = None) -> Hub:
         hub.upstream_data(b'{"return": {}}\r\n'),
         [UpstreamReady(VERSION, True), ToUpstream(QUERY_COMMANDS)],
     )
-    listing = msgspec.json.encode({"return": [{"name": n} for n in names], "id": 0})
+    listing = msgspec.json.encode({"return": [{"name": n} for n in names]})
     expect(hub.upstream_data(listing + b"\r\n"), [])  # qmpmux's own: nobody is answered
     return hub
 
@@ -29,10 +29,10 @@ def learning_hub(names: list[str], clock: list[float] | None = None) -> Hub:
 def test_command_labels_are_what_qemu_advertised_and_the_rest_fold() -> None:
     hub = learning_hub(["query-status", "stop"])
     cid = connect(hub)
-    for name, upstream in ((b"query-status", 0), (b"made-up-name", 0)):
+    for name in (b"query-status", b"made-up-name"):
         got = hub.client_data(cid, b'{"execute":"' + name + b'"}')
-        expect(got, [ToUpstream(b'{"execute":"' + name + b'","id":%d}' % upstream)])
-        hub.upstream_data(b'{"return": {}, "id": %d}\r\n' % upstream)
+        expect(got, [ToUpstream(b'{"execute":"' + name + b'"}')])
+        hub.upstream_data(b'{"return": {}}\r\n')
     rows = hub.stats.commands
     assert rows["query-status"][OK_AT] == 1
     assert rows[OTHER][OK_AT] == 1
@@ -55,7 +55,7 @@ def test_round_trip_is_measured_from_sending_to_the_reply() -> None:
     cid = connect(hub)
     hub.client_data(cid, b'{"execute":"query-status"}')
     now[0] += 0.003
-    hub.upstream_data(b'{"return": {}, "id": 0}\r\n')
+    hub.upstream_data(b'{"return": {}}\r\n')
     hist = hub.stats.hist
     at = next(i for i, bound in enumerate(DURATION_BUCKETS) if bound >= 0.003)
     assert hist[at] == 1 and sum(hist[:-1]) == 1
@@ -66,7 +66,7 @@ def test_a_reply_that_is_not_plainly_a_success_is_an_error() -> None:
     hub = learning_hub(["query-status"])
     cid = connect(hub)
     hub.client_data(cid, b'{"execute":"query-status"}')
-    hub.upstream_data(b'{"id": 0, "error": {"class": "GenericError", "desc": "x"}}\r\n')
+    hub.upstream_data(b'{"error": {"class": "GenericError", "desc": "x"}}\r\n')
     assert hub.stats.commands["query-status"] == [0, 1, 0]
 
 
