@@ -28,6 +28,7 @@ from bench.harness import (
 STOP: tuple[bytes, bytes] = (b'{"execute":"stop"}', b"STOP")
 CONT: tuple[bytes, bytes] = (b'{"execute":"cont"}', b"RESUME")
 QUERY_STATUS = b'{"execute":"query-status","id":1}'
+QUERY_STATUS_BARE = b'{"execute":"query-status"}'
 SCHEMA = b'{"execute":"query-qmp-schema","id":1}'
 QUERY_NAME = b'{"execute":"query-name","id":1}'
 # Answered by qmpmux itself (negotiation is over): a probe of qmpmux's loop alone.
@@ -136,39 +137,43 @@ def _summary(values: Sequence[float], scale: float) -> dict[str, float]:
 # --- 1. latency -----------------------------------------------------------------------------
 
 
-def round_trips(client: Client, first: int, count: int) -> list[int]:
-    """`count` sequential query-status round trips with ids first.., in nanoseconds."""
+def round_trips(client: Client, first: int, count: int, ids: bool = True) -> list[int]:
+    """`count` sequential query-status round trips with ids first.. (or without an id),
+    in nanoseconds."""
     sock, line, clock = client.sock, client.line, time.perf_counter_ns
     out = []
     for i in range(first, first + count):
-        command = b'{"execute":"query-status","id":%d}' % i
+        command = b'{"execute":"query-status","id":%d}' % i if ids else QUERY_STATUS_BARE
         t0 = clock()
         sock.sendall(command)
         reply = line()
         out.append(clock() - t0)
-        if not reply.endswith(b'"id": %d}' % i):
+        if not reply.endswith(b'"id": %d}' % i if ids else b"true}}"):
             raise BenchError(f"unexpected reply to query-status {i}: {reply[:200]!r}")
     return out
 
 
 def latency(bed: Bed, plan: Plan, res: Results) -> None:
     """Sequential round trips direct, through qmpmux, and through the zero-work relay:
-    the relay's figure is what any process in between costs on this machine."""
+    the relay's figure is what any process in between costs on this machine. The direct
+    client also sends the same command without an id (as qmpmux sends a short one
+    upstream): the direct path at its fastest, for comparison."""
     n = plan.latency_count
     direct, mux, relay = bed.direct_client(), bed.mux_client(), bed.relay_client()
     try:
-        paths = [("direct", direct), ("qmpmux", mux), ("relay", relay)]
-        for _name, client in paths:
-            round_trips(client, 0, 100)
-        times: dict[str, list[int]] = {name: [] for name, _client in paths}
+        paths = [("direct", direct, True), ("qmpmux", mux, True), ("relay", relay, True),
+                 ("bare", direct, False)]  # fmt: skip
+        for _name, client, ids in paths:
+            round_trips(client, 0, 100, ids)
+        times: dict[str, list[int]] = {name: [] for name, _client, _ids in paths}
         block = 50
         cpu0 = cpu_seconds(bed.qmpmux_pid)  # qmpmux idles while the other blocks run
         for b, first in enumerate(range(0, n, block)):
-            for name, client in paths if b % 2 == 0 else paths[::-1]:
-                times[name] += round_trips(client, first, min(block, n - first))
+            for name, client, ids in paths if b % 2 == 0 else paths[::-1]:
+                times[name] += round_trips(client, first, min(block, n - first), ids)
         cpu = cpu_seconds(bed.qmpmux_pid) - cpu0
     finally:
-        for _name, client in paths:
+        for client in (direct, mux, relay):
             client.close()
     us = 1e-3
     res.data["latency"] = {k: _summary(v, us) for k, v in times.items()}
@@ -190,6 +195,15 @@ def latency(bed: Bed, plan: Plan, res: Results) -> None:
         d,
         r,
         note=f"added {r[0] - d[0]:+.0f} / {r[1] - d[1]:+.0f} µs (bench/relay.py)",
+    )
+    bare = p50_p99(times["bare"], us)
+    res.add(
+        "latency",
+        "direct without an id, against qmpmux (which sends QEMU none for it)",
+        "µs",
+        bare,
+        m,
+        note=f'`,"id":N` costs the direct path {d[0] - bare[0]:+.0f} µs at p50',
     )
     res.data["latency"]["qmpmux_cpu_s"] = cpu
     res.add(
