@@ -378,6 +378,7 @@ def rewrite_reply(line: bytes, upstream_id: int | None, wire_id: WireId) -> Repl
 
 
 _ERROR_OPENING: Final = b'{"error": '
+_CLOSING: Final = b"}\r\n"
 
 
 def _id_added(line: bytes, wire_id: WireId) -> Reply:
@@ -386,14 +387,14 @@ def _id_added(line: bytes, wire_id: WireId) -> Reply:
     member (a downstream build's `__RFQDN_` one) is rebuilt to place it exactly."""
     if wire_id is None:
         return line
+    if line.startswith(SUCCESS_OPENING) and line.endswith(_CLOSING) and b'"__' not in line:
+        if type(wire_id) is bytes:
+            return b'%b, "id": %b}\r\n' % (line[:-3], wire_id)
+        return joined(line[:-3], b', "id": ', wire_id, _CLOSING)
     if line.startswith(_ERROR_OPENING):
         if type(wire_id) is bytes:
-            return b'{"id": ' + wire_id + b", " + line[1:]
+            return b'{"id": %b, %b' % (wire_id, line[1:])
         return joined(b'{"id": ', wire_id, b", ", line[1:])
-    if line.startswith(SUCCESS_OPENING) and line.endswith(b"}" + CRLF) and b'"__' not in line:
-        if type(wire_id) is bytes:
-            return line[:-3] + b', "id": ' + wire_id + b"}" + CRLF
-        return joined(line[:-3], b', "id": ', wire_id, b"}" + CRLF)
     return _rebuilt(line, wire_id)
 
 
