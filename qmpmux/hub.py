@@ -86,6 +86,7 @@ from qmpmux.wire import (
     GENERIC_ERROR,
     NO_ID,
     QUERY_COMMANDS,
+    REPLY_OPENINGS,
     SHUTDOWN_EVENT,
     STAYING_EVENTS,
     SUCCESS_OPENING,
@@ -451,7 +452,14 @@ class Hub:
         try:
             msg = decode_upstream(line)
         except msgspec.DecodeError:
-            log.warning("dropping malformed output from QEMU: %r", line[:200])
+            if up.anonymous and line.startswith(REPLY_OPENINGS):
+                # The reply to the oldest command sent without an id, unreadable: it is
+                # answered with an error, so the replies after it keep their places.
+                log.error("QEMU's reply to %r could not be read: %r",
+                          up.anonymous[0].name[:80], line[:200])  # fmt: skip
+                self._route_reply(up, _withheld(None, "qmpmux could not read QEMU's reply"))
+            else:
+                log.warning("dropping malformed output from QEMU: %r", line[:200])
             return
         if msg.event is not None:
             if len(self._live) > 1 and not self._first_copy(up, line):
@@ -466,8 +474,8 @@ class Hub:
             self._fan_out(msg.event, line)
         elif msg.id is not NO_ID:
             self._route_reply(up, line, msg.id)
-        elif up.anonymous:  # the reply to the oldest command sent without an id (link.py)
-            self._route_reply(up, line, None)
+        elif up.anonymous and (msg.ret or msg.error):
+            self._route_reply(up, line)  # the oldest command sent without an id (link.py)
         elif msg.error:
             # Every command in QEMU has an id: QEMU could not parse what it was sent.
             log.error("QEMU reported an error without id: %s", describe_error(msg.error))
@@ -513,7 +521,7 @@ class Hub:
                 data = strip_message(line) if profile.strip_extensions else line
                 self._out.append(Broadcast(data, clients))
 
-    def _route_reply(self, up: Link, line: bytes, upstream_id: object) -> None:
+    def _route_reply(self, up: Link, line: bytes, upstream_id: object = None) -> None:
         """QEMU's reply to a command sent with `upstream_id`, or without one (None)."""
         if upstream_id is None:
             cmd = up.anonymous.popleft()
@@ -525,8 +533,6 @@ class Hub:
             assert isinstance(upstream_id, int)
             cmd = numbered
             up.ids.give_back(upstream_id)
-            if not cmd.oob:
-                up.numbered -= 1
             if upstream_id == up.fd_inflight:
                 self._fd_taken(up)
         lane = OOB if cmd.oob else INBAND
@@ -1187,7 +1193,7 @@ class Hub:
         prefix = cmd.prefix
         if (
             not cmd.oob
-            and not up.numbered
+            and not up.inflight
             and type(prefix) is bytes
             and len(prefix) < ANONYMOUS_MAX
             and not cmd.fds
@@ -1196,8 +1202,6 @@ class Hub:
             return None, prefix + b"}"
         upstream_id = up.ids.take()
         up.inflight[upstream_id] = cmd
-        if not cmd.oob:
-            up.numbered += 1
         return upstream_id, command_bytes(prefix, upstream_id)
 
     def _pump(self) -> None:

@@ -10,10 +10,11 @@ Invariants:
   not answered; `anonymous` holds, oldest first, the in-band commands sent without an id
   (docs/protocol.md §7.2: a monitor answers its in-band input in order, so their replies
   are told apart by place, and QEMU reads 7 fewer bytes for each).
-- `numbered` counts the in-band commands in `inflight`. While any is in QEMU, every
-  command goes with an id: the client text of a big command is the only upstream input
-  QEMU could fail to parse, and its errors carry no id, so nothing without an id may be
-  sent behind it. Every command in `anonymous` is therefore ahead of every numbered one.
+- While any command with an id is in QEMU, every command goes with one: a big command
+  (either lane) is the client's own text, the only upstream input QEMU could fail to
+  parse, and parse errors carry no id and take an in-band place (§6.3), so nothing
+  without an id may be sent behind it. Every command in `anonymous` is therefore ahead
+  of every command in `inflight` in QEMU's input.
 - `ready[lane]` holds the flows assigned to this link that have commands queued for that
   lane (in-band or out-of-band) and room in their share of the window.
 - `system` queues qmpmux's own commands for this link (closing a departed client's fds).
@@ -54,7 +55,6 @@ class Link:
         "inflight_bytes",
         "lane_inflight",
         "last_lane",
-        "numbered",
         "oob",
         "queued_bytes",
         "ready",
@@ -72,7 +72,6 @@ class Link:
         self.ids = IdPool()
         self.inflight: dict[int, Command] = {}
         self.anonymous: deque[Command] = deque()
-        self.numbered = 0
         self.ready: tuple[deque[Flow], deque[Flow]] = (deque(), deque())
         self.lane_inflight = [0, 0]
         self.inflight_bytes = 0
@@ -93,7 +92,6 @@ class Link:
         """The monitor is gone: no reply will come for what it held."""
         self.inflight.clear()
         self.anonymous.clear()
-        self.numbered = 0
 
     @property
     def load(self) -> int:

@@ -215,9 +215,10 @@ def decode_prefix(prefix: CommandText) -> dict[str, JsonValue]:
 
 
 # An in-band command this small goes to QEMU without an id (link.py, docs/protocol.md
-# §7.2): qmpmux wrote it, far inside every limit of QEMU's parser (§2.5), so QEMU parses
-# it as one object and answers it in its place. At ~4 µs a byte (§1.3) the 7 bytes of
-# `,"id":0` are a tenth of a short command's round trip.
+# §7.2): qmpmux re-encoded it from tokens its parser took as QEMU does (the differential
+# tests in tests/test_qjson_qemu.py), far inside every limit of QEMU's parser (§2.5), so
+# QEMU parses it as one object and answers it in its place. At ~4 µs a byte (§1.3) the
+# 7 bytes of `,"id":0` are a tenth of a short command's round trip.
 ANONYMOUS_MAX: Final = 4096
 
 
@@ -259,6 +260,7 @@ class Upstream(msgspec.Struct):
     event: str | None = None
     id: Any = NO_ID
     error: msgspec.Raw = msgspec.Raw()
+    ret: msgspec.Raw = msgspec.field(default=msgspec.Raw(), name="return")
 
 
 class _Greeting(msgspec.Struct):
@@ -277,9 +279,28 @@ _decode_error = msgspec.json.Decoder(_ErrorBody).decode
 _decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 
 
+# QEMU prints a non-finite double as `inf`, `-inf`, `nan` or `-nan` (docs/protocol.md
+# §3.3), which is not JSON; strings are matched first so that their text is kept.
+_NON_FINITE: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|-?\b(?:inf|nan)\b')
+
+
+def _finite(m: re.Match[bytes]) -> bytes:
+    token = m.group()
+    return token if token[0] == 0x22 else b"0"  # '"'
+
+
 def decode_upstream(line: bytes) -> Upstream:
-    """Classify one upstream message; raises msgspec.DecodeError on anything not QMP-shaped."""
-    return _decode_upstream(line)
+    """Classify one upstream message; raises msgspec.DecodeError on anything not QMP-shaped.
+
+    A message with QEMU's non-finite numbers is classified from a copy with them made 0
+    (its own bytes go on): a reply of QEMU's is never dropped for them."""
+    try:
+        return _decode_upstream(line)
+    except msgspec.DecodeError:
+        finite = _NON_FINITE.sub(_finite, line)
+        if finite == line:
+            raise
+        return _decode_upstream(finite)
 
 
 def decode_greeting(raw: msgspec.Raw) -> tuple[bytes, list[str]]:
@@ -378,6 +399,10 @@ def rewrite_reply(line: bytes, upstream_id: int | None, wire_id: WireId) -> Repl
 
 
 _ERROR_OPENING: Final = b'{"error": '
+# How QEMU's reply to a command sent without an id opens (§3.4), in its compact layout
+# (a downstream build's member may come first: only a message that cannot be read is
+# told by its opening).
+REPLY_OPENINGS: Final = (SUCCESS_OPENING, _ERROR_OPENING)
 _CLOSING: Final = b"}\r\n"
 
 

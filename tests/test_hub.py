@@ -175,6 +175,54 @@ def test_small_in_band_commands_go_without_an_id_unless_a_numbered_one_is_ahead(
     )
 
 
+def test_a_big_exec_oob_holds_back_commands_without_an_id_too() -> None:
+    """QEMU's errors for text it cannot parse carry no id and take an in-band place, from
+    either lane: nothing without an id goes behind a big exec-oob until it is answered."""
+    hub = ready_hub()
+    a, b = connect(hub, oob=True), connect(hub)
+    big = b'{"exec-oob":"query-yank","arguments":{"x":"%s"},"id":"o"}' % (b"y" * 5000)
+    (sent,) = hub.client_data(a, big)
+    assert isinstance(sent, ToUpstream) and bytes(sent.data).endswith(b',"id":0}')
+    expect(
+        hub.client_data(b, b'{"execute":"query-status","id":"b"}'),
+        [ToUpstream(b'{"execute":"query-status","id":1}')],
+    )
+    error = b'{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}'
+    expect(hub.upstream_data(error + b"\r\n"), [])  # nobody's: logged
+    expect(
+        hub.upstream_data(b'{"return": {}, "id": 1}\r\n'),
+        [ToClient(b, b'{"return": {}, "id": "b"}\r\n')],
+    )
+
+
+def test_replies_with_qemus_non_finite_numbers_keep_their_places() -> None:
+    """QEMU prints a non-finite double as `inf` or `nan` (docs/protocol.md §3.3): such a
+    reply is its command's, as QEMU wrote it; one that cannot be read at all is answered
+    with an error in its place, so the replies after it still go to their commands."""
+    hub = ready_hub()
+    a, b, c = connect(hub), connect(hub), connect(hub)
+    hub.client_data(a, b'{"execute":"query-migrate","id":"a"}')
+    hub.client_data(b, b'{"execute":"query-status","id":"b"}')
+    expect(
+        hub.upstream_data(b'{"return": {"ram": {"mbps": inf}, "s": "nan"}}\r\n'),
+        [ToClient(a, b'{"return": {"ram": {"mbps": inf}, "s": "nan"}, "id": "a"}\r\n')],
+    )
+    hub.client_data(c, b'{"execute":"query-name","id":"c"}')
+    expect(
+        hub.upstream_data(b'{"return": {"status": broken}}\r\n'),
+        [
+            ToClient(
+                b,
+                b'{"id": "b", "error": {"class": "GenericError", '
+                b'"desc": "qmpmux could not read QEMU\'s reply"}}\r\n',
+            )
+        ],
+    )
+    expect(
+        hub.upstream_data(b'{"return": {}}\r\n'), [ToClient(c, b'{"return": {}, "id": "c"}\r\n')]
+    )
+
+
 @pytest.mark.parametrize(
     ("client_id", "echoed"),
     [
@@ -247,7 +295,11 @@ def test_exec_oob_goes_straight_up_and_its_reply_overtakes() -> None:
             cid,
             b'{"execute":"stop","id":"ib"}{"exec-oob":"yank","arguments":{"instances":[]},"id":"o"}',
         ),
-        [ToUpstream(b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}{"execute":"stop"}')],
+        [
+            ToUpstream(
+                b'{"exec-oob":"yank","arguments":{"instances":[]},"id":0}{"execute":"stop","id":1}'
+            )
+        ],
     )
     expect(
         hub.upstream_data(b'{"return": {}, "id": 0}\r\n'),
@@ -487,7 +539,7 @@ def test_out_of_band_commands_are_windowed_and_keep_their_lead() -> None:
             ToClient(cid, b'{"return": [], "id": "o1"}\r\n'),
             ToUpstream(
                 b'{"exec-oob":"query-yank","id":0}{"exec-oob":"query-yank","id":1}'
-                b'{"execute":"query-name"}'
+                b'{"execute":"query-name","id":2}'
             ),
         ],
     )
