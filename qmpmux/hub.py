@@ -84,6 +84,7 @@ from qmpmux.wire import (
     CAPABILITIES_PLAIN,
     DEFERRED_MEMBERS,
     GENERIC_ERROR,
+    HANDSHAKE_ID,
     NO_ID,
     QUERY_COMMANDS,
     REPLY_OPENINGS,
@@ -432,6 +433,10 @@ class Hub:
             caps_command = CAPABILITIES_OOB if up.oob else CAPABILITIES_PLAIN
             self._out.append(ToUpstream(caps_command, link=up.index))
             up.state = UpstreamState.NEGOTIATING
+        elif msg.id != HANDSHAKE_ID:
+            # A command of an earlier connection, answered now: it must not be taken for
+            # qmp_capabilities, whose own reply would then answer a client's command.
+            log.warning("ignoring a reply from before this connection: %r", line[:200])
         elif msg.error:
             self._end(1, f"QEMU refused qmp_capabilities: {describe_error(msg.error)}")
         else:

@@ -246,8 +246,13 @@ def upstream_write(chunks: list[CommandText]) -> CommandText:
     return Spliced(tuple(parts))
 
 
-CAPABILITIES_OOB: Final = b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}'
-CAPABILITIES_PLAIN: Final = b'{"execute":"qmp_capabilities"}'
+# The upstream handshake's command has an id of its own, so its reply is known: a command
+# of an earlier connection still running in QEMU answers on the new one, first.
+HANDSHAKE_ID: Final = "qmpmux"
+CAPABILITIES_OOB: Final = (
+    b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":"qmpmux"}'
+)
+CAPABILITIES_PLAIN: Final = b'{"execute":"qmp_capabilities","id":"qmpmux"}'
 
 
 # --- messages QEMU writes to qmpmux ---------------------------------------------------------

@@ -49,7 +49,7 @@ class FakeQemu:
                     break
                 buf = buf.lstrip()[end:]
                 if obj.get("execute") == "qmp_capabilities":
-                    writer.write(b'{"return": {}}\r\n')
+                    writer.write(b'{"return": {}, "id": "qmpmux"}\r\n')
                 else:
                     await self.commands.put(obj)
 

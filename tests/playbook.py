@@ -13,7 +13,9 @@ from qmpmux.wire import Reply
 VERSION = b'{"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "test"}'
 GREETING_OOB = b'{"QMP": {"version": ' + VERSION + b', "capabilities": ["oob"]}}\r\n'
 GREETING_PLAIN = b'{"QMP": {"version": ' + VERSION + b', "capabilities": []}}\r\n'
-CAPS_OOB = b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}'
+CAPS_OOB = b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":"qmpmux"}'
+CAPS_PLAIN = b'{"execute":"qmp_capabilities","id":"qmpmux"}'
+CAPS_OK = b'{"return": {}, "id": "qmpmux"}\r\n'
 STOP_EVENT = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}\r\n'
 
 
@@ -37,9 +39,9 @@ def ready_hub(oob: bool = True, limits: Limits | None = None) -> Hub:
     hub = Hub(limits)
     expect(
         hub.upstream_data(GREETING_OOB if oob else GREETING_PLAIN),
-        [ToUpstream(CAPS_OOB if oob else b'{"execute":"qmp_capabilities"}')],
+        [ToUpstream(CAPS_OOB if oob else CAPS_PLAIN)],
     )
-    expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, oob)])
+    expect(hub.upstream_data(CAPS_OK), [UpstreamReady(VERSION, oob)])
     return hub
 
 

@@ -22,6 +22,7 @@ from qmpmux.hub import (
 )
 from qmpmux.session import Peer
 from tests.playbook import (
+    CAPS_OK,
     CAPS_OOB,
     GREETING_OOB,
     STOP_EVENT,
@@ -38,7 +39,7 @@ def test_upstream_handshake_negotiates_oob_and_reports_ready() -> None:
     hub = Hub()
     expect(hub.upstream_data(GREETING_OOB[:10]), [])
     expect(hub.upstream_data(GREETING_OOB[10:]), [ToUpstream(CAPS_OOB)])
-    expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, True)])
+    expect(hub.upstream_data(CAPS_OK), [UpstreamReady(VERSION, True)])
 
 
 def test_events_before_the_greeting_or_during_negotiation_are_skipped() -> None:
@@ -47,7 +48,7 @@ def test_events_before_the_greeting_or_during_negotiation_are_skipped() -> None:
     hub = Hub()
     expect(hub.upstream_data(STOP_EVENT + GREETING_OOB), [ToUpstream(CAPS_OOB)])
     expect(hub.upstream_data(STOP_EVENT), [])
-    expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, True)])
+    expect(hub.upstream_data(CAPS_OK), [UpstreamReady(VERSION, True)])
 
 
 def test_upstream_without_oob_offers_none_to_clients() -> None:
@@ -67,10 +68,25 @@ def test_upstream_without_oob_offers_none_to_clients() -> None:
     )
 
 
+def test_a_reply_from_an_earlier_connection_is_not_taken_for_the_handshake() -> None:
+    """A command of an earlier connection still running in QEMU answers on the new one,
+    before qmp_capabilities: taken for its reply, the real one would answer a client."""
+    hub = Hub()
+    hub.upstream_data(GREETING_OOB)
+    expect(hub.upstream_data(b'{"return": {"status": "running"}}\r\n'), [])
+    expect(hub.upstream_data(CAPS_OK), [UpstreamReady(VERSION, True)])
+    cid = connect(hub)
+    hub.client_data(cid, b'{"execute":"query-name","id":1}')
+    expect(
+        hub.upstream_data(b'{"return": {"name": "vm"}}\r\n'),
+        [ToClient(cid, b'{"return": {"name": "vm"}, "id": 1}\r\n')],
+    )
+
+
 def test_upstream_refusing_capabilities_ends_the_session() -> None:
     hub = Hub()
     hub.upstream_data(GREETING_OOB)
-    err = b'{"error": {"class": "GenericError", "desc": "nope"}}\r\n'
+    err = b'{"id": "qmpmux", "error": {"class": "GenericError", "desc": "nope"}}\r\n'
     expect(hub.upstream_data(err), [Exit(1, "QEMU refused qmp_capabilities: GenericError: nope")])
 
 

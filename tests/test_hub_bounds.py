@@ -9,7 +9,7 @@ from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.qjson import encode
 from qmpmux.session import Peer
 from qmpmux.spelled import Spelled
-from tests.playbook import GREETING_OOB, connect, expect, ready_hub, spelled_out
+from tests.playbook import CAPS_OK, GREETING_OOB, connect, expect, ready_hub, spelled_out
 
 BOUND = 64 * 1024
 
@@ -240,7 +240,7 @@ def test_a_client_whose_queued_commands_a_reload_denied_can_move_lanes() -> None
     for link in range(2):
         hub.upstream_data(GREETING_OOB, link)
     for link in range(2):
-        hub.upstream_data(b'{"return": {}}\r\n', link)
+        hub.upstream_data(CAPS_OK, link)
     hub.reload(compile_policy({"ctl": ProfileSpec(commands=("query-status", "stop"))}))
     busy = [connect(hub), connect(hub)]
     sent = [hub.client_data(c, b'{"execute":"query-status","id":1}') for c in busy]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qmpmux.config import Limits
 from qmpmux.hub import Broadcast, CloseClient, Exit, Hub, ToClient, ToUpstream, UpstreamReady
-from tests.playbook import CAPS_OOB, GREETING_OOB, STOP_EVENT, VERSION, connect, expect
+from tests.playbook import CAPS_OK, CAPS_OOB, GREETING_OOB, STOP_EVENT, VERSION, connect, expect
 
 STATUS = b'{"execute":"query-status","id":%d}'
 
@@ -15,8 +15,8 @@ def lanes_hub(n: int, limits: Limits | None = None) -> Hub:
     for link in range(n):
         expect(hub.upstream_data(GREETING_OOB, link), [ToUpstream(CAPS_OOB, link=link)])
     for link in range(n - 1):
-        expect(hub.upstream_data(b'{"return": {}}\r\n', link), [])
-    expect(hub.upstream_data(b'{"return": {}}\r\n', n - 1), [UpstreamReady(VERSION, True)])
+        expect(hub.upstream_data(CAPS_OK, link), [])
+    expect(hub.upstream_data(CAPS_OK, n - 1), [UpstreamReady(VERSION, True)])
     return hub
 
 
@@ -167,7 +167,7 @@ def test_a_later_hub_numbers_clients_after_the_earlier_one() -> None:
     connect(first), connect(first)
     later = Hub(first_client=first.next_client)
     expect(later.upstream_data(GREETING_OOB), [ToUpstream(CAPS_OOB)])
-    later.upstream_data(b'{"return": {}}\r\n')
+    later.upstream_data(CAPS_OK)
     assert connect(later) == 3
 
 

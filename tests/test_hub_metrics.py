@@ -7,7 +7,16 @@ import msgspec
 from qmpmux.hub import CloseClient, Hub, ToClient, ToUpstream, UpstreamReady
 from qmpmux.metrics import DURATION_BUCKETS, NAMES_MAX, OK_AT, OTHER
 from qmpmux.session import Peer
-from tests.playbook import CAPS_OOB, GREETING_OOB, VERSION, connect, expect, ready_hub, spelled_out
+from tests.playbook import (
+    CAPS_OK,
+    CAPS_OOB,
+    GREETING_OOB,
+    VERSION,
+    connect,
+    expect,
+    ready_hub,
+    spelled_out,
+)
 
 QUERY_COMMANDS = b'{"execute":"query-commands"}'
 
@@ -18,7 +27,7 @@ def learning_hub(names: list[str], clock: list[float] | None = None) -> Hub:
     hub = Hub(metrics=True, clock=lambda: now[0])
     expect(hub.upstream_data(GREETING_OOB), [ToUpstream(CAPS_OOB)])
     expect(
-        hub.upstream_data(b'{"return": {}}\r\n'),
+        hub.upstream_data(CAPS_OK),
         [UpstreamReady(VERSION, True), ToUpstream(QUERY_COMMANDS)],
     )
     listing = msgspec.json.encode({"return": [{"name": n} for n in names]})

@@ -8,7 +8,7 @@ import pytest
 
 from qmpmux.hub import Audit, Hub, ToClient, ToUpstream, UpstreamReady
 from qmpmux.session import Peer
-from tests.playbook import CAPS_OOB, GREETING_OOB, VERSION, expect
+from tests.playbook import CAPS_OK, CAPS_OOB, GREETING_OOB, VERSION, expect
 
 WALLCLOCK = 1767323045.678  # 2026-01-02T03:04:05.678Z
 DENIED = (
@@ -20,7 +20,7 @@ DENIED = (
 def audited_hub(vm: str | None) -> Hub:
     hub = Hub(audit=True, vm=vm, clock=lambda: 10.0, wallclock=lambda: WALLCLOCK)
     expect(hub.upstream_data(GREETING_OOB), [ToUpstream(CAPS_OOB)])
-    expect(hub.upstream_data(b'{"return": {}}\r\n'), [UpstreamReady(VERSION, True)])
+    expect(hub.upstream_data(CAPS_OK), [UpstreamReady(VERSION, True)])
     return hub
 
 
