@@ -77,7 +77,6 @@ from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Audited, Command, Extension, Local, Peer, Phase, Session
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
-    ANONYMOUS_MAX,
     ARGUMENTS,
     CAP_OOB,
     CAPABILITIES_OOB,
@@ -106,6 +105,7 @@ from qmpmux.wire import (
     greeting,
     return_reply,
     rewrite_reply,
+    small,
     upstream_id_bytes,
     upstream_write,
 )
@@ -538,6 +538,8 @@ class Hub:
             assert isinstance(upstream_id, int)
             cmd = numbered
             up.ids.give_back(upstream_id)
+            if not small(cmd.prefix):
+                up.big -= 1
             if upstream_id == up.fd_inflight:
                 self._fd_taken(up)
         lane = OOB if cmd.oob else INBAND
@@ -1196,15 +1198,12 @@ class Hub:
     def _issue(self, up: Link, cmd: Command) -> tuple[int | None, CommandText]:
         """The command's upstream id (None: it goes without one, link.py) and bytes."""
         prefix = cmd.prefix
-        if (
-            not cmd.oob
-            and not up.inflight
-            and type(prefix) is bytes
-            and len(prefix) < ANONYMOUS_MAX
-            and not cmd.fds
-        ):
-            up.anonymous.append(cmd)
-            return None, prefix + b"}"
+        if small(prefix):
+            if not (cmd.oob or cmd.fds or up.big):
+                up.anonymous.append(cmd)
+                return None, prefix + b"}"
+        else:
+            up.big += 1
         upstream_id = up.ids.take()
         up.inflight[upstream_id] = cmd
         return upstream_id, command_bytes(prefix, upstream_id)

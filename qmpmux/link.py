@@ -10,11 +10,13 @@ Invariants:
   not answered; `anonymous` holds, oldest first, the in-band commands sent without an id
   (docs/protocol.md §7.2: a monitor answers its in-band input in order, so their replies
   are told apart by place, and QEMU reads 7 fewer bytes for each).
-- While any command with an id is in QEMU, every command goes with one: a big command
-  (either lane) is the client's own text, the only upstream input QEMU could fail to
+- `big` counts the commands in `inflight` too big to go without an id (wire.small),
+  in-band or exec-oob. While any is in QEMU, every command goes with an id: a big
+  command may be the client's own text, the only upstream input QEMU could fail to
   parse, and parse errors carry no id and take an in-band place (§6.3), so nothing
   without an id may be sent behind it. Every command in `anonymous` is therefore ahead
-  of every command in `inflight` in QEMU's input.
+  of every big one in QEMU's input. (exec-oob and fd-carrying commands that are small
+  go with an id too, but hold nothing back: qmpmux wrote them.)
 - `ready[lane]` holds the flows assigned to this link that have commands queued for that
   lane (in-band or out-of-band) and room in their share of the window.
 - `system` queues qmpmux's own commands for this link (closing a departed client's fds).
@@ -46,6 +48,7 @@ class Link:
 
     __slots__ = (
         "anonymous",
+        "big",
         "fd_inflight",
         "fd_waiting",
         "framer",
@@ -72,6 +75,7 @@ class Link:
         self.ids = IdPool()
         self.inflight: dict[int, Command] = {}
         self.anonymous: deque[Command] = deque()
+        self.big = 0
         self.ready: tuple[deque[Flow], deque[Flow]] = (deque(), deque())
         self.lane_inflight = [0, 0]
         self.inflight_bytes = 0
@@ -92,6 +96,7 @@ class Link:
         """The monitor is gone: no reply will come for what it held."""
         self.inflight.clear()
         self.anonymous.clear()
+        self.big = 0
 
     @property
     def load(self) -> int:

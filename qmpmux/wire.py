@@ -20,7 +20,7 @@ import enum
 import functools
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import msgspec
 
@@ -220,6 +220,11 @@ def decode_prefix(prefix: CommandText) -> dict[str, JsonValue]:
 # QEMU parses it as one object and answers it in its place. At ~4 µs a byte (§1.3) the
 # 7 bytes of `,"id":0` are a tenth of a short command's round trip.
 ANONYMOUS_MAX: Final = 4096
+
+
+def small(prefix: CommandText) -> TypeGuard[bytes]:
+    """Whether a command is short enough to go without an id (ANONYMOUS_MAX)."""
+    return type(prefix) is bytes and len(prefix) < ANONYMOUS_MAX
 
 
 def command_bytes(prefix: CommandText, upstream_id: int | None) -> CommandText:

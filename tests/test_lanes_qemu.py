@@ -120,6 +120,41 @@ async def test_a_client_s_commands_keep_their_order(lanes: Mux) -> None:
             seen += 1
 
 
+async def test_every_reply_reaches_its_own_command_whatever_goes_with_an_id(
+    lanes: Mux,
+) -> None:
+    """Short in-band commands go without an id and are answered by their place; big ones
+    and exec-oob go with one and hold the others back while in QEMU (link.py). Clients
+    pipelining all three kinds each get exactly QEMU's answer to each of their own: the
+    error names the command QEMU looked up, so a reply given to the wrong command shows."""
+    clients = [await RawClient.connect(lanes.path) for _ in range(6)]
+    for client in clients:
+        await client.negotiate(oob=True)
+    pad = b"p" * 6000
+    sent: list[list[bytes]] = []
+    for c, client in enumerate(clients):
+        names, batch = [], []
+        for n in range(24):
+            name = b"nope-%d-%d" % (c, n)
+            names.append(name)
+            if n % 6 == 5:  # one command in six is big: it goes with an id
+                batch.append(b'{"execute":"%s","arguments":{"x":"%s"},"id":%d}' % (name, pad, n))
+            elif n % 8 == 3:  # and exec-oob, with an id, overtaking in-band work
+                batch.append(b'{"exec-oob":"%s","id":%d}' % (name, n))
+            else:
+                batch.append(b'{"execute":"%s","id":%d}' % (name, n))
+        sent.append(names)
+        await client.send(b"".join(batch))
+    for c, client in enumerate(clients):
+        got: dict[int, str] = {}
+        for _ in range(24):
+            reply = msgspec.json.decode(await client.read(timeout=30))
+            got[reply["id"]] = reply["error"]["desc"]
+        for n, name in enumerate(sent[c]):
+            assert got[n] == f"The command {name.decode()} has not been found", (c, n)
+    assert all(not up.anonymous and not up.inflight for up in lanes.proxy.hub.links)
+
+
 def test_monitors_of_two_qemus_are_refused_as_lanes(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
