@@ -91,6 +91,7 @@ from qmpmux.wire import (
     STAYING_EVENTS,
     SUCCESS_OPENING,
     CommandText,
+    OversizedMessageError,
     Reply,
     command_bytes,
     command_names,
@@ -103,6 +104,7 @@ from qmpmux.wire import (
     error_class,
     error_reply,
     greeting,
+    numbered,
     return_reply,
     rewrite_reply,
     small,
@@ -208,6 +210,7 @@ _client_log = logging.getLogger("qmpmux.client")
 _traffic_log = logging.getLogger("qmpmux.traffic")
 _EVENT_COPIES_MAX: Final = 4096  # events awaiting their copies from the other links
 _CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only when ok
+UNREADABLE: Final = "qmpmux could not read QEMU's reply"
 _UNSEEN: Final[list[int]] = []
 
 
@@ -328,7 +331,7 @@ class Hub:
                     self._upstream_message(up, line)
                 elif up.state is not UpstreamState.CLOSED:
                     self._handshake(up, line)
-        except ValueError as exc:
+        except OversizedMessageError as exc:
             self._end(1, f"QEMU sent an oversized message: {exc}")
         self._pump()
         return self._take()
@@ -457,12 +460,16 @@ class Hub:
         try:
             msg = decode_upstream(line)
         except msgspec.DecodeError:
-            if up.anonymous and line.startswith(REPLY_OPENINGS):
-                # The reply to the oldest command sent without an id, unreadable: it is
-                # answered with an error, so the replies after it keep their places.
-                log.error("QEMU's reply to %r could not be read: %r",
-                          up.anonymous[0].name[:80], line[:200])  # fmt: skip
-                self._route_reply(up, _withheld(None, "qmpmux could not read QEMU's reply"))
+            # A reply that cannot be read is answered with an error in its place, so the
+            # replies after it keep theirs: by its id where QEMU prints one, else it is
+            # the oldest command's sent without an id.
+            upstream_id = numbered(line) if line.startswith(REPLY_OPENINGS) else None
+            if upstream_id in up.inflight:
+                log.error("QEMU's reply could not be read: %r", line[:200])
+                self._route_reply(up, _withheld(upstream_id, UNREADABLE), upstream_id)
+            elif upstream_id is None and up.anonymous and line.startswith(REPLY_OPENINGS):
+                log.error("QEMU's reply could not be read: %r", line[:200])
+                self._route_reply(up, _withheld(None, UNREADABLE))
             else:
                 log.warning("dropping malformed output from QEMU: %r", line[:200])
             return
@@ -477,8 +484,10 @@ class Hub:
                 self.shutdown_seen = False
             self.stats.event(msg.event)
             self._fan_out(msg.event, line)
-        elif msg.id is not NO_ID:
+        elif type(msg.id) is int:
             self._route_reply(up, line, msg.id)
+        elif msg.id is not NO_ID:
+            log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
         elif up.anonymous and (msg.ret or msg.error):
             self._route_reply(up, line)  # the oldest command sent without an id (link.py)
         elif msg.error:
@@ -523,20 +532,24 @@ class Hub:
                 flow.events += 1
         for profile, clients in targets.items():
             if clients:
-                data = strip_message(line) if profile.strip_extensions else line
+                try:
+                    data = strip_message(line) if profile.strip_extensions else line
+                except msgspec.DecodeError:  # never a member it should not see
+                    log.warning("could not strip an event for profile %s; dropped for it: %r",
+                                profile.name, line[:200])  # fmt: skip
+                    continue
                 self._out.append(Broadcast(data, clients))
 
-    def _route_reply(self, up: Link, line: bytes, upstream_id: object = None) -> None:
+    def _route_reply(self, up: Link, line: bytes, upstream_id: int | None = None) -> None:
         """QEMU's reply to a command sent with `upstream_id`, or without one (None)."""
         if upstream_id is None:
             cmd = up.anonymous.popleft()
         else:
-            numbered = up.inflight.pop(upstream_id, None) if type(upstream_id) is int else None
-            if numbered is None:
+            sent = up.inflight.pop(upstream_id, None)
+            if sent is None:
                 log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
                 return
-            assert isinstance(upstream_id, int)
-            cmd = numbered
+            cmd = sent
             up.ids.give_back(upstream_id)
             if not small(cmd.prefix):
                 up.big -= 1
@@ -597,16 +610,22 @@ class Hub:
         profile = session.profile
         # Every change but the id's is made to QEMU's reply as QEMU wrote it (the client's
         # id is its own, and may be long to encode: wire.rewrite_reply).
-        data = strip_message(line) if profile.strip_extensions else line
-        if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
-            data = self._narrow(profile, cmd.name, data, upstream_id)
-        elif cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
-            data = restore_names(data, cmd.names)
-        elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
-            data = self._own_fdsets(session.id, data, upstream_id)
-        elif cmd.name in SCRUBBED and not profile.secret_properties:
-            data = self._scrub(cmd.name, data, upstream_id)
-        reply = cmd.reply = rewrite_reply(data, upstream_id, cmd.wire_id)
+        try:
+            data = strip_message(line) if profile.strip_extensions else line
+            if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
+                data = self._narrow(profile, cmd.name, data, upstream_id)
+            elif cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
+                data = restore_names(data, cmd.names)
+            elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
+                data = self._own_fdsets(session.id, data, upstream_id)
+            elif cmd.name in SCRUBBED and not profile.secret_properties:
+                data = self._scrub(cmd.name, data, upstream_id)
+            reply = rewrite_reply(data, upstream_id, cmd.wire_id)
+        except msgspec.DecodeError:  # e.g. QEMU's non-finite numbers where one is reread
+            log.warning("could not rewrite QEMU's reply to %r; withholding it: %r",
+                        name[:80], line[:200])  # fmt: skip
+            reply = rewrite_reply(_withheld(upstream_id, UNREADABLE), upstream_id, cmd.wire_id)
+        cmd.reply = reply
         flow.reply_bytes += len(reply)
         self._flush(flow)
 

@@ -38,6 +38,7 @@ from qmpmux.hub import (
     ToUpstream,
     UpstreamReady,
 )
+from qmpmux.link import UpstreamState
 from qmpmux.policy import Policy
 from qmpmux.session import Peer
 from qmpmux.systemd import Inherited, InheritError, listen_fds
@@ -524,8 +525,14 @@ class Proxy:
         try:
             ready = await asyncio.wait_for(asyncio.shield(self._ready), handshake_timeout)
         except TimeoutError:
+            greeted = all(up.state is not UpstreamState.GREETING for up in self.hub.links)
             for channel in self._links:
                 channel.abort("no greeting")
+            if greeted:
+                raise StartupError(
+                    f"QEMU did not answer qmp_capabilities within {handshake_timeout:g} s "
+                    "(is a command an earlier connection left still running?)"
+                ) from None
             raise StartupError(
                 f"QEMU sent no QMP greeting within {handshake_timeout:g} s "
                 "(is another client already connected to that monitor?)"

@@ -21,9 +21,12 @@ GREETING = (
 class FakeQemu:
     """Greets, accepts qmp_capabilities, then hands each command to the test."""
 
-    def __init__(self, path: Path, greeting: bytes | None = GREETING) -> None:
+    def __init__(
+        self, path: Path, greeting: bytes | None = GREETING, capabilities: bool = True
+    ) -> None:
         self.path = path
         self.greeting = greeting
+        self.capabilities = capabilities  # whether qmp_capabilities is answered
         self.commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.writer: asyncio.StreamWriter | None = None
         self.connected = asyncio.Event()
@@ -49,7 +52,8 @@ class FakeQemu:
                     break
                 buf = buf.lstrip()[end:]
                 if obj.get("execute") == "qmp_capabilities":
-                    writer.write(b'{"return": {}, "id": "qmpmux"}\r\n')
+                    if self.capabilities:
+                        writer.write(b'{"return": {}, "id": "qmpmux"}\r\n')
                 else:
                     await self.commands.put(obj)
 

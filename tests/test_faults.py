@@ -126,3 +126,15 @@ async def test_qemu_that_never_greets_is_a_startup_error(tmp_path: Path) -> None
         await proxy.start(await connect(config.upstream, 5), handshake_timeout=0.2)
     assert not (tmp_path / "mux.sock").exists()  # never listened
     await fake.close()
+
+
+async def test_qemu_that_greets_but_never_answers_capabilities_says_so(tmp_path: Path) -> None:
+    """A command an earlier connection left running holds QEMU's answer (§9): the error
+    says what did not come, not that nothing did."""
+    fake = await FakeQemu(tmp_path / "fake.sock", capabilities=False).start()
+    config = make_config(tmp_path)
+    assert config.upstream is not None
+    proxy = Proxy(config)
+    with pytest.raises(StartupError, match="did not answer qmp_capabilities"):
+        await proxy.start(await connect(config.upstream, 5), handshake_timeout=0.2)
+    await fake.close()

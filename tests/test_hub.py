@@ -6,10 +6,12 @@ import ast
 import logging
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from qmpmux.config import Limits
 from qmpmux.hub import (
+    Audit,
     Broadcast,
     CloseClient,
     Exit,
@@ -20,6 +22,7 @@ from qmpmux.hub import (
     ToUpstream,
     UpstreamReady,
 )
+from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.session import Peer
 from tests.playbook import (
     CAPS_OK,
@@ -243,6 +246,56 @@ def test_replies_with_qemus_non_finite_numbers_keep_their_places() -> None:
     expect(
         hub.upstream_data(b'{"return": {}}\r\n'), [ToClient(c, b'{"return": {}, "id": "c"}\r\n')]
     )
+
+
+def test_non_finite_numbers_never_cost_a_reply_its_data_or_the_session() -> None:
+    """A reply with QEMU's `inf` is reread by a downstream member's placement, a profile's
+    stripping and the audit's error class: each copes, and nothing ends the session."""
+    hub = ready_hub()
+    hub.audit = True
+    a = connect(hub)
+    hub.client_data(a, b'{"execute":"query-migrate","id":"a"}')
+    out = hub.upstream_data(b'{"return": {"mbps": inf, "node": "__x"}}\r\n')
+    assert ToClient(a, b'{"return": {"mbps": inf, "node": "__x"}, "id": "a"}\r\n') in out
+    (audit,) = [x for x in out if isinstance(x, Audit)]
+    assert msgspec.json.decode(audit.record)["result"] == "ok"
+    policy = compile_policy({"plain": ProfileSpec(base="full", strip_extensions=True)})
+    hub.reload(policy)
+    b, _ = hub.client_connected(Peer("unix:t", profile="plain"))
+    hub.client_data(b, b'{"execute":"qmp_capabilities"}')
+    event = (
+        b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "X", '
+        b'"data": {"__com.example_r": inf}}\r\n'
+    )
+    # The stripping profile cannot be given it without the member: it is not given it.
+    assert hub.upstream_data(event) == [Broadcast(event, [a])]
+    hub.client_data(b, b'{"execute":"query-migrate","id":"b"}')
+    out = hub.upstream_data(b'{"return": {"mbps": nan, "__com.example_x": 1}}\r\n')
+    assert (
+        ToClient(
+            b,
+            b'{"id": "b", "error": {"class": "GenericError", '
+            b'"desc": "qmpmux could not read QEMU\'s reply"}}\r\n',
+        )
+        in out
+    )
+    assert not any(isinstance(x, Exit) for x in out)
+
+
+def test_an_unreadable_reply_is_answered_in_its_place_by_its_id_or_its_place() -> None:
+    hub = ready_hub()
+    a, b = connect(hub), connect(hub, oob=True)
+    hub.client_data(a, b'{"execute":"query-status","id":"a"}')  # without an id upstream
+    hub.client_data(b, b'{"exec-oob":"query-yank","id":"b"}')  # with id 0
+    unreadable = b'{"id": "b", "error": {"class": "GenericError", "desc": "%s"}}\r\n'
+    expect(
+        hub.upstream_data(b'{"return": [bogus], "id": 0}\r\n'),
+        [ToClient(b, unreadable.replace(b"%s", b"qmpmux could not read QEMU's reply"))],
+    )
+    expect(
+        hub.upstream_data(b'{"return": {}}\r\n'), [ToClient(a, b'{"return": {}, "id": "a"}\r\n')]
+    )
+    expect(hub.upstream_data(b'{"return": {}, "id": null}\r\n'), [])  # not an id of ours
 
 
 @pytest.mark.parametrize(
