@@ -12,7 +12,7 @@ import pytest
 from qmpmux.config import Address, Config, Listener
 from qmpmux.server import Proxy, StartupError
 from qmpmux.upstream import connect
-from tests.fakeqemu import FakeQemu
+from tests.fakeqemu import GREETING, FakeQemu
 from tests.realqemu import RawClient
 
 
@@ -117,24 +117,23 @@ async def test_downstream_extension_members_in_replies_survive(rig: Rig) -> None
     )
 
 
-async def test_qemu_that_never_greets_is_a_startup_error(tmp_path: Path) -> None:
-    fake = await FakeQemu(tmp_path / "fake.sock", greeting=None).start()
+@pytest.mark.parametrize(
+    ("greeting", "capabilities", "error"),
+    [
+        (None, True, "no QMP greeting"),
+        # A command an earlier connection left running holds QEMU's answer (§9): the
+        # error says what did not come, not that nothing did.
+        (GREETING, False, "did not answer qmp_capabilities"),
+    ],
+)
+async def test_a_qemu_that_does_not_finish_the_handshake_is_a_startup_error(
+    tmp_path: Path, greeting: bytes | None, capabilities: bool, error: str
+) -> None:
+    fake = await FakeQemu(tmp_path / "fake.sock", greeting, capabilities).start()
     config = make_config(tmp_path)
     assert config.upstream is not None
     proxy = Proxy(config)
-    with pytest.raises(StartupError, match="no QMP greeting"):
+    with pytest.raises(StartupError, match=error):
         await proxy.start(await connect(config.upstream, 5), handshake_timeout=0.2)
     assert not (tmp_path / "mux.sock").exists()  # never listened
-    await fake.close()
-
-
-async def test_qemu_that_greets_but_never_answers_capabilities_says_so(tmp_path: Path) -> None:
-    """A command an earlier connection left running holds QEMU's answer (§9): the error
-    says what did not come, not that nothing did."""
-    fake = await FakeQemu(tmp_path / "fake.sock", capabilities=False).start()
-    config = make_config(tmp_path)
-    assert config.upstream is not None
-    proxy = Proxy(config)
-    with pytest.raises(StartupError, match="did not answer qmp_capabilities"):
-        await proxy.start(await connect(config.upstream, 5), handshake_timeout=0.2)
     await fake.close()
