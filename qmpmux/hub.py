@@ -210,7 +210,7 @@ _client_log = logging.getLogger("qmpmux.client")
 _traffic_log = logging.getLogger("qmpmux.traffic")
 _EVENT_COPIES_MAX: Final = 4096  # events awaiting their copies from the other links
 _CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only when ok
-UNREADABLE: Final = "qmpmux could not read QEMU's reply"
+_UNREADABLE: Final = "qmpmux could not read QEMU's reply"
 _UNSEEN: Final[list[int]] = []
 
 
@@ -466,10 +466,10 @@ class Hub:
             upstream_id = numbered(line) if line.startswith(REPLY_OPENINGS) else None
             if upstream_id in up.inflight:
                 log.error("QEMU's reply could not be read: %r", line[:200])
-                self._route_reply(up, _withheld(upstream_id, UNREADABLE), upstream_id)
+                self._route_reply(up, _withheld(upstream_id, _UNREADABLE), upstream_id)
             elif upstream_id is None and up.anonymous and line.startswith(REPLY_OPENINGS):
                 log.error("QEMU's reply could not be read: %r", line[:200])
-                self._route_reply(up, _withheld(None, UNREADABLE))
+                self._route_reply(up, _withheld(None, _UNREADABLE))
             else:
                 log.warning("dropping malformed output from QEMU: %r", line[:200])
             return
@@ -624,7 +624,7 @@ class Hub:
         except msgspec.DecodeError:  # e.g. QEMU's non-finite numbers where one is reread
             log.warning("could not rewrite QEMU's reply to %r; withholding it: %r",
                         name[:80], line[:200])  # fmt: skip
-            reply = rewrite_reply(_withheld(upstream_id, UNREADABLE), upstream_id, cmd.wire_id)
+            reply = rewrite_reply(_withheld(upstream_id, _UNREADABLE), upstream_id, cmd.wire_id)
         cmd.reply = reply
         flow.reply_bytes += len(reply)
         self._flush(flow)
