@@ -133,3 +133,28 @@ async def test_write_all_sends_at_once_and_queues_what_the_socket_did_not_take()
     finally:
         channel.abort("test over")
         theirs.close()
+
+
+async def test_small_replies_queued_behind_others_are_gathered_in_order() -> None:
+    """A client that does not read may be owed a full outbox of small replies: they are
+    gathered into chunks of up to 64 KiB, so the outbox holds a few hundred chunks, not
+    hundreds of thousands (each costing work to send and to drop), and arrive in order."""
+    ours, theirs = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    channel = Channel(loop, ours, _Quiet(), 1)
+    try:
+        replies = [b'{"error": %d}\r\n' % i for i in range(200_000)]
+        for reply in replies:
+            channel.write(reply)
+            channel.flush()
+        assert channel.queued > 1 << 20  # the peer has not read: most of it waits
+        assert len(channel._out) < channel.queued // (1 << 15)
+        got = bytearray()
+        theirs.setblocking(False)
+        want = b"".join(replies)
+        while len(got) < len(want):
+            got += await loop.sock_recv(theirs, 1 << 20)
+        assert got == want and channel.queued == 0
+    finally:
+        channel.abort("test over")
+        theirs.close()
