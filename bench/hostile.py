@@ -4,8 +4,11 @@ A client may send anything, and parsing some shapes costs qmpmux microseconds a 
 (README "Security"): this scenario measures what that costs everyone else. For each
 shape a fresh qmpmux (two lanes, a `readonly` and a `full` listener) serves a prober,
 which loops `query-status` on the full listener with a short pause, while a load process
-(`python -m bench.load hostile`) sends the shape once, as fast as qmpmux reads it. The
-direct column is the same prober on a monitor of the same, idle QEMU.
+(`python -m bench.load hostile`) sends the shape once, as fast as qmpmux reads it, then
+leaves without reading what it is owed; the prober goes on for half a second after, so
+what qmpmux does about the leaving client (an echo still being written, a full outbox
+to drop) is measured too. The direct column is the same prober on a monitor of the
+same, idle QEMU.
 """
 
 from __future__ import annotations
@@ -73,19 +76,24 @@ def _qmpmux(workdir: Path, upstreams: list[Path]) -> Iterator[tuple[Path, Path]]
         yield full, readonly
 
 
-def _probe(path: Path, seconds: float, sent: Callable[[], bool]) -> list[int]:
-    """query-status round trips (ns), 0.5 ms apart, until half a second after `sent()`
-    (what the kernel still held then is read meanwhile), or for at most `seconds`."""
+def _probe(
+    path: Path, seconds: float, sent: Callable[[], bool], leave: Callable[[], None]
+) -> list[int]:
+    """query-status round trips (ns), 0.5 ms apart, while the load client sends (until
+    `sent()`, or for at most `seconds`), then while it leaves (`leave()`: it goes without
+    reading what it is owed) and for half a second after: what qmpmux still holds then
+    (an echo being written, a full outbox to drop) is handled meanwhile."""
     client = Client(path).negotiate()
     try:
         rtts: list[int] = []
         end = time.monotonic() + seconds
         tail = None
-        while time.monotonic() < (end if tail is None else min(end, tail)):
+        while tail is None or time.monotonic() < tail:
             t0 = time.perf_counter_ns()
             client.call(QUERY_STATUS)
             rtts.append(time.perf_counter_ns() - t0)
-            if tail is None and sent():
+            if tail is None and (sent() or time.monotonic() >= end):
+                leave()
                 tail = time.monotonic() + 0.5
             time.sleep(0.0005)
         return rtts
@@ -120,14 +128,14 @@ def hostile(bed: Bed, plan: Plan, res: Results) -> None:
     qemu: subprocess.Popen[bytes] | None = None
     try:
         qemu, mons = start_qemu(workdir, 3)
-        direct = _summary(_probe(mons[2], seconds / 2, lambda: False))  # idle QEMU
+        direct = _summary(_probe(mons[2], seconds / 2, lambda: False, lambda: None))  # idle
         data["direct"] = direct
         for name, (profile, _maker) in SHAPES.items():
             with _qmpmux(workdir, mons[:2]) as (full, readonly):
                 target = full if profile == "full" else readonly
                 load = start_load("hostile", str(target), name, str(size), timeout=30)
                 try:
-                    got = _summary(_probe(full, seconds, _said(load.proc)))
+                    got = _summary(_probe(full, seconds, _said(load.proc), load.proc.terminate))
                 finally:
                     sent = load.stop().splitlines()[-1]
             data[name] = {"ms": got, "sender": sent}
