@@ -462,14 +462,11 @@ class Hub:
         except msgspec.DecodeError:
             # A reply that cannot be read is answered with an error in its place, so the
             # replies after it keep theirs: by its id where QEMU prints one, else it is
-            # the oldest command's sent without an id.
-            upstream_id = numbered(line) if line.startswith(REPLY_OPENINGS) else None
-            if upstream_id in up.inflight:
+            # the oldest command's sent without an id (-1: a line that is not a reply).
+            upstream_id = numbered(line) if line.startswith(REPLY_OPENINGS) else -1
+            if (upstream_id is None and up.anonymous) or upstream_id in up.inflight:
                 log.error("QEMU's reply could not be read: %r", line[:200])
                 self._route_reply(up, _withheld(upstream_id, _UNREADABLE), upstream_id)
-            elif upstream_id is None and up.anonymous and line.startswith(REPLY_OPENINGS):
-                log.error("QEMU's reply could not be read: %r", line[:200])
-                self._route_reply(up, _withheld(None, _UNREADABLE))
             else:
                 log.warning("dropping malformed output from QEMU: %r", line[:200])
             return
@@ -1220,7 +1217,7 @@ class Hub:
         if small(prefix):
             if not (cmd.oob or cmd.fds or up.big):
                 up.anonymous.append(cmd)
-                return None, prefix + b"}"
+                return None, command_bytes(prefix, None)
         else:
             up.big += 1
         upstream_id = up.ids.take()

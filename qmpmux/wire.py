@@ -466,18 +466,18 @@ def _spelled_rewrite(line: bytes, n: bytes, wire_id: Spelled) -> Reply:
 def _rebuilt(line: bytes, wire_id: WireId) -> Reply:
     """The reply's members in its order, the id's value the client's; a reply without an
     id gets it where QEMU would have printed it (it adds the id last, qjson.qdict_slot)."""
-    members: dict[str, bytes | Spelled] = {
-        key: bytes(raw) for key, raw in _decode_members(line).items()
-    }
-    if ID in members or wire_id is None:
+    items: list[tuple[str, bytes | Spelled]] = [
+        (key, bytes(raw)) for key, raw in _decode_members(line).items()
+    ]
+    keys = [key for key, _value in items]
+    if ID in keys:
+        at = keys.index(ID)
         if wire_id is None:
-            members.pop(ID, None)
+            del items[at]
         else:
-            members[ID] = wire_id
-        items = list(members.items())
-    else:
-        items = list(members.items())
-        items.insert(qdict_slot(list(members), ID), (ID, wire_id))
+            items[at] = (ID, wire_id)
+    elif wire_id is not None:
+        items.insert(qdict_slot(keys, ID), (ID, wire_id))
     parts: list[bytes | Spelled] = []
     for key, value in items:
         parts += (b", " if parts else b"{", encode(key), b": ", value)
