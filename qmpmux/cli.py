@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Sequence
 import msgspec
 import uvloop
 
-from qmpmux import __version__, logs
+from qmpmux import __version__, allocator, logs
 from qmpmux.checkconfig import check_config
 from qmpmux.config import (
     DEFAULT_LANES,
@@ -495,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logs.setup(config.log_level, config.log_format)
     _raise_fd_limit()
+    allocator.map_big_blocks()
     # Read (and removed from the environment) before anything else runs, so no child
     # inherits them; see qmpmux/systemd.py.
     notifier = Notifier()
