@@ -86,6 +86,7 @@ from qmpmux.wire import (
     HANDSHAKE_ID,
     NO_ID,
     QUERY_COMMANDS,
+    READ_MEMBERS,
     REPLY_OPENINGS,
     SHUTDOWN_EVENT,
     STAYING_EVENTS,
@@ -714,6 +715,7 @@ class Hub:
             ),
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
             defer_members=DEFERRED_MEMBERS,
+            read_members=READ_MEMBERS,
         )
         profile = self._assign(peer)
         flow = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))

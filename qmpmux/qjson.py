@@ -493,6 +493,13 @@ def _parse_integer(tok: bytes | bytearray) -> int | float:
 _P_OBJ_FIRST, _P_OBJ_KEY, _P_OBJ_COLON, _P_OBJ_VALUE, _P_OBJ_SEP = range(5)
 _P_ARR_FIRST, _P_ARR_VALUE, _P_ARR_SEP = range(5, 8)
 
+# What becomes of a long string token (one decoded in parts, _string_step): built as a
+# str; kept in parts, built when its deferred member is resolved; or checked and dropped.
+_BUILD, _LAZY, _DROP = range(3)
+# msgpack extension type of a kept string inside a packed member: its data is the index
+# of the string's parts in the message's list of them (Deferred.resolve builds it).
+_EXT_LONG_STRING: Final = 1
+
 _PREFIX = b"JSON parse error, "
 _SIZE_ERROR = ParseError("JSON token size limit exceeded")
 _COUNT_ERROR = ParseError("JSON token count limit exceeded")
@@ -513,10 +520,13 @@ class Framer:
         max_tokens: int = 2 * 1024 * 1024,
         max_nesting: int = 1024,
         defer_members: frozenset[str] = frozenset(),
+        read_members: frozenset[str] | None = None,
     ) -> None:
         self._max_size = max_message_bytes
         # Top-level members of a big message left packed until asked for (Deferred).
         self._defer = defer_members
+        # The top-level members whose values are read, if not all (see _string_fate).
+        self._read = read_members
         self._max_tokens = max_tokens
         self._max_nesting = max_nesting
         depth = min(_FAST_MAX_DEPTH, max_nesting)
@@ -549,6 +559,9 @@ class Framer:
         self._str_done = 0
         self._str_parts: list[str] = []
         self._str_error: bytes | None = None
+        self._str_fate = _BUILD
+        # the parts of each string kept for a deferred member (_LAZY), in this message
+        self._longs: list[list[str]] = []
         self._perr: bytes | None = None
         self._done = False
         self._result: JsonValue = None
@@ -675,15 +688,52 @@ class Framer:
             break
         else:
             return  # no cut near the end: the next step looks again
+        if not self._str_done:
+            self._str_fate = self._string_fate()
         if self._keep and self._perr is None:
             self._text += memoryview(tok)[self._str_done : cut]  # the quote, the first time
         if self._str_error is None:
             quote = tok[:1]
             try:
-                self._str_parts.append(_parse_string(bytes(quote + tok[start:cut] + quote)))
+                part = _parse_string(bytes(quote + tok[start:cut] + quote))
             except _Error as e:
                 self._str_error = e.args[0]
+            else:
+                if self._str_fate != _DROP:
+                    self._str_parts.append(part)
         self._str_done = cut
+
+    def _string_fate(self) -> int:
+        """What the long string token being read will become, judged from where it is.
+
+        A long string costs ~0.6 ms a MiB to build as one str, all in the loop turn that
+        completes it, mostly first touches of fresh pages (README "Security"). So with
+        `read_members` given, only what is read is built: keys (a duplicate is an error)
+        and values inside those members. A value inside a member of `defer_members` is
+        kept in parts, built only if a check reads that member (a command's arguments
+        seldom are). Anything else is never read: a top-level value that is not an
+        object (QEMU refuses it), another member's value (refused or ignored whatever it
+        is), a token where the parser will fail; it is checked for errors and dropped,
+        and an empty str stands in for it."""
+        read = self._read
+        stack = self._stack
+        if read is None:
+            return _BUILD
+        if not stack:
+            return _DROP
+        phase = stack[-1].phase
+        if phase in (_P_OBJ_FIRST, _P_OBJ_KEY):
+            return _BUILD  # a key
+        if phase in (_P_OBJ_COLON, _P_OBJ_SEP, _P_ARR_SEP):
+            return _DROP  # the parser fails at it
+        top = stack[0]
+        if type(top) is not _Object:
+            return _DROP
+        if top.key in read:
+            return _BUILD
+        if len(stack) > 1 and top.key in self._defer:
+            return _LAZY
+        return _DROP
 
     # -- fast path ---------------------------------------------------------
 
@@ -786,22 +836,40 @@ class Framer:
         value: dict[str, JsonValue] = {}
         for key, raw in members.items():
             if key in self._defer and _is_container(raw):
-                value[key] = Deferred(raw)  # type: ignore[assignment]
+                # (strings are kept in parts only in members that are not read whole)
+                longs = () if self._read is not None and key in self._read else self._longs
+                value[key] = Deferred(raw, longs)  # type: ignore[assignment]
             else:
                 value[key] = _unpack(raw)
         return value
 
-    def _string_rest(self, tok: bytearray) -> str:
-        """The string token decoded in parts (_string_step), completed."""
+    def _deliver_long(self, tok: bytearray) -> None:
+        """The string token decoded in parts (_string_step), completed and delivered as
+        its fate says (_string_fate)."""
         if self._str_error is not None:
             raise _Error(self._str_error)
-        self._str_parts.append(_parse_string(bytes(tok[:1] + tok[self._str_done :])))
-        return "".join(self._str_parts)
+        last = _parse_string(bytes(tok[:1] + tok[self._str_done :]))
+        fate = self._str_fate
+        if fate == _BUILD:
+            self._str_parts.append(last)
+            self._deliver("".join(self._str_parts))
+        elif fate == _DROP:
+            self._deliver("")
+        else:
+            # Stands in for the string until its member is resolved (Deferred.resolve).
+            # Packed at once, so the complete message is unpacked member by member and
+            # this member stays packed.
+            self._str_parts.append(last)
+            index = len(self._longs).to_bytes(4, "big")
+            self._longs.append(self._str_parts)
+            self._deliver(msgspec.msgpack.Ext(_EXT_LONG_STRING, index))  # type: ignore[arg-type]
+            self._pack_open()
 
     def _string_over(self) -> None:
         self._str_done = 0
         self._str_parts = []
         self._str_error = None
+        self._str_fate = _BUILD
 
     def _reset(self) -> None:
         if self._str_done:
@@ -817,6 +885,8 @@ class Framer:
             self._spans = array("i")
         self._loose = 0
         self._packed = False
+        if self._longs:
+            self._longs = []
 
     # -- parser (json-parser.c, one token at a time) -----------------------
 
@@ -863,7 +933,7 @@ class Framer:
         # parse_value()
         if ty == _T_STRING:
             if self._str_done:
-                self._deliver(self._string_rest(text))
+                self._deliver_long(text)
             else:
                 self._deliver(_parse_string(bytes(text)))
         elif ty == _T_LCURLY:
@@ -1007,12 +1077,14 @@ class Deferred:
 
     A command refused by its name alone never needs its arguments; building the objects
     of a megabyte of them (hundreds of thousands of Python objects, tens of milliseconds
-    in one loop turn) would be spent only to throw them away."""
+    in one loop turn) would be spent only to throw them away. Long strings inside it are
+    kept in parts (`longs`, Framer._string_fate) and built by resolve() too."""
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_longs", "_raw")
 
-    def __init__(self, raw: msgspec.Raw) -> None:
+    def __init__(self, raw: msgspec.Raw, longs: Sequence[list[str]] = ()) -> None:
         self._raw = raw
+        self._longs = longs
 
     @property
     def is_object(self) -> bool:
@@ -1021,11 +1093,22 @@ class Deferred:
 
     @property
     def raw(self) -> bytes:
-        """Its msgpack (packed_pieces writes from it)."""
+        """Its msgpack (packed_pieces writes from it): only for a member read whole (an
+        id), whose long strings are built as it is read."""
+        assert not self._longs, "a member with strings kept in parts is only resolved"
         return bytes(self._raw)
 
     def resolve(self) -> JsonValue:
-        value: JsonValue = _unpack(self._raw)
+        if not self._longs:
+            value: JsonValue = _unpack(self._raw)
+            return value
+        longs = self._longs
+
+        def built(code: int, data: memoryview) -> str:
+            assert code == _EXT_LONG_STRING
+            return "".join(longs[int.from_bytes(data, "big")])
+
+        value = msgspec.msgpack.Decoder(ext_hook=built).decode(self._raw)
         return value
 
     @property

@@ -82,6 +82,10 @@ WireId = bytes | Spelled | None
 # Members a big message keeps packed: its arguments (built only if its reply depends on
 # them) and its id (echoed from the packed form).
 DEFERRED_MEMBERS: Final = frozenset({ARGUMENTS, ID})
+# Members whose values a client's command is judged or answered by: its name and its id
+# (echoed). A long string anywhere else is never built (qjson.Framer._string_fate): inside
+# the arguments only when a check reads them, elsewhere never (the message is refused).
+READ_MEMBERS: Final = frozenset({EXECUTE, EXEC_OOB, ID})
 # Packed bytes written at once: about half a millisecond of values at worst.
 _PACKED_LIGHT: Final = 2048
 

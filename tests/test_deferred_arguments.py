@@ -7,12 +7,14 @@ megabyte commands its profile refuses by name so costs a hash lookup per command
 the hundreds of thousands of Python objects its arguments would make in one loop turn
 (README "Hostile clients"). A command that goes upstream is sent as the client's own
 text, a view of what was read (wire.Spliced), and its arguments are built only if a
-check reads them.
+check reads them. A long string inside them is kept in parts until then, and one
+anywhere else nobody reads is never built at all (qjson.Framer._string_fate).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import tracemalloc
 
 import pytest
@@ -24,7 +26,7 @@ from qmpmux.policy import DEFAULT_POLICY, FULL, READONLY, ProfileSpec, compile_p
 from qmpmux.qjson import Deferred, Framer, JsonValue, ParseError
 from qmpmux.session import Command, Local, Peer, Phase, Session, Verdict
 from qmpmux.spelled import Spliced
-from qmpmux.wire import ARGUMENTS, DEFERRED_MEMBERS
+from qmpmux.wire import ARGUMENTS, DEFERRED_MEMBERS, READ_MEMBERS
 from tests.playbook import spelled_out
 
 EMPTY_OBJECTS = 1 << 16  # 192 KiB of `{},`: some 4 MiB of Python dicts if built
@@ -44,7 +46,9 @@ def session(profile: str = READONLY, negotiated: bool = True) -> Session:
 
 
 def client_framer() -> Framer:
-    return Framer(max_message_bytes=1 << 24, defer_members=DEFERRED_MEMBERS)
+    return Framer(
+        max_message_bytes=1 << 24, defer_members=DEFERRED_MEMBERS, read_members=READ_MEMBERS
+    )
 
 
 def judged(s: Session, data: bytes, framer: Framer | None = None) -> Verdict:
@@ -186,3 +190,131 @@ def test_only_the_named_members_of_a_top_level_object_are_deferred() -> None:
     assert isinstance(first[ARGUMENTS], Deferred) and first[ARGUMENTS].is_object
     assert second == [{"arguments": {}}]
     assert third == {"arguments": 1}
+
+
+# --- long strings ------------------------------------------------------------------------
+
+
+def fed(framer: Framer, data: bytes, chunk: int) -> list[JsonValue | ParseError]:
+    """`data` fed `chunk` bytes at a time, as a client's reads arrive (a long string is
+    decoded a part per read that brings enough of it: Framer._string_step)."""
+    out: list[JsonValue | ParseError] = []
+    for start in range(0, len(data), chunk):
+        out += framer.feed(data[start : start + chunk])
+    return out
+
+
+LONG = 4 << 20
+
+
+def longest_string(value: object) -> int:
+    """The longest str in `value` (what a Deferred keeps packed is not walked)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return max([0, *map(longest_string, value), *map(longest_string, value.values())])
+    if isinstance(value, list):
+        return max([0, *map(longest_string, value)])
+    return 0
+
+
+@pytest.mark.parametrize("unit", [b"x", "\u00e9".encode(), "\U0001f600".encode()])
+def test_a_long_string_in_forwarded_arguments_is_never_built(unit: bytes) -> None:
+    # Built, it is one str of 4 to 16 MiB made in the turn that completes it (README
+    # "Security"): the first touch of that much fresh memory holds the loop milliseconds.
+    text = b"{'a':'" + unit * (LONG // len(unit)) + b"'}"
+    data = big("query-status", text)
+    s = session(FULL)
+    (value,) = fed(s.framer, data, 1 << 16)
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    assert longest_string(value) < 64
+    verdict = s.judge(value)
+    assert isinstance(verdict, Command)
+    assert bytes(verdict.prefix) == b'{"execute":\'query-status\',"arguments":' + text
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "error"),
+    [
+        (b"['", b"']", b"QMP input must be a JSON object"),
+        (b"{'execute':'stop','x':'", b"'}", b"QMP input member 'x' is unexpected"),
+        (b"{'execute':'stop','arguments':'", b"'}", b"member 'arguments' must be an object"),
+        (b"{'execute':'stop','arguments':{'a':1 '", b"'}}", b"expected separator in dict"),
+    ],
+)
+def test_a_long_string_nobody_reads_is_never_built(head: bytes, tail: bytes, error: bytes) -> None:
+    s = session(FULL)
+    (value,) = fed(s.framer, head + b"x" * LONG + tail, 1 << 16)
+    assert longest_string(value) < 64  # an empty str stands in for it
+    verdict = s.judge(value)
+    assert isinstance(verdict, Local) and error in spelled_out(verdict.data)
+
+
+def test_a_check_that_reads_the_arguments_gets_their_long_strings() -> None:
+    long = "\u00e9\U0001f600" * (LONG // 8)
+    data = big("qom-get", b"{'path':'/objects/s','property':" + json.dumps(long).encode() + b"}")
+    s = session(READONLY)
+    (value,) = fed(s.framer, data, 1 << 16)
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    assert value[ARGUMENTS].resolve() == {"path": "/objects/s", "property": long}
+    verdict = s.judge(value)  # readonly reads a qom-get's property (secrets)
+    assert isinstance(verdict, Command) and verdict.name == "qom-get"
+
+
+# Strings long enough to be decoded in parts when _STR_STEP is small: escapes of every
+# kind (surrogate pairs among them) and raw UTF-8, cut anywhere.
+long_strings = st.text(min_size=30, max_size=90).flatmap(
+    lambda t: st.sampled_from(
+        [
+            json.dumps(t).encode(),
+            json.dumps(t, ensure_ascii=False).encode(),
+            b"'" + json.dumps(t)[1:-1].encode() + b"\\x'",  # a bad escape: a lexical error
+        ]
+    )
+)
+keys = st.sampled_from([b"'a'", b"'b'"]) | long_strings
+anywhere = st.recursive(
+    st.sampled_from([b"1", b"'a'", b"{}", b"[]"]) | long_strings,
+    lambda children: (
+        st.lists(children, max_size=3).map(lambda xs: b"[" + b",".join(xs) + b"]")
+        | st.lists(st.tuples(keys, children), max_size=3)
+        .filter(lambda kvs: len({k for k, _ in kvs}) == len(kvs))
+        .map(lambda kvs: b"{" + b",".join(k + b":" + v for k, v in kvs) + b"}")
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from([b"'query-status'", b"'qom-get'", b"'stop'"]) | long_strings,
+    arguments=anywhere,
+    id_=anywhere,
+    extra=st.sampled_from([b"", b",'x':"]).flatmap(
+        lambda key: anywhere.map(lambda v: key + v) if key else st.just(b"")
+    ),
+    profile=st.sampled_from([FULL, READONLY, "audited"]),
+    top_level=st.booleans(),
+)
+def test_long_strings_left_unbuilt_change_no_verdict(
+    name: bytes,
+    arguments: bytes,
+    id_: bytes,
+    extra: bytes,
+    profile: str,
+    top_level: bool,
+) -> None:
+    """What the client reader leaves unbuilt (kept in parts, or dropped as unread) gives
+    every message the same verdict, byte for byte, as reading everything."""
+    if top_level:  # not an object: refused, nothing in it read
+        data = arguments + b"\n"  # (a number ends at the byte after it)
+    else:
+        data = b"{'execute':" + name + b",'arguments':" + arguments + b",'id':" + id_ + extra + b"}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_STR_STEP", 16)
+        lazy = fed(client_framer(), data, 7)
+        eager = fed(Framer(max_message_bytes=1 << 24), data, 7)
+    assert lazy  # (a bad escape is a lexical error: more than one value then)
+    assert [verdict_text(session(profile).judge(v)) for v in lazy] == [
+        verdict_text(session(profile).judge(v)) for v in eager
+    ]
