@@ -38,7 +38,10 @@ once, as QEMU drops it.
 Work per :meth:`Framer.feed` is linear in the bytes fed, at most a few Python
 steps per token; string decoding and error texts use C-speed passes only. What
 is done once per complete message (unpacking, decoding a long string token) is
-linear at C speed.
+linear at C speed. A long string token is decoded in parts as it arrives, and with
+``read_members`` given it is joined into one str only where it is read: kept in
+parts inside a deferred member until that is resolved, dropped where nothing can
+read it (:meth:`Framer._string_fate`).
 
 Fast path: a complete message at a message boundary, made only of tokens on
 which QEMU and strict JSON agree (plain ASCII strings, small integers,
@@ -837,7 +840,9 @@ class Framer:
         for key, raw in members.items():
             if key in self._defer and _is_container(raw):
                 # (strings are kept in parts only in members that are not read whole)
-                longs = () if self._read is not None and key in self._read else self._longs
+                # (and never the list while it is empty: the next message would fill it)
+                read = self._read is not None and key in self._read
+                longs = self._longs if self._longs and not read else ()
                 value[key] = Deferred(raw, longs)  # type: ignore[assignment]
             else:
                 value[key] = _unpack(raw)
@@ -1095,7 +1100,8 @@ class Deferred:
     def raw(self) -> bytes:
         """Its msgpack (packed_pieces writes from it): only for a member read whole (an
         id), whose long strings are built as it is read."""
-        assert not self._longs, "a member with strings kept in parts is only resolved"
+        if self._longs:
+            raise ValueError("a member with strings kept in parts can only be resolved")
         return bytes(self._raw)
 
     def resolve(self) -> JsonValue:

@@ -261,6 +261,20 @@ def test_a_check_that_reads_the_arguments_gets_their_long_strings() -> None:
     assert isinstance(verdict, Command) and verdict.name == "qom-get"
 
 
+def test_a_message_never_holds_the_long_strings_of_the_next() -> None:
+    # The first one's arguments are packed (many values) with no long string in them.
+    first = b"{'execute':'a','arguments':{'k':[" + b"{}," * 1100 + b"{}]}}"
+    second = b"{'execute':'b','arguments':{'k':'" + b"y" * 100 + b"'}}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_STR_STEP", 16)
+        one, two = fed(client_framer(), first + second, 7)
+    assert isinstance(one, dict) and isinstance(one[ARGUMENTS], Deferred)
+    assert isinstance(two, dict) and isinstance(two[ARGUMENTS], Deferred)
+    assert len(one[ARGUMENTS].raw) > 1100  # nothing kept in parts: it can be read whole
+    assert one[ARGUMENTS].resolve() == {"k": [{}] * 1101}
+    assert two[ARGUMENTS].resolve() == {"k": "y" * 100}
+
+
 # Strings long enough to be decoded in parts when _STR_STEP is small: escapes of every
 # kind (surrogate pairs among them) and raw UTF-8, cut anywhere.
 long_strings = st.text(min_size=30, max_size=90).flatmap(
