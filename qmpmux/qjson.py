@@ -854,17 +854,16 @@ class Framer:
         if self._str_error is not None:
             raise _Error(self._str_error)
         last = _parse_string(bytes(tok[:1] + tok[self._str_done :]))
-        fate = self._str_fate
-        if fate == _BUILD:
-            self._str_parts.append(last)
-            self._deliver("".join(self._str_parts))
-        elif fate == _DROP:
+        if self._str_fate == _DROP:
             self._deliver("")
+            return
+        self._str_parts.append(last)
+        if self._str_fate == _BUILD:
+            self._deliver("".join(self._str_parts))
         else:
             # Stands in for the string until its member is resolved (Deferred.resolve).
             # Packed at once, so the complete message is unpacked member by member and
             # this member stays packed.
-            self._str_parts.append(last)
             index = len(self._longs).to_bytes(4, "big")
             self._longs.append(self._str_parts)
             self._deliver(msgspec.msgpack.Ext(_EXT_LONG_STRING, index))  # type: ignore[arg-type]
