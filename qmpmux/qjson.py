@@ -516,6 +516,41 @@ class Framer:
     Results come out in input order, one per message QEMU's streamer would hand on.
     """
 
+    # One per client: slots keep each at a few hundred bytes (past 30 attributes an
+    # instance dict is no longer shared-key, and costs ~1.4 KiB more).
+    __slots__ = (
+        "_brace",
+        "_bracket",
+        "_defer",
+        "_done",
+        "_fast",
+        "_fast_window",
+        "_keep",
+        "_longs",
+        "_loose",
+        "_max_nesting",
+        "_max_size",
+        "_max_tokens",
+        "_ntok",
+        "_out",
+        "_packed",
+        "_perr",
+        "_read",
+        "_result",
+        "_run_ok",
+        "_size",
+        "_spans",
+        "_stack",
+        "_state",
+        "_str_done",
+        "_str_error",
+        "_str_fate",
+        "_str_parts",
+        "_text",
+        "_tok",
+        "_value_start",
+    )
+
     def __init__(
         self,
         *,
