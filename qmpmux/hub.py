@@ -90,7 +90,6 @@ from qmpmux.wire import (
     REPLY_OPENINGS,
     SHUTDOWN_EVENT,
     STAYING_EVENTS,
-    SUCCESS_OPENING,
     CommandText,
     OversizedMessageError,
     Reply,
@@ -109,6 +108,7 @@ from qmpmux.wire import (
     return_reply,
     rewrite_reply,
     small,
+    upstream_error_class,
     upstream_id_bytes,
     upstream_write,
 )
@@ -210,7 +210,6 @@ _client_log = logging.getLogger("qmpmux.client")
 # Every command and reply at debug level, redacted (`_log_command`, `_log_reply`).
 _traffic_log = logging.getLogger("qmpmux.traffic")
 _EVENT_COPIES_MAX: Final = 4096  # events awaiting their copies from the other links
-_CLASS_MATTERS: Final = frozenset({ADD_FD, QUERY_FDSETS})  # replies read only when ok
 _UNREADABLE: Final = "qmpmux could not read QEMU's reply"
 _UNSEEN: Final[list[int]] = []
 
@@ -467,7 +466,8 @@ class Hub:
             upstream_id = numbered(line) if line.startswith(REPLY_OPENINGS) else -1
             if (upstream_id is None and up.anonymous) or upstream_id in up.inflight:
                 log.error("QEMU's reply could not be read: %r", line[:200])
-                self._route_reply(up, _withheld(upstream_id, _UNREADABLE), upstream_id)
+                withheld = _withheld(upstream_id, _UNREADABLE)
+                self._route_reply(up, withheld, GENERIC_ERROR, upstream_id)
             else:
                 log.warning("dropping malformed output from QEMU: %r", line[:200])
             return
@@ -483,11 +483,12 @@ class Hub:
             self.stats.event(msg.event)
             self._fan_out(msg.event, line)
         elif type(msg.id) is int:
-            self._route_reply(up, line, msg.id)
+            self._route_reply(up, line, upstream_error_class(msg.error), msg.id)
         elif msg.id is not NO_ID:
             log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
         elif up.anonymous and (msg.ret or msg.error):
-            self._route_reply(up, line)  # the oldest command sent without an id (link.py)
+            # the oldest command sent without an id (link.py)
+            self._route_reply(up, line, upstream_error_class(msg.error))
         elif msg.error:
             # Every command in QEMU has an id: QEMU could not parse what it was sent.
             log.error("QEMU reported an error without id: %s", describe_error(msg.error))
@@ -538,8 +539,11 @@ class Hub:
                     continue
                 self._out.append(Broadcast(data, clients))
 
-    def _route_reply(self, up: Link, line: bytes, upstream_id: int | None = None) -> None:
-        """QEMU's reply to a command sent with `upstream_id`, or without one (None)."""
+    def _route_reply(
+        self, up: Link, line: bytes, failed: str, upstream_id: int | None = None
+    ) -> None:
+        """QEMU's reply to a command sent with `upstream_id`, or without one (None);
+        `failed` is its error class, "" for a success."""
         if upstream_id is None:
             cmd = up.anonymous.popleft()
         else:
@@ -558,18 +562,7 @@ class Hub:
         up.inflight_bytes -= len(cmd.prefix)
         session = cmd.session
         name = cmd.name
-        # Decoding the reply's class costs a decode per command: only when it matters,
-        # or when the reply is not plainly a success.
         debug = _traffic_log.isEnabledFor(logging.DEBUG)
-        failed = (
-            error_class(line)
-            if self.audit
-            or debug
-            or cmd.names
-            or name in _CLASS_MATTERS
-            or not line.startswith(SUCCESS_OPENING)
-            else ""
-        )
         if cmd.name == ADD_FD and not failed:
             self._fdset_created(session.id, line)
         if not session.id:

@@ -1,5 +1,6 @@
 """Long output the shell sends as it is made of: replies made a piece at a time
-(`Spelled`), and commands kept as their parts (`Spliced`).
+(`Spelled`), and text kept as its parts (`Spliced`): a client's long command, or a long
+reply of QEMU's with the client's id around it.
 
 A client can make qmpmux echo megabytes back: an id of half a million numbers, or a
 command name, a member name or a stray token of a megabyte of non-ASCII text, which
@@ -18,6 +19,7 @@ bounds count, not the size of the text it will make.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -28,16 +30,16 @@ Buffer = bytes | memoryview
 # worst, and large enough that sending it costs little next to making it.
 PIECE: Final = 32 << 10
 
-Part = bytes | Callable[[], Iterator[bytes]]
+Part = bytes | Callable[[], Iterator[Buffer]]
 
 
 class Spliced:
-    """A command's upstream bytes kept as the parts they are made of, never joined.
+    """Bytes kept as the parts they are made of, never joined.
 
     A big command's text is the client's own (qjson.Message.member_text, a view of what
-    the framer read): joining it with qmpmux's few bytes would copy megabytes, each copy
-    ~0.5 ms a MiB in fresh memory, all in the loop turn that completes the message. The
-    shell writes the parts as they are, in one `sendmsg` of many buffers."""
+    the framer read), and a big reply's is QEMU's: joining either with qmpmux's few bytes
+    would copy megabytes, each copy ~0.5 ms a MiB in fresh memory, all in one loop turn.
+    The shell writes the parts as they are, in one `sendmsg` of many buffers."""
 
     __slots__ = ("parts", "size")
 
@@ -84,7 +86,7 @@ class Spelled:
         """The bytes in pieces: bytes parts gathered up to about PIECE, and each piece a
         maker makes handed out as it comes (each is one bounded stretch of its work, even
         an empty one), with the bytes gathered before it."""
-        gathered: list[bytes] = []
+        gathered: list[Buffer] = []
         size = 0
         for part in self.parts:
             if type(part) is bytes:
@@ -108,16 +110,35 @@ class Spelled:
         return b"".join(self.pieces())
 
 
-def joined(*parts: bytes | Spelled, error: str = "") -> bytes | Spelled:
-    """The parts one after another: bytes when they all are, else one `Spelled`."""
+def joined(*parts: bytes | Spelled | Spliced, error: str = "") -> bytes | Spelled | Spliced:
+    """The parts one after another: bytes when they all are, a `Spliced` when none is
+    made in pieces (long bytes are never copied to join them), else one `Spelled`."""
     if all(type(part) is bytes for part in parts):
         return b"".join(parts)  # type: ignore[arg-type]
+    if not any(type(part) is Spelled for part in parts):
+        buffers: list[Buffer] = []
+        for part in parts:
+            if type(part) is Spliced:
+                buffers.extend(part.parts)
+            else:
+                buffers.append(part)  # type: ignore[arg-type]
+        return Spliced(tuple(buffers))
     flat: list[Part] = []
     size = 0
     for part in parts:
         if type(part) is Spelled:
             flat.extend(part.parts)
+        elif type(part) is Spliced:
+            flat.append(functools.partial(_cut, part.parts))
         else:
             flat.append(part)  # type: ignore[arg-type]
         size += len(part)
     return Spelled(tuple(flat), size, error)
+
+
+def _cut(buffers: tuple[Buffer, ...]) -> Iterator[Buffer]:
+    """Spliced buffers as pieces of a `Spelled`, viewed, not copied."""
+    for buffer in buffers:
+        view = memoryview(buffer)
+        for start in range(0, len(view), PIECE):
+            yield view[start : start + PIECE]

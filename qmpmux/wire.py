@@ -57,8 +57,7 @@ SHUTDOWN_EVENT: Final = "SHUTDOWN"
 # -no-shutdown pauses the VM (STOP), and it may be reset and resumed from there.
 STAYING_EVENTS: Final = frozenset({"STOP", "RESET", "RESUME"})
 QUERY_COMMANDS: Final = "query-commands"
-# QEMU writes a success as `{"return": R, "id": N}` (see `rewrite_reply`): a reply that
-# opens with its return member needs no decoding to know it succeeded.
+# QEMU writes a success as `{"return": R, "id": N}` (see `rewrite_reply`).
 SUCCESS_OPENING: Final = b'{"return"'
 
 
@@ -72,9 +71,10 @@ NO_ID: Final = Absent.ID
 ClientId = JsonValue | Absent
 
 
-# What qmpmux writes to a client: bytes, or a reply too long to encode at once, made in
-# pieces as the client's socket takes them (spelled.py).
-Reply = bytes | Spelled
+# What qmpmux writes to a client: bytes, a reply too long to encode at once, made in
+# pieces as the client's socket takes them, or a long reply of QEMU's with the client's
+# id spliced in, never copied (spelled.py).
+Reply = bytes | Spelled | Spliced
 # A client's id as QEMU would echo it, or None when it gave none.
 WireId = bytes | Spelled | None
 
@@ -360,15 +360,39 @@ class _Reply(msgspec.Struct):
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 
 
+class _ErrorClass(msgspec.Struct):
+    cls: str = msgspec.field(default="", name="class")
+
+
+_decode_class = msgspec.json.Decoder(_ErrorClass).decode
+# QEMU prints an error's class before its desc (docs/protocol.md §3.4).
+_CLASS_FIRST: Final = re.compile(rb'\{"class": "([A-Za-z0-9_]*)", ')
+
+
 def error_class(reply: Reply) -> str:
     """The error class of a reply, or "" for a success (for audit records)."""
     if isinstance(reply, Spelled):
         return reply.error
     try:
-        err = _decode_reply(finite(reply)).error
+        err = _decode_reply(finite(bytes(reply))).error
     except msgspec.DecodeError:
         return "?"
     return err.cls if err is not None else ""
+
+
+def upstream_error_class(error: msgspec.Raw) -> str:
+    """The class of an upstream message's `error` member (decode_upstream), or "" when
+    it has none: read where QEMU prints it, never decoding the desc, which may echo
+    megabytes of a client's command (README "Security")."""
+    if not error:
+        return ""
+    m = _CLASS_FIRST.match(error)
+    if m is not None:
+        return m.group(1).decode()
+    try:
+        return _decode_class(error).cls or "?"
+    except msgspec.DecodeError:
+        return "?"
 
 
 class _Named(msgspec.Struct):
@@ -398,23 +422,34 @@ def rewrite_reply(line: bytes, upstream_id: int | None, wire_id: WireId) -> Repl
     else (a downstream build adding members, say) takes the general path that rebuilds the
     top-level object. A command sent without an id (`upstream_id` None) has a reply
     without one, `{"return": R}` or `{"error": E}`: the client's id goes where QEMU puts it.
+    A long reply is never copied to splice the id in (`_kept`).
     """
     if upstream_id is None:
         return _id_added(line, wire_id)
     n = upstream_id_bytes(upstream_id)
     suffix = b', "id": ' + n + b"}\r\n"
-    if isinstance(wire_id, Spelled):
-        return _spelled_rewrite(line, n, wire_id)
     if line.endswith(suffix):
-        return (
-            line[: -len(suffix)]
-            + (b"}" if wire_id is None else b', "id": ' + wire_id + b"}")
-            + CRLF
-        )
+        end = len(line) - len(suffix)
+        if type(wire_id) is bytes and end < SPLICED_FROM:  # the common case, at once
+            return line[:end] + b', "id": ' + wire_id + _CLOSING
+        if wire_id is None:
+            return joined(_kept(line, 0, end), _CLOSING)
+        return joined(_kept(line, 0, end), b', "id": ', wire_id, _CLOSING)
     prefix = b'{"id": ' + n + b", "
     if line.startswith(prefix):
-        return (b"{" if wire_id is None else b'{"id": ' + wire_id + b", ") + line[len(prefix) :]
+        if type(wire_id) is bytes and len(line) < SPLICED_FROM:
+            return b'{"id": ' + wire_id + b", " + line[len(prefix) :]
+        rest = _kept(line, len(prefix), len(line))
+        return joined(b"{", rest) if wire_id is None else joined(b'{"id": ', wire_id, b", ", rest)
     return _rebuilt(line, wire_id)
+
+
+def _kept(line: bytes, start: int, end: int) -> bytes | Spliced:
+    """QEMU's reply from `start` to `end`: a slice, or a view of a long one (a reply can
+    echo megabytes of a client's command, and a copy costs ~0.5 ms a MiB in one turn)."""
+    if end - start < SPLICED_FROM:
+        return line[start:end]
+    return Spliced((memoryview(line)[start:end],))
 
 
 _ERROR_OPENING: Final = b'{"error": '
@@ -443,28 +478,17 @@ def _id_added(line: bytes, wire_id: WireId) -> Reply:
     if wire_id is None:
         return line
     if line.startswith(SUCCESS_OPENING) and line.endswith(_CLOSING) and b'"__' not in line:
-        if type(wire_id) is bytes:
+        if type(wire_id) is bytes and len(line) < SPLICED_FROM:
             return b'%b, "id": %b}\r\n' % (line[:-3], wire_id)
-        return joined(line[:-3], b', "id": ', wire_id, _CLOSING)
+        return joined(_kept(line, 0, len(line) - 3), b', "id": ', wire_id, _CLOSING)
     if line.startswith(_ERROR_OPENING):
-        if type(wire_id) is bytes:
+        if type(wire_id) is bytes and len(line) < SPLICED_FROM:
             return b'{"id": %b, %b' % (wire_id, line[1:])
-        return joined(b'{"id": ', wire_id, b", ", line[1:])
+        return joined(b'{"id": ', wire_id, b", ", _kept(line, 1, len(line)))
     try:
         return _rebuilt(line, wire_id)
     except msgspec.DecodeError:  # QEMU's non-finite numbers: after `return`, as QEMU would
-        return joined(line[:-3], b', "id": ', wire_id, _CLOSING)
-
-
-def _spelled_rewrite(line: bytes, n: bytes, wire_id: Spelled) -> Reply:
-    """rewrite_reply for an id encoded as it is sent."""
-    suffix = b', "id": ' + n + b"}\r\n"
-    if line.endswith(suffix):
-        return joined(line[: -len(suffix)], b', "id": ', wire_id, b"}" + CRLF)
-    prefix = b'{"id": ' + n + b", "
-    if line.startswith(prefix):
-        return joined(b'{"id": ', wire_id, b", ", line[len(prefix) :])
-    return _rebuilt(line, wire_id)
+        return joined(_kept(line, 0, len(line) - 3), b', "id": ', wire_id, _CLOSING)
 
 
 def _rebuilt(line: bytes, wire_id: WireId) -> Reply:
@@ -507,6 +531,16 @@ def _compact_token(m: re.Match[bytes]) -> bytes:
 def compact_pretty(message: bytes) -> bytes:
     """A `pretty=on` monitor's multi-line message as QEMU's one-line output, CRLF ended."""
     return _PRETTY_TOKEN.sub(_compact_token, message) + CRLF
+
+
+def _bare(line: bytes, brace: bytes) -> bool:
+    """Whether `line` is `brace` alone, as a pretty block opens or closes: told without
+    stripping (a copy of) a long compact message."""
+    return (
+        line.startswith(brace)
+        and (len(line) < 64 or line[1:2].isspace())
+        and (line.rstrip() == brace)
+    )
 
 
 class OversizedMessageError(ValueError):
@@ -552,22 +586,26 @@ class UpstreamFramer:
             end = buf.find(b"\n", max(start, self._scan))
             if end < 0:
                 break
-            line = bytes(buf[start : end + 1])
+            if end - start < SPLICED_FROM:
+                line = bytes(buf[start : end + 1])
+            else:  # copied once, not twice: a long reply's copy costs ~0.5 ms a MiB
+                with memoryview(buf) as view:
+                    line = bytes(view[start : end + 1])
             start = end + 1
             self._scan = start
             if self._pretty is not None:
                 self._pretty.append(line)
                 self._pretty_size += len(line)
-                if line.rstrip() == b"}":
+                if _bare(line, b"}"):
                     block = b"".join(self._pretty)
                     self._pretty = None
                     yield compact_pretty(block)
                 elif self._pretty_size > self._max:
                     raise OversizedMessageError("upstream message exceeds the size limit")
-            elif line.rstrip() == b"{":
+            elif _bare(line, b"{"):
                 self._pretty = [line]
                 self._pretty_size = len(line)
-            elif line.strip():
+            elif not line.isspace():
                 yield line if line.endswith(CRLF) else line[:-1] + CRLF
         if start:
             del buf[:start]

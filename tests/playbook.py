@@ -20,8 +20,9 @@ STOP_EVENT = b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}
 
 
 def spelled_out(data: Reply) -> bytes:
-    """A reply's bytes, made at once if qmpmux makes it a piece at a time."""
-    return data.spell() if isinstance(data, Spelled) else data
+    """A reply's bytes, made at once if qmpmux makes it a piece at a time or keeps it in
+    parts."""
+    return data.spell() if isinstance(data, Spelled) else bytes(data)
 
 
 def expect(got: Sequence[Action], want: Sequence[Action]) -> None:

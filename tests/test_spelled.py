@@ -14,7 +14,7 @@ import socket
 from collections.abc import Iterator
 
 from qmpmux.channel import Channel
-from qmpmux.spelled import PIECE, Spelled, joined
+from qmpmux.spelled import PIECE, Spelled, Spliced, joined
 
 
 class _Quiet:
@@ -37,6 +37,23 @@ def test_short_parts_join_to_bytes_and_long_ones_to_pieces() -> None:
     assert spelled.error == "GenericError"
     assert list(spelled.pieces()) == [b"<" + b"1" * PIECE, b"", b"2", b">"]
     assert spelled.spell() == spelled.spell()  # a recipe, made afresh each time
+
+
+def test_spliced_parts_are_joined_as_views_never_copies() -> None:
+    """A long reply of QEMU's keeps its bytes: joined with bytes it stays in parts, and
+    around a part made in pieces it is cut in views of PIECE."""
+    text = b"x" * (2 * PIECE + 1)
+    kept = Spliced((memoryview(text)[1:],))
+    spliced = joined(b"<", kept, b">")
+    assert isinstance(spliced, Spliced) and bytes(spliced) == b"<" + text[1:] + b">"
+    assert [memoryview(p).obj for p in spliced.parts[1:-1]] == [text]
+
+    def maker() -> Iterator[bytes]:
+        yield b"id"
+
+    spelled = joined(b"<", Spelled((maker,), 2), b":", kept, b">")
+    assert isinstance(spelled, Spelled) and len(spelled) == 5 + 2 * PIECE
+    assert list(spelled.pieces()) == [b"<id", b":" + text[1 : PIECE + 1], text[PIECE + 1 :], b">"]
 
 
 async def test_a_spelled_reply_is_made_as_the_peer_reads_it() -> None:

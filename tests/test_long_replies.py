@@ -1,0 +1,119 @@
+"""A long reply of QEMU's costs qmpmux about its own size, once.
+
+A client can make QEMU echo megabytes: a command name of a megabyte comes back in
+QEMU's "has not been found" error, a `qom-get` returns whatever was set. Routing such a
+reply must not decode, copy or rebuild it: each pass over fresh memory costs ~0.5 ms a
+MiB, all in one loop turn, while every other client waits (README "Security")."""
+
+from __future__ import annotations
+
+import re
+import tracemalloc
+from collections.abc import Callable
+
+import pytest
+
+from qmpmux.hub import Hub, ToClient, ToUpstream
+from qmpmux.qjson import JsonValue, encode
+from tests.playbook import connect, ready_hub, spelled_out
+
+LONG = 1 << 20
+CHUNK = 64 * 1024
+NAME = b"a" * LONG
+TEXT = b'"' + b"b" * LONG + b'"'
+ERROR = b'"error": {"class": "CommandNotFound", "desc": "The command %s has not been found"}'
+ERROR %= NAME
+
+# (what the client sends, QEMU's reply to it given the upstream id, what the client gets)
+Shape = tuple[bytes, Callable[[int | None], bytes], bytes]
+SHAPES: dict[str, Shape] = {
+    # A big command goes upstream with an id; QEMU prints it first before `error`...
+    "error with an id": (
+        b'{"execute":"%s","id":"c"}' % NAME,
+        lambda n: b'{"id": %d, %s}\r\n' % (n or 0, ERROR),
+        b'{"id": "c", %s}\r\n' % ERROR,
+    ),
+    # ...and last after `return`.
+    "return with an id": (
+        b'{"execute":"qom-get","arguments":{"path":"/","property":%s},"id":"c"}' % TEXT,
+        lambda n: b'{"return": %s, "id": %d}\r\n' % (TEXT, n or 0),
+        b'{"return": %s, "id": "c"}\r\n' % TEXT,
+    ),
+    # A small command goes without one; QEMU's reply has none (docs/protocol.md §3.4).
+    "error without an id": (
+        b'{"execute":"qom-get","arguments":{"path":"/","property":"x"},"id":"c"}',
+        lambda n: b"{%s}\r\n" % ERROR,
+        b'{"id": "c", %s}\r\n' % ERROR,
+    ),
+    "return without an id": (
+        b'{"execute":"qom-get","arguments":{"path":"/","property":"x"},"id":"c"}',
+        lambda n: b'{"return": %s}\r\n' % TEXT,
+        b'{"return": %s, "id": "c"}\r\n' % TEXT,
+    ),
+}
+
+
+def _sent(hub: Hub, cid: int, command: bytes) -> int | None:
+    """Send `command`; the id it went upstream with (None: without one)."""
+    actions = []
+    for at in range(0, len(command), CHUNK):
+        actions += hub.client_data(cid, command[at : at + CHUNK])
+    (up,) = [a for a in actions if isinstance(a, ToUpstream)]
+    m = re.search(rb',"id":([0-9]+)\}\Z', bytes(up.data))
+    return int(m.group(1)) if m else None
+
+
+def _reads(line: bytes) -> list[bytes]:
+    return [line[at : at + CHUNK] for at in range(0, len(line), CHUNK)]
+
+
+def _answered(hub: Hub, reply: bytes) -> list[ToClient]:
+    """QEMU's `reply` in reads of CHUNK; the replies the last read gives."""
+    *first, last = _reads(reply)
+    for data in first:
+        assert hub.upstream_data(data) == []
+    return [a for a in hub.upstream_data(last) if isinstance(a, ToClient)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_long_reply_reaches_its_client_exactly(shape: str) -> None:
+    command, reply, want = SHAPES[shape]
+    hub = ready_hub()
+    cid = connect(hub)
+    (got,) = _answered(hub, reply(_sent(hub, cid, command)))
+    assert got.client == cid
+    assert spelled_out(got.data) == want
+
+
+@pytest.mark.parametrize("shape", ["error with an id", "return without an id"])
+def test_a_long_reply_gets_a_long_client_id(shape: str) -> None:
+    """An id too long to encode at once is made in pieces around QEMU's reply."""
+    long_id: list[JsonValue] = list(range(20_000))
+    command, reply, want = SHAPES[shape]
+    command = command.replace(b'"id":"c"', b'"id":' + encode(long_id).replace(b" ", b""))
+    hub = ready_hub()
+    cid = connect(hub)
+    (got,) = _answered(hub, reply(_sent(hub, cid, command)))
+    assert spelled_out(got.data) == want.replace(b'"id": "c"', b'"id": ' + encode(long_id))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_routing_a_long_reply_holds_at_most_one_copy_of_it(shape: str) -> None:
+    """Python memory allocated while the read that completes the reply is handled:
+    QEMU's line (one copy out of the read buffer) and little else. Decoding the error's
+    desc, a second copy or a rebuilt reply would each add a whole reply's size."""
+    command, reply, _want = SHAPES[shape]
+    hub = ready_hub()
+    cid = connect(hub)
+    line = reply(_sent(hub, cid, command))
+    *first, last = _reads(line)
+    for data in first:
+        hub.upstream_data(data)
+    tracemalloc.start()
+    try:
+        got = hub.upstream_data(last)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [type(a) for a in got] == [ToClient]
+    assert peak < 1.25 * len(line), (peak, len(line))
