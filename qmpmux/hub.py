@@ -91,6 +91,7 @@ from qmpmux.wire import (
     SHUTDOWN_EVENT,
     STAYING_EVENTS,
     CommandText,
+    Line,
     OversizedMessageError,
     Reply,
     command_bytes,
@@ -330,7 +331,7 @@ class Hub:
                 if up.state is UpstreamState.READY:
                     self._upstream_message(up, line)
                 elif up.state is not UpstreamState.CLOSED:
-                    self._handshake(up, line)
+                    self._handshake(up, bytes(line))
         except OversizedMessageError as exc:
             self._end(1, f"QEMU sent an oversized message: {exc}")
         self._pump()
@@ -456,7 +457,7 @@ class Hub:
                 if self.stats.timed:  # learn the command label's values (metrics.py)
                     self._system_command(first, QUERY_COMMANDS, None)
 
-    def _upstream_message(self, up: Link, line: bytes) -> None:
+    def _upstream_message(self, up: Link, line: Line) -> None:
         try:
             msg = decode_upstream(line)
         except msgspec.DecodeError:
@@ -472,6 +473,7 @@ class Hub:
                 log.warning("dropping malformed output from QEMU: %r", line[:200])
             return
         if msg.event is not None:
+            line = bytes(line)  # (a long one's buffer: copied, events are keyed by their bytes)
             if len(self._live) > 1 and not self._first_copy(up, line):
                 return
             if msg.event == SHUTDOWN_EVENT:
@@ -540,7 +542,7 @@ class Hub:
                 self._out.append(Broadcast(data, clients))
 
     def _route_reply(
-        self, up: Link, line: bytes, failed: str, upstream_id: int | None = None
+        self, up: Link, line: Line, failed: str, upstream_id: int | None = None
     ) -> None:
         """QEMU's reply to a command sent with `upstream_id`, or without one (None);
         `failed` is its error class, "" for a success."""
@@ -564,12 +566,12 @@ class Hub:
         name = cmd.name
         debug = _traffic_log.isEnabledFor(logging.DEBUG)
         if cmd.name == ADD_FD and not failed:
-            self._fdset_created(session.id, line)
+            self._fdset_created(session.id, bytes(line))
         if not session.id:
             up.system.inflight[lane] -= 1  # qmpmux's own cleanup: nobody to answer
             self._requeue(up.system, lane)
             if name == QUERY_COMMANDS and not failed:
-                self.stats.learn(command_names(line))
+                self.stats.learn(command_names(bytes(line)))
             return
         # Counted inline (Stats.row): this runs once per command.
         stats = self.stats
@@ -600,17 +602,20 @@ class Hub:
             flow.fd_busy = False
         profile = session.profile
         # Every change but the id's is made to QEMU's reply as QEMU wrote it (the client's
-        # id is its own, and may be long to encode: wire.rewrite_reply).
+        # id is its own, and may be long to encode: wire.rewrite_reply). A change reads
+        # bytes: a long reply's buffer (wire.Line) is copied only for one.
         try:
-            data = strip_message(line) if profile.strip_extensions else line
+            data: Line = line
+            if profile.strip_extensions:
+                data = strip_message(bytes(data))
             if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
-                data = self._narrow(profile, cmd.name, data, upstream_id)
+                data = self._narrow(profile, cmd.name, bytes(data), upstream_id)
             elif cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
-                data = restore_names(data, cmd.names)
+                data = restore_names(bytes(data), cmd.names)
             elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
-                data = self._own_fdsets(session.id, data, upstream_id)
+                data = self._own_fdsets(session.id, bytes(data), upstream_id)
             elif cmd.name in SCRUBBED and not profile.secret_properties:
-                data = self._scrub(cmd.name, data, upstream_id)
+                data = self._scrub(cmd.name, bytes(data), upstream_id)
             reply = rewrite_reply(data, upstream_id, cmd.wire_id)
         except msgspec.DecodeError:  # e.g. QEMU's non-finite numbers where one is reread
             log.warning("could not rewrite QEMU's reply to %r; withholding it: %r",
