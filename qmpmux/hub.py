@@ -66,12 +66,21 @@ from qmpmux.metrics import (
     NEGOTIATION_TIMEOUT,
     OK,
     OK_AT,
+    OTHER,
     SHUTDOWN,
     UPSTREAM_LOST,
     Stats,
 )
 from qmpmux.policy import DEFAULT_POLICY, FULL, LIST_CLIENTS, WHOAMI, Decision, Policy, Profile
-from qmpmux.qjson import Framer, JsonValue, ParseError, encode, qdict_order
+from qmpmux.qjson import (
+    Framer,
+    JsonValue,
+    LongString,
+    ParseError,
+    clipped,
+    encode,
+    qdict_order,
+)
 from qmpmux.redact import encode_record, redact
 from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import Audited, Command, Extension, Local, Peer, Phase, Session
@@ -85,6 +94,7 @@ from qmpmux.wire import (
     GENERIC_ERROR,
     HANDSHAKE_ID,
     NO_ID,
+    PART_MEMBERS,
     QUERY_COMMANDS,
     READ_MEMBERS,
     REPLY_OPENINGS,
@@ -714,6 +724,7 @@ class Hub:
             max_tokens=QEMU_MAX_TOKENS - 8,  # qmpmux adds `,"id":N` upstream
             defer_members=DEFERRED_MEMBERS,
             read_members=READ_MEMBERS,
+            part_members=PART_MEMBERS,
         )
         profile = self._assign(peer)
         flow = Flow(Session(cid, peer, self._offered, framer, profile, self.protected))
@@ -917,7 +928,7 @@ class Hub:
         if _traffic_log.isEnabledFor(logging.DEBUG):
             _traffic_log.debug(
                 "client %d: %r answered by qmpmux (%d bytes)",
-                flow.id, (verdict.name or "-")[:80], len(verdict.data),
+                flow.id, clipped(verdict.name or "-", 80), len(verdict.data),
             )  # fmt: skip
         (flow.oob_replies if verdict.oob else flow.replies).append(verdict.data)
         flow.reply_bytes += len(verdict.data)
@@ -986,17 +997,18 @@ class Hub:
 
     def _judged_locally(self, flow: Flow, verdict: Local) -> None:
         assert verdict.name is not None and verdict.decision is not None
+        label = verdict.name if type(verdict.name) is str else OTHER  # a long name is no label
         if verdict.decision is Decision.DENY:
-            self.stats.denial(flow.session.profile.name, verdict.name)
+            self.stats.denial(flow.session.profile.name, label)
             flow.denials += 1
-        else:  # qmpmux's own commands, and fd commands refused as QEMU would
-            self.stats.row(verdict.name)[ERROR_AT if error_class(verdict.data) else OK_AT] += 1
+        else:  # qmpmux's own commands, fd commands refused and long names, as QEMU would
+            self.stats.row(label)[ERROR_AT if error_class(verdict.data) else OK_AT] += 1
             flow.commands += 1
         if verdict.decision is Decision.DENY:
             note = self.log_limit.admit("denial", flow.session.peer.listener)
             if note is not None:  # a flood, even one reconnecting, must not flood the log
                 _client_log.warning(
-                    "client %d: %r denied by profile %s%s", flow.id, verdict.name[:80],
+                    "client %d: %r denied by profile %s%s", flow.id, clipped(verdict.name, 80),
                     flow.session.profile.name, note,
                 )  # fmt: skip
         if self.audit:
@@ -1008,7 +1020,7 @@ class Hub:
     def _record(
         self,
         session: Session,
-        name: str,
+        name: str | LongString,
         decision: Decision,
         result: str,
         arguments: Audited,
@@ -1029,7 +1041,7 @@ class Hub:
             "gid": peer.gid,
             "pid": peer.pid,
             "profile": profile,
-            "command": name[:_RECORDED_NAME_MAX],
+            "command": clipped(name, _RECORDED_NAME_MAX),
             "decision": decision.value,
             "result": result or "ok",
             "latency_ms": round((self._clock() - started) * 1000, 3) if started else 0.0,
@@ -1041,13 +1053,13 @@ class Hub:
         if isinstance(arguments, int):  # too big to record: only how big
             record["arguments_bytes"] = arguments
         elif arguments is not None:
-            record["arguments"] = redact(name, arguments)
+            record["arguments"] = redact(name if type(name) is str else "", arguments)
         if decision is Decision.AUDIT:
             note = self.log_limit.admit("audit-only", peer.listener)
             if note is not None:
                 _client_log.warning(
                     "client %d: %r would be denied by profile %s (audit-only)%s",
-                    session.id, name[:80], profile, note,
+                    session.id, clipped(name, 80), profile, note,
                 )  # fmt: skip
         self._out.append(Audit(encode_record(record)))
 

@@ -20,16 +20,17 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from typing import Final
 
 import msgspec
 
 from qmpmux.fdargs import FD_COMMANDS, numeric_fd
-from qmpmux.qjson import JsonValue
+from qmpmux.qjson import JsonValue, LongString
 
 EXTENSION_PREFIX: Final = "__"
 # qmpmux's own commands live in its own downstream namespace (docs/protocol.md §12).
@@ -236,6 +237,49 @@ def check_pattern(pattern: str, path: str) -> None:
         raise PolicyError(path, f"invalid glob {pattern!r}: unclosed '['")
 
 
+# One character of a glob, as fnmatch reads it: a set (`[` up to the next `]`, a `]`
+# right after `[` or `[!` included) or any single character.
+_GLOB_CHAR = re.compile(r"\[!?+\]?+[^\]]*\]|.", re.DOTALL)
+_TRANSLATED = re.compile(r"\(\?s:(.*)\)\\[Zz]", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=256)
+def _segments(glob: str) -> tuple[tuple[re.Pattern[str], int], ...]:
+    """The glob cut at its `*`s: each piece as a pattern of its fixed width (fnmatch's
+    own translation of each of its characters)."""
+    pieces: list[list[str]] = [[]]
+    for m in _GLOB_CHAR.finditer(glob):
+        if m.group() == "*":
+            pieces.append([])
+        else:
+            one = _TRANSLATED.fullmatch(translate(m.group()))
+            assert one is not None, "fnmatch translates to (?s:...)\\Z"
+            pieces[-1].append(one.group(1))
+    return tuple((re.compile("".join(p), re.DOTALL), len(p)) for p in pieces)
+
+
+def long_match(name: LongString, glob: str) -> bool:
+    """fnmatchcase(name, glob) read from the parts of a long name, never joined: the
+    pieces between stars match at the start, at the end, and leftmost in between."""
+    segments = _segments(glob)
+    (first, first_width), (last, last_width) = segments[0], segments[-1]
+    if len(segments) == 1:
+        return len(name) == first_width and first.fullmatch(name.head(first_width)) is not None
+    if first_width + last_width > len(name):
+        return False
+    if first.fullmatch(name.head(first_width)) is None:
+        return False
+    if last.fullmatch(name.tail(last_width)) is None:
+        return False
+    at, stop = first_width, len(name) - last_width
+    for pattern, width in segments[1:-1]:
+        if width:
+            at = name.search(pattern, width, at, stop)
+            if at < 0:
+                return False
+    return True
+
+
 @dataclass(frozen=True)
 class Patterns:
     """Exact names and globs; `__` names only match globs that start with `__`."""
@@ -253,18 +297,24 @@ class Patterns:
                 exact.add(p)
         return cls(frozenset(exact), tuple(globs))
 
-    def match(self, name: str) -> bool:
+    def match(self, name: str | LongString) -> bool:
         """For allowing: `__` names only match globs that start with `__`."""
-        if name in self.exact:
+        if type(name) is str and name in self.exact:
             return True
         extension = name.startswith(EXTENSION_PREFIX)
-        return any(
-            fnmatchcase(name, g) for g in self.globs if g.startswith(EXTENSION_PREFIX) == extension
-        )
+        globs = (g for g in self.globs if g.startswith(EXTENSION_PREFIX) == extension)
+        if isinstance(name, LongString):
+            return self._long_match(name, globs)
+        return any(fnmatchcase(name, g) for g in globs)
 
-    def match_any(self, name: str) -> bool:
+    def match_any(self, name: str | LongString) -> bool:
         """For denying: every glob matches every name it fits, `__` names included."""
+        if isinstance(name, LongString):
+            return self._long_match(name, self.globs)
         return name in self.exact or any(fnmatchcase(name, g) for g in self.globs)
+
+    def _long_match(self, name: LongString, globs: Iterable[str]) -> bool:
+        return any(map(name.equals, self.exact)) or any(long_match(name, g) for g in globs)
 
     def names(self) -> list[str]:
         return [*sorted(self.exact), *self.globs]
@@ -292,8 +342,8 @@ class Profile:
     _commands: dict[str, Decision] = field(default_factory=dict, repr=False, compare=False)
     _events: dict[str, bool] = field(default_factory=dict, repr=False, compare=False)
 
-    def command(self, name: str) -> Decision:
-        decision = self._commands.get(name)
+    def command(self, name: str | LongString) -> Decision:
+        decision = self._commands.get(name) if type(name) is str else None
         if decision is None:
             allowed = self.allow_commands.match(name) and not self.deny_commands.match_any(name)
             if name in _WHOLE_HATCHES and name not in self.allow_commands.exact:
@@ -302,7 +352,11 @@ class Profile:
                 decision = Decision.ALLOW
             else:
                 decision = Decision.AUDIT if self.audit_only else Decision.DENY
-            if len(self._commands) < _CACHE_LIMIT and len(name) <= _CACHED_NAME_MAX:
+            if (
+                type(name) is str
+                and len(name) <= _CACHED_NAME_MAX
+                and len(self._commands) < _CACHE_LIMIT
+            ):
                 self._commands[name] = decision
         return decision
 

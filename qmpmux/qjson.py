@@ -40,8 +40,10 @@ steps per token; string decoding and error texts use C-speed passes only. What
 is done once per complete message (unpacking, decoding a long string token) is
 linear at C speed. A long string token is decoded in parts as it arrives, and with
 ``read_members`` given it is joined into one str only where it is read: kept in
-parts inside a deferred member until that is resolved, dropped where nothing can
-read it (:meth:`Framer._string_fate`).
+parts inside a deferred member until that is resolved, handed on in its parts as a
+:class:`LongString` in a member of ``part_members`` (a command's name and id, which
+are matched and echoed, never needed whole), dropped where nothing can read it
+(:meth:`Framer._string_fate`).
 
 Fast path: a complete message at a message boundary, made only of tokens on
 which QEMU and strict JSON agree (plain ASCII strings, small integers,
@@ -88,12 +90,15 @@ __all__ = [
     "Deferred",
     "Framer",
     "JsonValue",
+    "LongString",
     "Message",
     "ParseError",
     "c_text_pieces",
+    "clipped",
     "encode",
     "encode_compact",
     "heavy",
+    "long_string_pieces",
     "pack",
     "packed_pieces",
     "qdict_order",
@@ -497,8 +502,9 @@ _P_OBJ_FIRST, _P_OBJ_KEY, _P_OBJ_COLON, _P_OBJ_VALUE, _P_OBJ_SEP = range(5)
 _P_ARR_FIRST, _P_ARR_VALUE, _P_ARR_SEP = range(5, 8)
 
 # What becomes of a long string token (one decoded in parts, _string_step): built as a
-# str; kept in parts, built when its deferred member is resolved; or checked and dropped.
-_BUILD, _LAZY, _DROP = range(3)
+# str; kept in parts, built when its deferred member is resolved; checked and dropped; or
+# handed on in its parts (LongString).
+_BUILD, _LAZY, _DROP, _PARTS = range(4)
 # msgpack extension type of a kept string inside a packed member: its data is the index
 # of the string's parts in the message's list of them (Deferred.resolve builds it).
 _EXT_LONG_STRING: Final = 1
@@ -534,6 +540,7 @@ class Framer:
         "_ntok",
         "_out",
         "_packed",
+        "_parted",
         "_perr",
         "_read",
         "_result",
@@ -559,12 +566,15 @@ class Framer:
         max_nesting: int = 1024,
         defer_members: frozenset[str] = frozenset(),
         read_members: frozenset[str] | None = None,
+        part_members: frozenset[str] = frozenset(),
     ) -> None:
         self._max_size = max_message_bytes
         # Top-level members of a big message left packed until asked for (Deferred).
         self._defer = defer_members
         # The top-level members whose values are read, if not all (see _string_fate).
         self._read = read_members
+        # The top-level members whose long string value is handed on as a LongString.
+        self._parted = part_members
         self._max_tokens = max_tokens
         self._max_nesting = max_nesting
         depth = min(_FAST_MAX_DEPTH, max_nesting)
@@ -598,7 +608,7 @@ class Framer:
         self._str_parts: list[str] = []
         self._str_error: bytes | None = None
         self._str_fate = _BUILD
-        # the parts of each string kept for a deferred member (_LAZY), in this message
+        # the parts of each string kept (_LAZY, _PARTS), in this message
         self._longs: list[list[str]] = []
         self._perr: bytes | None = None
         self._done = False
@@ -747,7 +757,9 @@ class Framer:
         A long string costs ~0.6 ms a MiB to build as one str, all in the loop turn that
         completes it, mostly first touches of fresh pages (README "Security"). So with
         `read_members` given, only what is read is built: keys (a duplicate is an error)
-        and values inside those members. A value inside a member of `defer_members` is
+        and values inside those members. The value of a member of `part_members` is
+        handed on in its parts (LongString): a command's name and id are matched and
+        echoed, which the parts do as well. A value inside a member of `defer_members` is
         kept in parts, built only if a check reads that member (a command's arguments
         seldom are). Anything else is never read: a top-level value that is not an
         object (QEMU refuses it), another member's value (refused or ignored whatever it
@@ -767,6 +779,8 @@ class Framer:
         top = stack[0]
         if type(top) is not _Object:
             return _DROP
+        if len(stack) == 1 and top.key in self._parted:
+            return _PARTS
         if top.key in read:
             return _BUILD
         if len(stack) > 1 and top.key in self._defer:
@@ -854,6 +868,8 @@ class Framer:
             if self._keep:  # a top-level object
                 assert isinstance(result, dict)
                 message = result if type(result) is Message else Message(result)
+                if self._longs and self._parted:
+                    self._parted_out(message)
                 message._text = self._text  # not copied: _reset makes a new one
                 message._spans = self._spans
                 result = message
@@ -883,6 +899,14 @@ class Framer:
                 value[key] = _unpack(raw)
         return value
 
+    def _parted_out(self, message: Message) -> None:
+        """Each long string of a `part_members` member, handed on as a LongString."""
+        for key in self._parted:
+            value: object = message.get(key)
+            if type(value) is msgspec.msgpack.Ext and value.code == _EXT_LONG_STRING:
+                parts = self._longs[int.from_bytes(value.data, "big")]
+                message[key] = LongString(parts)  # type: ignore[assignment]
+
     def _deliver_long(self, tok: bytearray) -> None:
         """The string token decoded in parts (_string_step), completed and delivered as
         its fate says (_string_fate)."""
@@ -895,13 +919,15 @@ class Framer:
         self._str_parts.append(last)
         if self._str_fate == _BUILD:
             self._deliver("".join(self._str_parts))
-        else:
-            # Stands in for the string until its member is resolved (Deferred.resolve).
+            return
+        # Stands in for the string until its member is resolved (Deferred.resolve) or
+        # the message is complete (_parted_out).
+        index = len(self._longs).to_bytes(4, "big")
+        self._longs.append(self._str_parts)
+        self._deliver(msgspec.msgpack.Ext(_EXT_LONG_STRING, index))  # type: ignore[arg-type]
+        if self._str_fate == _LAZY:
             # Packed at once, so the complete message is unpacked member by member and
             # this member stays packed.
-            index = len(self._longs).to_bytes(4, "big")
-            self._longs.append(self._str_parts)
-            self._deliver(msgspec.msgpack.Ext(_EXT_LONG_STRING, index))  # type: ignore[arg-type]
             self._pack_open()
 
     def _string_over(self) -> None:
@@ -1194,6 +1220,96 @@ class DeferredObject(Mapping[str, JsonValue]):
 
     def __bool__(self) -> bool:
         return not self._deferred.is_empty
+
+
+class LongString:
+    """A string value kept as the parts it was decoded in, never joined (a token longer
+    than _STR_STEP in a `part_members` member, Framer._string_fate).
+
+    A client's command name or id of megabytes is only measured, matched against the
+    profile's names and globs, and echoed, and each of those reads the parts; joined, it
+    would take ~1 ms a MiB of fresh memory in one loop turn, 4 for each non-ASCII MiB
+    (README "Security")."""
+
+    __slots__ = ("length", "parts")
+
+    def __init__(self, parts: Iterable[str]) -> None:
+        self.parts = tuple(parts)
+        self.length = sum(map(len, self.parts))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return f"LongString({self.head(40)!r}..., {self.length} characters)"
+
+    def head(self, n: int) -> str:
+        """The first `n` characters."""
+        taken: list[str] = []
+        for part in self.parts:
+            if n <= 0:
+                break
+            taken.append(part[:n])
+            n -= len(part)
+        return "".join(taken)
+
+    def tail(self, n: int) -> str:
+        """The last `n` characters."""
+        taken: list[str] = []
+        for part in reversed(self.parts):
+            if n <= 0:
+                break
+            taken.append(part[-n:])
+            n -= len(part)
+        return "".join(reversed(taken))
+
+    def startswith(self, prefix: str) -> bool:
+        return self.head(len(prefix)) == prefix
+
+    def equals(self, text: str) -> bool:
+        if len(text) != self.length:
+            return False
+        at = 0
+        for part in self.parts:
+            if text[at : at + len(part)] != part:
+                return False
+            at += len(part)
+        return True
+
+    def around(self, before: str, after: str) -> LongString:
+        """`before`, this, then `after` (a message that quotes it)."""
+        return LongString((before, *self.parts, after))
+
+    def search(self, pattern: re.Pattern[str], width: int, start: int, stop: int) -> int:
+        """Where the leftmost match of `pattern` (which matches exactly `width`
+        characters) at or after `start` ends, if it ends by `stop`; -1 if none does.
+        Each part is searched with the `width - 1` characters before it, so a match
+        across parts is found: no window longer than a part and a pattern is built."""
+        offset = 0  # where the window (carried + part) starts in the whole
+        carried = ""
+        for part in self.parts:
+            window = carried + part
+            end = offset + len(window)
+            if end > start:
+                m = pattern.search(window, max(start - offset, 0))
+                if m is not None:
+                    return offset + m.end() if offset + m.end() <= stop else -1
+            keep = min(width - 1, len(window)) if width > 1 else 0
+            carried = window[len(window) - keep :] if keep else ""
+            offset = end - len(carried)
+            if offset >= stop:
+                break
+        return -1
+
+
+def clipped(text: str | LongString, n: int) -> str:
+    """The first `n` characters of a string, long or not (logs and records quote no more)."""
+    return text.head(n) if isinstance(text, LongString) else text[:n]
+
+
+def long_string_pieces(text: LongString) -> Iterator[bytes]:
+    """encode() of the string `text` holds, in pieces, each a bounded amount of work."""
+    return _written(_long_string_steps(text.parts))
 
 
 def _is_container(raw: msgspec.Raw) -> bool:
@@ -1623,9 +1739,14 @@ def _written(steps: _Steps) -> Iterator[bytes]:
 
 
 def _string_steps(s: str) -> _Steps:
+    return _long_string_steps((s,))
+
+
+def _long_string_steps(parts: Iterable[str]) -> _Steps:
     yield '"'
-    for start in range(0, len(s), _SLICE):
-        yield _quote(s[start : start + _SLICE])[1:-1]
+    for s in parts:
+        for start in range(0, len(s), _SLICE):
+            yield _quote(s[start : start + _SLICE])[1:-1]
     yield '"'
 
 

@@ -34,6 +34,7 @@ from qmpmux.qjson import (
     DeferredObject,
     Framer,
     JsonValue,
+    LongString,
     Message,
     ParseError,
     qdict_order,
@@ -129,7 +130,7 @@ class Local:
 
     data: Reply
     oob: bool = False
-    name: str | None = None
+    name: str | LongString | None = None
     decision: Decision | None = None
     arguments: Audited = None
 
@@ -199,19 +200,19 @@ def _is_object(value: object) -> bool:
     return isinstance(value, dict) or (isinstance(value, Deferred) and value.is_object)
 
 
+def _is_string(value: object) -> bool:
+    return isinstance(value, str | LongString)
+
+
 def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
     """QEMU's qmp_dispatch_check_obj: the first problem in QDict hash order, or None."""
     execute = obj.get(EXECUTE)
-    if (
-        isinstance(execute, str)
-        and _PLAIN_KEYS.issuperset(obj)
-        and _is_object(obj.get(ARGUMENTS, obj))
-    ):
+    if _is_string(execute) and _PLAIN_KEYS.issuperset(obj) and _is_object(obj.get(ARGUMENTS, obj)):
         return None  # the common, valid shape: no order can matter
     exec_key: str | None = None
     for key in _in_qdict_order(_at_fault(obj, allow_oob)):
         if key == EXECUTE or (key == EXEC_OOB and allow_oob):
-            if not isinstance(obj[key], str):
+            if not _is_string(obj[key]):
                 return f"QMP input member '{key}' must be a string"
             if exec_key is not None:
                 return f"QMP input member '{key}' clashes with '{exec_key}'"
@@ -231,14 +232,14 @@ def _at_fault(obj: dict[str, JsonValue], allow_oob: bool) -> list[str]:
     others cannot change its answer, and a member of megabytes takes milliseconds to hash
     (qjson.qdict_order), so only these are ordered."""
     exec_keys = [key for key in (EXECUTE, EXEC_OOB) if key in obj and (key == EXECUTE or allow_oob)]
-    clash = len(exec_keys) == 2 and all(isinstance(obj[key], str) for key in exec_keys)
+    clash = len(exec_keys) == 2 and all(_is_string(obj[key]) for key in exec_keys)
     return [
         key
         for key, value in obj.items()
         if not (
             key == ID
             or (key == ARGUMENTS and _is_object(value))
-            or (key in exec_keys and isinstance(value, str) and not clash)
+            or (key in exec_keys and _is_string(value) and not clash)
         )
     ]
 
@@ -320,8 +321,8 @@ class Session:
         if problem is not None:
             return Local(error_reply(wire_id, GENERIC_ERROR, problem), oob=oob_path and self.oob)
         name_key = EXECUTE if EXECUTE in value else EXEC_OOB
-        name = value[name_key]
-        assert isinstance(name, str)
+        name: object = value[name_key]
+        assert isinstance(name, str | LongString)
         given = value.get(ARGUMENTS)
         args: Mapping[str, JsonValue] | None
         if isinstance(given, Deferred):  # a big message's: built only if it will be read
@@ -352,9 +353,35 @@ class Session:
         if type(value) is Message:
             args_text = value.member_text(ARGUMENTS) if args is not None else None
             texts = (value.member_text(name_key), args_text)
+        if isinstance(name, LongString):
+            return self._long_named(name, args, wire_id, oob_path, texts)
         return self._authorize(name, args, wire_id, oob_path, texts)
 
-    def _refused_unread(self, name: str) -> bool:
+    def _long_named(
+        self,
+        name: LongString,
+        args: Mapping[str, JsonValue] | None,
+        wire_id: WireId,
+        oob: bool,
+        texts: tuple[Buffer, Buffer | None] | None,
+    ) -> Local:
+        """A command named by a long string: never one QEMU or qmpmux has (QEMU's names
+        are QAPI identifiers, a few dozen characters), so its reply is known without
+        QEMU, which looks a name up before reading anything else of the command (docs/
+        protocol.md §6.2): the profile's refusal, or QEMU's own "not found". Answered
+        here, it costs QEMU nothing (it would read the name a byte at a time, seconds a
+        MiB) and qmpmux never joins it (qjson.LongString)."""
+        profile = self.profile
+        decision = profile.command(name)
+        if decision is Decision.DENY:
+            desc = name.around("The command ", " has been refused by qmpmux policy")
+        else:
+            desc = name.around("The command ", " has not been found")
+        audited = _audited(profile, args, texts[1] if texts else None)
+        reply = error_reply(wire_id, COMMAND_NOT_FOUND, desc)
+        return Local(reply, oob=oob, name=name, decision=decision, arguments=audited)
+
+    def _refused_unread(self, name: str | LongString) -> bool:
         """Whether this command's reply never depends on its arguments: refused by name,
         in negotiation or by the profile, and not audited with its arguments."""
         if name == QMP_CAPABILITIES:

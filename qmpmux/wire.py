@@ -29,10 +29,12 @@ from qmpmux.qjson import (
     Deferred,
     Framer,
     JsonValue,
+    LongString,
     c_text_pieces,
     encode,
     encode_compact,
     heavy,
+    long_string_pieces,
     pack,
     packed_pieces,
     qdict_slot,
@@ -89,17 +91,22 @@ DEFERRED_MEMBERS: Final = frozenset({ARGUMENTS, ID})
 # (echoed). A long string anywhere else is never built (qjson.Framer._string_fate): inside
 # the arguments only when a check reads them, elsewhere never (the message is refused).
 READ_MEMBERS: Final = frozenset({EXECUTE, EXEC_OOB, ID})
+# Members whose value, a long string, is handed on in its parts (qjson.LongString): a
+# name is only matched and echoed, an id only echoed.
+PART_MEMBERS: Final = frozenset({EXECUTE, EXEC_OOB, ID})
 # Packed bytes written at once: about half a millisecond of values at worst.
 _PACKED_LIGHT: Final = 2048
 
 
-def encode_id(value: ClientId | Deferred) -> WireId:
+def encode_id(value: ClientId | Deferred | LongString) -> WireId:
     """A client's id as QEMU would echo it (re-serialised, not verbatim), or None if absent.
 
     An id that would take long to encode is written as it is sent, from its packed form
-    (a `Spelled` that holds only those bytes)."""
+    or its parts (a `Spelled` that holds only those)."""
     if value is NO_ID:
         return None
+    if isinstance(value, LongString):
+        return Spelled((functools.partial(long_string_pieces, value),), len(value))
     if type(value) is int:  # the commonest ids, with short strings: written at once
         return b"%d" % value
     if type(value) is str and len(value) <= 256:
@@ -115,10 +122,12 @@ def encode_id(value: ClientId | Deferred) -> WireId:
     return Spelled((functools.partial(packed_pieces, raw),), len(raw))
 
 
-def _quoted(text: str | CText) -> bytes | Spelled:
+def _quoted(text: str | CText | LongString) -> bytes | Spelled:
     """`text` as a JSON string, QEMU's spelling; made in pieces when long."""
     if type(text) is CText:
         return Spelled((functools.partial(c_text_pieces, text),), len(text.raw))
+    if isinstance(text, LongString):
+        return Spelled((functools.partial(long_string_pieces, text),), len(text))
     assert isinstance(text, str)
     if heavy(text):
         return Spelled((functools.partial(text_pieces, text),), len(text))
@@ -134,7 +143,7 @@ def greeting(version: bytes, oob: bool) -> bytes:
     return b'{"QMP": {"version": ' + version + b', "capabilities": ' + caps + b"}}" + CRLF
 
 
-def error_reply(wire_id: WireId, error_class: str, desc: str | CText) -> Reply:
+def error_reply(wire_id: WireId, error_class: str, desc: str | CText | LongString) -> Reply:
     """`{"id": ..., "error": {"class": ..., "desc": ...}}` exactly as QEMU lays it out."""
     if isinstance(desc, str) and not isinstance(wire_id, Spelled) and not heavy(desc):
         body = b'"error": {"class": ' + encode(error_class) + b', "desc": ' + encode(desc) + b"}}"

@@ -227,6 +227,12 @@ async def test_argument_spellings_reach_qemu_as_written(mux: Mux) -> None:
 
 BIG_ID = b"[" + b'"\xc3\xa9",' * 10_000 + b"0.5]"  # 10,001 values to echo
 LONG_NAME = "\u00e9".encode() * 20_000  # 40 KB, echoed as 120 KB of \u00E9
+# Read in many reads (over 128 KiB), so kept in parts (qjson.LongString): ASCII, Latin-1,
+# astral characters, and escapes (QEMU's NUL among them).
+LONG_TEXT = (
+    b"q" * 60_000 + "\u00e9".encode() * 20_000 + "\U0001f600".encode() * 10_000
+    + b"\\u0000\\u00e9\\ud83d\\ude00\\n" * 2_000
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -237,9 +243,14 @@ LONG_NAME = "\u00e9".encode() * 20_000  # 40 KB, echoed as 120 KB of \u00E9
         ("plain", [b'{"execute":"query-status","id":' + BIG_ID + b"}"]),  # QEMU's reply
         ("", [b'{"execute":"query-status","id":' + BIG_ID + b"}"]),  # qmpmux's own
         ("", [b'{"execute":"qmp_capabilities","arguments":{"' + LONG_NAME + b'":1}}']),
+        ("plain", [b'{"execute":"' + LONG_TEXT + b'","id":1}']),  # QEMU's: not found
+        ("plain", [b'{"execute":"query-status","id":"' + LONG_TEXT + b'"}']),
     ],
-    ids=["stray-token", "stray-nul", "id-on-qemus-reply", "id-on-own-reply", "member-name"],
-)
+    ids=[
+        "stray-token", "stray-nul", "id-on-qemus-reply", "id-on-own-reply", "member-name",
+        "long-name", "long-id",
+    ],
+)  # fmt: skip
 async def test_echoes_made_in_pieces_are_qemus_bytes(
     mux: Mux, negotiate: str, chunks: list[bytes]
 ) -> None:

@@ -7,8 +7,9 @@ megabyte commands its profile refuses by name so costs a hash lookup per command
 the hundreds of thousands of Python objects its arguments would make in one loop turn
 (README "Hostile clients"). A command that goes upstream is sent as the client's own
 text, a view of what was read (wire.Spliced), and its arguments are built only if a
-check reads them. A long string inside them is kept in parts until then, and one
-anywhere else nobody reads is never built at all (qjson.Framer._string_fate).
+check reads them. A long string inside them is kept in parts until then, a long name
+or id is handed on in its parts (qjson.LongString), and one anywhere else nobody reads
+is never built at all (qjson.Framer._string_fate).
 """
 
 from __future__ import annotations
@@ -23,10 +24,19 @@ from hypothesis import strategies as st
 
 from qmpmux import qjson
 from qmpmux.policy import DEFAULT_POLICY, FULL, READONLY, ProfileSpec, compile_policy
-from qmpmux.qjson import Deferred, Framer, JsonValue, ParseError
+from qmpmux.qjson import Deferred, Framer, JsonValue, LongString, ParseError, encode
 from qmpmux.session import Command, Local, Peer, Phase, Session, Verdict
 from qmpmux.spelled import Spliced
-from qmpmux.wire import ARGUMENTS, DEFERRED_MEMBERS, READ_MEMBERS
+from qmpmux.wire import (
+    ARGUMENTS,
+    COMMAND_NOT_FOUND,
+    DEFERRED_MEMBERS,
+    EXECUTE,
+    ID,
+    PART_MEMBERS,
+    READ_MEMBERS,
+    error_reply,
+)
 from tests.playbook import spelled_out
 
 EMPTY_OBJECTS = 1 << 16  # 192 KiB of `{},`: some 4 MiB of Python dicts if built
@@ -47,7 +57,10 @@ def session(profile: str = READONLY, negotiated: bool = True) -> Session:
 
 def client_framer() -> Framer:
     return Framer(
-        max_message_bytes=1 << 24, defer_members=DEFERRED_MEMBERS, read_members=READ_MEMBERS
+        max_message_bytes=1 << 24,
+        defer_members=DEFERRED_MEMBERS,
+        read_members=READ_MEMBERS,
+        part_members=PART_MEMBERS,
     )
 
 
@@ -132,11 +145,16 @@ def test_arguments_that_are_not_an_object_are_still_refused_as_qemu_does() -> No
 
 
 def verdict_text(verdict: Verdict) -> tuple[object, ...]:
+    """What a verdict says, whatever it is made of (bytes or pieces, str or parts)."""
+    wire_id = None if isinstance(verdict, Local) or verdict.wire_id is None else verdict.wire_id
+    said = spelled_out(wire_id) if wire_id is not None else None
     if isinstance(verdict, Command):
-        return ("command", verdict.name, verdict.prefix, verdict.wire_id, verdict.arguments)
+        return ("command", verdict.name, bytes(verdict.prefix), said, verdict.arguments)
     if isinstance(verdict, Local):
-        return ("local", verdict.data, verdict.oob, verdict.name, verdict.arguments)
-    return ("extension", verdict.name, verdict.wire_id, verdict.given, verdict.arguments)
+        name = "".join(verdict.name.parts) if isinstance(verdict.name, LongString) else verdict.name
+        data = spelled_out(verdict.data)
+        return ("local", data, verdict.oob, name, verdict.decision, verdict.arguments)
+    return ("extension", verdict.name, said, verdict.given, verdict.arguments)
 
 
 NAMES = [
@@ -250,6 +268,67 @@ def test_a_long_string_nobody_reads_is_never_built(head: bytes, tail: bytes, err
     assert isinstance(verdict, Local) and error in spelled_out(verdict.data)
 
 
+UNITS = [b"x", "\u00e9".encode(), "\U0001f600".encode(), b"\\u0000"]
+
+
+def fed_and_judged(s: Session, data: bytes) -> tuple[JsonValue | ParseError, Verdict, int]:
+    """The value read in reads of 64 KiB, its verdict, and the most memory allocated
+    while the read that completes it is handled and the message judged."""
+    *head, tail = [data[at : at + (1 << 16)] for at in range(0, len(data), 1 << 16)]
+    for read in head:
+        assert s.framer.feed(read) == []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        (value,) = s.framer.feed(tail)
+        assert not isinstance(value, ParseError), value
+        verdict = s.judge(value)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return value, verdict, peak
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=["ascii", "latin", "astral", "nul"])
+@pytest.mark.parametrize(
+    ("profile", "desc"),
+    [
+        (FULL, "The command %s has not been found"),
+        (READONLY, "The command %s has been refused by qmpmux policy"),
+    ],
+)
+def test_a_long_name_is_answered_as_qemu_would_without_being_joined(
+    unit: bytes, profile: str, desc: str
+) -> None:
+    """No command has a name that long: its reply is known, QEMU's "not found" or the
+    profile's refusal, quoting the name as QEMU does; it is never joined (4 to 16 MiB
+    of fresh memory in one loop turn) nor sent to QEMU to read a byte at a time."""
+    name = unit * (LONG // len(unit))
+    data = b"{'execute':'" + name + b"','id':7}"
+    value, verdict, peak = fed_and_judged(session(profile), data)
+    assert isinstance(value, dict) and isinstance(value[EXECUTE], LongString)
+    assert isinstance(verdict, Local) and verdict.decision is not None
+    assert peak < LONG // 8, peak  # nothing the size of the name
+    (whole,) = Framer(max_message_bytes=1 << 24).feed(data)
+    assert isinstance(whole, dict) and isinstance(whole[EXECUTE], str)
+    text = desc % whole[EXECUTE]
+    error = b'"error": {"class": "CommandNotFound", "desc": ' + encode(text) + b"}"
+    assert spelled_out(verdict.data) == b'{"id": 7, ' + error + b"}\r\n"
+    assert verdict_text(verdict) == verdict_text(as_qemu_answers(session(profile).judge(whole)))
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=["ascii", "latin", "astral", "nul"])
+def test_a_long_id_is_echoed_from_its_parts(unit: bytes) -> None:
+    data = b"{'execute':'query-status','id':'" + unit * (LONG // len(unit)) + b"'}"
+    value, verdict, peak = fed_and_judged(session(FULL), data)
+    assert isinstance(value, dict) and isinstance(value[ID], LongString)
+    assert isinstance(verdict, Command) and verdict.wire_id is not None
+    assert peak < LONG // 8, peak
+    (whole,) = Framer(max_message_bytes=1 << 24).feed(data)
+    assert isinstance(whole, dict)
+    assert spelled_out(verdict.wire_id) == encode(whole[ID])
+
+
 def test_a_check_that_reads_the_arguments_gets_their_long_strings() -> None:
     long = "\u00e9\U0001f600" * (LONG // 8)
     data = big("qom-get", b"{'path':'/objects/s','property':" + json.dumps(long).encode() + b"}")
@@ -329,6 +408,18 @@ def test_long_strings_left_unbuilt_change_no_verdict(
         lazy = fed(client_framer(), data, 7)
         eager = fed(Framer(max_message_bytes=1 << 24), data, 7)
     assert lazy  # (a bad escape is a lexical error: more than one value then)
-    assert [verdict_text(session(profile).judge(v)) for v in lazy] == [
-        verdict_text(session(profile).judge(v)) for v in eager
-    ]
+    for parted, whole in zip(lazy, eager, strict=True):
+        want = session(profile).judge(whole)
+        if isinstance(parted, dict) and isinstance(parted.get(EXECUTE), LongString):
+            want = as_qemu_answers(want)
+        assert verdict_text(session(profile).judge(parted)) == verdict_text(want)
+
+
+def as_qemu_answers(verdict: Verdict) -> Verdict:
+    """A command sent to QEMU under a name it has not: QEMU's answer, which is what
+    qmpmux answers itself for a long name (kept in parts, never a command's)."""
+    if not isinstance(verdict, Command):
+        return verdict
+    desc = f"The command {verdict.name} has not been found"
+    reply = error_reply(verdict.wire_id, COMMAND_NOT_FOUND, desc)
+    return Local(reply, verdict.oob, verdict.name, verdict.decision, verdict.arguments)

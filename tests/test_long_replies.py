@@ -1,7 +1,7 @@
 """A long reply of QEMU's costs qmpmux about its own size, once.
 
-A client can make QEMU echo megabytes: a command name of a megabyte comes back in
-QEMU's "has not been found" error, a `qom-get` returns whatever was set. Routing such a
+A client can make QEMU echo megabytes: an argument of a megabyte comes back in QEMU's
+error about it, a `qom-get` returns whatever was set. Routing such a
 reply must not decode, copy or rebuild it: each pass over fresh memory costs ~0.5 ms a
 MiB, all in one loop turn, while every other client waits (README "Security")."""
 
@@ -21,23 +21,22 @@ from tests.playbook import connect, ready_hub, spelled_out
 
 LONG = 1 << 20
 CHUNK = 64 * 1024
-NAME = b"a" * LONG
 TEXT = b'"' + b"b" * LONG + b'"'
-ERROR = b'"error": {"class": "CommandNotFound", "desc": "The command %s has not been found"}'
-ERROR %= NAME
+ERROR = b'"error": {"class": "GenericError", "desc": "Property \'%s\' not found"}' % TEXT[1:-1]
+BIG = b'{"execute":"qom-get","arguments":{"path":"/","property":%s},"id":"c"}' % TEXT
 
 # (what the client sends, QEMU's reply to it given the upstream id, what the client gets)
 Shape = tuple[bytes, Callable[[int | None], bytes], bytes]
 SHAPES: dict[str, Shape] = {
     # A big command goes upstream with an id; QEMU prints it first before `error`...
     "error with an id": (
-        b'{"execute":"%s","id":"c"}' % NAME,
+        BIG,
         lambda n: b'{"id": %d, %s}\r\n' % (n or 0, ERROR),
         b'{"id": "c", %s}\r\n' % ERROR,
     ),
     # ...and last after `return`.
     "return with an id": (
-        b'{"execute":"qom-get","arguments":{"path":"/","property":%s},"id":"c"}' % TEXT,
+        BIG,
         lambda n: b'{"return": %s, "id": %d}\r\n' % (TEXT, n or 0),
         b'{"return": %s, "id": "c"}\r\n' % TEXT,
     ),

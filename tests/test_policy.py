@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import msgspec
@@ -24,8 +25,9 @@ from qmpmux.policy import (
     ProfileSpec,
     RuleSpec,
     compile_policy,
+    long_match,
 )
-from qmpmux.qjson import Framer, JsonValue
+from qmpmux.qjson import Framer, JsonValue, LongString
 from qmpmux.session import Peer
 from tests.playbook import ready_hub, spelled_out
 
@@ -423,3 +425,67 @@ def test_the_fd_table_is_core_code() -> None:
     }
     assert imported <= {"__future__", "enum", "collections.abc", "dataclasses", "typing",
                         "qmpmux.qjson"}, imported  # fmt: skip
+
+
+# --- long names ------------------------------------------------------------------------
+
+# Pieces of globs, each with a text it matches (`*` matches any).
+GLOB_PIECES = {
+    "*": "",
+    "?": "c",
+    "a": "a",
+    "-": "-",
+    "[ab]": "b",
+    "[!a]": "!",
+    "[]a]": "]",
+    "[!]": "[!]",  # no set: `[!]` is literal (fnmatch's reading)
+    "[*]": "*",
+    "[a-c]": "b",
+    "[": "[",
+}
+
+
+@st.composite
+def parted(draw: st.DrawFn, text: str) -> LongString:
+    """`text` cut anywhere into parts, as a long string token is decoded."""
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=6)))
+    return LongString(text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(sorted(GLOB_PIECES)), max_size=8),
+    fillers=st.lists(st.text(alphabet="ab-*[]!c", max_size=4), min_size=8, max_size=8),
+    other=st.text(alphabet="ab-*[]!c", max_size=30),
+    data=st.data(),
+)
+def test_a_glob_matches_a_long_name_in_parts_as_it_matches_it_whole(
+    pieces: list[str], fillers: list[str], other: str, data: st.DataObject
+) -> None:
+    glob = "".join(pieces)
+    fitting = "".join(
+        GLOB_PIECES[p] + (f if p == "*" else "") for p, f in zip(pieces, fillers, strict=False)
+    )
+    for name in (fitting, other):
+        assert long_match(data.draw(parted(name)), glob) == fnmatchcase(name, glob), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(alphabet="qury-stopz_.", max_size=24), data=st.data())
+def test_a_profile_decides_on_a_long_name_as_on_the_same_name_whole(
+    name: str, data: st.DataObject
+) -> None:
+    policy = compile_policy(
+        {"p": ProfileSpec(commands=("query-*", "stop", "__*"), deny_commands=("*-z", "q?e*s"))}
+    )
+    profile = policy.profiles["p"]
+    assert profile.command(data.draw(parted(name))) is profile.command(name)
+
+
+def test_a_piece_between_stars_is_found_across_any_cut() -> None:
+    name = "zz-abcd-zz-abcd"
+    for glob in ("*abcd*", "z*b[c]?-*d", "*-a*-a*", "*?cd-*", "*bcd-zz-a*", "*dd*"):
+        for i in range(len(name) + 1):
+            for j in range(i, len(name) + 1):
+                long = LongString((name[:i], name[i:j], name[j:]))
+                assert long_match(long, glob) == fnmatchcase(name, glob), (glob, i, j)
