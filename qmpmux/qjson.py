@@ -69,6 +69,7 @@ goes upstream is never longer than what the client sent.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import re
 import struct
@@ -502,9 +503,18 @@ _P_OBJ_FIRST, _P_OBJ_KEY, _P_OBJ_COLON, _P_OBJ_VALUE, _P_OBJ_SEP = range(5)
 _P_ARR_FIRST, _P_ARR_VALUE, _P_ARR_SEP = range(5, 8)
 
 # What becomes of a long string token (one decoded in parts, _string_step): built as a
-# str; kept in parts, built when its deferred member is resolved; checked and dropped; or
-# handed on in its parts (LongString).
-_BUILD, _LAZY, _DROP, _PARTS = range(4)
+# str; kept in parts, built when its deferred member is resolved; checked and dropped;
+# handed on in its parts (LongString); or, a key, kept in parts with a stand-in (LongKey).
+_BUILD, _LAZY, _DROP, _PARTS, _KEYED = range(5)
+# A key this long (in characters) is a LongKey where keys are not read whole: every key
+# of a long token is (a long token is over _STR_STEP bytes, 12 at most a character).
+_LONG_KEY: Final = 4096
+# A string token in a run of the fast path that may be a key that long (conservatively:
+# bytes, not characters): such a run goes token by token, so every long key is a LongKey.
+# What a LongKey's stand-in starts with: a noncharacter, which no string read from a
+# client holds (QEMU refuses them), so no key can be mistaken for one.
+_STAND_IN: Final = "\ufdd0"
+_LONG_KEY_TEXT: Final = re.compile(rb'"(?:[^"\\]|\\.){%d,}"[ \t\r\n]*+:' % _LONG_KEY)
 # msgpack extension type of a kept string inside a packed member: its data is the index
 # of the string's parts in the message's list of them (Deferred.resolve builds it).
 _EXT_LONG_STRING: Final = 1
@@ -532,6 +542,8 @@ class Framer:
         "_fast",
         "_fast_window",
         "_keep",
+        "_key_paths",
+        "_keys",
         "_longs",
         "_loose",
         "_max_nesting",
@@ -552,6 +564,7 @@ class Framer:
         "_str_done",
         "_str_error",
         "_str_fate",
+        "_str_key",
         "_str_parts",
         "_text",
         "_tok",
@@ -610,6 +623,11 @@ class Framer:
         self._str_fate = _BUILD
         # the parts of each string kept (_LAZY, _PARTS), in this message
         self._longs: list[list[str]] = []
+        # A long key's stand-in -> the key (_KEYED), in this message; and where each
+        # stand-in inside a deferred member is (its member, the path to its object).
+        self._keys: dict[str, LongKey] = {}
+        self._key_paths: list[tuple[str, tuple[str | int, ...], str]] = []
+        self._str_key: _KeySum | None = None  # a long key's sums so far
         self._perr: bytes | None = None
         self._done = False
         self._result: JsonValue = None
@@ -749,6 +767,10 @@ class Framer:
             else:
                 if self._str_fate != _DROP:
                     self._str_parts.append(part)
+                if self._str_fate == _KEYED:
+                    if self._str_key is None:
+                        self._str_key = _KeySum(len(self._stack) == 1)
+                    self._str_key.add(part)
         self._str_done = cut
 
     def _string_fate(self) -> int:
@@ -773,7 +795,7 @@ class Framer:
             return _DROP
         phase = stack[-1].phase
         if phase in (_P_OBJ_FIRST, _P_OBJ_KEY):
-            return _BUILD  # a key
+            return _KEYED if self._stands_in() else _BUILD  # a key
         if phase in (_P_OBJ_COLON, _P_OBJ_SEP, _P_ARR_SEP):
             return _DROP  # the parser fails at it
         top = stack[0]
@@ -786,6 +808,36 @@ class Framer:
         if len(stack) > 1 and top.key in self._defer:
             return _LAZY
         return _DROP
+
+    def _stands_in(self) -> bool:
+        """Whether a long key read now is a LongKey: anywhere but inside a member whose
+        values are read whole (an id, echoed). Only a top-level key is ever shown (QEMU
+        names an unexpected member), and only a deferred member's keys are ever built
+        (Deferred.resolve): elsewhere one only has to differ from its neighbours."""
+        top = self._stack[0]
+        read = self._read
+        return read is not None and (
+            type(top) is not _Object or len(self._stack) == 1 or top.key not in read
+        )
+
+    def _long_key(self, parts: list[str], sums: _KeySum) -> str:
+        """The stand-in of a long key (LongKey): what the parser holds for it. Equal keys
+        have equal stand-ins (a digest of the text), so a duplicate is still an error."""
+        stand_in = sums.stand_in()
+        self._keys[stand_in] = LongKey(LongString(parts), sums.bucket(), stand_in)
+        stack = self._stack
+        top = stack[0]
+        if len(stack) > 1 and type(top) is _Object and top.key in self._defer:
+            path: list[str | int] = []
+            for frame in stack[1:-1]:
+                if type(frame) is _Object:
+                    path.append(frame.key)
+                else:
+                    assert type(frame) is _Array
+                    path.append(len(frame.value) + (frame.packed.count if frame.packed else 0))
+            self._key_paths.append((top.key, tuple(path), stand_in))
+            self._pack_open()  # so the member is deferred, and built with the key (resolve)
+        return stand_in
 
     # -- fast path ---------------------------------------------------------
 
@@ -870,6 +922,8 @@ class Framer:
                 message = result if type(result) is Message else Message(result)
                 if self._longs and self._parted:
                     self._parted_out(message)
+                if self._keys:
+                    message._long_keys = self._keys  # not copied: _reset makes a new one
                 message._text = self._text  # not copied: _reset makes a new one
                 message._spans = self._spans
                 result = message
@@ -894,7 +948,12 @@ class Framer:
                 # (and never the list while it is empty: the next message would fill it)
                 read = self._read is not None and key in self._read
                 longs = self._longs if self._longs and not read else ()
-                value[key] = Deferred(raw, longs)  # type: ignore[assignment]
+                keys = [
+                    (path, self._keys[stand_in])
+                    for member, path, stand_in in self._key_paths
+                    if member == key
+                ]
+                value[key] = Deferred(raw, longs, keys)  # type: ignore[assignment]
             else:
                 value[key] = _unpack(raw)
         return value
@@ -920,6 +979,14 @@ class Framer:
         if self._str_fate == _BUILD:
             self._deliver("".join(self._str_parts))
             return
+        if self._str_fate == _KEYED and sum(map(len, self._str_parts)) >= _LONG_KEY:
+            sums = self._str_key or _KeySum(len(self._stack) == 1)
+            sums.add(last)
+            self._deliver(self._long_key(self._str_parts, sums))
+            return
+        if self._str_fate == _KEYED:  # (never, but with a test's tiny _STR_STEP)
+            self._deliver("".join(self._str_parts))
+            return
         # Stands in for the string until its member is resolved (Deferred.resolve) or
         # the message is complete (_parted_out).
         index = len(self._longs).to_bytes(4, "big")
@@ -935,6 +1002,7 @@ class Framer:
         self._str_parts = []
         self._str_error = None
         self._str_fate = _BUILD
+        self._str_key = None
 
     def _reset(self) -> None:
         if self._str_done:
@@ -952,6 +1020,9 @@ class Framer:
         self._packed = False
         if self._longs:
             self._longs = []
+        if self._keys:
+            self._keys = {}
+            self._key_paths = []
 
     # -- parser (json-parser.c, one token at a time) -----------------------
 
@@ -1045,6 +1116,10 @@ class Framer:
             else:  # _P_OBJ_FIRST or _P_OBJ_KEY: this value is a key
                 if type(value) is not str:
                     raise _Error(b"key is not a string in object")
+                if len(value) >= _LONG_KEY and value[0] != _STAND_IN and self._stands_in():
+                    sums = _KeySum(len(stack) == 1)
+                    sums.add(value)
+                    value = self._long_key([value], sums)
                 frame.key = value
                 frame.phase = _P_OBJ_COLON
                 return
@@ -1071,6 +1146,8 @@ class Framer:
         if m is None:
             return i
         run = m.group()
+        if len(run) > _LONG_KEY and _LONG_KEY_TEXT.search(run):
+            return -m.end()  # a key that may be long: a LongKey, made token by token
         blanks, ntok = _RUN_TOKEN.subn(b"", run)
         size = len(run) - len(blanks)
         # QEMU's limits, checked per token, pass for every token of the run if they pass
@@ -1124,12 +1201,17 @@ class Message(dict[str, JsonValue]):
     decodes are plain dicts: their re-encoding is never longer than their text either.
     """
 
-    __slots__ = ("_spans", "_text")
+    __slots__ = ("_long_keys", "_spans", "_text")
 
     def __init__(self, members: dict[str, JsonValue] | None = None) -> None:
         super().__init__(members or ())
         self._spans = array("i")  # start, end of each member's text, in member order
         self._text: bytes | bytearray = b""
+        self._long_keys: Mapping[str, LongKey] = {}
+
+    def long_key(self, key: str) -> LongKey | None:
+        """The long key `key` stands in for (Framer._long_key), if it is a stand-in."""
+        return self._long_keys.get(key) if self._long_keys else None
 
     def member_text(self, key: str) -> memoryview:
         """A view, not a copy: the text may be megabytes (wire.Spliced sends it as it is)."""
@@ -1145,11 +1227,18 @@ class Deferred:
     in one loop turn) would be spent only to throw them away. Long strings inside it are
     kept in parts (`longs`, Framer._string_fate) and built by resolve() too."""
 
-    __slots__ = ("_longs", "_raw")
+    __slots__ = ("_keys", "_longs", "_raw")
 
-    def __init__(self, raw: msgspec.Raw, longs: Sequence[list[str]] = ()) -> None:
+    def __init__(
+        self,
+        raw: msgspec.Raw,
+        longs: Sequence[list[str]] = (),
+        keys: Sequence[tuple[tuple[str | int, ...], LongKey]] = (),
+    ) -> None:
         self._raw = raw
         self._longs = longs
+        # Each long key inside it: the path to its object, and the key (a stand-in there).
+        self._keys = keys
 
     @property
     def is_object(self) -> bool:
@@ -1160,21 +1249,35 @@ class Deferred:
     def raw(self) -> bytes:
         """Its msgpack (packed_pieces writes from it): only for a member read whole (an
         id), whose long strings are built as it is read."""
-        if self._longs:
+        if self._longs or self._keys:
             raise ValueError("a member with strings kept in parts can only be resolved")
         return bytes(self._raw)
 
     def resolve(self) -> JsonValue:
         if not self._longs:
             value: JsonValue = _unpack(self._raw)
-            return value
-        longs = self._longs
+        else:
+            longs = self._longs
 
-        def built(code: int, data: memoryview) -> str:
-            assert code == _EXT_LONG_STRING
-            return "".join(longs[int.from_bytes(data, "big")])
+            def built(code: int, data: memoryview) -> str:
+                assert code == _EXT_LONG_STRING
+                return "".join(longs[int.from_bytes(data, "big")])
 
-        value = msgspec.msgpack.Decoder(ext_hook=built).decode(self._raw)
+            value = msgspec.msgpack.Decoder(ext_hook=built).decode(self._raw)
+        # Each long key built in place of its stand-in, deepest first (a path may pass
+        # through an object whose own key is a stand-in still), its object's order kept.
+        for path, key in sorted(self._keys, key=lambda k: -len(k[0])):
+            parent: JsonValue = None
+            node = value
+            for step in path:
+                parent, node = node, node[step]  # type: ignore[index]
+            assert isinstance(node, dict)
+            stand_in, built_key = key.stand_in, "".join(key.text.parts)
+            fixed = {built_key if k == stand_in else k: v for k, v in node.items()}
+            if not path:
+                value = fixed
+            else:
+                parent[path[-1]] = fixed  # type: ignore[index]
         return value
 
     @property
@@ -1300,6 +1403,42 @@ class LongString:
             if offset >= stop:
                 break
         return -1
+
+
+class LongKey(NamedTuple):
+    """A key of _LONG_KEY characters or more, where keys are not read whole: its text in
+    parts and QEMU's hash bucket of it (qdict_order), under a stand-in str that the
+    parser holds in its place (Framer._long_key)."""
+
+    text: LongString
+    bucket: int  # (-1 for a key below the top level: only those are ordered)
+    stand_in: str
+
+
+class _KeySum:
+    """A long key's digest and, for a top-level key (`bucketed`: only those are ordered,
+    at ~6 ms a MiB), its QDict hash, summed a part at a time as it is decoded."""
+
+    __slots__ = ("bucketed", "digest", "size", "total")
+
+    def __init__(self, bucketed: bool) -> None:
+        self.bucketed = bucketed
+        self.digest = hashlib.blake2b(digest_size=16)
+        self.size = 0
+        self.total = 0
+
+    def add(self, part: str) -> None:
+        raw = _modified_utf8(part)
+        self.digest.update(raw)
+        if self.bucketed:
+            self.total += _tdb_sum(raw, self.size)
+        self.size += len(raw)
+
+    def stand_in(self) -> str:
+        return _STAND_IN + self.digest.hexdigest()
+
+    def bucket(self) -> int:
+        return _tdb_bucket(self.size, self.total) if self.bucketed else -1
 
 
 def clipped(text: str | LongString, n: int) -> str:
@@ -1503,9 +1642,9 @@ def _modified_utf8(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass").replace(b"\0", b"\xc0\x80")
 
 
-def _tdb_sum(raw: bytes) -> int:
-    """tdb_hash()'s sum over `raw`, taken as if it started at a multiple of 24 bytes."""
-    return sum(sum(raw[r::24]) << shift for r, shift in enumerate(_SHIFTS))
+def _tdb_sum(raw: bytes, at: int = 0) -> int:
+    """tdb_hash()'s sum over `raw`, taken as if it started at byte `at` of the key."""
+    return sum(sum(raw[r::24]) << _SHIFTS[(at + r) % 24] for r in range(24))
 
 
 def _tdb_bucket(length: int, total: int) -> int:
@@ -1527,8 +1666,9 @@ def _bucket(key: str) -> int:
     return bucket
 
 
-def qdict_order(keys: Iterable[str]) -> list[str]:
-    """QEMU QDict iteration order for keys inserted in that order.
+def qdict_order(keys: Iterable[str], known: Mapping[str, int] | None = None) -> list[str]:
+    """QEMU QDict iteration order for keys inserted in that order (`known`: the buckets
+    of keys that stand in for others, LongKey).
 
     Buckets ascending; within a bucket the newest entry first (head insertion).
     Re-inserting a key keeps its entry where it is.
@@ -1536,6 +1676,8 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     first: dict[str, int] = {}
     for index, key in enumerate(keys):
         first.setdefault(key, index)
+    if known:
+        return sorted(first, key=lambda k: (known[k] if k in known else _bucket(k), -first[k]))
     return sorted(first, key=lambda k: (_bucket(k), -first[k]))
 
 

@@ -204,13 +204,13 @@ def _is_string(value: object) -> bool:
     return isinstance(value, str | LongString)
 
 
-def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
+def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | LongString | None:
     """QEMU's qmp_dispatch_check_obj: the first problem in QDict hash order, or None."""
     execute = obj.get(EXECUTE)
     if _is_string(execute) and _PLAIN_KEYS.issuperset(obj) and _is_object(obj.get(ARGUMENTS, obj)):
         return None  # the common, valid shape: no order can matter
     exec_key: str | None = None
-    for key in _in_qdict_order(_at_fault(obj, allow_oob)):
+    for key in _in_qdict_order(_at_fault(obj, allow_oob), obj):
         if key == EXECUTE or (key == EXEC_OOB and allow_oob):
             if not _is_string(obj[key]):
                 return f"QMP input member '{key}' must be a string"
@@ -221,6 +221,9 @@ def check_command(obj: dict[str, JsonValue], allow_oob: bool) -> str | None:
             if not _is_object(obj[key]):
                 return "QMP input member 'arguments' must be an object"
         elif key != ID:
+            long = obj.long_key(key) if type(obj) is Message else None
+            if long is not None:  # a long key's stand-in: QEMU names the key
+                return long.text.around("QMP input member '", "' is unexpected")
             return f"QMP input member '{key}' is unexpected"
     if EXECUTE not in obj and (EXEC_OOB not in obj or not allow_oob):
         return "QMP input lacks member 'execute'"
@@ -244,8 +247,13 @@ def _at_fault(obj: dict[str, JsonValue], allow_oob: bool) -> list[str]:
     ]
 
 
-def _in_qdict_order(keys: list[str]) -> list[str]:
-    return keys if len(keys) < 2 else qdict_order(keys)
+def _in_qdict_order(keys: list[str], obj: Mapping[str, JsonValue] | None = None) -> list[str]:
+    if len(keys) < 2:
+        return keys
+    if type(obj) is Message:  # long keys are ordered by their own buckets
+        known = {k: long.bucket for k in keys if (long := obj.long_key(k)) is not None}
+        return qdict_order(keys, known)
+    return qdict_order(keys)
 
 
 def check_capabilities_arguments(args: Mapping[str, JsonValue]) -> str | list[str]:

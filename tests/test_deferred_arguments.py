@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import tracemalloc
 
 import pytest
@@ -329,6 +330,56 @@ def test_a_long_id_is_echoed_from_its_parts(unit: bytes) -> None:
     assert spelled_out(verdict.wire_id) == encode(whole[ID])
 
 
+@pytest.mark.parametrize("unit", UNITS, ids=["ascii", "latin", "astral", "nul"])
+@pytest.mark.parametrize("other", [b"", b",'y':2", b",'zz':2"])
+def test_a_long_top_level_key_is_named_as_qemu_names_it_without_being_joined(
+    unit: bytes, other: bytes
+) -> None:
+    """A key that long is never a member QEMU knows: the message is refused, naming it
+    when it is the first unexpected member in QEMU's order (its QDict bucket, summed as
+    it was read), never joined. Another unexpected member may come first."""
+    data = b"{'execute':'query-status','" + unit * (LONG // len(unit)) + b"':1" + other + b"}"
+    value, verdict, peak = fed_and_judged(session(FULL), data)
+    assert isinstance(value, qjson.Message) and not any(len(k) > 64 for k in value)
+    assert isinstance(verdict, Local)
+    assert peak < LONG // 8, peak
+    (whole,) = Framer(max_message_bytes=1 << 24).feed(data)
+    assert verdict_text(verdict) == verdict_text(session(FULL).judge(whole))
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=["ascii", "latin", "astral", "nul"])
+def test_a_long_key_in_arguments_is_built_only_when_they_are_read(unit: bytes) -> None:
+    key = unit * (LONG // len(unit))
+    data = big("query-status", b"{'a':1,'" + key + b"':{'" + key + b"':[2]}}")
+    value, verdict, peak = fed_and_judged(session(FULL), data)
+    assert isinstance(verdict, Command) and peak < LONG // 8, peak
+    assert bytes(verdict.prefix).endswith(b"{'a':1,'" + key + b"':{'" + key + b"':[2]}}")
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    (whole,) = Framer(max_message_bytes=1 << 24).feed(data)
+    assert isinstance(whole, dict)
+    assert value[ARGUMENTS].resolve() == whole[ARGUMENTS]  # in order, each key whole
+    assert list(value[ARGUMENTS].resolve()) == list(whole[ARGUMENTS])
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (b"x" * LONG, b"x" * LONG),  # both read in parts
+        (b"\\u0078" * 24_000, b"x" * 24_000),  # in parts, then whole: the same key
+        (b"x" * 5_000, b"\\u0078" * 5_000),  # both whole, over 4096 characters
+    ],
+    ids=["parts-parts", "parts-whole", "whole-whole"],
+)
+@pytest.mark.parametrize("where", [b"{%s}", b"{'execute':'stop','arguments':{%s}}", b"[{%s}]"])
+def test_a_long_key_twice_is_a_duplicate_key(first: bytes, second: bytes, where: bytes) -> None:
+    members = b"'" + first + b"':1,'" + second + b"':2"
+    (value,) = fed(client_framer(), where.replace(b"%s", members), 1 << 16)
+    assert value == ParseError("JSON parse error, duplicate key")
+    other = b"'" + first + b"':1,'y" + second + b"':2"  # a key one character longer
+    (different,) = fed(client_framer(), where.replace(b"%s", other), 1 << 16)
+    assert not isinstance(different, ParseError)
+
+
 def test_a_check_that_reads_the_arguments_gets_their_long_strings() -> None:
     long = "\u00e9\U0001f600" * (LONG // 8)
     data = big("qom-get", b"{'path':'/objects/s','property':" + json.dumps(long).encode() + b"}")
@@ -405,6 +456,10 @@ def test_long_strings_left_unbuilt_change_no_verdict(
         data = b"{'execute':" + name + b",'arguments':" + arguments + b",'id':" + id_ + extra + b"}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(qjson, "_STR_STEP", 16)
+        # Keys of 10 characters or more are LongKeys where they may be (4096 otherwise):
+        # the members QEMU knows are shorter, the long strings above longer.
+        patch.setattr(qjson, "_LONG_KEY", 10)
+        patch.setattr(qjson, "_LONG_KEY_TEXT", re.compile(rb'"(?:[^"\\]|\\.){10,}"\s*:'))
         lazy = fed(client_framer(), data, 7)
         eager = fed(Framer(max_message_bytes=1 << 24), data, 7)
     assert lazy  # (a bad escape is a lexical error: more than one value then)
