@@ -476,11 +476,11 @@ class Hub:
             # the oldest command's sent without an id (-1: a line that is not a reply).
             upstream_id = numbered(line) if line.startswith(REPLY_OPENINGS) else -1
             if (upstream_id is None and up.anonymous) or upstream_id in up.inflight:
-                log.error("QEMU's reply could not be read: %r", line[:200])
+                log.error("QEMU's reply could not be read: %r", bytes(line[:200]))
                 withheld = _withheld(upstream_id, _UNREADABLE)
                 self._route_reply(up, withheld, GENERIC_ERROR, upstream_id)
             else:
-                log.warning("dropping malformed output from QEMU: %r", line[:200])
+                log.warning("dropping malformed output from QEMU: %r", bytes(line[:200]))
             return
         if msg.event is not None:
             line = bytes(line)  # (a long one's buffer: copied, events are keyed by their bytes)
@@ -497,7 +497,7 @@ class Hub:
         elif type(msg.id) is int:
             self._route_reply(up, line, upstream_error_class(msg.error), msg.id)
         elif msg.id is not NO_ID:
-            log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
+            log.warning("dropping reply with an id qmpmux did not issue: %r", bytes(line[:200]))
         elif up.anonymous and (msg.ret or msg.error):
             # the oldest command sent without an id (link.py)
             self._route_reply(up, line, upstream_error_class(msg.error))
@@ -505,7 +505,7 @@ class Hub:
             # Every command in QEMU has an id: QEMU could not parse what it was sent.
             log.error("QEMU reported an error without id: %s", describe_error(msg.error))
         else:
-            log.warning("dropping unexpected message from QEMU: %r", line[:200])
+            log.warning("dropping unexpected message from QEMU: %r", bytes(line[:200]))
 
     def _first_copy(self, up: Link, line: bytes) -> bool:
         """QEMU writes every event to every monitor (the same bytes), before the reply of
@@ -561,7 +561,7 @@ class Hub:
         else:
             sent = up.inflight.pop(upstream_id, None)
             if sent is None:
-                log.warning("dropping reply with an id qmpmux did not issue: %r", line[:200])
+                log.warning("dropping reply with an id qmpmux did not issue: %r", bytes(line[:200]))
                 return
             cmd = sent
             up.ids.give_back(upstream_id)
@@ -629,7 +629,7 @@ class Hub:
             reply = rewrite_reply(data, upstream_id, cmd.wire_id)
         except msgspec.DecodeError:  # e.g. QEMU's non-finite numbers where one is reread
             log.warning("could not rewrite QEMU's reply to %r; withholding it: %r",
-                        name[:80], line[:200])  # fmt: skip
+                        name[:80], bytes(line[:200]))  # fmt: skip
             reply = rewrite_reply(_withheld(upstream_id, _UNREADABLE), upstream_id, cmd.wire_id)
         cmd.reply = reply
         flow.reply_bytes += len(reply)

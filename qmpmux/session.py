@@ -397,6 +397,8 @@ class Session:
         if self.phase is Phase.NEGOTIATING:
             return True
         profile = self.profile
+        if isinstance(name, LongString):  # answered by its name alone (_long_named)
+            return not profile.audit_arguments
         return profile.command(name) is Decision.DENY and not profile.audit_arguments
 
     def _authorize(

@@ -112,10 +112,11 @@ class Spelled:
 
 def joined(*parts: bytes | Spelled | Spliced, error: str = "") -> bytes | Spelled | Spliced:
     """The parts one after another: bytes when they all are, a `Spliced` when none is
-    made in pieces (long bytes are never copied to join them), else one `Spelled`."""
+    made in pieces and no error class is given (long bytes are never copied to join
+    them), else one `Spelled` (which carries the class)."""
     if all(type(part) is bytes for part in parts):
         return b"".join(parts)  # type: ignore[arg-type]
-    if not any(type(part) is Spelled for part in parts):
+    if not error and not any(type(part) is Spelled for part in parts):
         buffers: list[Buffer] = []
         for part in parts:
             if type(part) is Spliced:
@@ -137,7 +138,8 @@ def joined(*parts: bytes | Spelled | Spliced, error: str = "") -> bytes | Spelle
 
 
 def _cut(buffers: tuple[Buffer, ...]) -> Iterator[Buffer]:
-    """Spliced buffers as pieces of a `Spelled`, viewed, not copied."""
+    """Spliced buffers as pieces of a `Spelled`: views of PIECE, each copied only as it
+    is sent (Spelled.pieces)."""
     for buffer in buffers:
         view = memoryview(buffer)
         for start in range(0, len(view), PIECE):

@@ -106,7 +106,7 @@ def encode_id(value: ClientId | Deferred | LongString) -> WireId:
     if value is NO_ID:
         return None
     if isinstance(value, LongString):
-        return Spelled((functools.partial(long_string_pieces, value),), len(value))
+        return _quoted(value)
     if type(value) is int:  # the commonest ids, with short strings: written at once
         return b"%d" % value
     if type(value) is str and len(value) <= 256:
@@ -340,8 +340,9 @@ def decode_upstream(line: Line) -> Upstream:
 
 
 # QEMU prints a reply's id first before `error` and last after `return` (§3.4).
-_ERROR_LAYOUT: Final = re.compile(rb'\{"id": ([0-9]+), "error": ')
-_RETURN_LAYOUT: Final = re.compile(rb', "id": ([0-9]+)\}\r\n\Z')
+# (Ids are qmpmux's own, a few digits: a longer one is not read as a number.)
+_ERROR_LAYOUT: Final = re.compile(rb'\{"id": ([0-9]{1,20}), "error": ')
+_RETURN_LAYOUT: Final = re.compile(rb', "id": ([0-9]{1,20})\}\r\n\Z')
 
 
 def _laid_out(line: Line) -> Upstream | None:
@@ -391,20 +392,18 @@ def describe_error(raw: msgspec.Raw) -> str:
     return f"{err.cls}: {err.desc}"
 
 
-class _Reply(msgspec.Struct):
-    error: _ErrorBody | None = None
-
-
-_decode_reply = msgspec.json.Decoder(_Reply).decode
-
-
 class _ErrorClass(msgspec.Struct):
     cls: str = msgspec.field(default="", name="class")
 
 
+class _Reply(msgspec.Struct):
+    error: _ErrorClass | None = None
+
+
+_decode_reply = msgspec.json.Decoder(_Reply).decode
 _decode_class = msgspec.json.Decoder(_ErrorClass).decode
 # QEMU prints an error's class before its desc (docs/protocol.md §3.4).
-_CLASS_FIRST: Final = re.compile(rb'\{"class": "([A-Za-z0-9_]*)", ')
+_CLASS_FIRST: Final = re.compile(rb'\{"class": "([A-Za-z0-9_]+)", ')
 
 
 def error_class(reply: Reply) -> str:
@@ -498,7 +497,7 @@ REPLY_OPENINGS: Final = (SUCCESS_OPENING, _ERROR_OPENING)
 _CLOSING: Final = b"}\r\n"
 
 
-_NUMBERED: Final = re.compile(rb'\{"id": ([0-9]+), |, "id": ([0-9]+)\}\r\n\Z')
+_NUMBERED: Final = re.compile(rb'\{"id": ([0-9]{1,20}), |, "id": ([0-9]{1,20})\}\r\n\Z')
 
 
 def numbered(line: Line) -> int | None:

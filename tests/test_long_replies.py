@@ -131,3 +131,13 @@ def test_a_long_reply_is_told_by_its_layout_as_decoding_tells_it(shape: str, inf
     assert (told.id, told.event) == (decoded.id, decoded.event)
     assert (bool(told.error), bool(told.ret)) == (bool(decoded.error), bool(decoded.ret))
     assert upstream_error_class(told.error) == upstream_error_class(decoded.error)
+
+
+@pytest.mark.parametrize("layout", [b'{"id": %s, %s}\r\n', b'{"return": %s, "id": %s}\r\n'])
+def test_a_long_reply_with_an_id_qmpmux_never_issued_is_dropped(layout: bytes) -> None:
+    """An id of thousands of digits is not read as a number (int() refuses past 4300)."""
+    hub = ready_hub()
+    connect(hub)
+    huge = b"9" * 5000
+    line = layout % ((huge, ERROR) if layout.startswith(b'{"id"') else (TEXT, huge))
+    assert [a for a in hub.upstream_data(line) if isinstance(a, ToClient)] == []
