@@ -54,6 +54,7 @@ STOP_ARGUMENT = b'{"execute":"stop","arguments":{"a":'
 SHAPES: dict[str, tuple[str, Callable[[int], bytes]]] = {
     "string argument": ("full", _repeated(QUERY_ARGUMENT + b'"', E_ACUTE, b'"}}')),
     "command name": ("readonly", _repeated(b'{"execute":"', E_ACUTE, b'"}')),
+    "member name": ("readonly", _repeated(b'{"execute":"query-status","', E_ACUTE, b'":1}')),
     "stray bytes": ("readonly", _repeated(b'"', b"\x80", b"\x01")),
     "id of numbers": ("readonly", _repeated(b'{"execute":"x","id":[', b"0,", b"0]}")),
     # more tokens than QEMU's limit: past it, every token is answered with an error
