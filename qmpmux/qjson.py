@@ -514,6 +514,7 @@ _LONG_KEY: Final = 4096
 # What a LongKey's stand-in starts with: a noncharacter, which no string read from a
 # client holds (QEMU refuses them), so no key can be mistaken for one.
 _STAND_IN: Final = "\ufdd0"
+_STAND_IN_UTF8: Final = _STAND_IN.encode()
 _LONG_KEY_TEXT: Final = re.compile(rb'"(?:[^"\\]|\\.){%d,}"[ \t\r\n]*+:' % _LONG_KEY)
 # msgpack extension type of a kept string inside a packed member: its data is the index
 # of the string's parts in the message's list of them (Deferred.resolve builds it).
@@ -769,7 +770,7 @@ class Framer:
                     self._str_parts.append(part)
                 if self._str_fate == _KEYED:
                     if self._str_key is None:
-                        self._str_key = _KeySum(len(self._stack) == 1)
+                        self._str_key = _KeySum(self._ordered())
                     self._str_key.add(part)
         self._str_done = cut
 
@@ -779,11 +780,13 @@ class Framer:
         A long string costs ~0.6 ms a MiB to build as one str, all in the loop turn that
         completes it, mostly first touches of fresh pages (README "Security"). So with
         `read_members` given, only what is read is built: keys (a duplicate is an error)
-        and values inside those members. The value of a member of `part_members` is
-        handed on in its parts (LongString): a command's name and id are matched and
-        echoed, which the parts do as well. A value inside a member of `defer_members` is
-        kept in parts, built only if a check reads that member (a command's arguments
-        seldom are). Anything else is never read: a top-level value that is not an
+        and values inside those members. A key of _LONG_KEY characters or more is kept
+        in its parts under a stand-in (LongKey, _long_key). The value of a member of
+        `part_members` is handed on in its parts (LongString): a command's name and id
+        are matched and echoed, which the parts do as well. A value inside a member of
+        `defer_members` is kept in parts: built only if a check reads that member (a
+        command's arguments seldom are), or echoed from them (an id: packed_pieces).
+        Anything else is never read: a top-level value that is not an
         object (QEMU refuses it), another member's value (refused or ignored whatever it
         is), a token where the parser will fail; it is checked for errors and dropped,
         and an empty str stands in for it."""
@@ -795,7 +798,7 @@ class Framer:
             return _DROP
         phase = stack[-1].phase
         if phase in (_P_OBJ_FIRST, _P_OBJ_KEY):
-            return _KEYED if self._stands_in() else _BUILD  # a key
+            return _KEYED  # a key
         if phase in (_P_OBJ_COLON, _P_OBJ_SEP, _P_ARR_SEP):
             return _DROP  # the parser fails at it
         top = stack[0]
@@ -803,28 +806,29 @@ class Framer:
             return _DROP
         if len(stack) == 1 and top.key in self._parted:
             return _PARTS
-        if top.key in read:
-            return _BUILD
         if len(stack) > 1 and top.key in self._defer:
             return _LAZY
+        if top.key in read:
+            return _BUILD
         return _DROP
 
-    def _stands_in(self) -> bool:
-        """Whether a long key read now is a LongKey: anywhere but inside a member whose
-        values are read whole (an id, echoed). Only a top-level key is ever shown (QEMU
-        names an unexpected member), and only a deferred member's keys are ever built
-        (Deferred.resolve): elsewhere one only has to differ from its neighbours."""
-        top = self._stack[0]
-        read = self._read
-        return read is not None and (
-            type(top) is not _Object or len(self._stack) == 1 or top.key not in read
+    def _ordered(self) -> bool:
+        """Whether the key read now is ever ordered as QEMU orders a QDict: a top-level
+        key (QEMU names the first unexpected member) or one in a member echoed whole (an
+        id). Its hash is summed as it is read (~6 ms a MiB, so only for those)."""
+        stack = self._stack
+        top = stack[0]
+        return len(stack) == 1 or (
+            type(top) is _Object and self._read is not None and top.key in self._read
         )
 
     def _long_key(self, parts: list[str], sums: _KeySum) -> str:
         """The stand-in of a long key (LongKey): what the parser holds for it. Equal keys
         have equal stand-ins (a digest of the text), so a duplicate is still an error."""
         stand_in = sums.stand_in()
-        self._keys[stand_in] = LongKey(LongString(parts), sums.bucket(), stand_in)
+        known = self._keys.get(stand_in)
+        if known is None or known.bucket < 0:  # (the same key deeper has no bucket)
+            self._keys[stand_in] = LongKey(LongString(parts), sums.bucket(), stand_in)
         stack = self._stack
         top = stack[0]
         if len(stack) > 1 and type(top) is _Object and top.key in self._defer:
@@ -944,10 +948,8 @@ class Framer:
         value: dict[str, JsonValue] = {}
         for key, raw in members.items():
             if key in self._defer and _is_container(raw):
-                # (strings are kept in parts only in members that are not read whole)
-                # (and never the list while it is empty: the next message would fill it)
-                read = self._read is not None and key in self._read
-                longs = self._longs if self._longs and not read else ()
+                # (never the list while it is empty: the next message would fill it)
+                longs = self._longs if self._longs else ()
                 keys = [
                     (path, self._keys[stand_in])
                     for member, path, stand_in in self._key_paths
@@ -980,7 +982,7 @@ class Framer:
             self._deliver("".join(self._str_parts))
             return
         if self._str_fate == _KEYED and sum(map(len, self._str_parts)) >= _LONG_KEY:
-            sums = self._str_key or _KeySum(len(self._stack) == 1)
+            sums = self._str_key or _KeySum(self._ordered())
             sums.add(last)
             self._deliver(self._long_key(self._str_parts, sums))
             return
@@ -1116,8 +1118,8 @@ class Framer:
             else:  # _P_OBJ_FIRST or _P_OBJ_KEY: this value is a key
                 if type(value) is not str:
                     raise _Error(b"key is not a string in object")
-                if len(value) >= _LONG_KEY and value[0] != _STAND_IN and self._stands_in():
-                    sums = _KeySum(len(stack) == 1)
+                if len(value) >= _LONG_KEY and value[0] != _STAND_IN and self._read is not None:
+                    sums = _KeySum(self._ordered())
                     sums.add(value)
                     value = self._long_key([value], sums)
                 frame.key = value
@@ -1253,6 +1255,22 @@ class Deferred:
             raise ValueError("a member with strings kept in parts can only be resolved")
         return bytes(self._raw)
 
+    def __len__(self) -> int:
+        """What it holds: its packed bytes and the parts kept for it (at most)."""
+        parts = sum(len(part) for long in self._longs for part in long)
+        return len(self._raw) + parts + sum(len(key.text) for _path, key in self._keys)
+
+    @property
+    def in_parts(self) -> bool:
+        """Whether long strings or keys inside it are kept in their parts: it is written
+        with pieces(), never from its packed bytes alone."""
+        return bool(self._longs or self._keys)
+
+    def pieces(self) -> Iterator[bytes]:
+        """encode() of it, in pieces, from its packed bytes and the parts (packed_pieces)."""
+        keys = {key.stand_in: key for _path, key in self._keys}
+        return _written(_packed_steps(_Reader(bytes(self._raw), self._longs, keys)))
+
     def resolve(self) -> JsonValue:
         if not self._longs:
             value: JsonValue = _unpack(self._raw)
@@ -1264,16 +1282,20 @@ class Deferred:
                 return "".join(longs[int.from_bytes(data, "big")])
 
             value = msgspec.msgpack.Decoder(ext_hook=built).decode(self._raw)
-        # Each long key built in place of its stand-in, deepest first (a path may pass
-        # through an object whose own key is a stand-in still), its object's order kept.
-        for path, key in sorted(self._keys, key=lambda k: -len(k[0])):
+        # Each object's long keys built in place of their stand-ins, in one pass over it
+        # (its order kept), the deepest objects first (a path may pass through an object
+        # whose own key is a stand-in still).
+        objects: dict[tuple[str | int, ...], dict[str, str]] = {}
+        for path, key in self._keys:
+            objects.setdefault(path, {})[key.stand_in] = "".join(key.text.parts)
+        for path in sorted(objects, key=len, reverse=True):
+            keys = objects[path]
             parent: JsonValue = None
             node = value
             for step in path:
                 parent, node = node, node[step]  # type: ignore[index]
             assert isinstance(node, dict)
-            stand_in, built_key = key.stand_in, "".join(key.text.parts)
-            fixed = {built_key if k == stand_in else k: v for k, v in node.items()}
+            fixed = {keys.get(k, k): v for k, v in node.items()}
             if not path:
                 value = fixed
             else:
@@ -1897,10 +1919,16 @@ class _Reader:
     ints up to 64 bits, float64, UTF-8 strings, arrays, maps), shared by the steps of
     the values inside one another: each reads its value from where the last one ended."""
 
-    __slots__ = ("data", "layouts", "pos", "work")
+    __slots__ = ("data", "keys", "layouts", "longs", "pos", "work")
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(
+        self, raw: bytes, longs: Sequence[list[str]] = (), keys: Mapping[str, LongKey] = {}
+    ) -> None:
         self.data = raw
+        # Strings and keys kept in their parts (Framer._string_fate): an extension value
+        # of type _EXT_LONG_STRING holds an index into `longs`; a key is a stand-in.
+        self.longs = longs
+        self.keys = keys
         self.pos = 0
         # Per map not yet written, by where its header starts: where each key starts and
         # ends (its value starts there), and where the map ends (learned by walk()).
@@ -1947,6 +1975,15 @@ class _Reader:
         self.pos = stop
         return _quote(data[start:stop].decode())
 
+    def long_string(self) -> list[str] | None:
+        """The parts of the string kept in parts here, read past; None if it is not one."""
+        data, pos = self.data, self.pos
+        if data[pos] != 0xD6:  # fixext 4: Framer._deliver_long's stand-in
+            return None
+        assert data[pos + 1] == _EXT_LONG_STRING
+        self.pos = pos + 6
+        return self.longs[int.from_bytes(data[pos + 2 : pos + 6], "big")]
+
     def header(self) -> tuple[int, int]:
         """(kind, n) of the string or container here, read past its header: kind 0 for
         a string of n bytes, 1 an array of n values, 2 a map of n pairs."""
@@ -1987,7 +2024,7 @@ class _Reader:
                 entries[-1].append(self.pos)
                 self.pos += size
                 entries[-1].append(self.pos)
-            elif self.scalar() is None:
+            elif self.scalar() is None and self.long_string() is None:
                 start = self.pos
                 kind, n = self.header()
                 if kind == 0:
@@ -2027,6 +2064,10 @@ def _packed_steps(r: _Reader) -> _Steps:
     if text is not None:
         yield text
         return
+    parts = r.long_string()
+    if parts is not None:
+        yield _long_string_steps(parts)
+        return
     start = r.pos
     kind, n = r.header()
     if kind == 0:
@@ -2064,14 +2105,20 @@ def _packed_map(r: _Reader, start: int) -> _Steps:
     entries, end = layout
     n = len(entries) // 2
     keys = range(0, 2 * n, 2)
-    if n <= 128 and all(entries[i + 1] - entries[i] <= _CACHED_KEY_MAX for i in keys):
+    if n <= 128 and all(
+        entries[i + 1] - entries[i] <= _CACHED_KEY_MAX
+        and not data.startswith(_STAND_IN_UTF8, entries[i])
+        for i in keys
+    ):
         yield from _small_map(r, entries, end)
         return
     buckets = [array("q") for _ in range(_QDICT_BUCKETS)]
     hashed = 0
     for i in keys:
         start, stop = entries[i], entries[i + 1]
-        if stop - start <= _SLICE:
+        if data.startswith(_STAND_IN_UTF8, start):
+            bucket = r.keys[data[start:stop].decode()].bucket
+        elif stop - start <= _SLICE:
             bucket = _bucket(data[start:stop].decode())
         else:
             bucket = yield from _bucket_steps(
@@ -2087,7 +2134,11 @@ def _packed_map(r: _Reader, start: int) -> _Steps:
     for bucket_keys in buckets:
         for i in reversed(bucket_keys):  # newest first: qdict.c inserts at the head
             start, stop = entries[i], entries[i + 1]
-            if stop - start <= _SLICE:
+            if data.startswith(_STAND_IN_UTF8, start):
+                yield opening
+                yield _long_string_steps(r.keys[data[start:stop].decode()].text.parts)
+                yield ": "
+            elif stop - start <= _SLICE:
                 yield opening + _quote(data[start:stop].decode()) + ": "
             else:
                 yield opening

@@ -112,6 +112,8 @@ def encode_id(value: ClientId | Deferred | LongString) -> WireId:
     if type(value) is str and len(value) <= 256:
         return encode(value)
     if isinstance(value, Deferred):  # a big message's container, still packed
+        if value.in_parts:  # long strings or keys in it: never built
+            return Spelled((value.pieces,), len(value))
         raw = value.raw
         if len(raw) <= _PACKED_LIGHT:
             return encode(value.resolve())

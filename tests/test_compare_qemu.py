@@ -245,13 +245,14 @@ LONG_TEXT = (
         ("", [b'{"execute":"qmp_capabilities","arguments":{"' + LONG_NAME + b'":1}}']),
         ("plain", [b'{"execute":"' + LONG_TEXT + b'","id":1}']),  # QEMU's: not found
         ("plain", [b'{"execute":"query-status","id":"' + LONG_TEXT + b'"}']),
+        ("plain", [b'{"execute":"query-status","id":[{"%s":"%s","a":1}]}' % ((LONG_TEXT,) * 2)]),
         ("plain", [b'{"execute":"query-status","' + LONG_TEXT + b'":1,"id":1}']),
         ("plain", [b'{"execute":"query-status","arguments":{"' + LONG_TEXT + b'":1},"id":1}']),
         ("plain", [b'{"execute":"stop","arguments":{"%s":1,"%s":2}}' % (LONG_TEXT, LONG_TEXT)]),
     ],
     ids=[
         "stray-token", "stray-nul", "id-on-qemus-reply", "id-on-own-reply", "member-name",
-        "long-name", "long-id", "long-member", "long-parameter", "long-key-twice",
+        "long-name", "long-id", "long-in-id", "long-member", "long-parameter", "long-key-twice",
     ],
 )  # fmt: skip
 async def test_echoes_made_in_pieces_are_qemus_bytes(

@@ -319,10 +319,17 @@ def test_a_long_name_is_answered_as_qemu_would_without_being_joined(
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=["ascii", "latin", "astral", "nul"])
-def test_a_long_id_is_echoed_from_its_parts(unit: bytes) -> None:
-    data = b"{'execute':'query-status','id':'" + unit * (LONG // len(unit)) + b"'}"
+@pytest.mark.parametrize(
+    "shape",
+    [b"'%s'", b"[1,'%s',{'a':'%s'}]", b"{'b':{'%s':['%s']},'a':0}"],
+    ids=["str", "in", "key"],
+)
+def test_a_long_id_is_echoed_from_its_parts(unit: bytes, shape: bytes) -> None:
+    """Strings and keys in it too, each echoed as QEMU prints it, keys in QDict order."""
+    long = unit * (LONG // len(unit) // 2)
+    data = b"{'execute':'query-status','id':" + shape.replace(b"%s", long) + b"}"
     value, verdict, peak = fed_and_judged(session(FULL), data)
-    assert isinstance(value, dict) and isinstance(value[ID], LongString)
+    assert isinstance(value, dict) and isinstance(value[ID], LongString | Deferred)
     assert isinstance(verdict, Command) and verdict.wire_id is not None
     assert peak < LONG // 8, peak
     (whole,) = Framer(max_message_bytes=1 << 24).feed(data)
@@ -343,6 +350,29 @@ def test_a_long_top_level_key_is_named_as_qemu_names_it_without_being_joined(
     assert isinstance(value, qjson.Message) and not any(len(k) > 64 for k in value)
     assert isinstance(verdict, Local)
     assert peak < LONG // 8, peak
+    (whole,) = Framer(max_message_bytes=1 << 24).feed(data)
+    assert verdict_text(verdict) == verdict_text(session(FULL).judge(whole))
+
+
+TWICE = [
+    b"{'execute':'query-status','%s':{'%s':1},'zz':2}",
+    b"{'execute':'query-status','%s':1,'arguments':{'%s':1},'zz':2}",
+]
+
+
+# Sizes whose key QEMU hashes to a later bucket than `zz` (473 and 331, against 321).
+@pytest.mark.parametrize("size", [5_000, LONG + 2], ids=["read-whole", "read-in-parts"])
+@pytest.mark.parametrize("shape", TWICE, ids=["in-its-value", "in-arguments"])
+def test_a_long_top_level_key_keeps_its_order_when_it_is_used_deeper_too(
+    size: int, shape: bytes
+) -> None:
+    """The key deeper is the same key (the same stand-in): its bucket is still the one
+    the top-level member is ordered by, so `zz` comes first, as QEMU has it."""
+    assert qjson._bucket("x" * size) > qjson._bucket("zz")
+    data = shape.replace(b"%s", b"x" * size)
+    _value, verdict, _peak = fed_and_judged(session(FULL), data)
+    assert isinstance(verdict, Local)
+    assert spelled_out(verdict.data).endswith(b"\"QMP input member 'zz' is unexpected\"}}\r\n")
     (whole,) = Framer(max_message_bytes=1 << 24).feed(data)
     assert verdict_text(verdict) == verdict_text(session(FULL).judge(whole))
 
