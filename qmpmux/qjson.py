@@ -779,16 +779,17 @@ class Framer:
 
         A long string costs ~0.6 ms a MiB to build as one str, all in the loop turn that
         completes it, mostly first touches of fresh pages (README "Security"). So with
-        `read_members` given, only what is read is built: keys (a duplicate is an error)
-        and values inside those members. A key of _LONG_KEY characters or more is kept
-        in its parts under a stand-in (LongKey, _long_key). The value of a member of
-        `part_members` is handed on in its parts (LongString): a command's name and id
-        are matched and echoed, which the parts do as well. A value inside a member of
-        `defer_members` is kept in parts: built only if a check reads that member (a
-        command's arguments seldom are), or echoed from them (an id: packed_pieces).
-        Anything else is never read: a top-level value that is not an
+        `read_members` given, only what is read whole is built: the value of a member of
+        `read_members` that is not handed on in parts. A key is kept in its parts under a
+        stand-in (LongKey, _long_key; a duplicate is still an error). The value of a
+        member of `part_members` is handed on in its parts (LongString): a command's
+        name and id are matched and echoed, which the parts do as well. A value inside a
+        member of `defer_members` is kept in parts: built only if a check reads that
+        member (a command's arguments seldom are), or echoed from them (an id's:
+        packed_pieces). Anything else is never read: a top-level value that is not an
         object (QEMU refuses it), another member's value (refused or ignored whatever it
-        is), a token where the parser will fail; it is checked for errors and dropped,
+        is), a value inside a name (a name must be a string), a token where the parser
+        will fail; it is checked for errors and dropped,
         and an empty str stands in for it."""
         read = self._read
         stack = self._stack
@@ -808,9 +809,9 @@ class Framer:
             return _PARTS
         if len(stack) > 1 and top.key in self._defer:
             return _LAZY
-        if top.key in read:
+        if top.key in read and len(stack) == 1:
             return _BUILD
-        return _DROP
+        return _DROP  # (inside a name: QEMU refuses a name that is not a string)
 
     def _ordered(self) -> bool:
         """Whether the key read now is ever ordered as QEMU orders a QDict: a top-level

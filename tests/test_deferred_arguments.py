@@ -257,6 +257,7 @@ def test_a_long_string_in_forwarded_arguments_is_never_built(unit: bytes) -> Non
     [
         (b"['", b"']", b"QMP input must be a JSON object"),
         (b"{'execute':'stop','x':'", b"'}", b"QMP input member 'x' is unexpected"),
+        (b"{'execute':['", b"']}", b"QMP input member 'execute' must be a string"),
         (b"{'execute':'stop','arguments':'", b"'}", b"member 'arguments' must be an object"),
         (b"{'execute':'stop','arguments':{'a':1 '", b"'}}", b"expected separator in dict"),
     ],
