@@ -1230,7 +1230,7 @@ class Deferred:
     in one loop turn) would be spent only to throw them away. Long strings inside it are
     kept in parts (`longs`, Framer._string_fate) and built by resolve() too."""
 
-    __slots__ = ("_keys", "_longs", "_raw")
+    __slots__ = ("_by_name", "_keys", "_longs", "_raw")
 
     def __init__(
         self,
@@ -1242,6 +1242,7 @@ class Deferred:
         self._longs = longs
         # Each long key inside it: the path to its object, and the key (a stand-in there).
         self._keys = keys
+        self._by_name: dict[str, tuple[msgspec.Raw, str]] | None = None  # (_index)
 
     @property
     def is_object(self) -> bool:
@@ -1273,30 +1274,58 @@ class Deferred:
         return _written(_packed_steps(_Reader(bytes(self._raw), self._longs, keys)))
 
     def resolve(self) -> JsonValue:
+        return self._built(self._raw, self._keys)
+
+    def names(self) -> list[str]:
+        """An object's member names, in order, without building its values."""
+        return list(self._index())
+
+    def member(self, name: str) -> JsonValue:
+        """An object's member `name` alone, built (KeyError if it has none): a check
+        reading one member never builds the long strings of another."""
+        raw, step = self._index()[name]
+        keys = [(path[1:], key) for path, key in self._keys if path and path[0] == step]
+        return self._built(raw, keys)
+
+    def _index(self) -> dict[str, tuple[msgspec.Raw, str]]:
+        """Per member name: its packed value, and the key it has in the packed bytes
+        (a long one's stand-in)."""
+        if self._by_name is None:
+            names = {key.stand_in: key for path, key in self._keys if not path}
+            self._by_name = {
+                "".join(names[k].text.parts) if k in names else k: (raw, k)
+                for k, raw in _unpack_members(self._raw).items()
+            }
+        return self._by_name
+
+    def _built(
+        self, raw: msgspec.Raw, keys: Sequence[tuple[tuple[str | int, ...], LongKey]]
+    ) -> JsonValue:
+        """The value packed in `raw`, its long strings and `keys` (paths from it) built."""
         if not self._longs:
-            value: JsonValue = _unpack(self._raw)
+            value: JsonValue = _unpack(raw)
         else:
             longs = self._longs
 
-            def built(code: int, data: memoryview) -> str:
+            def joined(code: int, data: memoryview) -> str:
                 assert code == _EXT_LONG_STRING
                 return "".join(longs[int.from_bytes(data, "big")])
 
-            value = msgspec.msgpack.Decoder(ext_hook=built).decode(self._raw)
+            value = msgspec.msgpack.Decoder(ext_hook=joined).decode(raw)
         # Each object's long keys built in place of their stand-ins, in one pass over it
         # (its order kept), the deepest objects first (a path may pass through an object
         # whose own key is a stand-in still).
         objects: dict[tuple[str | int, ...], dict[str, str]] = {}
-        for path, key in self._keys:
+        for path, key in keys:
             objects.setdefault(path, {})[key.stand_in] = "".join(key.text.parts)
         for path in sorted(objects, key=len, reverse=True):
-            keys = objects[path]
+            built = objects[path]
             parent: JsonValue = None
             node = value
             for step in path:
                 parent, node = node, node[step]  # type: ignore[index]
             assert isinstance(node, dict)
-            fixed = {keys.get(k, k): v for k, v in node.items()}
+            fixed = {built.get(k, k): v for k, v in node.items()}
             if not path:
                 value = fixed
             else:
@@ -1315,20 +1344,24 @@ class Deferred:
 
 
 class DeferredObject(Mapping[str, JsonValue]):
-    """A deferred object read as a mapping: its members are built on first use.
+    """A deferred object read as a mapping: each member is built on first use.
 
-    A check that reads a command's arguments gets them whole; a command whose checks
-    never read them (most, for most profiles) sends the client's text upstream and never
-    builds them: half a million values take ~10 ms to build, all in one loop turn."""
+    A check that reads a command's arguments gets the members it reads; a command whose
+    checks never read them (most, for most profiles) sends the client's text upstream and
+    never builds them: half a million values take ~10 ms to build, a long string ~1 ms a
+    MiB, all in one loop turn."""
 
-    __slots__ = ("_deferred", "_members")
+    __slots__ = ("_deferred", "_members", "_names", "_read")
 
     def __init__(self, deferred: Deferred) -> None:
         assert deferred.is_object
         self._deferred = deferred
         self._members: dict[str, JsonValue] | None = None
+        self._names: list[str] | None = None
+        self._read: dict[str, JsonValue] = {}  # members built one at a time
 
     def members(self) -> dict[str, JsonValue]:
+        """All of it, built at once (an audit record of it)."""
         if self._members is None:
             value = self._deferred.resolve()
             assert isinstance(value, dict)
@@ -1336,13 +1369,22 @@ class DeferredObject(Mapping[str, JsonValue]):
         return self._members
 
     def __getitem__(self, key: str) -> JsonValue:
-        return self.members()[key]
+        if self._members is not None:
+            return self._members[key]
+        if key not in self._read:
+            self._read[key] = self._deferred.member(key)
+        return self._read[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.members())
+        return iter(self._members if self._members is not None else self._member_names())
 
     def __len__(self) -> int:
-        return len(self.members())
+        return len(self._members if self._members is not None else self._member_names())
+
+    def _member_names(self) -> list[str]:
+        if self._names is None:
+            self._names = self._deferred.names()
+        return self._names
 
     def __bool__(self) -> bool:
         return not self._deferred.is_empty

@@ -411,6 +411,31 @@ def test_a_long_key_twice_is_a_duplicate_key(first: bytes, second: bytes, where:
     assert not isinstance(different, ParseError)
 
 
+@pytest.mark.parametrize("unit", UNITS, ids=["ascii", "latin", "astral", "nul"])
+def test_a_check_builds_only_the_members_it_reads(unit: bytes) -> None:
+    """readonly reads a qom-get's property (secrets): a long string beside it is never
+    built, and the command goes upstream as the client's text."""
+    text = b"{'path':'/objects/s','pad':'" + unit * (LONG // len(unit)) + b"','property':'size'}"
+    value, verdict, peak = fed_and_judged(session(READONLY), big("qom-get", text))
+    assert isinstance(verdict, Command) and peak < LONG // 8, peak
+    assert bytes(verdict.prefix).endswith(b'"arguments":' + text)
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+
+
+def test_members_read_one_at_a_time_are_the_members_built_at_once() -> None:
+    key = "k\u00e9\U0001f600" * (LONG // 64)
+    text = json.dumps({"a": [1, {key: key}], key: {"b": key, key: 2}, "c": None})
+    (value,) = fed(client_framer(), big("qom-get", text.encode()), 1 << 16)
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    whole = value[ARGUMENTS].resolve()
+    assert isinstance(whole, dict) and list(whole) == ["a", key, "c"]
+    one_by_one = qjson.DeferredObject(value[ARGUMENTS])
+    assert list(one_by_one) == ["a", key, "c"] and len(one_by_one) == 3
+    assert one_by_one[key] == whole[key] and one_by_one["a"] == whole["a"]
+    assert "c" in one_by_one and "d" not in one_by_one and one_by_one.get("d") is None
+    assert dict(one_by_one) == whole == one_by_one.members()
+
+
 def test_a_check_that_reads_the_arguments_gets_their_long_strings() -> None:
     long = "\u00e9\U0001f600" * (LONG // 8)
     data = big("qom-get", b"{'path':'/objects/s','property':" + json.dumps(long).encode() + b"}")
