@@ -30,7 +30,7 @@ from typing import Final
 import msgspec
 
 from qmpmux.fdargs import FD_COMMANDS, numeric_fd
-from qmpmux.qjson import JsonValue, LongString
+from qmpmux.qjson import DeferredObject, JsonValue, LongString
 
 EXTENSION_PREFIX: Final = "__"
 # qmpmux's own commands live in its own downstream namespace (docs/protocol.md §12).
@@ -213,7 +213,19 @@ SECRET_PROPERTIES: Final = frozenset(
     {"data", "serial", "username", "password", "passwords", "key", "secret", "cookie"}
 )
 
+_SECRET_PROPERTY_MAX: Final = max(map(len, SECRET_PROPERTIES))
+
 _PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]!-]+$")
+
+
+def _short_string(args: Mapping[str, JsonValue], key: str, limit: int) -> str | None:
+    """Argument `key` if it is a string of at most `limit` characters: a longer one is
+    never a name a check compares it with, and is not built to learn that (a client's
+    megabytes of `property`, qjson.DeferredObject.short_string)."""
+    if isinstance(args, DeferredObject):
+        return args.short_string(key, limit)
+    value = args.get(key)
+    return value if isinstance(value, str) and len(value) <= limit else None
 
 
 def _clipped(value: object) -> object:
@@ -397,8 +409,8 @@ class Profile:
                         f"{hatch.reason} (profile '{self.name}' does not name {name} exactly)"
                     )
         if name == "qom-get" and not self.secret_properties and args:
-            prop = args.get("property")
-            if isinstance(prop, str) and prop.lower() in SECRET_PROPERTIES:
+            prop = _short_string(args, "property", _SECRET_PROPERTY_MAX)
+            if prop is not None and prop.lower() in SECRET_PROPERTIES:
                 return (
                     f"qom-get of property '{prop}' refused by qmpmux policy "
                     f"(profile '{self.name}' may not read secret-bearing properties)"

@@ -1287,6 +1287,21 @@ class Deferred:
         keys = [(path[1:], key) for path, key in self._keys if path and path[0] == step]
         return self._built(raw, keys)
 
+    def string_size(self, name: str) -> int | None:
+        """The size in bytes (UTF-8) of member `name` if it is a string, else None (or
+        KeyError): read from its packed header, the string never built. (One kept in
+        parts is counted in characters: no more than its bytes.)"""
+        raw, _step = self._index()[name]
+        head = bytes(memoryview(raw)[:5])
+        if 0xA0 <= head[0] <= 0xBF:
+            return head[0] & 0x1F
+        if head[0] in (0xD9, 0xDA, 0xDB):
+            width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[head[0]]
+            return int.from_bytes(head[1 : 1 + width], "big")
+        if head[0] == 0xD6:  # kept in parts: longer than any string read whole
+            return sum(len(part) for part in self._longs[int.from_bytes(head[2:6], "big")])
+        return None
+
     def _index(self) -> dict[str, tuple[msgspec.Raw, str]]:
         """Per member name: its packed value, and the key it has in the packed bytes
         (a long one's stand-in)."""
@@ -1380,6 +1395,19 @@ class DeferredObject(Mapping[str, JsonValue]):
 
     def __len__(self) -> int:
         return len(self._members if self._members is not None else self._member_names())
+
+    def short_string(self, key: str, limit: int) -> str | None:
+        """Member `key` if it is a string of at most `limit` characters, else None; a
+        longer one is never built (a check that compares it with short names only)."""
+        if self._members is None and key not in self._read:
+            try:
+                size = self._deferred.string_size(key)
+            except KeyError:
+                return None
+            if size is None or size > 4 * limit:  # (UTF-8: 4 bytes a character at most)
+                return None
+        value = self.get(key)
+        return value if isinstance(value, str) and len(value) <= limit else None
 
     def _member_names(self) -> list[str]:
         if self._names is None:

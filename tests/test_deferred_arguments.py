@@ -422,6 +422,20 @@ def test_a_check_builds_only_the_members_it_reads(unit: bytes) -> None:
     assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
 
 
+@pytest.mark.parametrize("unit", UNITS, ids=["ascii", "latin", "astral", "nul"])
+def test_a_long_property_is_no_secret_and_never_built(unit: bytes) -> None:
+    """readonly compares a qom-get's property with short secret names: one of megabytes
+    is none of them, told from its packed size (built and lowercased, 15 MiB ending in
+    one emoji held the loop 157 ms)."""
+    text = b"{'path':'/objects/s','property':'" + unit * (LONG // len(unit)) + b"'}"
+    _value, verdict, peak = fed_and_judged(session(READONLY), big("qom-get", text))
+    assert isinstance(verdict, Command) and peak < LONG // 8, peak
+    secret = b"{'path':'/objects/s','pad':'" + unit * (LONG // len(unit)) + b"','property':'Key'}"
+    _value, verdict, peak = fed_and_judged(session(READONLY), big("qom-get", secret))
+    assert isinstance(verdict, Local) and peak < LONG // 8, peak
+    assert b"qom-get of property 'Key' refused" in spelled_out(verdict.data)
+
+
 def test_members_read_one_at_a_time_are_the_members_built_at_once() -> None:
     key = "k\u00e9\U0001f600" * (LONG // 64)
     text = json.dumps({"a": [1, {key: key}], key: {"b": key, key: 2}, "c": None})
