@@ -74,10 +74,11 @@ import math
 import re
 import struct
 import sys
+import types
 from array import array
 from bisect import bisect_left
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
-from typing import Final, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 import msgspec
 
@@ -107,6 +108,7 @@ __all__ = [
 ]
 
 JsonValue: TypeAlias = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
+_NOTHING: Final[Mapping[Any, Any]] = types.MappingProxyType({})  # an empty default
 
 
 class CText(NamedTuple):
@@ -545,6 +547,7 @@ class Framer:
         "_keep",
         "_key_paths",
         "_keys",
+        "_long_members",
         "_longs",
         "_loose",
         "_max_nesting",
@@ -622,8 +625,10 @@ class Framer:
         self._str_parts: list[str] = []
         self._str_error: bytes | None = None
         self._str_fate = _BUILD
-        # the parts of each string kept (_LAZY, _PARTS), in this message
+        # the parts of each string kept (_LAZY, _PARTS), in this message, and the
+        # top-level member each is in
         self._longs: list[list[str]] = []
+        self._long_members: list[str] = []
         # A long key's stand-in -> the key (_KEYED), in this message; and where each
         # stand-in inside a deferred member is (its member, the path to its object).
         self._keys: dict[str, LongKey] = {}
@@ -815,12 +820,13 @@ class Framer:
 
     def _ordered(self) -> bool:
         """Whether the key read now is ever ordered as QEMU orders a QDict: a top-level
-        key (QEMU names the first unexpected member) or one in a member echoed whole (an
-        id). Its hash is summed as it is read (~6 ms a MiB, so only for those)."""
+        key (QEMU names the first unexpected member) or one in a deferred member that is
+        echoed (an id). Its hash is summed as it is read (~6 ms a MiB, so only for those)."""
         stack = self._stack
         top = stack[0]
+        read = self._read
         return len(stack) == 1 or (
-            type(top) is _Object and self._read is not None and top.key in self._read
+            type(top) is _Object and read is not None and top.key in read and top.key in self._defer
         )
 
     def _long_key(self, parts: list[str], sums: _KeySum) -> str:
@@ -949,8 +955,9 @@ class Framer:
         value: dict[str, JsonValue] = {}
         for key, raw in members.items():
             if key in self._defer and _is_container(raw):
-                # (never the list while it is empty: the next message would fill it)
-                longs = self._longs if self._longs else ()
+                # (its own strings kept in parts only: they are what it holds)
+                owned = zip(self._longs, self._long_members, strict=True)
+                longs = {i: parts for i, (parts, member) in enumerate(owned) if member == key}
                 keys = [
                     (path, self._keys[stand_in])
                     for member, path, stand_in in self._key_paths
@@ -994,6 +1001,9 @@ class Framer:
         # the message is complete (_parted_out).
         index = len(self._longs).to_bytes(4, "big")
         self._longs.append(self._str_parts)
+        top = self._stack[0]
+        assert type(top) is _Object
+        self._long_members.append(top.key)
         self._deliver(msgspec.msgpack.Ext(_EXT_LONG_STRING, index))  # type: ignore[arg-type]
         if self._str_fate == _LAZY:
             # Packed at once, so the complete message is unpacked member by member and
@@ -1023,6 +1033,7 @@ class Framer:
         self._packed = False
         if self._longs:
             self._longs = []
+            self._long_members = []
         if self._keys:
             self._keys = {}
             self._key_paths = []
@@ -1222,6 +1233,10 @@ class Message(dict[str, JsonValue]):
         return memoryview(self._text)[self._spans[i] : self._spans[i + 1]]
 
 
+# A long key inside a deferred member: the path to its object, and the key.
+_KeyAt: TypeAlias = "tuple[tuple[str | int, ...], LongKey]"
+
+
 class Deferred:
     """A member of a big message still packed: a container, built only by resolve().
 
@@ -1235,14 +1250,15 @@ class Deferred:
     def __init__(
         self,
         raw: msgspec.Raw,
-        longs: Sequence[list[str]] = (),
-        keys: Sequence[tuple[tuple[str | int, ...], LongKey]] = (),
+        longs: Mapping[int, list[str]] = _NOTHING,
+        keys: Sequence[_KeyAt] = (),
     ) -> None:
         self._raw = raw
+        # Each long string kept in parts inside it, by the index its stand-in holds.
         self._longs = longs
         # Each long key inside it: the path to its object, and the key (a stand-in there).
         self._keys = keys
-        self._by_name: dict[str, tuple[msgspec.Raw, str]] | None = None  # (_index)
+        self._by_name: dict[str, tuple[msgspec.Raw, list[_KeyAt]]] | None = None  # (_index)
 
     @property
     def is_object(self) -> bool:
@@ -1251,15 +1267,15 @@ class Deferred:
 
     @property
     def raw(self) -> bytes:
-        """Its msgpack (packed_pieces writes from it): only for a member read whole (an
-        id), whose long strings are built as it is read."""
+        """Its msgpack (packed_pieces writes from it): only for a member with nothing
+        kept in parts (in_parts; pieces() writes one that has)."""
         if self._longs or self._keys:
-            raise ValueError("a member with strings kept in parts can only be resolved")
+            raise ValueError("a member with strings kept in parts is written by pieces()")
         return bytes(self._raw)
 
     def __len__(self) -> int:
         """What it holds: its packed bytes and the parts kept for it (at most)."""
-        parts = sum(len(part) for long in self._longs for part in long)
+        parts = sum(len(part) for long in self._longs.values() for part in long)
         return len(self._raw) + parts + sum(len(key.text) for _path, key in self._keys)
 
     @property
@@ -1283,15 +1299,14 @@ class Deferred:
     def member(self, name: str) -> JsonValue:
         """An object's member `name` alone, built (KeyError if it has none): a check
         reading one member never builds the long strings of another."""
-        raw, step = self._index()[name]
-        keys = [(path[1:], key) for path, key in self._keys if path and path[0] == step]
+        raw, keys = self._index()[name]
         return self._built(raw, keys)
 
     def string_size(self, name: str) -> int | None:
         """The size in bytes (UTF-8) of member `name` if it is a string, else None (or
         KeyError): read from its packed header, the string never built. (One kept in
         parts is counted in characters: no more than its bytes.)"""
-        raw, _step = self._index()[name]
+        raw, _keys = self._index()[name]
         head = bytes(memoryview(raw)[:5])
         if 0xA0 <= head[0] <= 0xBF:
             return head[0] & 0x1F
@@ -1302,20 +1317,22 @@ class Deferred:
             return sum(len(part) for part in self._longs[int.from_bytes(head[2:6], "big")])
         return None
 
-    def _index(self) -> dict[str, tuple[msgspec.Raw, str]]:
-        """Per member name: its packed value, and the key it has in the packed bytes
-        (a long one's stand-in)."""
+    def _index(self) -> dict[str, tuple[msgspec.Raw, list[_KeyAt]]]:
+        """Per member name (a long one built): its packed value, and the long keys
+        inside it (paths from it)."""
         if self._by_name is None:
             names = {key.stand_in: key for path, key in self._keys if not path}
+            inside: dict[str | int, list[_KeyAt]] = {}
+            for path, key in self._keys:
+                if path:
+                    inside.setdefault(path[0], []).append((path[1:], key))
             self._by_name = {
-                "".join(names[k].text.parts) if k in names else k: (raw, k)
+                "".join(names[k].text.parts) if k in names else k: (raw, inside.get(k, []))
                 for k, raw in _unpack_members(self._raw).items()
             }
         return self._by_name
 
-    def _built(
-        self, raw: msgspec.Raw, keys: Sequence[tuple[tuple[str | int, ...], LongKey]]
-    ) -> JsonValue:
+    def _built(self, raw: msgspec.Raw, keys: Sequence[_KeyAt]) -> JsonValue:
         """The value packed in `raw`, its long strings and `keys` (paths from it) built."""
         if not self._longs:
             value: JsonValue = _unpack(raw)
@@ -1504,13 +1521,13 @@ class LongKey(NamedTuple):
     parser holds in its place (Framer._long_key)."""
 
     text: LongString
-    bucket: int  # (-1 for a key below the top level: only those are ordered)
+    bucket: int  # (-1 for a key that is never ordered: Framer._ordered)
     stand_in: str
 
 
 class _KeySum:
-    """A long key's digest and, for a top-level key (`bucketed`: only those are ordered,
-    at ~6 ms a MiB), its QDict hash, summed a part at a time as it is decoded."""
+    """A long key's digest and, for one that is ever ordered (`bucketed`, at ~6 ms a
+    MiB: Framer._ordered), its QDict hash, summed a part at a time as it is decoded."""
 
     __slots__ = ("bucketed", "digest", "size", "total")
 
@@ -1993,7 +2010,10 @@ class _Reader:
     __slots__ = ("data", "keys", "layouts", "longs", "pos", "work")
 
     def __init__(
-        self, raw: bytes, longs: Sequence[list[str]] = (), keys: Mapping[str, LongKey] = {}
+        self,
+        raw: bytes,
+        longs: Mapping[int, list[str]] = _NOTHING,
+        keys: Mapping[str, LongKey] = _NOTHING,
     ) -> None:
         self.data = raw
         # Strings and keys kept in their parts (Framer._string_fate): an extension value

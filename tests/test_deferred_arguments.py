@@ -436,6 +436,16 @@ def test_a_long_property_is_no_secret_and_never_built(unit: bytes) -> None:
     assert b"qom-get of property 'Key' refused" in spelled_out(verdict.data)
 
 
+def test_an_id_holds_only_its_own_long_strings() -> None:
+    """A long string in the arguments is none of the id's: the id is echoed at once, and
+    counts (and keeps) only itself."""
+    data = b"{'execute':'query-status','arguments':{'p':'" + b"x" * LONG + b"'},'id':[1,{}]}"
+    value, verdict, _peak = fed_and_judged(session(FULL), data)
+    assert isinstance(value, dict) and isinstance(value[ID], Deferred)
+    assert not value[ID].in_parts and len(value[ID]) < 64
+    assert isinstance(verdict, Command) and verdict.wire_id == b"[1, {}]"
+
+
 def test_members_read_one_at_a_time_are_the_members_built_at_once() -> None:
     key = "k\u00e9\U0001f600" * (LONG // 64)
     text = json.dumps({"a": [1, {key: key}], key: {"b": key, key: 2}, "c": None})
