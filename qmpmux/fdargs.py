@@ -23,11 +23,11 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from qmpmux.qjson import JsonValue
+from qmpmux.qjson import JsonValue, string_head
 
 
 class Kind(enum.Enum):
@@ -148,11 +148,30 @@ def _rows(command: str, args: Mapping[str, JsonValue] | None) -> Iterator[FdArgu
         yield row
 
 
+def _read(args: Mapping[str, JsonValue], path: tuple[str, ...]) -> Iterator[JsonValue]:
+    """_at of the arguments, reading only the member a path starts at: arguments of
+    megabytes are built a member at a time (qjson.DeferredObject)."""
+    if not path:
+        return _at(dict(args), path)
+    return _at(args[path[0]], path[1:]) if path[0] in args else iter(())
+
+
+# What numeric_fd reads of a name QEMU takes whole (after `fd:` in a URI): QEMU tests
+# its first character; errors quote 32.
+_NAME_HEAD: Final = 3 + 32
+
+
 def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str, str] | None:
-    """(argument, value) of the first fd argument QEMU would read as a raw number, or None."""
+    """(argument, value) of the first fd argument QEMU would read as a raw number, or None
+    (a value of it cut to the 32 characters an error quotes)."""
     for row in _rows(command, args):
         assert args is not None
-        for value in _at(dict(args), row.path):
+        head = None
+        if len(row.path) == 1 and row.kind in (Kind.NAME, Kind.URI):
+            head = string_head(args, row.path[0], _NAME_HEAD)  # never megabytes of it
+        # (a name may also come in a list: read whole then)
+        values: Iterable[JsonValue] = (head,) if head is not None else _read(args, row.path)
+        for value in values:
             for where, name in _names(row, value, ".".join(row.path)):
                 if is_numeric(name):
                     return where.lstrip("."), name

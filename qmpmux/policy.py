@@ -30,7 +30,7 @@ from typing import Final
 import msgspec
 
 from qmpmux.fdargs import FD_COMMANDS, numeric_fd
-from qmpmux.qjson import DeferredObject, JsonValue, LongString
+from qmpmux.qjson import JsonValue, LongString, string_head
 
 EXTENSION_PREFIX: Final = "__"
 # qmpmux's own commands live in its own downstream namespace (docs/protocol.md §12).
@@ -149,11 +149,14 @@ class EscapeHatch:
     def opened(self, args: Mapping[str, JsonValue] | None) -> bool:
         if self.opens is Opens.ALWAYS:
             return True
-        value = args.get(self.member) if args and self.member else None
+        if not args or not self.member:
+            return False
         if self.opens is Opens.EXEC_URI:
-            return isinstance(value, str) and value.startswith("exec:")
+            return string_head(args, self.member, 5) == "exec:"
         if self.opens is Opens.PROGRAM:  # "no" and "" mean none (net/tap.c)
-            return isinstance(value, str) and value not in ("", "no")
+            program = string_head(args, self.member, 3)
+            return program is not None and program not in ("", "no")
+        value = args.get(self.member)
         channels = value if isinstance(value, list) else ()
         return any(
             isinstance(c, dict)
@@ -219,13 +222,10 @@ _PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\[\]!-]+$")
 
 
 def _short_string(args: Mapping[str, JsonValue], key: str, limit: int) -> str | None:
-    """Argument `key` if it is a string of at most `limit` characters: a longer one is
-    never a name a check compares it with, and is not built to learn that (a client's
-    megabytes of `property`, qjson.DeferredObject.short_string)."""
-    if isinstance(args, DeferredObject):
-        return args.short_string(key, limit)
-    value = args.get(key)
-    return value if isinstance(value, str) and len(value) <= limit else None
+    """Argument `key` if it is a string of at most `limit` characters, else None (a
+    longer one never built: qjson.string_head)."""
+    head = string_head(args, key, limit + 1)
+    return head if head is not None and len(head) <= limit else None
 
 
 def _clipped(value: object) -> object:

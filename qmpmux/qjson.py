@@ -104,6 +104,7 @@ __all__ = [
     "pack",
     "packed_pieces",
     "qdict_order",
+    "string_head",
     "text_pieces",
 ]
 
@@ -518,6 +519,8 @@ _LONG_KEY: Final = 4096
 _STAND_IN: Final = "\ufdd0"
 _STAND_IN_UTF8: Final = _STAND_IN.encode()
 _LONG_KEY_TEXT: Final = re.compile(rb'"(?:[^"\\]|\\.){%d,}"[ \t\r\n]*+:' % _LONG_KEY)
+# msgpack's str8, str16 and str32: the width of the length after the type byte.
+_STRING_WIDTHS: Final = {0xD9: 1, 0xDA: 2, 0xDB: 4}
 # msgpack extension type of a kept string inside a packed member: its data is the index
 # of the string's parts in the message's list of them (Deferred.resolve builds it).
 _EXT_LONG_STRING: Final = 1
@@ -1302,20 +1305,24 @@ class Deferred:
         raw, keys = self._index()[name]
         return self._built(raw, keys)
 
-    def string_size(self, name: str) -> int | None:
-        """The size in bytes (UTF-8) of member `name` if it is a string, else None (or
-        KeyError): read from its packed header, the string never built. (One kept in
-        parts is counted in characters: no more than its bytes.)"""
+    def string_head(self, name: str, n: int) -> str | None:
+        """The first `n` characters of member `name` if it is a string, else None (or
+        KeyError): read from its packed bytes, the rest of the string never built."""
         raw, _keys = self._index()[name]
-        head = bytes(memoryview(raw)[:5])
-        if 0xA0 <= head[0] <= 0xBF:
-            return head[0] & 0x1F
-        if head[0] in (0xD9, 0xDA, 0xDB):
-            width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[head[0]]
-            return int.from_bytes(head[1 : 1 + width], "big")
-        if head[0] == 0xD6:  # kept in parts: longer than any string read whole
-            return sum(len(part) for part in self._longs[int.from_bytes(head[2:6], "big")])
-        return None
+        view = memoryview(raw)
+        first = view[0]
+        if first == 0xD6:  # fixext 4: kept in parts (Framer._deliver_long)
+            return LongString(self._longs[int.from_bytes(view[2:6], "big")]).head(n)
+        if 0xA0 <= first <= 0xBF:
+            start, size = 1, first & 0x1F
+        elif first in _STRING_WIDTHS:
+            width = _STRING_WIDTHS[first]
+            start, size = 1 + width, int.from_bytes(view[1 : 1 + width], "big")
+        else:
+            return None
+        # (4 bytes a character at most; a character cut at the end is dropped)
+        text = bytes(view[start : start + min(size, 4 * n)]).decode("utf-8", "ignore")
+        return text[:n]
 
     def _index(self) -> dict[str, tuple[msgspec.Raw, list[_KeyAt]]]:
         """Per member name (a long one built): its packed value, and the long keys
@@ -1413,18 +1420,17 @@ class DeferredObject(Mapping[str, JsonValue]):
     def __len__(self) -> int:
         return len(self._members if self._members is not None else self._member_names())
 
-    def short_string(self, key: str, limit: int) -> str | None:
-        """Member `key` if it is a string of at most `limit` characters, else None; a
-        longer one is never built (a check that compares it with short names only)."""
-        if self._members is None and key not in self._read:
-            try:
-                size = self._deferred.string_size(key)
-            except KeyError:
-                return None
-            if size is None or size > 4 * limit:  # (UTF-8: 4 bytes a character at most)
-                return None
-        value = self.get(key)
-        return value if isinstance(value, str) and len(value) <= limit else None
+    def string_head(self, key: str, n: int) -> str | None:
+        """The first `n` characters of member `key` if it is a string, else None (absent
+        too); the rest of a long one is never built (a check that reads a prefix, or
+        compares with short names)."""
+        if self._members is not None or key in self._read:
+            value = self.get(key)
+            return value[:n] if isinstance(value, str) else None
+        try:
+            return self._deferred.string_head(key, n)
+        except KeyError:
+            return None
 
     def _member_names(self) -> list[str]:
         if self._names is None:
@@ -1549,6 +1555,16 @@ class _KeySum:
 
     def bucket(self) -> int:
         return _tdb_bucket(self.size, self.total) if self.bucketed else -1
+
+
+def string_head(args: Mapping[str, JsonValue], key: str, n: int) -> str | None:
+    """The first `n` characters of member `key` if it is a string, else None: what a
+    check compares with short names or prefixes, the rest of a client's megabytes never
+    built to learn it (DeferredObject.string_head)."""
+    if isinstance(args, DeferredObject):
+        return args.string_head(key, n)
+    value = args.get(key)
+    return value[:n] if isinstance(value, str) else None
 
 
 def clipped(text: str | LongString, n: int) -> str:

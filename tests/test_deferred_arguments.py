@@ -41,7 +41,12 @@ from qmpmux.wire import (
 from tests.playbook import spelled_out
 
 EMPTY_OBJECTS = 1 << 16  # 192 KiB of `{},`: some 4 MiB of Python dicts if built
-AUDITED = compile_policy({"audited": ProfileSpec(base="readonly", audit_arguments=True)})
+AUDITED = compile_policy(
+    {
+        "audited": ProfileSpec(base="readonly", audit_arguments=True),
+        "globbed": ProfileSpec(commands=("*",)),  # migrate, netdev_add by a glob: checked
+    }
+)
 
 
 def big(name: str, arguments: bytes = b"{'a':[" + b"{}," * EMPTY_OBJECTS + b"{}]}") -> bytes:
@@ -49,7 +54,7 @@ def big(name: str, arguments: bytes = b"{'a':[" + b"{}," * EMPTY_OBJECTS + b"{}]
 
 
 def session(profile: str = READONLY, negotiated: bool = True) -> Session:
-    profiles = AUDITED.profiles if profile == "audited" else DEFAULT_POLICY.profiles
+    profiles = AUDITED.profiles if profile in AUDITED.profiles else DEFAULT_POLICY.profiles
     s = Session(1, Peer("unix:t"), frozenset({"oob"}), client_framer(), profiles[profile])
     if negotiated:
         s.phase = Phase.COMMAND
@@ -444,6 +449,49 @@ def test_an_id_holds_only_its_own_long_strings() -> None:
     assert isinstance(value, dict) and isinstance(value[ID], Deferred)
     assert not value[ID].in_parts and len(value[ID]) < 64
     assert isinstance(verdict, Command) and verdict.wire_id == b"[1, {}]"
+
+
+@pytest.mark.parametrize("before", [b"'pad':'%s',", b""], ids=["after-a-long-pad", "alone"])
+@pytest.mark.parametrize("long_id", [True, False], ids=["long-id", "short-id"])
+def test_a_secret_property_kept_in_parts_is_still_refused(before: bytes, long_id: bool) -> None:
+    """With a tiny _STR_STEP a secret name is long enough to be kept in parts, among
+    other strings kept so (its index then is not the first)."""
+    secret = b"".join(b"\\u%04X" % c for c in b"PASSWORDS")
+    args = b"{" + before.replace(b"%s", b"x" * 40) + b"'property':'" + secret + b"'}"
+    ident = b"'" + b"i" * 40 + b"'" if long_id else b"1"
+    data = b"{'id':" + ident + b",'execute':'qom-get','arguments':" + args + b"}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_STR_STEP", 16)
+        patch.setattr(qjson, "_PACK_EVERY", 1)  # the arguments are deferred
+        (value,) = fed(client_framer(), data, 7)
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    verdict = session(READONLY).judge(value)
+    assert isinstance(verdict, Local), verdict
+    assert b"qom-get of property 'PASSWORDS' refused" in spelled_out(verdict.data)
+
+
+@pytest.mark.parametrize(
+    ("command", "member", "head", "refused"),
+    [
+        ("migrate", "uri", "exec:", True),
+        ("migrate", "uri", "tcp:", False),
+        ("migrate", "uri", "fd:3", True),  # a numeric fd: QEMU's own descriptor
+    ],
+)
+def test_an_escape_hatch_reads_only_the_start_of_a_long_member(
+    command: str, member: str, head: str, refused: bool
+) -> None:
+    """Granted by a glob, an escape hatch is refused by the start of its member, and a
+    numeric fd by its first character: the rest of megabytes is never built."""
+    long = head.encode() + b"x" * LONG
+    data = big(command, b"{'" + member.encode() + b"':'" + long + b"'}")
+    _value, verdict, peak = fed_and_judged(session("globbed"), data)
+    assert peak < LONG // 8, peak
+    if refused:
+        assert isinstance(verdict, Local), verdict
+        assert b"refused by qmpmux policy" in spelled_out(verdict.data)
+    else:
+        assert isinstance(verdict, Command), verdict
 
 
 def test_members_read_one_at_a_time_are_the_members_built_at_once() -> None:
