@@ -142,8 +142,9 @@ def _rows(command: str, args: Mapping[str, JsonValue] | None) -> Iterator[FdArgu
     for row in _BY_COMMAND.get(command, ()) if args else ():
         if row.when is not None:
             key, values = row.when
-            selector = args.get(key) if args else None
-            if not isinstance(selector, str) or selector not in values:
+            # (a short name: no more of a client's string is read than it could match)
+            selector = string_head(args, key, max(map(len, values)) + 1) if args else None
+            if selector not in values:
                 continue
         yield row
 
@@ -156,8 +157,8 @@ def _read(args: Mapping[str, JsonValue], path: tuple[str, ...]) -> Iterator[Json
     return _at(args[path[0]], path[1:]) if path[0] in args else iter(())
 
 
-# What numeric_fd reads of a name QEMU takes whole (after `fd:` in a URI): QEMU tests
-# its first character; errors quote 32.
+# What numeric_fd reads of a name QEMU takes whole: QEMU tests its first character,
+# errors quote 32, and a URI's name comes after `fd:`.
 _NAME_HEAD: Final = 3 + 32
 
 

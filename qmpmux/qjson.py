@@ -1312,6 +1312,7 @@ class Deferred:
         view = memoryview(raw)
         first = view[0]
         if first == 0xD6:  # fixext 4: kept in parts (Framer._deliver_long)
+            assert view[1] == _EXT_LONG_STRING
             return LongString(self._longs[int.from_bytes(view[2:6], "big")]).head(n)
         if 0xA0 <= first <= 0xBF:
             start, size = 1, first & 0x1F

@@ -476,6 +476,7 @@ def test_a_secret_property_kept_in_parts_is_still_refused(before: bytes, long_id
         ("migrate", "uri", "exec:", True),
         ("migrate", "uri", "tcp:", False),
         ("migrate", "uri", "fd:3", True),  # a numeric fd: QEMU's own descriptor
+        ("qom-set", "property", "fd", False),  # no fd property: its value is not one
     ],
 )
 def test_an_escape_hatch_reads_only_the_start_of_a_long_member(
