@@ -149,17 +149,22 @@ def _rows(command: str, args: Mapping[str, JsonValue] | None) -> Iterator[FdArgu
         yield row
 
 
-def _read(args: Mapping[str, JsonValue], path: tuple[str, ...]) -> Iterator[JsonValue]:
-    """_at of the arguments, reading only the member a path starts at: arguments of
-    megabytes are built a member at a time (qjson.DeferredObject)."""
-    if not path:
-        return _at(dict(args), path)
-    return _at(args[path[0]], path[1:]) if path[0] in args else iter(())
-
-
 # What numeric_fd reads of a name QEMU takes whole: QEMU tests its first character,
 # errors quote 32, and a URI's name comes after `fd:`.
 _NAME_HEAD: Final = 3 + 32
+
+
+def _read(args: Mapping[str, JsonValue], path: tuple[str, ...]) -> Iterator[JsonValue]:
+    """_at of the arguments, reading only the member a path starts at: arguments of
+    megabytes are built a member at a time (qjson.DeferredObject). All of them (socket
+    addresses may be anywhere) has of each string member only what a check reads."""
+    if not path:
+        whole: dict[str, JsonValue] = {}
+        for key in args:
+            head = string_head(args, key, _NAME_HEAD)
+            whole[key] = args[key] if head is None else head
+        return _at(whole, path)
+    return _at(args[path[0]], path[1:]) if path[0] in args else iter(())
 
 
 def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str, str] | None:

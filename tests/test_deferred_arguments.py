@@ -477,6 +477,8 @@ def test_a_secret_property_kept_in_parts_is_still_refused(before: bytes, long_id
         ("migrate", "uri", "tcp:", False),
         ("migrate", "uri", "fd:3", True),  # a numeric fd: QEMU's own descriptor
         ("qom-set", "property", "fd", False),  # no fd property: its value is not one
+        ("netdev_add", "script", "/bin/", True),  # (socket addresses are looked for too)
+        ("netdev_add", "id", "n", False),
     ],
 )
 def test_an_escape_hatch_reads_only_the_start_of_a_long_member(
