@@ -91,9 +91,9 @@ DEFERRED_MEMBERS: Final = frozenset({ARGUMENTS, ID})
 # (echoed). A long string anywhere else is never built (qjson.Framer._string_fate): inside
 # the arguments only when a check reads them, elsewhere never (the message is refused).
 READ_MEMBERS: Final = frozenset({EXECUTE, EXEC_OOB, ID})
-# Members whose value, a long string, is handed on in its parts (qjson.LongString): a
-# name is only matched and echoed, an id only echoed.
-PART_MEMBERS: Final = frozenset({EXECUTE, EXEC_OOB, ID})
+# Members whose value, a long string, is handed on in its parts (qjson.LongString): every
+# member read, since a name is only matched and echoed, an id only echoed.
+PART_MEMBERS: Final = READ_MEMBERS
 # Packed bytes written at once: about half a millisecond of values at worst.
 _PACKED_LIGHT: Final = 2048
 
