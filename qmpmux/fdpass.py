@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from qmpmux.fdargs import FD_COMMANDS
@@ -44,12 +45,12 @@ def _type_error(member: str, expected: str) -> str:
     return f"Invalid parameter type for '{member}', expected: {expected}"
 
 
-def _unexpected(args: dict[str, JsonValue], known: frozenset[str]) -> str | None:
+def _unexpected(args: Mapping[str, JsonValue], known: frozenset[str]) -> str | None:
     extra = [key for key in qdict_order(args) if key not in known]
     return f"Parameter '{extra[0]}' is unexpected" if extra else None
 
 
-def argument_error(name: str, args: dict[str, JsonValue] | None) -> str | None:
+def argument_error(name: str, args: Mapping[str, JsonValue] | None) -> str | None:
     """QEMU's error for the arguments of `getfd` or `add-fd` before it runs the command
     (so before it takes an fd), or None when they are well formed."""
     args = args or {}

@@ -843,12 +843,14 @@ class Hub:
         else:
             self._out.append(CloseFds(tuple(fds)))
 
-    def _with_fds(self, flow: Flow, cmd: Command) -> Local | None:
+    def _with_fds(
+        self, flow: Flow, cmd: Command, args: Mapping[str, JsonValue] | None
+    ) -> Local | None:
         """Ready a command that takes an fd or an fd name for the shared monitor; or the
-        reply QEMU would give when it cannot go (see fdpass.py)."""
+        reply QEMU would give when it cannot go (see fdpass.py). `args` are the ones the
+        policy read: never read back from the command's text, which would build all of
+        a big command at once."""
         name = cmd.name
-        value = decode_prefix(cmd.prefix).get(ARGUMENTS)
-        args = value if isinstance(value, dict) else None
         problem: str | None = None
         if name in TAKES_FD and not cmd.oob:  # exec-oob: QEMU refuses it without an fd
             problem = argument_error(name, args)
@@ -886,7 +888,7 @@ class Hub:
         return None
 
     def _fdset_problem(
-        self, flow: Flow, args: dict[str, JsonValue] | None, *, own: bool
+        self, flow: Flow, args: Mapping[str, JsonValue] | None, *, own: bool
     ) -> str | None:
         """fdsets are global in QEMU: `full` keeps that; every other profile adds to and
         removes only fdsets it created (QEMU's own error for one it may not see)."""
@@ -907,8 +909,9 @@ class Hub:
         kind = type(verdict)
         if kind is Command:
             assert isinstance(verdict, Command)
+            args, verdict.args = verdict.args, None
             if verdict.name in FD_RELATED:
-                local = self._with_fds(flow, verdict)
+                local = self._with_fds(flow, verdict, args)
                 if local is not None:
                     (flow.oob_replies if local.oob else flow.replies).append(local.data)
                     flow.reply_bytes += len(local.data)

@@ -151,6 +151,7 @@ class Command:
     """A client command bound for QEMU; `reply` is filled when QEMU answers."""
 
     __slots__ = (
+        "args",
         "arguments",
         "decision",
         "fds",
@@ -175,10 +176,16 @@ class Command:
         oob: bool,
         decision: Decision = Decision.ALLOW,
         arguments: Audited = None,
+        args: Mapping[str, JsonValue] | None = None,
     ) -> None:
         self.session = session
         self.name = name
         self.prefix = prefix
+        # The arguments as the checks read them (a big message's built only as far as
+        # they were read: qjson.DeferredObject), for the hub's fd work; the hub drops
+        # them once it has the command (Hub._accept), so a queued command holds only
+        # its prefix.
+        self.args = args
         self.wire_id = wire_id
         self.oob = oob
         self.decision = decision
@@ -425,7 +432,7 @@ class Session:
             # is never longer than the client's, the id aside); if it were, refuse here as
             # QEMU refuses oversized input, never half-send it.
             return Local(error_reply(None, GENERIC_ERROR, "JSON token size limit exceeded"), oob)
-        return Command(self, name, prefix, wire_id, oob, decision, audited)
+        return Command(self, name, prefix, wire_id, oob, decision, audited, args)
 
     def _verdict(
         self, name: str, args: Mapping[str, JsonValue] | None

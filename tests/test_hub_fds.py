@@ -3,11 +3,16 @@ with which command, and what is closed when (fds are plain numbers here)."""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
+import pytest
+
 from qmpmux.config import Limits
 from qmpmux.hub import CloseFds, Hub, PauseClient, ResumeClient, ToClient, ToUpstream
 from qmpmux.policy import DEFAULT_POLICY, ProfileSpec, compile_policy
 from qmpmux.session import Peer
-from tests.playbook import connect, expect, ready_hub
+from tests.playbook import connect, expect, ready_hub, spelled_out
 
 GETFD = b'{"execute":"getfd","arguments":{"fdname":"tap0"},"id":"g"}'
 NO_FD = (
@@ -150,6 +155,49 @@ def test_qemu_s_errors_name_the_fd_as_the_client_does() -> None:
             )
         ],
     )
+
+
+LONG = 4 << 20
+
+
+def _peak_of_last_read(hub: Hub, cid: int, data: bytes) -> tuple[list[object], int]:
+    """The hub's actions for the read that completes `data`, read 64 KiB at a time (a
+    long string is decoded a part a read), and the most memory allocated meanwhile."""
+    *head, tail = [data[at : at + (1 << 16)] for at in range(0, len(data), 1 << 16)]
+    for read in head:
+        assert hub.client_data(cid, read) == []
+    gc.collect()
+    tracemalloc.start()
+    try:
+        actions: list[object] = list(hub.client_data(cid, tail))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return actions, peak
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error"),
+    [
+        # QEMU's error for getfd's arguments, found without building the others
+        (b'{"fdname":"tap0","pad":"%s"}', b"Parameter 'pad' is unexpected"),
+        (b'{"pad":"%s","fdname":"tap0"}', b"Parameter 'pad' is unexpected"),
+        (b'{"pad":"%s"}', b"Parameter 'fdname' is missing"),
+        (b'{"fdname":"tap0","pad":["%s"]}', b"Parameter 'pad' is unexpected"),
+    ],
+)
+def test_the_fd_work_on_a_big_command_reads_what_the_policy_read(
+    arguments: bytes, error: bytes
+) -> None:
+    """The fd work reads the arguments the policy read, never the command's text again
+    (that built all of it at once: 8 MiB of it held the loop 50 ms)."""
+    hub = ready_hub()
+    cid = connect(hub)
+    data = b'{"execute":"getfd","arguments":%s,"id":1}' % (arguments % (b"x" * LONG))
+    actions, peak = _peak_of_last_read(hub, cid, data)
+    assert peak < LONG // 8, peak
+    (action,) = actions
+    assert isinstance(action, ToClient) and error in spelled_out(action.data)
 
 
 def _fdset_hub() -> tuple[Hub, int, int]:
