@@ -23,7 +23,8 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -167,6 +168,18 @@ def _read(args: Mapping[str, JsonValue], path: tuple[str, ...]) -> Iterator[Json
     return _at(args[path[0]], path[1:]) if path[0] in args else iter(())
 
 
+# A colon list is searched, and renamed (_Renamer.listed), in C: a million names handled
+# one by one held the loop for seconds. These find, after a colon, a numeric name (a
+# leading ASCII digit: is_numeric) with what an error quotes of it, and a name that is
+# not numeric (an empty one too). Both scan for the colon first: a pattern that may
+# match anywhere tries every position, 20 ns a character.
+_NUMERIC_LISTED: Final = re.compile(r":[0-9][^:]{0,31}")
+_NAME_LISTED: Final = re.compile(r":(?![0-9])")
+# The names of a colon list recorded for restore_names: QEMU's tap reads no more
+# (MAX_TAP_QUEUES in net/tap.c), so none of its errors quotes a later one.
+_LISTED_RECORDED: Final = 1024
+
+
 def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str, str] | None:
     """(argument, value) of the first fd argument QEMU would read as a raw number, or None
     (a value of it cut to the 32 characters an error quotes)."""
@@ -178,13 +191,21 @@ def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str,
         # (a name may also come in a list: read whole then)
         values: Iterable[JsonValue] = (head,) if head is not None else _read(args, row.path)
         for value in values:
-            for where, name in _names(row, value, ".".join(row.path)):
+            where = ".".join(row.path)
+            if row.kind is Kind.NAMES and isinstance(value, str):
+                if is_numeric(value):
+                    return where, value[:32].split(":", 1)[0]
+                found = _NUMERIC_LISTED.search(value)
+                if found is not None:
+                    return where, found.group()[1:]
+                continue
+            for at, name in _names(row, value, where):
                 if is_numeric(name):
-                    return where.lstrip("."), name
+                    return at.lstrip("."), name
     return None
 
 
-def _rename_sockets(value: JsonValue, rename: Callable[[str], str]) -> JsonValue:
+def _rename_sockets(value: JsonValue, rename: _Renamer) -> JsonValue:
     """A copy of `value` with every SocketAddress of type fd renamed (flat or legacy)."""
     if isinstance(value, list):
         return [_rename_sockets(item, rename) for item in value]
@@ -200,7 +221,36 @@ def _rename_sockets(value: JsonValue, rename: Callable[[str], str]) -> JsonValue
     return out
 
 
-def _rename_value(row: FdArgument, value: JsonValue, rename: Callable[[str], str]) -> JsonValue:
+class _Renamer:
+    """Upstream names (`prefix` + the client's), and a record of them for restore_names:
+    upstream -> the client's own."""
+
+    __slots__ = ("names", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.names: dict[str, str] = {}
+
+    def __call__(self, name: str) -> str:
+        """A name renamed, unless it is numeric (a raw descriptor number, which only
+        `full` may use: it is not a name)."""
+        if is_numeric(name):
+            return name
+        upstream = self.prefix + name
+        self.names[upstream] = name
+        return upstream
+
+    def listed(self, value: str) -> str:
+        """A colon list with every name in it renamed (an empty one too), in C."""
+        for name in value.split(":", _LISTED_RECORDED)[:_LISTED_RECORDED]:
+            self(name)
+        head = "" if is_numeric(value) else self.prefix
+        if _NUMERIC_LISTED.search(value) is None:  # (the one that counts: 20 ms a million)
+            return head + value.replace(":", ":" + self.prefix)
+        return head + _NAME_LISTED.sub(":" + self.prefix.replace("\\", "\\\\"), value)
+
+
+def _rename_value(row: FdArgument, value: JsonValue, rename: _Renamer) -> JsonValue:
     if row.kind is Kind.SOCKET:
         return _rename_sockets(value, rename)
     if isinstance(value, list):
@@ -210,12 +260,12 @@ def _rename_value(row: FdArgument, value: JsonValue, rename: Callable[[str], str
     if row.kind is Kind.NAME:
         return rename(value)
     if row.kind is Kind.NAMES:
-        return ":".join(rename(name) for name in value.split(":"))
+        return rename.listed(value)
     return "fd:" + rename(value[len("fd:") :]) if value.startswith("fd:") else value
 
 
 def _rename_at(
-    value: JsonValue, path: tuple[str, ...], row: FdArgument, rename: Callable[[str], str]
+    value: JsonValue, path: tuple[str, ...], row: FdArgument, rename: _Renamer
 ) -> JsonValue:
     if isinstance(value, list):
         return [_rename_at(item, path, row, rename) for item in value]
@@ -226,20 +276,33 @@ def _rename_at(
     return value
 
 
+def _names_any(command: str, args: Mapping[str, JsonValue]) -> bool:
+    """Whether any fd argument of this call holds a name (numeric ones are not names),
+    read as numeric_fd reads them: a command without one is never built whole."""
+    for row in _rows(command, args):
+        for value in _read(args, row.path):
+            where = ".".join(row.path)
+            if row.kind is Kind.NAMES and isinstance(value, str):
+                if not is_numeric(value) or _NAME_LISTED.search(value) is not None:
+                    return True
+                continue
+            if any(not is_numeric(name) for _at, name in _names(row, value, where)):
+                return True
+    return False
+
+
 def rename_fds(
-    command: str, args: Mapping[str, JsonValue] | None, rename: Callable[[str], str]
-) -> dict[str, JsonValue] | None:
-    """A copy of `args` with every fd name in it passed through `rename`, or None when
-    the command takes no fd name. Numeric values (raw descriptor numbers, which only
-    `full` may use) are left as they are: they are not names."""
-    if command not in _BY_COMMAND or not args:
+    command: str, args: Mapping[str, JsonValue] | None, prefix: str
+) -> tuple[dict[str, JsonValue], dict[str, str]] | None:
+    """A copy of `args` with every fd name in it prefixed with `prefix`, and the names
+    renamed (upstream -> the client's own); None when no argument holds a name.
+    Numeric values (raw descriptor numbers, which only `full` may use) are left as they
+    are: they are not names."""
+    if command not in _BY_COMMAND or not args or not _names_any(command, args):
         return None
-
-    def named(name: str) -> str:
-        return name if is_numeric(name) else rename(name)
-
+    rename = _Renamer(prefix)
     out: JsonValue = dict(args)
     for row in _rows(command, args):
-        out = _rename_at(out, row.path, row, named)
+        out = _rename_at(out, row.path, row, rename)
     assert isinstance(out, dict)
-    return out
+    return out, rename.names

@@ -83,7 +83,17 @@ from qmpmux.qjson import (
 )
 from qmpmux.redact import encode_record, redact
 from qmpmux.scrub import SCRUBBED, scrub_return
-from qmpmux.session import Audited, Command, Extension, Local, Peer, Phase, Session
+from qmpmux.session import (
+    MAX_UPSTREAM_BYTES,
+    TOO_BIG_UPSTREAM,
+    Audited,
+    Command,
+    Extension,
+    Local,
+    Peer,
+    Phase,
+    Session,
+)
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
     ARGUMENTS,
@@ -851,8 +861,9 @@ class Hub:
         policy read: never read back from the command's text, which would build all of
         a big command at once."""
         name = cmd.name
+        takes_fd = name in TAKES_FD and not cmd.oob  # exec-oob: QEMU refuses it without one
         problem: str | None = None
-        if name in TAKES_FD and not cmd.oob:  # exec-oob: QEMU refuses it without an fd
+        if takes_fd:
             problem = argument_error(name, args)
             if problem is None and not flow.fds:
                 problem = NO_FD
@@ -862,29 +873,27 @@ class Hub:
                 flow.fds = []
             if problem is None and name == ADD_FD:
                 problem = self._fdset_problem(flow, args, own=False)
-            if problem is None:
-                first, *rest = flow.fds
-                if rest:  # QEMU closes all but the first
-                    self._out.append(CloseFds(tuple(rest)))
-                cmd.fds, flow.fds, flow.fd_busy = (first,), [], True
-                if name == GETFD and args:
-                    flow.fd_names.add(str(args["fdname"]))
         elif name == REMOVE_FD:
             problem = self._fdset_problem(flow, args, own=True)
         if problem is not None:
             reply = error_reply(cmd.wire_id, GENERIC_ERROR, problem)
             return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
-        names: dict[str, str] = {}
-
-        def rename(own: str) -> str:
-            upstream = upstream_name(flow.id, own)
-            names[upstream] = own
-            return upstream
-
-        renamed = rename_fds(name, args, rename)
-        if names and renamed is not None:
-            cmd.prefix = command_prefix(name, renamed, cmd.oob)
-            cmd.names = names
+        renamed = rename_fds(name, args, upstream_name(flow.id, ""))
+        if renamed is not None:
+            prefix = command_prefix(name, renamed[0], cmd.oob)
+            if len(prefix) > MAX_UPSTREAM_BYTES:
+                # Each name renamed is some ten bytes longer: a colon list of millions
+                # of them can pass QEMU's limit, as the client's text never does.
+                reply = error_reply(None, GENERIC_ERROR, TOO_BIG_UPSTREAM)
+                return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
+            cmd.prefix, cmd.names = prefix, renamed[1]
+        if takes_fd:
+            first, *rest = flow.fds
+            if rest:  # QEMU closes all but the first
+                self._out.append(CloseFds(tuple(rest)))
+            cmd.fds, flow.fds, flow.fd_busy = (first,), [], True
+            if name == GETFD and args:
+                flow.fd_names.add(str(args["fdname"]))
         return None
 
     def _fdset_problem(

@@ -63,6 +63,8 @@ from qmpmux.wire import (
 KNOWN_CAPABILITIES: Final = frozenset({CAP_OOB})  # QMPCapability in qapi/control.json
 # QEMU's MAX_TOKEN_SIZE (qobject/json-streamer.c), less room for qmpmux's `,"id":N}`.
 MAX_UPSTREAM_BYTES: Final = 64 * 1024 * 1024 - 64
+# QEMU's error for input past that limit (it has no id: QEMU never parsed the command).
+TOO_BIG_UPSTREAM: Final = "JSON token size limit exceeded"
 _PLAIN_KEYS: Final = frozenset({EXECUTE, ARGUMENTS, ID})
 
 
@@ -431,7 +433,7 @@ class Session:
             # Never reached while max-message-bytes stays below QEMU's limit (upstream text
             # is never longer than the client's, the id aside); if it were, refuse here as
             # QEMU refuses oversized input, never half-send it.
-            return Local(error_reply(None, GENERIC_ERROR, "JSON token size limit exceeded"), oob)
+            return Local(error_reply(None, GENERIC_ERROR, TOO_BIG_UPSTREAM), oob)
         return Command(self, name, prefix, wire_id, oob, decision, audited, args)
 
     def _verdict(
