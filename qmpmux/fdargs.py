@@ -176,7 +176,8 @@ def _read(args: Mapping[str, JsonValue], path: tuple[str, ...]) -> Iterator[Json
 _NUMERIC_LISTED: Final = re.compile(r":[0-9][^:]{0,31}")
 _NAME_LISTED: Final = re.compile(r":(?![0-9])")
 # The names of a colon list recorded for restore_names: QEMU's tap reads no more
-# (MAX_TAP_QUEUES in net/tap.c), so none of its errors quotes a later one.
+# (MAX_TAP_QUEUES in net/tap.c), so none of its errors quotes a later one (af-xdp's
+# `sock-fds`, 8.2+, reads them all: an error about a later one shows its upstream name).
 _LISTED_RECORDED: Final = 1024
 
 
@@ -221,14 +222,22 @@ def _rename_sockets(value: JsonValue, rename: _Renamer) -> JsonValue:
     return out
 
 
+class RenamedTooLongError(Exception):
+    """The names renamed would make the command longer than the room it has."""
+
+
 class _Renamer:
     """Upstream names (`prefix` + the client's), and a record of them for restore_names:
-    upstream -> the client's own."""
+    upstream -> the client's own. Each name renamed adds `prefix` (ASCII, so as many
+    bytes encoded): past `room` bytes added, RenamedTooLongError, raised before a colon
+    list of millions of names is renamed."""
 
-    __slots__ = ("names", "prefix")
+    __slots__ = ("names", "prefix", "room")
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, room: int) -> None:
+        assert prefix.isascii()
         self.prefix = prefix
+        self.room = room
         self.names: dict[str, str] = {}
 
     def __call__(self, name: str) -> str:
@@ -236,14 +245,25 @@ class _Renamer:
         `full` may use: it is not a name)."""
         if is_numeric(name):
             return name
+        self._add(1)
         upstream = self.prefix + name
         self.names[upstream] = name
         return upstream
 
+    def _add(self, names: int) -> None:
+        self.room -= names * len(self.prefix)
+        if self.room < 0:
+            raise RenamedTooLongError
+
     def listed(self, value: str) -> str:
         """A colon list with every name in it renamed (an empty one too), in C."""
+        names = value.count(":") + 1
+        if names * len(self.prefix) > self.room:  # numeric ones are not renamed: count
+            names -= sum(1 for _ in _NUMERIC_LISTED.finditer(value)) + is_numeric(value)
+        self._add(names)
         for name in value.split(":", _LISTED_RECORDED)[:_LISTED_RECORDED]:
-            self(name)
+            if not is_numeric(name):
+                self.names[self.prefix + name] = name
         head = "" if is_numeric(value) else self.prefix
         if _NUMERIC_LISTED.search(value) is None:  # (the one that counts: 20 ms a million)
             return head + value.replace(":", ":" + self.prefix)
@@ -292,15 +312,16 @@ def _names_any(command: str, args: Mapping[str, JsonValue]) -> bool:
 
 
 def rename_fds(
-    command: str, args: Mapping[str, JsonValue] | None, prefix: str
+    command: str, args: Mapping[str, JsonValue] | None, prefix: str, room: int
 ) -> tuple[dict[str, JsonValue], dict[str, str]] | None:
     """A copy of `args` with every fd name in it prefixed with `prefix`, and the names
     renamed (upstream -> the client's own); None when no argument holds a name.
     Numeric values (raw descriptor numbers, which only `full` may use) are left as they
-    are: they are not names."""
+    are: they are not names. RenamedTooLongError if the names would grow by more than
+    `room` bytes."""
     if command not in _BY_COMMAND or not args or not _names_any(command, args):
         return None
-    rename = _Renamer(prefix)
+    rename = _Renamer(prefix, room)
     out: JsonValue = dict(args)
     for row in _rows(command, args):
         out = _rename_at(out, row.path, row, rename)

@@ -40,7 +40,7 @@ from typing import Final
 import msgspec
 
 from qmpmux.config import Limits
-from qmpmux.fdargs import is_numeric, rename_fds
+from qmpmux.fdargs import RenamedTooLongError, is_numeric, rename_fds
 from qmpmux.fdpass import (
     ADD_FD,
     CLOSEFD,
@@ -878,14 +878,23 @@ class Hub:
         if problem is not None:
             reply = error_reply(cmd.wire_id, GENERIC_ERROR, problem)
             return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
-        renamed = rename_fds(name, args, upstream_name(flow.id, ""))
+        # Each name renamed is some ten bytes longer: a colon list of millions of them
+        # can pass QEMU's limit, as the client's text never does. QEMU's own error then,
+        # told before the names are renamed where it can be.
+        try:
+            room = MAX_UPSTREAM_BYTES - len(cmd.prefix)
+            renamed = rename_fds(name, args, upstream_name(flow.id, ""), room)
+        except RenamedTooLongError:
+            renamed = None
+            room = -1
+        prefix = cmd.prefix
         if renamed is not None:
             prefix = command_prefix(name, renamed[0], cmd.oob)
-            if len(prefix) > MAX_UPSTREAM_BYTES:
-                # Each name renamed is some ten bytes longer: a colon list of millions
-                # of them can pass QEMU's limit, as the client's text never does.
-                reply = error_reply(None, GENERIC_ERROR, TOO_BIG_UPSTREAM)
-                return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
+            room = MAX_UPSTREAM_BYTES - len(prefix)
+        if room < 0:
+            reply = error_reply(None, GENERIC_ERROR, TOO_BIG_UPSTREAM)
+            return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
+        if renamed is not None:
             cmd.prefix, cmd.names = prefix, renamed[1]
         if takes_fd:
             first, *rest = flow.fds

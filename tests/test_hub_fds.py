@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qmpmux.config import Limits
-from qmpmux.fdargs import is_numeric, numeric_fd, rename_fds
+from qmpmux.fdargs import RenamedTooLongError, is_numeric, numeric_fd, rename_fds
 from qmpmux.hub import CloseFds, Hub, PauseClient, ResumeClient, ToClient, ToUpstream
 from qmpmux.policy import DEFAULT_POLICY, ProfileSpec, compile_policy
 from qmpmux.session import Peer
@@ -231,7 +231,7 @@ def _joined(value: str, prefix: str) -> str:
 @given(st.lists(st.sampled_from(["", "a", "1", "b2", "9x", "\u0663", "é", "q:"]), max_size=12))
 def test_a_colon_list_is_renamed_as_name_by_name(names: list[str]) -> None:
     value = ":".join(names)
-    found = rename_fds("netdev_add", {"type": "tap", "fds": value}, "qmpmux.3.")
+    found = rename_fds("netdev_add", {"type": "tap", "fds": value}, "qmpmux.3.", 1 << 30)
     own = [n for n in value.split(":") if not is_numeric(n)]  # ("" is one empty name)
     if not own:
         assert found is None  # nothing to rename: the command goes as the client wrote it
@@ -250,7 +250,7 @@ def test_a_colon_list_of_a_million_names_is_renamed_in_one_pass() -> None:
     """Each name handled in Python held the loop 2 s for 2.8 million; QEMU's tap reads
     the first 1024 (MAX_TAP_QUEUES), so only those are recorded for its errors."""
     value = ":".join(f"n{i}" for i in range(1 << 20))
-    found = rename_fds("netdev_add", {"type": "tap", "fds": value}, "qmpmux.3.")
+    found = rename_fds("netdev_add", {"type": "tap", "fds": value}, "qmpmux.3.", 1 << 30)
     assert found is not None
     renamed, record = found
     assert renamed["fds"] == _joined(value, "qmpmux.3.")
@@ -280,6 +280,50 @@ def test_names_renamed_past_qemu_s_size_limit_get_qemu_s_error() -> None:
             )
         ],
     )
+
+
+def test_names_that_would_grow_past_the_room_are_told_before_they_are_renamed() -> None:
+    value = ":".join(["a"] * 1000 + ["1"] * 10)  # 1000 names to rename, 10 numbers
+    assert rename_fds("netdev_add", {"fds": value}, "q.", 2000) is not None
+    with pytest.raises(RenamedTooLongError):
+        rename_fds("netdev_add", {"fds": value}, "q.", 1999)
+    with pytest.raises(RenamedTooLongError):
+        rename_fds("netdev_add", {"fds": "a", "vhostfd": "b"}, "q.", 3)
+
+
+@pytest.mark.parametrize(
+    ("data", "renamed"),
+    [
+        (
+            b'{"execute":"chardev-add","arguments":{"id":"c","pad":"%s","backend":'
+            b'{"type":"socket","data":{"addr":{"type":"fd","data":{"str":"sk"}}}}}}',
+            b'"str":"qmpmux.1.sk"',
+        ),
+        (
+            b'{"execute":"netdev_add","arguments":{"type":"tap","id":"n","pad":"%s","fd":"tap0"}}',
+            b'"fd":"qmpmux.1.tap0"',
+        ),
+        (
+            b'{"execute":"nbd-server-start","arguments":{"pad":"%s","addr":{"type":"fd",'
+            b'"str":"sk"}}}',
+            b'"str":"qmpmux.1.sk"',
+        ),
+        (b'{"execute":"migrate","arguments":{"uri":"fd:m","pad":"%s"}}', b'"uri":"fd:qmpmux.1.m"'),
+        (b'{"execute":"netdev_add","arguments":{"fds":"a:%s"}}', b'"fds":"qmpmux.1.a:qmpmux.1.x'),
+    ],
+)
+def test_a_big_command_s_fd_names_are_renamed(data: bytes, renamed: bytes) -> None:
+    """The arguments the policy read lazily (qjson.DeferredObject) are renamed as a
+    small command's: no client name reaches QEMU as it is."""
+    hub = ready_hub()
+    cid = connect(hub)
+    (action,) = [
+        a
+        for at in range(0, len(data % (b"x" * LONG)), 1 << 16)
+        for a in hub.client_data(cid, (data % (b"x" * LONG))[at : at + (1 << 16)])
+    ]
+    assert isinstance(action, ToUpstream) and renamed in bytes(action.data)
+    assert b"x" * LONG in bytes(action.data)
 
 
 def _fdset_hub() -> tuple[Hub, int, int]:
