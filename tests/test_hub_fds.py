@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from qmpmux.config import Limits
 from qmpmux.fdargs import RenamedTooLongError, is_numeric, numeric_fd, rename_fds
-from qmpmux.hub import CloseFds, Hub, PauseClient, ResumeClient, ToClient, ToUpstream
+from qmpmux.hub import Action, CloseFds, Hub, PauseClient, ResumeClient, ToClient, ToUpstream
 from qmpmux.policy import DEFAULT_POLICY, ProfileSpec, compile_policy
 from qmpmux.session import Peer
 from tests.playbook import connect, expect, ready_hub, spelled_out
@@ -163,6 +163,16 @@ def test_qemu_s_errors_name_the_fd_as_the_client_does() -> None:
 LONG = 4 << 20
 
 
+def _fed(hub: Hub, cid: int, data: bytes) -> list[Action]:
+    """The hub's actions for `data`, read 64 KiB at a time (as a long string is decoded:
+    a part a read)."""
+    return [
+        a
+        for at in range(0, len(data), 1 << 16)
+        for a in hub.client_data(cid, data[at : at + (1 << 16)])
+    ]
+
+
 def _peak_of_last_read(hub: Hub, cid: int, data: bytes) -> tuple[list[object], int]:
     """The hub's actions for the read that completes `data`, read 64 KiB at a time (a
     long string is decoded a part a read), and the most memory allocated meanwhile."""
@@ -264,12 +274,7 @@ def test_names_renamed_past_qemu_s_size_limit_get_qemu_s_error() -> None:
     hub = ready_hub()
     cid = connect(hub)
     data = b'{"execute":"netdev_add","arguments":{"type":"tap","id":"n","fds":"%s"},"id":1}'
-    reads = data % (b":" * (8 << 20))
-    actions = [
-        a
-        for at in range(0, len(reads), 1 << 16)
-        for a in hub.client_data(cid, reads[at : at + (1 << 16)])
-    ]
+    actions = _fed(hub, cid, data % (b":" * (8 << 20)))
     expect(
         actions,
         [
@@ -317,11 +322,7 @@ def test_a_big_command_s_fd_names_are_renamed(data: bytes, renamed: bytes) -> No
     small command's: no client name reaches QEMU as it is."""
     hub = ready_hub()
     cid = connect(hub)
-    (action,) = [
-        a
-        for at in range(0, len(data % (b"x" * LONG)), 1 << 16)
-        for a in hub.client_data(cid, (data % (b"x" * LONG))[at : at + (1 << 16)])
-    ]
+    (action,) = _fed(hub, cid, data % (b"x" * LONG))
     assert isinstance(action, ToUpstream) and renamed in bytes(action.data)
     assert b"x" * LONG in bytes(action.data)
 
