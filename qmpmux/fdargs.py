@@ -26,9 +26,11 @@ import enum
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
-from qmpmux.qjson import JsonValue, string_head
+import msgspec
+
+from qmpmux.qjson import JsonValue, may_hold_pair, string_head
 
 
 class Kind(enum.Enum):
@@ -107,23 +109,68 @@ def _at(value: JsonValue, path: tuple[str, ...]) -> Iterator[JsonValue]:
         yield from _at(value[path[0]], path[1:])
 
 
+# A SocketAddress of type fd, as msgspec writes it in compact JSON. A string's own quotes
+# are escaped there, so a value whose text lacks this holds no such address (a key
+# ending in `"type` may show it falsely: then the walk below decides).
+_SOCKET_TEXT: Final = b'"type":"fd"'
+# Where a value is inside the arguments: its parent's place and its key or index.
+_Place: TypeAlias = "tuple[_Place | None, str | int]"
+
+
+def _holds_socket(value: JsonValue) -> bool:
+    """Whether `value` may hold a SocketAddress of type fd, told in C: the walk that
+    finds them costs ~1 us a value in Python (a container of 500,000 values, 0.25-0.45
+    s in one turn), the test some 10 ns a value."""
+    if not isinstance(value, list | dict):
+        return False
+    try:
+        return _SOCKET_TEXT in msgspec.json.encode(value)
+    except (TypeError, OverflowError, RecursionError):  # (never for what QEMU parses:
+        return True  # 1024 levels at most; then walk)
+
+
+def _spelled(place: _Place) -> str:
+    """`where.key[3].str` of a place."""
+    steps: list[str] = []
+    at: _Place | None = place
+    while at is not None:
+        at, step = at
+        steps.append(f"[{step}]" if type(step) is int else f".{step}" if at else str(step))
+    return "".join(reversed(steps))
+
+
 def _sockets(value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
     """(path, `str`) of every SocketAddress of type fd in `value`, flat or legacy (`data`).
 
-    Iterative: a client may nest up to QEMU's 1024 levels, deeper than Python recursion."""
-    stack = [(where, value)]
+    Iterative: a client may nest up to QEMU's 1024 levels, deeper than Python recursion.
+    Only containers are walked, and a place is spelled only for what is found."""
+    if not _holds_socket(value):
+        return
+    stack: list[tuple[JsonValue, _Place]] = [(value, (None, where))]
     while stack:
-        where, value = stack.pop()
+        value, place = stack.pop()
         if isinstance(value, list):
-            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+            stack.extend(
+                [
+                    (item, (place, i))
+                    for i, item in enumerate(value)
+                    if isinstance(item, list | dict)
+                ]
+            )
         elif isinstance(value, dict):
             if value.get("type") == "fd":
                 fd, data = value.get("str"), value.get("data")
                 if isinstance(fd, str):
-                    yield f"{where}.str", fd
+                    yield f"{_spelled(place)}.str", fd
                 elif isinstance(data, dict) and isinstance(data.get("str"), str):
-                    yield f"{where}.data.str", str(data["str"])
-            stack.extend((f"{where}.{key}", member) for key, member in value.items())
+                    yield f"{_spelled(place)}.data.str", str(data["str"])
+            stack.extend(
+                [
+                    (member, (place, key))
+                    for key, member in value.items()
+                    if isinstance(member, list | dict)
+                ]
+            )
 
 
 def _names(row: FdArgument, value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
@@ -155,17 +202,25 @@ def _rows(command: str, args: Mapping[str, JsonValue] | None) -> Iterator[FdArgu
 _NAME_HEAD: Final = 3 + 32
 
 
-def _read(args: Mapping[str, JsonValue], path: tuple[str, ...]) -> Iterator[JsonValue]:
+def _read(
+    args: Mapping[str, JsonValue], path: tuple[str, ...], sockets: bool = False
+) -> Iterator[JsonValue]:
     """_at of the arguments, reading only the member a path starts at: arguments of
     megabytes are built a member at a time (qjson.DeferredObject). All of them (socket
-    addresses may be anywhere) has of each string member only what a check reads."""
+    addresses may be anywhere) has of each string member only what a check reads. A
+    search for `sockets` builds no member that holds none (qjson.may_hold_pair)."""
     if not path:
         whole: dict[str, JsonValue] = {}
         for key in args:
             head = string_head(args, key, _NAME_HEAD)
-            whole[key] = args[key] if head is None else head
+            if head is not None:
+                whole[key] = head
+            elif not sockets or key == "data" or may_hold_pair(args, key, "type", "fd"):
+                whole[key] = args[key]  # (`data`: the arguments may be a legacy address)
         return _at(whole, path)
-    return _at(args[path[0]], path[1:]) if path[0] in args else iter(())
+    if path[0] not in args or (sockets and not may_hold_pair(args, path[0], "type", "fd")):
+        return iter(())
+    return _at(args[path[0]], path[1:])
 
 
 # A colon list is searched, and renamed (_Renamer.listed), in C: a million names handled
@@ -190,7 +245,10 @@ def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str,
         if len(row.path) == 1 and row.kind in (Kind.NAME, Kind.URI):
             head = string_head(args, row.path[0], _NAME_HEAD)  # never megabytes of it
         # (a name may also come in a list: read whole then)
-        values: Iterable[JsonValue] = (head,) if head is not None else _read(args, row.path)
+        sockets = row.kind is Kind.SOCKET
+        values: Iterable[JsonValue] = (
+            (head,) if head is not None else _read(args, row.path, sockets)
+        )
         for value in values:
             where = ".".join(row.path)
             if row.kind is Kind.NAMES and isinstance(value, str):
@@ -300,7 +358,7 @@ def _names_any(command: str, args: Mapping[str, JsonValue]) -> bool:
     """Whether any fd argument of this call holds a name (numeric ones are not names),
     read as numeric_fd reads them: a command without one is never built whole."""
     for row in _rows(command, args):
-        for value in _read(args, row.path):
+        for value in _read(args, row.path, row.kind is Kind.SOCKET):
             where = ".".join(row.path)
             if row.kind is Kind.NAMES and isinstance(value, str):
                 if not is_numeric(value) or _NAME_LISTED.search(value) is not None:

@@ -1433,6 +1433,21 @@ class DeferredObject(Mapping[str, JsonValue]):
         except KeyError:
             return None
 
+    def may_hold_pair(self, key: str, name: str, value: str) -> bool:
+        """Whether member `key` may hold an object whose member `name` is the string
+        `value` (both short): False only when its packed bytes cannot hold that pair,
+        told in C without building it (a search of a container of megabytes for one
+        kind of object, when nothing in it is one)."""
+        if self._members is not None or key in self._read:
+            return True
+        try:
+            raw, _keys = self._deferred._index()[key]
+        except KeyError:
+            return False
+        # A short key and its value are two fixstrs, side by side, in any msgpack of
+        # the object; the key of a long one is a stand-in, never `name`.
+        return re.search(re.escape(_fixstr(name) + _fixstr(value)), memoryview(raw)) is not None
+
     def _member_names(self) -> list[str]:
         if self._names is None:
             self._names = self._deferred.names()
@@ -1566,6 +1581,20 @@ def string_head(args: Mapping[str, JsonValue], key: str, n: int) -> str | None:
         return args.string_head(key, n)
     value = args.get(key)
     return value[:n] if isinstance(value, str) else None
+
+
+def may_hold_pair(args: Mapping[str, JsonValue], key: str, name: str, value: str) -> bool:
+    """Whether argument `key` may hold an object whose member `name` is the string
+    `value` (DeferredObject.may_hold_pair): False only when it surely does not."""
+    if isinstance(args, DeferredObject):
+        return args.may_hold_pair(key, name, value)
+    return key in args
+
+
+def _fixstr(text: str) -> bytes:
+    data = text.encode()
+    assert len(data) < 32, "a msgpack fixstr"
+    return bytes((0xA0 | len(data),)) + data
 
 
 def clipped(text: str | LongString, n: int) -> str:

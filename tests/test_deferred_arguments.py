@@ -609,3 +609,24 @@ def as_qemu_answers(verdict: Verdict) -> Verdict:
     desc = f"The command {verdict.name} has not been found"
     reply = error_reply(verdict.wire_id, COMMAND_NOT_FOUND, desc)
     return Local(reply, verdict.oob, verdict.name, verdict.decision, verdict.arguments)
+
+
+@pytest.mark.parametrize(
+    ("member", "may"),
+    [
+        (b"{'a':[{'type':'fd','str':'s'}]}", True),
+        (b"{'a':[{'str':'s','typ\\u0065':'fd'}]}", True),  # (the value, not the spelling)
+        (b"{'a':['type','fd']}", True),  # side by side in a list: may (then a walk decides)
+        (b"{'a':[{'type':'fdx'},{'kind':'fd'}]}", False),
+        (b"{'a':[{'type':'file'}]}", False),
+    ],
+)
+def test_a_member_that_cannot_hold_a_pair_is_told_unbuilt(member: bytes, may: bool) -> None:
+    data = big("chardev-add", b"{'x':" + member + b",'pad':[" + b"{}," * EMPTY_OBJECTS + b"{}]}")
+    (value,) = client_framer().feed(data)
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    args = qjson.DeferredObject(value[ARGUMENTS])
+    assert qjson.may_hold_pair(args, "x", "type", "fd") is may
+    assert not qjson.may_hold_pair(args, "pad", "type", "fd")
+    assert not qjson.may_hold_pair(args, "absent", "type", "fd")
+    assert not args._read  # nothing built to tell
