@@ -314,18 +314,31 @@ class _Renamer:
             raise RenamedTooLongError
 
     def listed(self, value: str) -> str:
-        """A colon list with every name in it renamed (an empty one too), in C."""
-        names = value.count(":") + 1
+        """A colon list with every name in it renamed (an empty one too), in C; a colon
+        that ends it stays as it is (_listed)."""
+        body, end = _listed(value)
+        if body is None:
+            return value
+        names = body.count(":") + 1
         if names * len(self.prefix) > self.room:  # numeric ones are not renamed: count
-            names -= sum(1 for _ in _NUMERIC_LISTED.finditer(value)) + is_numeric(value)
+            names -= sum(1 for _ in _NUMERIC_LISTED.finditer(body)) + is_numeric(body)
         self._add(names)
-        for name in value.split(":", _LISTED_RECORDED)[:_LISTED_RECORDED]:
+        for name in body.split(":", _LISTED_RECORDED)[:_LISTED_RECORDED]:
             if not is_numeric(name):
                 self.names[self.prefix + name] = name
-        head = "" if is_numeric(value) else self.prefix
-        if _NUMERIC_LISTED.search(value) is None:  # (the one that counts: 20 ms a million)
-            return head + value.replace(":", ":" + self.prefix)
-        return head + _NAME_LISTED.sub(":" + self.prefix.replace("\\", "\\\\"), value)
+        head = "" if is_numeric(body) else self.prefix
+        if _NUMERIC_LISTED.search(body) is None:  # (the one that counts: 20 ms a million)
+            return head + body.replace(":", ":" + self.prefix) + end
+        return head + _NAME_LISTED.sub(":" + self.prefix.replace("\\", "\\\\"), body) + end
+
+
+def _listed(value: str) -> tuple[str | None, str]:
+    """A colon list's names as QEMU's tap reads them (net/tap.c get_fds, docs/protocol.md
+    §10.7), and what ends it: `""` holds no name (None), a colon at the end ends the list
+    (`"a:"` is one name, `":"` one empty name), every other colon parts two names."""
+    if not value:
+        return None, ""
+    return (value[:-1], ":") if value.endswith(":") else (value, "")
 
 
 def _rename_value(row: FdArgument, value: JsonValue, rename: _Renamer) -> JsonValue:
@@ -361,7 +374,10 @@ def _names_any(command: str, args: Mapping[str, JsonValue]) -> bool:
         for value in _read(args, row.path, row.kind is Kind.SOCKET):
             where = ".".join(row.path)
             if row.kind is Kind.NAMES and isinstance(value, str):
-                if not is_numeric(value) or _NAME_LISTED.search(value) is not None:
+                body, _end = _listed(value)
+                if body is not None and (
+                    not is_numeric(body) or _NAME_LISTED.search(body) is not None
+                ):
                     return True
                 continue
             if any(not is_numeric(name) for _at, name in _names(row, value, where)):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
+import itertools
 import os
 import re
 import socket
+import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -254,6 +257,51 @@ async def test_fd_errors_are_qemu_s_own(fmux: Mux) -> None:
     """The same steps on a direct monitor and through qmpmux give the same bytes."""
     direct = await _run_steps(fmux.direct)
     assert await _run_steps(fmux.path) == direct
+
+
+_TAPS = itertools.count()
+TUNSETIFF = 0x400454CA  # linux/if_tun.h
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def _tap_fd() -> int:
+    """A new tap device's fd (the device goes with its last fd); a skip on a host
+    without /dev/net/tun."""
+    name = f"qmx{os.getpid() % 10000}t{next(_TAPS)}"
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as exc:
+        pytest.skip(f"no tap devices here: {exc}")
+    try:
+        fcntl.ioctl(
+            fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        )
+    except OSError as exc:
+        os.close(fd)
+        pytest.skip(f"no tap devices here: {exc}")
+    return fd
+
+
+@pytest.mark.parametrize("fds", ["a:", "a", ":", "::", "a::"])
+async def test_a_tap_s_list_of_fd_names_is_read_as_qemu_reads_it(fmux: Mux, fds: str) -> None:
+    """A tap netdev given a colon list of fd names, a real tap fd passed as `a`: QEMU's
+    tap reads `a:` as one name (net/tap.c get_fds), and reads qmpmux's renamed list as
+    the same names: the reply is a direct monitor's (`a:` once failed through qmpmux,
+    `File descriptor named '' has not been found`)."""
+    replies = []
+    for path in (fmux.direct, fmux.path):
+        client = await FdClient.connect(path)
+        fd = _tap_fd()
+        try:
+            assert await client.command(getfd("a"), (fd,)) == b'{"return": {}}\r\n'
+        finally:
+            os.close(fd)
+        netdev = f"tap{next(_TAPS)}".encode()
+        args = b'{"type":"tap","id":"%s","fds":"%s"}' % (netdev, fds.encode())
+        replies.append(await client.command(b'{"execute":"netdev_add","arguments":%s}' % args))
+        client.close()
+    assert replies[1] == replies[0]
+    assert (replies[0] == b'{"return": {}}\r\n') is (fds in ("a", "a:"))  # one name, a
 
 
 def _fd_count(pid: int) -> int:
