@@ -102,7 +102,10 @@ def _at(value: JsonValue, path: tuple[str, ...]) -> Iterator[JsonValue]:
     """Every value at `path`, walking lists along the way."""
     if isinstance(value, list):
         for item in value:
-            yield from _at(item, path)
+            if path or isinstance(item, list):
+                yield from _at(item, path)
+            else:
+                yield item  # (a generator less for each of a list of a million names)
     elif not path:
         yield value
     elif isinstance(value, dict) and path[0] in value:
@@ -254,7 +257,7 @@ def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str,
             if row.kind is Kind.NAMES and isinstance(value, str):
                 if is_numeric(value):
                     return where, value[:32].split(":", 1)[0]
-                found = _NUMERIC_LISTED.search(value)
+                found = _NUMERIC_LISTED.search(value) if ":" in value else None
                 if found is not None:
                     return where, found.group()[1:]
                 continue
@@ -265,12 +268,17 @@ def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str,
 
 
 def _rename_sockets(value: JsonValue, rename: _Renamer) -> JsonValue:
-    """A copy of `value` with every SocketAddress of type fd renamed (flat or legacy)."""
+    """A copy of `value` with every SocketAddress of type fd renamed (flat or legacy);
+    `value` itself if it holds none (_holds_socket, asked once: nothing copied)."""
+    return _renamed_sockets(value, rename) if _holds_socket(value) else value
+
+
+def _renamed_sockets(value: JsonValue, rename: _Renamer) -> JsonValue:
     if isinstance(value, list):
-        return [_rename_sockets(item, rename) for item in value]
+        return [_renamed_sockets(item, rename) for item in value]
     if not isinstance(value, dict):
         return value
-    out = {key: _rename_sockets(member, rename) for key, member in value.items()}
+    out = {key: _renamed_sockets(member, rename) for key, member in value.items()}
     if value.get("type") == "fd":
         fd, data = out.get("str"), out.get("data")
         if isinstance(fd, str):
@@ -316,6 +324,8 @@ class _Renamer:
     def listed(self, value: str) -> str:
         """A colon list with every name in it renamed (an empty one too), in C; a colon
         that ends it stays as it is (_listed)."""
+        if ":" not in value:  # one name, or none (a list of many such strings: quick)
+            return self(value) if value else value
         body, end = _listed(value)
         if body is None:
             return value
