@@ -50,6 +50,9 @@ class FdArgument:
     source: str  # where QEMU resolves it
     # Only when this argument has one of these values (qom-set names the property).
     when: tuple[str, frozenset[str]] | None = None
+    # A colon list (NAMES) whose last colon ends it (tap's get_fds), or starts one more,
+    # empty, name (g_strsplit: af-xdp): _listed.
+    colon_ends: bool = True
 
 
 _FD_PROPERTIES: Final = frozenset({"fd", "vhostfd"})
@@ -62,7 +65,8 @@ FD_ARGUMENTS: Final[tuple[FdArgument, ...]] = (
     FdArgument("netdev_add", ("fds",), Kind.NAMES, "net/tap.c get_fds"),
     FdArgument("netdev_add", ("vhostfd",), Kind.NAME, "net/tap.c, net/vhost-vdpa.c"),
     FdArgument("netdev_add", ("vhostfds",), Kind.NAMES, "net/tap.c get_fds"),
-    FdArgument("netdev_add", ("sock-fds",), Kind.NAMES, "net/af-xdp.c (QEMU 8.2+)"),
+    FdArgument("netdev_add", ("sock-fds",), Kind.NAMES, "net/af-xdp.c (QEMU 8.2+)",
+               colon_ends=False),
     FdArgument("netdev_add", (), Kind.SOCKET, "net/stream.c, net/dgram.c addr/local/remote"),
     FdArgument("device_add", ("fd",), Kind.NAME, "hw/remote/proxy.c; hw/vfio/pci.c (10.0)"),
     FdArgument("device_add", ("vhostfd",), Kind.NAME, "hw/scsi/vhost-scsi.c, vhost-vsock.c"),
@@ -218,8 +222,12 @@ def _read(
             head = string_head(args, key, _NAME_HEAD)
             if head is not None:
                 whole[key] = head
-            elif not sockets or key == "data" or may_hold_pair(args, key, "type", "fd"):
-                whole[key] = args[key]  # (`data`: the arguments may be a legacy address)
+            elif (
+                not sockets
+                or may_hold_pair(args, key, "type", "fd")
+                or (key == "data" and string_head(args, "type", 3) == "fd")
+            ):
+                whole[key] = args[key]  # (`data`: the arguments are a legacy address)
         return _at(whole, path)
     if path[0] not in args or (sockets and not may_hold_pair(args, path[0], "type", "fd")):
         return iter(())
@@ -321,12 +329,12 @@ class _Renamer:
         if self.room < 0:
             raise RenamedTooLongError
 
-    def listed(self, value: str) -> str:
+    def listed(self, value: str, colon_ends: bool) -> str:
         """A colon list with every name in it renamed (an empty one too), in C; a colon
         that ends it stays as it is (_listed)."""
         if ":" not in value:  # one name, or none (a list of many such strings: quick)
             return self(value) if value else value
-        body, end = _listed(value)
+        body, end = _listed(value, colon_ends)
         if body is None:
             return value
         names = body.count(":") + 1
@@ -342,13 +350,16 @@ class _Renamer:
         return head + _NAME_LISTED.sub(":" + self.prefix.replace("\\", "\\\\"), body) + end
 
 
-def _listed(value: str) -> tuple[str | None, str]:
-    """A colon list's names as QEMU's tap reads them (net/tap.c get_fds, docs/protocol.md
-    §10.7), and what ends it: `""` holds no name (None), a colon at the end ends the list
-    (`"a:"` is one name, `":"` one empty name), every other colon parts two names."""
+def _listed(value: str, colon_ends: bool) -> tuple[str | None, str]:
+    """A colon list's names as QEMU reads them (docs/protocol.md §10.7), and what ends
+    it: `""` holds no name (None), and each colon parts two names, but for a colon at
+    the end of a tap's list (net/tap.c get_fds: `"a:"` is one name, `":"` one empty
+    name), where af-xdp's `g_strsplit` reads one more, empty, name."""
     if not value:
         return None, ""
-    return (value[:-1], ":") if value.endswith(":") else (value, "")
+    if colon_ends and value.endswith(":"):
+        return value[:-1], ":"
+    return value, ""
 
 
 def _rename_value(row: FdArgument, value: JsonValue, rename: _Renamer) -> JsonValue:
@@ -361,7 +372,7 @@ def _rename_value(row: FdArgument, value: JsonValue, rename: _Renamer) -> JsonVa
     if row.kind is Kind.NAME:
         return rename(value)
     if row.kind is Kind.NAMES:
-        return rename.listed(value)
+        return rename.listed(value, row.colon_ends)
     return "fd:" + rename(value[len("fd:") :]) if value.startswith("fd:") else value
 
 
@@ -384,7 +395,7 @@ def _names_any(command: str, args: Mapping[str, JsonValue]) -> bool:
         for value in _read(args, row.path, row.kind is Kind.SOCKET):
             where = ".".join(row.path)
             if row.kind is Kind.NAMES and isinstance(value, str):
-                body, _end = _listed(value)
+                body, _end = _listed(value, row.colon_ends)
                 if body is not None and (
                     not is_numeric(body) or _NAME_LISTED.search(body) is not None
                 ):

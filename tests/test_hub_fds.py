@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import tracemalloc
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -235,7 +236,14 @@ def test_a_big_fd_command_without_fd_names_is_never_built(data: bytes) -> None:
     assert isinstance(action, ToUpstream) and b"x" * 64 in bytes(action.data)
 
 
-@pytest.mark.parametrize("place", [b'"pad":[%s]', b'"backend":{"type":"file","data":{"out":[%s]}}'])
+@pytest.mark.parametrize(
+    "place",
+    [
+        b'"pad":[%s]',
+        b'"backend":{"type":"file","data":{"out":[%s]}}',
+        b'"data":[%s]',  # (read only where the arguments themselves are a legacy address)
+    ],
+)
 def test_a_big_container_without_a_socket_address_is_never_built(place: bytes) -> None:
     """The search for socket addresses skips, unbuilt, every member whose packed bytes
     cannot hold `"type":"fd"` (built and walked, 350,000 objects held the loop 0.4-0.9 s)."""
@@ -261,28 +269,38 @@ def _tap_reads(value: str) -> list[str]:
     return names
 
 
+def _split_reads(value: str) -> list[str]:
+    """The names af-xdp reads in its colon list (g_strsplit): each colon parts two."""
+    return value.split(":") if value else []
+
+
 def _renamed(names: list[str], prefix: str) -> list[str]:
     return [n if is_numeric(n) else prefix + n for n in names]
 
 
+@pytest.mark.parametrize(("member", "reads"), [("fds", _tap_reads), ("sock-fds", _split_reads)])
 @given(st.lists(st.sampled_from(["", "a", "1", "b2", "9x", "\u0663", "é", "q:", ":"]), max_size=12))
-def test_a_colon_list_is_renamed_as_qemu_reads_it(names: list[str]) -> None:
-    """QEMU reads the renamed list as the client's names, each renamed but the numbers;
-    the first numeric name is the one refused."""
+def test_a_colon_list_is_renamed_as_qemu_reads_it(
+    member: str, reads: Callable[[str], list[str]], names: list[str]
+) -> None:
+    """QEMU reads the renamed list as the client's names, each renamed but the numbers
+    (a tap's list as get_fds reads it, af-xdp's as g_strsplit does); the first numeric
+    name is the one refused."""
     value = ":".join(names)
-    found = rename_fds("netdev_add", {"type": "tap", "fds": value}, "qmpmux.3.", 1 << 30)
-    own = [n for n in _tap_reads(value) if not is_numeric(n)]
+    found = rename_fds("netdev_add", {member: value}, "qmpmux.3.", 1 << 30)
+    own = [n for n in reads(value) if not is_numeric(n)]
     if not own:
         assert found is None  # nothing to rename: the command goes as the client wrote it
     else:
         assert found is not None
         renamed, record = found
-        assert isinstance(renamed["fds"], str)
-        assert _tap_reads(renamed["fds"]) == _renamed(_tap_reads(value), "qmpmux.3.")
+        text = renamed[member]
+        assert isinstance(text, str)
+        assert reads(text) == _renamed(reads(value), "qmpmux.3.")
         assert record == {"qmpmux.3." + n: n for n in own}
     numeric = next((n for n in value.split(":") if is_numeric(n)), None)
-    assert numeric_fd("netdev_add", {"fds": value}) == (
-        None if numeric is None else ("fds", numeric[:32])
+    assert numeric_fd("netdev_add", {member: value}) == (
+        None if numeric is None else (member, numeric[:32])
     )
 
 
@@ -345,6 +363,16 @@ def test_names_that_would_grow_past_the_room_are_told_before_they_are_renamed() 
             b'"str":"qmpmux.1.sk"',
         ),
         (b'{"execute":"migrate","arguments":{"uri":"fd:m","pad":"%s"}}', b'"uri":"fd:qmpmux.1.m"'),
+        (  # a one-member socket row: the search starts at that member
+            b'{"execute":"qom-set","arguments":{"path":"/objects/v","property":"socket",'
+            b'"pad":"%s","value":{"type":"fd","str":"sk"}}}',
+            b'"value":{"type":"fd","str":"qmpmux.1.sk"}',
+        ),
+        (
+            b'{"execute":"migrate","arguments":{"pad":"%s","channels":[{"channel-type":'
+            b'"main","addr":{"transport":"socket","type":"fd","str":"m"}}]}}',
+            b'"str":"qmpmux.1.m"',
+        ),
         (  # the arguments themselves one, legacy (the walk looks everywhere)
             b'{"execute":"nbd-server-start","arguments":{"type":"fd","pad":"%s",'
             b'"data":{"str":"sk"}}}',
