@@ -619,7 +619,18 @@ def as_qemu_answers(verdict: Verdict) -> Verdict:
         (b"{'a':['type','fd']}", True),  # side by side in a list: may (then a walk decides)
         (b"{'a':[{'type':'fdx'},{'kind':'fd'}]}", False),
         (b"{'a':[{'type':'file'}]}", False),
+        (  # past the first packed values, beside a long key and a long string
+            b"{'a':["
+            + b"{}," * 3000
+            + b"{'"
+            + b"k" * 5000
+            + b"':'"
+            + b"x" * 70000
+            + b"','type':'fd','str':'s'}]}",
+            True,
+        ),
     ],
+    ids=["object", "escaped", "list", "others", "file", "far"],
 )
 def test_a_member_that_cannot_hold_a_pair_is_told_unbuilt(member: bytes, may: bool) -> None:
     data = big("chardev-add", b"{'x':" + member + b",'pad':[" + b"{}," * EMPTY_OBJECTS + b"{}]}")
