@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from qmpmux.fdargs import FD_COMMANDS
-from qmpmux.qjson import JsonValue, encode, qdict_order
+from qmpmux.qjson import JsonValue, encode, qdict_order, string_head
 
 GETFD: Final = "getfd"
 ADD_FD: Final = "add-fd"
@@ -57,7 +57,7 @@ def argument_error(name: str, args: Mapping[str, JsonValue] | None) -> str | Non
     if name == GETFD:
         if "fdname" not in args:
             return "Parameter 'fdname' is missing"
-        if not isinstance(args["fdname"], str):
+        if string_head(args, "fdname", 0) is None:  # (not a string: none is built)
             return _type_error("fdname", "string")
         return _unexpected(args, frozenset({"fdname"}))
     fdset = args.get("fdset-id", 0)

@@ -80,6 +80,7 @@ from qmpmux.qjson import (
     clipped,
     encode,
     qdict_order,
+    string_head,
 )
 from qmpmux.redact import encode_record, redact
 from qmpmux.scrub import SCRUBBED, scrub_return
@@ -867,7 +868,12 @@ class Hub:
             problem = argument_error(name, args)
             if problem is None and not flow.fds:
                 problem = NO_FD
-            if problem is None and name == GETFD and args and is_numeric(str(args["fdname"])):
+            if (
+                problem is None
+                and name == GETFD
+                and args
+                and is_numeric(string_head(args, "fdname", 1) or "")  # (never built whole)
+            ):
                 problem = DIGIT_NAME  # QEMU takes the fd and closes it
                 self._out.append(CloseFds(tuple(flow.fds)))
                 flow.fds = []

@@ -1418,6 +1418,12 @@ class DeferredObject(Mapping[str, JsonValue]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._members if self._members is not None else self._member_names())
 
+    def __contains__(self, key: object) -> bool:
+        """From the member names alone (Mapping's own would build the member)."""
+        if self._members is not None:
+            return key in self._members
+        return key in self._read or key in self._deferred._index()
+
     def __len__(self) -> int:
         return len(self._members if self._members is not None else self._member_names())
 

@@ -641,3 +641,12 @@ def test_a_member_that_cannot_hold_a_pair_is_told_unbuilt(member: bytes, may: bo
     assert not qjson.may_hold_pair(args, "pad", "type", "fd")
     assert not qjson.may_hold_pair(args, "absent", "type", "fd")
     assert not args._read  # nothing built to tell
+
+
+def test_asking_for_a_member_builds_nothing() -> None:
+    """`key in args` reads the member names (a Mapping's own `in` builds the member)."""
+    (value,) = client_framer().feed(big("getfd"))
+    assert isinstance(value, dict) and isinstance(value[ARGUMENTS], Deferred)
+    args = qjson.DeferredObject(value[ARGUMENTS])
+    assert "a" in args and "fdname" not in args and 7 not in args
+    assert not args._read

@@ -200,6 +200,8 @@ def _peak_of_last_read(hub: Hub, cid: int, data: bytes) -> tuple[list[object], i
         (b'{"pad":"%s","fdname":"tap0"}', b"Parameter 'pad' is unexpected"),
         (b'{"pad":"%s"}', b"Parameter 'fdname' is missing"),
         (b'{"fdname":"tap0","pad":["%s"]}', b"Parameter 'pad' is unexpected"),
+        (b'{"fdname":"%s"}', b"No file descriptor supplied via SCM_RIGHTS"),
+        (b'{"fdname":["%s"]}', b"Invalid parameter type for 'fdname', expected: string"),
     ],
 )
 def test_the_fd_work_on_a_big_command_reads_what_the_policy_read(
