@@ -9,6 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from qmpmux import hub as hub_module
+from qmpmux import scrub
 from qmpmux.config import Limits
 from qmpmux.hub import (
     Audit,
@@ -33,6 +35,7 @@ from tests.playbook import (
     connect,
     expect,
     ready_hub,
+    spelled_out,
 )
 
 STATUS = b'{"status": "running", "singlestep": false, "running": true}'
@@ -614,3 +617,30 @@ def test_out_of_band_commands_are_windowed_and_keep_their_lead() -> None:
             ),
         ],
     )
+
+
+def test_a_reply_polled_again_is_scrubbed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """readonly's block replies are scrubbed of credentials; the same bytes from QEMU
+    again (a monitor polling) reuse the scrubbed reply, a changed one is scrubbed anew."""
+    calls: list[bytes] = []
+    real = scrub.scrub_return
+
+    def counted(value: bytes) -> bytes:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(hub_module, "scrub_return", counted)
+    hub = ready_hub()
+    cid, _ = hub.client_connected(Peer("unix:test", "readonly"))
+    hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
+    leaky = b'{"return": [{"file": "http://alice:hunter2@host/d"}]}\r\n'
+    clean = b'{"return": [{"file": "http://host/d"}]}\r\n'
+    scrubbed = b'{"return": [{"file": "http://<redacted>@host/d"}], "id": %d}\r\n'
+    for i, (reply, want) in enumerate([(leaky, scrubbed), (leaky, scrubbed), (clean, clean)]):
+        hub.client_data(cid, b'{"execute":"query-block","id":%d}' % i)
+        (action,) = hub.upstream_data(reply)
+        assert isinstance(action, ToClient)
+        expected = want % i if want is scrubbed else clean[:-3] + b', "id": %d}\r\n' % i
+        assert spelled_out(action.data) == expected
+    assert [len(v) for v in calls] == [len(b'[{"file": "http://alice:hunter2@host/d"}]'),
+                                       len(b'[{"file": "http://host/d"}]')]  # fmt: skip
