@@ -241,6 +241,10 @@ def _iso_time(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
+# The largest QEMU reply whose scrubbed copy is kept (Hub._scrub).
+_SCRUBBED_HELD: Final = 1 << 20
+
+
 def _withheld(upstream_id: int | None, desc: str) -> bytes:
     """The error that stands for a reply of QEMU's qmpmux could not filter, with QEMU's
     id still in it if it had one (wire.rewrite_reply gives it the client's)."""
@@ -693,11 +697,14 @@ class Hub:
         def scrubbed(value: bytes) -> bytes:
             # A monitor polls the same state again and again: QEMU's reply is then the
             # same bytes, scrubbed once (a reply of 1000 block nodes, 15-18 ms a time).
+            # A few, none over a MiB: each is held twice (the reply and its scrubbed copy).
             cached = self._scrubbed.get(value)
             if cached is None:
-                if len(self._scrubbed) >= 8:  # keys hold QEMU's replies
-                    self._scrubbed.clear()
-                cached = self._scrubbed[value] = scrub_return(value)
+                cached = scrub_return(value)
+                if len(value) <= _SCRUBBED_HELD:
+                    if len(self._scrubbed) >= 4:
+                        self._scrubbed.clear()
+                    self._scrubbed[value] = cached
             return cached
 
         try:
