@@ -183,12 +183,10 @@ def _sockets(value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
 def _names(row: FdArgument, value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
     if row.kind is Kind.SOCKET:
         yield from _sockets(value, where)
-    elif isinstance(value, str):
+    elif isinstance(value, str):  # (a colon list is read in C: _listed_numeric)
         if row.kind is Kind.NAME:
             yield where, value
-        elif row.kind is Kind.NAMES:
-            yield from ((where, name) for name in value.split(":"))
-        elif value.startswith("fd:"):
+        elif row.kind is Kind.URI and value.startswith("fd:"):
             yield where, value[len("fd:") :]
 
 
@@ -260,14 +258,12 @@ def numeric_fd(command: str, args: Mapping[str, JsonValue] | None) -> tuple[str,
         values: Iterable[JsonValue] = (
             (head,) if head is not None else _read(args, row.path, sockets)
         )
+        where = ".".join(row.path)
         for value in values:
-            where = ".".join(row.path)
-            if row.kind is Kind.NAMES and isinstance(value, str):
-                if is_numeric(value):
-                    return where, value[:32].split(":", 1)[0]
-                found = _NUMERIC_LISTED.search(value) if ":" in value else None
+            if row.kind is Kind.NAMES:
+                found = _listed_numeric(value) if isinstance(value, str) else None
                 if found is not None:
-                    return where, found.group()[1:]
+                    return where, found
                 continue
             for at, name in _names(row, value, where):
                 if is_numeric(name):
@@ -350,6 +346,20 @@ class _Renamer:
         return head + _NAME_LISTED.sub(":" + self.prefix.replace("\\", "\\\\"), body) + end
 
 
+def _listed_numeric(value: str) -> str | None:
+    """A colon list's first numeric name, cut to what an error quotes, or None."""
+    if is_numeric(value):
+        return value[:32].split(":", 1)[0]
+    found = _NUMERIC_LISTED.search(value) if ":" in value else None
+    return None if found is None else found.group()[1:]
+
+
+def _listed_named(value: str, colon_ends: bool) -> bool:
+    """Whether a colon list holds a name that is not numeric (an empty one too)."""
+    body, _end = _listed(value, colon_ends)
+    return body is not None and (not is_numeric(body) or _NAME_LISTED.search(body) is not None)
+
+
 def _listed(value: str, colon_ends: bool) -> tuple[str | None, str]:
     """A colon list's names as QEMU reads them (docs/protocol.md §10.7), and what ends
     it: `""` holds no name (None), and each colon parts two names, but for a colon at
@@ -392,13 +402,10 @@ def _names_any(command: str, args: Mapping[str, JsonValue]) -> bool:
     """Whether any fd argument of this call holds a name (numeric ones are not names),
     read as numeric_fd reads them: a command without one is never built whole."""
     for row in _rows(command, args):
+        where = ".".join(row.path)
         for value in _read(args, row.path, row.kind is Kind.SOCKET):
-            where = ".".join(row.path)
-            if row.kind is Kind.NAMES and isinstance(value, str):
-                body, _end = _listed(value, row.colon_ends)
-                if body is not None and (
-                    not is_numeric(body) or _NAME_LISTED.search(body) is not None
-                ):
+            if row.kind is Kind.NAMES:
+                if isinstance(value, str) and _listed_named(value, row.colon_ends):
                     return True
                 continue
             if any(not is_numeric(name) for _at, name in _names(row, value, where)):

@@ -910,18 +910,13 @@ class Hub:
         try:
             room = MAX_UPSTREAM_BYTES - len(cmd.prefix)
             renamed = rename_fds(name, args, upstream_name(flow.id, ""), room)
-        except RenamedTooLongError:
-            renamed = None
-            room = -1
-        prefix = cmd.prefix
-        if renamed is not None:
-            prefix = command_prefix(name, renamed[0], cmd.oob)
-            room = MAX_UPSTREAM_BYTES - len(prefix)
-        if room < 0:
+            if renamed is not None:
+                cmd.prefix, cmd.names = command_prefix(name, renamed[0], cmd.oob), renamed[1]
+                if len(cmd.prefix) > MAX_UPSTREAM_BYTES:
+                    raise RenamedTooLongError
+        except RenamedTooLongError:  # (the command goes nowhere: its prefix no matter)
             reply = error_reply(None, GENERIC_ERROR, TOO_BIG_UPSTREAM)
             return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
-        if renamed is not None:
-            cmd.prefix, cmd.names = prefix, renamed[1]
         if takes_fd:
             first, *rest = flow.fds
             if rest:  # QEMU closes all but the first
