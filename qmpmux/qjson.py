@@ -1310,10 +1310,10 @@ class Deferred:
         KeyError): read from its packed bytes, the rest of the string never built."""
         raw, _keys = self._index()[name]
         view = memoryview(raw)
+        long = _long_index(view, 0)
+        if long is not None:
+            return LongString(self._longs[long]).head(n)
         first = view[0]
-        if first == 0xD6:  # fixext 4: kept in parts (Framer._deliver_long)
-            assert view[1] == _EXT_LONG_STRING
-            return LongString(self._longs[int.from_bytes(view[2:6], "big")]).head(n)
         if 0xA0 <= first <= 0xBF:
             start, size = 1, first & 0x1F
         elif first in _STRING_WIDTHS:
@@ -1611,6 +1611,15 @@ def clipped(text: str | LongString, n: int) -> str:
 def long_string_pieces(text: LongString) -> Iterator[bytes]:
     """encode() of the string `text` holds, in pieces, each a bounded amount of work."""
     return _written(_long_string_steps(text.parts))
+
+
+def _long_index(data: bytes | memoryview, pos: int) -> int | None:
+    """The index of the long string whose stand-in is packed at `pos` (a fixext 4 of
+    Framer._deliver_long, 6 bytes), or None if none is."""
+    if data[pos] != 0xD6:
+        return None
+    assert data[pos + 1] == _EXT_LONG_STRING
+    return int.from_bytes(data[pos + 2 : pos + 6], "big")
 
 
 def _is_container(raw: msgspec.Raw) -> bool:
@@ -2120,12 +2129,11 @@ class _Reader:
 
     def long_string(self) -> list[str] | None:
         """The parts of the string kept in parts here, read past; None if it is not one."""
-        data, pos = self.data, self.pos
-        if data[pos] != 0xD6:  # fixext 4: Framer._deliver_long's stand-in
+        long = _long_index(self.data, self.pos)
+        if long is None:
             return None
-        assert data[pos + 1] == _EXT_LONG_STRING
-        self.pos = pos + 6
-        return self.longs[int.from_bytes(data[pos + 2 : pos + 6], "big")]
+        self.pos += 6
+        return self.longs[long]
 
     def header(self) -> tuple[int, int]:
         """(kind, n) of the string or container here, read past its header: kind 0 for
