@@ -23,10 +23,13 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
-from qmpmux.fdargs import FD_COMMANDS
+from qmpmux.fdargs import FD_COMMANDS, RenamedTooLongError, is_numeric, rename_fds
 from qmpmux.qjson import JsonValue, encode, qdict_order, string_head
+from qmpmux.session import MAX_UPSTREAM_BYTES
+from qmpmux.wire import CommandText, command_prefix
 
 GETFD: Final = "getfd"
 ADD_FD: Final = "add-fd"
@@ -66,6 +69,71 @@ def argument_error(name: str, args: Mapping[str, JsonValue] | None) -> str | Non
     if "opaque" in args and not isinstance(args["opaque"], str):
         return _type_error("opaque", "string")
     return _unexpected(args, frozenset({"fdset-id", "opaque"}))
+
+
+@dataclass(slots=True)
+class FdFacts:
+    """What a command's arguments say for its fd work, read by `fd_facts` apart from the
+    hub's state (for a big command, off the event loop: judgement.py); the hub then adds
+    what only it knows (whose fdsets are whose) in `Hub._with_fds`."""
+
+    # QEMU's reply text when the command cannot go: its arguments, no fd, a digit name.
+    problem: str | None = None
+    # `getfd` of a name that starts with a digit: QEMU would take the fd and close it.
+    digit: bool = False
+    # `add-fd`/`remove-fd`: the fdset and fd they name, when integers.
+    fdset: int | None = None
+    fd: int | None = None
+    # `getfd`'s name, kept to close it in QEMU when the client leaves.
+    fdname: str | None = None
+    # The command with its fd names renamed (upstream -> the client's names), if any.
+    prefix: CommandText | None = None
+    names: dict[str, str] | None = None
+    # Renamed, it would pass QEMU's size limit.
+    too_long: bool = False
+
+
+def fd_facts(
+    name: str, oob: bool, args: Mapping[str, JsonValue] | None, has_fds: bool, client: int,
+    size: int,
+) -> FdFacts:  # fmt: skip
+    """The facts of a command in FD_RELATED from client `client` (`has_fds`: whether it
+    has fds waiting), whose upstream text is `size` bytes long. The names are renamed
+    only when no problem stops it first."""
+    facts = FdFacts()
+    takes_fd = name in TAKES_FD and not oob  # exec-oob: QEMU refuses it without one
+    if takes_fd:
+        problem = argument_error(name, args)
+        if problem is None and not has_fds:
+            problem = NO_FD
+        if (
+            problem is None
+            and name == GETFD
+            and args
+            and is_numeric(string_head(args, "fdname", 1) or "")  # (never built whole)
+        ):
+            problem, facts.digit = DIGIT_NAME, True
+        facts.problem = problem
+    if args and (name == REMOVE_FD or (takes_fd and name == ADD_FD)):
+        fdset, fd = args.get("fdset-id"), args.get("fd")
+        facts.fdset = fdset if type(fdset) is int else None
+        facts.fd = fd if type(fd) is int else None
+    if facts.problem is not None:
+        return facts
+    # Each name renamed is some ten bytes longer: a colon list of millions of them can
+    # pass QEMU's limit, as the client's text never does. QEMU's own error then, told
+    # before the names are renamed where it can be.
+    try:
+        renamed = rename_fds(name, args, upstream_name(client, ""), MAX_UPSTREAM_BYTES - size)
+        if renamed is not None:
+            facts.prefix, facts.names = command_prefix(name, renamed[0], oob), renamed[1]
+            if len(facts.prefix) > MAX_UPSTREAM_BYTES:
+                raise RenamedTooLongError
+    except RenamedTooLongError:
+        facts.too_long = True
+    if takes_fd and name == GETFD and args:
+        facts.fdname = str(args["fdname"])
+    return facts
 
 
 def upstream_name(client: int, name: str) -> str:

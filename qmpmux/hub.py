@@ -40,23 +40,19 @@ from typing import Final
 import msgspec
 
 from qmpmux.config import Limits
-from qmpmux.fdargs import RenamedTooLongError, is_numeric, rename_fds
 from qmpmux.fdpass import (
     ADD_FD,
     CLOSEFD,
-    DIGIT_NAME,
-    FD_RELATED,
-    GETFD,
-    NO_FD,
     QUERY_FDSETS,
     REMOVE_FD,
     TAKES_FD,
-    argument_error,
+    FdFacts,
     restore_names,
     upstream_name,
 )
 from qmpmux.flow import Flow
 from qmpmux.introspect import FILTERS, replace_return, strip_message
+from qmpmux.judgement import judge
 from qmpmux.link import INBAND, OOB, Link, UpstreamState
 from qmpmux.metrics import (
     CLOSED,
@@ -80,12 +76,10 @@ from qmpmux.qjson import (
     clipped,
     encode,
     qdict_order,
-    string_head,
 )
 from qmpmux.redact import encode_record, redact
 from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import (
-    MAX_UPSTREAM_BYTES,
     TOO_BIG_UPSTREAM,
     Audited,
     Command,
@@ -94,6 +88,7 @@ from qmpmux.session import (
     Peer,
     Phase,
     Session,
+    Verdict,
 )
 from qmpmux.throttle import LogThrottle
 from qmpmux.wire import (
@@ -829,10 +824,20 @@ class Hub:
             for value in flow.session.framer.feed(data):
                 self._accept(flow, value)
         except Exception:  # a bug must cost this client its connection, never the proxy
-            _client_log.exception("client %d: internal error; disconnecting it", client)
-            flow.bye = INTERNAL_ERROR
-            self._out.append(CloseClient(client, "internal error"))
+            self._internal_error(flow)
             return self._take()
+        self._after_input(flow)
+        return self._take()
+
+    def _internal_error(self, flow: Flow) -> None:
+        _client_log.exception("client %d: internal error; disconnecting it", flow.id)
+        flow.bye = INTERNAL_ERROR
+        self._out.append(CloseClient(flow.id, "internal error"))
+
+    def _after_input(self, flow: Flow) -> None:
+        """Send what the client's input answered, bound what qmpmux holds for it, and let
+        its commands go upstream."""
+        client = flow.id
         # Before the flush moves ready replies to the shell (`_held`, inline: hot).
         held = flow.queued_bytes + flow.reply_bytes + self.queued_bytes(client)
         self._flush(flow)
@@ -856,7 +861,6 @@ class Hub:
             flow.paused = True
             self._out.append(PauseClient(client))
         self._pump()
-        return self._take()
 
     def _receive_fds(self, flow: Flow, fds: Sequence[int]) -> None:
         """The client's newest fds replace (close) its waiting ones; a client that could
@@ -874,83 +878,63 @@ class Hub:
         else:
             self._out.append(CloseFds(tuple(fds)))
 
-    def _with_fds(
-        self, flow: Flow, cmd: Command, args: Mapping[str, JsonValue] | None
-    ) -> Local | None:
+    def _with_fds(self, flow: Flow, cmd: Command, facts: FdFacts) -> Local | None:
         """Ready a command that takes an fd or an fd name for the shared monitor; or the
-        reply QEMU would give when it cannot go (see fdpass.py). `args` are the ones the
-        policy read: never read back from the command's text, which would build all of
-        a big command at once."""
+        reply QEMU would give when it cannot go (see fdpass.py). `facts` are what its
+        arguments say (read with the verdict: judgement.py); this adds what only the hub
+        knows, whose fdsets are whose, and hands the client's fd on."""
         name = cmd.name
         takes_fd = name in TAKES_FD and not cmd.oob  # exec-oob: QEMU refuses it without one
-        problem: str | None = None
-        if takes_fd:
-            problem = argument_error(name, args)
-            if problem is None and not flow.fds:
-                problem = NO_FD
-            if (
-                problem is None
-                and name == GETFD
-                and args
-                and is_numeric(string_head(args, "fdname", 1) or "")  # (never built whole)
-            ):
-                problem = DIGIT_NAME  # QEMU takes the fd and closes it
-                self._out.append(CloseFds(tuple(flow.fds)))
-                flow.fds = []
-            if problem is None and name == ADD_FD:
-                problem = self._fdset_problem(flow, args, own=False)
-        elif name == REMOVE_FD:
-            problem = self._fdset_problem(flow, args, own=True)
+        problem = facts.problem
+        if facts.digit:  # QEMU takes the fd and closes it
+            self._out.append(CloseFds(tuple(flow.fds)))
+            flow.fds = []
+        if problem is None and name == REMOVE_FD:
+            problem = self._fdset_problem(flow, facts, own=True)
+        elif problem is None and takes_fd and name == ADD_FD:
+            problem = self._fdset_problem(flow, facts, own=False)
         if problem is not None:
             reply = error_reply(cmd.wire_id, GENERIC_ERROR, problem)
             return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
-        # Each name renamed is some ten bytes longer: a colon list of millions of them
-        # can pass QEMU's limit, as the client's text never does. QEMU's own error then,
-        # told before the names are renamed where it can be.
-        try:
-            room = MAX_UPSTREAM_BYTES - len(cmd.prefix)
-            renamed = rename_fds(name, args, upstream_name(flow.id, ""), room)
-            if renamed is not None:
-                cmd.prefix, cmd.names = command_prefix(name, renamed[0], cmd.oob), renamed[1]
-                if len(cmd.prefix) > MAX_UPSTREAM_BYTES:
-                    raise RenamedTooLongError
-        except RenamedTooLongError:  # (the command goes nowhere: its prefix no matter)
+        if facts.too_long:  # (the command goes nowhere: its prefix no matter)
             reply = error_reply(None, GENERIC_ERROR, TOO_BIG_UPSTREAM)
             return Local(reply, cmd.oob, name, cmd.decision, cmd.arguments)
+        if facts.prefix is not None:
+            cmd.prefix, cmd.names = facts.prefix, facts.names
         if takes_fd:
             first, *rest = flow.fds
             if rest:  # QEMU closes all but the first
                 self._out.append(CloseFds(tuple(rest)))
             cmd.fds, flow.fds, flow.fd_busy = (first,), [], True
-            if name == GETFD and args:
-                flow.fd_names.add(str(args["fdname"]))
+            if facts.fdname is not None:
+                flow.fd_names.add(facts.fdname)
         return None
 
-    def _fdset_problem(
-        self, flow: Flow, args: Mapping[str, JsonValue] | None, *, own: bool
-    ) -> str | None:
+    def _fdset_problem(self, flow: Flow, facts: FdFacts, *, own: bool) -> str | None:
         """fdsets are global in QEMU: `full` keeps that; every other profile adds to and
         removes only fdsets it created (QEMU's own error for one it may not see)."""
-        if flow.session.profile.name == FULL or not args:
+        fdset = facts.fdset
+        if flow.session.profile.name == FULL or fdset is None:
             return None
-        fdset = args.get("fdset-id")
-        if type(fdset) is not int or self._fdsets.get(fdset, flow.id) == flow.id:
+        if self._fdsets.get(fdset, flow.id) == flow.id:
             return None
         if not own:
             return f"fdset {fdset} belongs to another client (refused by qmpmux policy)"
-        fd = args.get("fd")
-        if type(fd) is int:
-            return f"File descriptor named 'fdset-id:{fdset}, fd:{fd}' not found"
+        if facts.fd is not None:
+            return f"File descriptor named 'fdset-id:{fdset}, fd:{facts.fd}' not found"
         return f"File descriptor named 'fdset-id:{fdset}' not found"
 
     def _accept(self, flow: Flow, value: JsonValue | ParseError) -> None:
-        verdict = flow.session.judge(value)
+        self._apply_verdict(flow, *judge(flow.session, value, bool(flow.fds)))
+
+    def _apply_verdict(self, flow: Flow, verdict: Verdict, facts: FdFacts | None) -> None:
+        """Act on the verdict on one input: a command is queued for QEMU, anything else is
+        answered here, in the client's order."""
         kind = type(verdict)
         if kind is Command:
             assert isinstance(verdict, Command)
-            args, verdict.args = verdict.args, None
-            if verdict.name in FD_RELATED:
-                local = self._with_fds(flow, verdict, args)
+            if facts is not None:
+                local = self._with_fds(flow, verdict, facts)
                 if local is not None:
                     (flow.oob_replies if local.oob else flow.replies).append(local.data)
                     flow.reply_bytes += len(local.data)
