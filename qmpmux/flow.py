@@ -12,6 +12,8 @@ Invariants:
 - `ready_on[lane]` is the monitor (link.Link) whose ready list of that lane holds the flow,
   or None: an entry in any other monitor's list is stale (the client moved) and that
   monitor drops it.
+- While `judging` is set, the client's reading is paused and every input framed after
+  the judged one waits in it (`Judgement.waiting`): inputs are judged in their order.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from qmpmux.session import Command, Session
 from qmpmux.wire import Reply
 
 if TYPE_CHECKING:
+    from qmpmux.judgement import Judgement
     from qmpmux.link import Link
 
 
@@ -42,6 +45,7 @@ class Flow:
         "fds",
         "id",
         "inflight",
+        "judging",
         "link",
         "oob_link",
         "oob_replies",
@@ -75,6 +79,9 @@ class Flow:
         # `oob_replies` behind an earlier unanswered command: held by qmpmux, so counted.
         self.reply_bytes = 0
         self.paused = False
+        # A big message being judged off the event loop (judgement.py); the inputs read
+        # after it wait in it for its verdict, and reading pauses meanwhile.
+        self.judging: Judgement | None = None
         self.draining = False
         self.closed = False
         # File descriptors (fdpass.py): the ones its latest fd-carrying read brought, still

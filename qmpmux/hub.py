@@ -52,7 +52,7 @@ from qmpmux.fdpass import (
 )
 from qmpmux.flow import Flow
 from qmpmux.introspect import FILTERS, replace_return, strip_message
-from qmpmux.judgement import judge
+from qmpmux.judgement import Judgement, judge, off_loop
 from qmpmux.link import INBAND, OOB, Link, UpstreamState
 from qmpmux.metrics import (
     CLOSED,
@@ -184,6 +184,15 @@ class PauseClient:
 
 
 @dataclass(frozen=True, slots=True)
+class Judge:
+    """Run `job` (judgement.Judgement.run) off the event loop, then hand it back with
+    `Hub.judged`: a big message, whose judging may take long."""
+
+    client: int
+    job: Judgement
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeClient:
     client: int
 
@@ -216,6 +225,7 @@ Action = (
     | CloseFds
     | CloseClient
     | PauseClient
+    | Judge
     | ResumeClient
     | UpstreamReady
     | Exit
@@ -280,8 +290,12 @@ class Hub:
         wallclock: Callable[[], float] = time.time,
         metrics: bool = False,
         vm: str | None = None,
+        off_loop_bytes: int | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        # Messages at least this long are judged off the event loop (judgement.py; the
+        # shell runs them), or None: every one inline.
+        self.off_loop_bytes = off_loop_bytes
         self.policy = policy
         self.audit = audit
         # The VM this hub serves when one process serves several: every audit record
@@ -426,7 +440,7 @@ class Hub:
         waits until it is not): every such command gets its reply before qmpmux closes."""
         if any(up.in_qemu or any(up.system.queues) for up in self._live):
             return True
-        return any(any(flow.queues) for flow in self.clients.values())
+        return any(any(flow.queues) or flow.judging for flow in self.clients.values())
 
     def _end(self, code: int, reason: str) -> None:
         self.state = UpstreamState.CLOSED
@@ -925,7 +939,43 @@ class Hub:
         return f"File descriptor named 'fdset-id:{fdset}' not found"
 
     def _accept(self, flow: Flow, value: JsonValue | ParseError) -> None:
+        if flow.judging is not None:  # behind a message being judged: its turn comes after
+            flow.judging.waiting.append(value)
+            return
+        if off_loop(value, self.off_loop_bytes) and flow.session.phase is Phase.COMMAND:
+            flow.judging = job = Judgement(flow.session, value, bool(flow.fds))
+            self._out.append(Judge(flow.id, job))
+            if not flow.paused:
+                flow.paused = True
+                self._out.append(PauseClient(flow.id))
+            return
         self._apply_verdict(flow, *judge(flow.session, value, bool(flow.fds)))
+
+    def judged(self, client: int, job: Judgement) -> list[Action]:
+        """A message judged off the event loop (a `Judge` action) is back: act on its
+        verdict, then on the client's inputs that waited behind it."""
+        flow = self.clients.get(client)
+        if flow is None or flow.judging is not job:
+            return self._take()  # the client has gone
+        flow.judging = None
+        try:
+            if job.error is not None:
+                raise job.error
+            if job.profile is not flow.session.profile:  # reloaded meanwhile: judge again
+                self._accept(flow, job.value)
+            else:
+                assert job.verdict is not None
+                self._apply_verdict(flow, job.verdict, job.facts)
+            waiting = job.waiting
+            while waiting and flow.judging is None:
+                self._accept(flow, waiting.popleft())
+            if flow.judging is not None:  # another big one: the rest waits for it
+                flow.judging.waiting += waiting
+        except Exception:  # a bug must cost this client its connection, never the proxy
+            self._internal_error(flow)
+            return self._take()
+        self._after_input(flow)
+        return self._take()
 
     def _apply_verdict(self, flow: Flow, verdict: Verdict, facts: FdFacts | None) -> None:
         """Act on the verdict on one input: a command is queued for QEMU, anything else is
@@ -1371,11 +1421,12 @@ class Hub:
         if (
             flow.paused
             and not flow.fd_busy
+            and flow.judging is None
             and flow.pending <= limits.max_pending // 2
             and self._held(flow) + flushed <= limits.max_pending_bytes // 2
         ):
             flow.paused = False
             self._out.append(ResumeClient(flow.id))
-        if flow.draining and not flow.pending:
+        if flow.draining and not flow.pending and flow.judging is None:
             flow.bye = CLOSED
             self._out.append(CloseClient(flow.id, "client finished sending"))

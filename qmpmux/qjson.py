@@ -1230,6 +1230,11 @@ class Message(dict[str, JsonValue]):
         """The long key `key` stands in for (Framer._long_key), if it is a stand-in."""
         return self._long_keys.get(key) if self._long_keys else None
 
+    @property
+    def size(self) -> int:
+        """How long the client's text of it was (without whitespace between tokens)."""
+        return len(self._text)
+
     def member_text(self, key: str) -> memoryview:
         """A view, not a copy: the text may be megabytes (wire.Spliced sends it as it is)."""
         i = list(self).index(key) * 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ import stat
 import struct
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from qmpmux import metrics
@@ -32,12 +34,14 @@ from qmpmux.hub import (
     CloseFds,
     Exit,
     Hub,
+    Judge,
     PauseClient,
     ResumeClient,
     ToClient,
     ToUpstream,
     UpstreamReady,
 )
+from qmpmux.judgement import OFF_LOOP_BYTES
 from qmpmux.link import UpstreamState
 from qmpmux.policy import Policy
 from qmpmux.session import Peer
@@ -61,6 +65,17 @@ CLIENT_READ_SIZE = 1024
 # waits for about two such reads under a flood of slow input.
 CLIENT_READ_BUDGET = 0.0005
 UPSTREAM_READ_SIZE = 262144
+
+
+@functools.cache
+def judge_pool() -> ThreadPoolExecutor:
+    """The worker thread big messages are judged on (judgement.py), one for the whole
+    process (every VM's hub in host mode): at most one core's worth of judging, one
+    message at a time. While it runs, the event loop's thread gets the interpreter back
+    within the switch interval, set here to 1 ms (5 ms by default): that is how long
+    the judging of megabytes can delay anyone else per loop turn."""
+    sys.setswitchinterval(0.001)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpmux-judge")
 
 
 def _close_fds(fds: Iterable[int]) -> None:
@@ -419,6 +434,7 @@ class Proxy:
             first_client=first_client,
             metrics=config.metrics is not None or self.vm is not None,
             vm=self.vm,
+            off_loop_bytes=OFF_LOOP_BYTES,
         )
 
     def _queued_bytes(self, client: int) -> int:
@@ -830,6 +846,9 @@ class Proxy:
                 assert isinstance(action, PauseClient)
                 if (channel := clients.get(action.client)) is not None:
                     channel.pause_reading()
+            elif kind is Judge:
+                assert isinstance(action, Judge)
+                self._judge(action)
             elif kind is ResumeClient:
                 assert isinstance(action, ResumeClient)
                 if (channel := clients.get(action.client)) is not None and not self._draining:
@@ -858,6 +877,17 @@ class Proxy:
         if self._draining is not None and self._exit is None and not self.hub.busy:
             log.info("every command in flight answered")
             self.stop(self._drain_reason)
+
+    def _judge(self, action: Judge) -> None:
+        """Judge a big message on the worker thread; the hub hears back on the loop."""
+        hub = self.hub
+        job = action.job
+
+        def back(_: asyncio.Future[None]) -> None:
+            if self.hub is hub:  # (a hub made after QEMU restarted never knew the client)
+                self._apply(hub.judged(action.client, job))
+
+        self._loop.run_in_executor(judge_pool(), job.run).add_done_callback(back)
 
     def _finish(self, exit_: Exit) -> None:
         if self._exit is not None:

@@ -16,6 +16,7 @@ import msgspec
 
 from qmpmux.config import Config
 from qmpmux.hub import Hub, UpstreamReady
+from qmpmux.judgement import OFF_LOOP_BYTES
 from qmpmux.policy import Policy
 from qmpmux.server import Proxy, StartupError
 from qmpmux.systemd import Inherited
@@ -57,6 +58,7 @@ class Vm:
             links=config.link_count(),
             metrics=config.metrics is not None or name is not None,
             vm=name,
+            off_loop_bytes=OFF_LOOP_BYTES,
         )
         self._addresses = (config.upstream, *config.more_upstreams) if config.upstream else ()
         self.proxy = Proxy(

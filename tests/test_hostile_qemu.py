@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import pytest
+
 from qmpmux.config import Limits
 from qmpmux.hub import Action
+from qmpmux.judgement import OFF_LOOP_BYTES, Judgement
 from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.server import Proxy
 from tests.conftest import Mux, start_mux
@@ -89,10 +93,13 @@ async def test_replies_held_behind_a_blocked_qemu_pause_the_client_and_lose_noth
             )  # fmt: skip
             hub = mux.proxy.hub
             session = next(f for f in hub.clients.values() if f.session.peer.profile == "readonly")
-            paused = asyncio.create_task(until(mux.proxy, lambda: session.paused))
-            await asyncio.wait([paused, sender], return_when=asyncio.FIRST_COMPLETED)
+            # (Paused for what it holds, not while one of its messages is judged.)
+            held = asyncio.create_task(
+                until(mux.proxy, lambda: session.paused and session.judging is None)
+            )
+            await asyncio.wait([held, sender], return_when=asyncio.FIRST_COMPLETED)
             assert session.paused, "qmpmux read everything and held it"
-            await paused
+            await held
             assert session.reply_bytes + session.queued_bytes < bound + (210 << 10)
             unblock()
             assert await blocker.read() == b'{"return": {}, "id": "blk"}\r\n'
@@ -198,3 +205,34 @@ async def test_a_reload_denies_commands_still_queued_inside_qmpmux(
         assert b'"running": true' in status
     finally:
         await stop(mux)
+
+
+async def test_other_clients_are_served_while_a_big_command_is_judged(
+    mux: Mux, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A big command is judged on the worker thread (judgement.py): held there until
+    # another client has had its reply, it proves the event loop never waited for it.
+    started, release = threading.Event(), threading.Event()
+    run = Judgement.run
+
+    def held(job: Judgement) -> None:
+        started.set()
+        release.wait(10)
+        run(job)
+
+    monkeypatch.setattr(Judgement, "run", held)
+    aborts = b",".join([b'{"type":"abort"}'] * (2 * OFF_LOOP_BYTES // 16))
+    big = b'{"execute":"transaction","arguments":{"actions":[' + aborts + b']},"id":"big"}'
+    sender, other = await RawClient.connect(mux.path), await RawClient.connect(mux.path)
+    await sender.negotiate()
+    await other.negotiate()
+    await sender.send(big)
+    assert await asyncio.to_thread(started.wait, 10)
+    try:
+        reply = await other.command(b'{"execute":"query-status","id":"q"}')
+        assert reply.startswith(b'{"return": {"status": ') and reply.endswith(b'"id": "q"}\r\n')
+    finally:
+        release.set()
+    direct = await RawClient.connect(mux.direct)
+    await direct.negotiate()
+    assert await sender.read() == await direct.command(big)  # QEMU's own reply, once judged
