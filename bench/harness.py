@@ -239,11 +239,14 @@ def wait_greeting(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> 
 
 @contextlib.contextmanager
 def running_qmpmux(
-    upstreams: list[Path], listens: list[str], log_path: Path
+    upstreams: list[Path], listens: list[str], log_path: Path, config: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`python -m qmpmux` on `upstreams` (unix monitors) and `listens` (--listen values,
-    the first a unix path it must greet on), logging to `log_path`; ended on leaving."""
+    the first a unix path it must greet on), logging to `log_path`; ended on leaving.
+    `config`: a config file for what flags cannot say (custom profiles)."""
     args = [sys.executable, "-m", "qmpmux", "--log-level", "warning"]
+    if config is not None:
+        args += ["--config", str(config)]
     for listen in listens:
         args += ["--listen", listen]
     for path in upstreams:

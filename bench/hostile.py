@@ -2,7 +2,9 @@
 
 A client may send anything, and parsing some shapes costs qmpmux microseconds a byte
 (README "Security"): this scenario measures what that costs everyone else. For each
-shape a fresh qmpmux (two lanes, a `readonly` and a `full` listener) serves a prober,
+shape a fresh qmpmux (two lanes; a `readonly`, a `full`, and an `ops` listener: a
+custom profile of every command but `stop`, whose commands are judged argument by
+argument where `full`'s are not) serves a prober,
 which loops `query-status` on the full listener with a short pause, while a load process
 (`python -m bench.load hostile`) sends the shape once, as fast as qmpmux reads it, then
 leaves without reading what it is owed; the prober goes on for half a second after, so
@@ -50,6 +52,13 @@ def _keys(size: int) -> bytes:
 QUERY_ARGUMENT = b'{"execute":"query-status","arguments":{"a":'
 STOP_ARGUMENT = b'{"execute":"stop","arguments":{"a":'
 
+TRANSACTION = b'{"execute":"transaction","arguments":{"actions":['
+NETDEV_FDS = b'{"execute":"netdev_add","arguments":{"type":"tap","id":"n","fds":'
+SOCKET_PAD = (
+    b'{"execute":"chardev-add","arguments":{"id":"c","backend":{"type":"socket","data":{"p":['
+)
+SOCKET_FD = b'{}],"addr":{"type":"fd","data":{"str":"sk"}}}}}}'
+
 # name -> (listener profile, maker of about `size` bytes of it)
 SHAPES: dict[str, tuple[str, Callable[[int], bytes]]] = {
     "string argument": ("full", _repeated(QUERY_ARGUMENT + b'"', E_ACUTE, b'"}}')),
@@ -65,16 +74,32 @@ SHAPES: dict[str, tuple[str, Callable[[int], bytes]]] = {
     "number": ("readonly", _repeated(b"[", b"1", b"]")),
     "\\xC0\\x80 string": ("readonly", _repeated(STOP_ARGUMENT + b'"', b"\xc0\x80", b'"}}')),
     "escaped string": ("full", _repeated(QUERY_ARGUMENT + b'"', b"\\u00e9", b'"}}')),
+    # Shapes whose judging reads every part (judgement.py), for profiles that grant them:
+    "transaction actions": ("ops", _repeated(TRANSACTION, b'{"type":"abort"},', b"{}]}}")),
+    "fd names in a list": ("ops", _repeated(NETDEV_FDS + b"[", b'"a",', b'"a"]}}')),
+    "fd names in a colon list": ("ops", _repeated(NETDEV_FDS + b'"', b"ab:", b'ab"}}')),
+    "one long fd name": ("ops", _repeated(NETDEV_FDS + b'"', b"a", b'"}}')),
+    "a socket address behind {}": ("ops", _repeated(SOCKET_PAD, b"{},", SOCKET_FD)),
+}
+# Shapes qmpmux reads token by token (0.6-1.8 MiB/s) but judges only once complete: sent
+# at most this big, so that they arrive within the probe's window and their judging is
+# measured (it reads 2-4 values a microsecond: 1 MiB of them is a long task).
+MAX_BYTES: dict[str, int] = {
+    "transaction actions": 4 << 20,
+    "fd names in a list": 2 << 20,
+    "a socket address behind {}": 1 << 20,
 }
 
 
 @contextlib.contextmanager
-def _qmpmux(workdir: Path, upstreams: list[Path]) -> Iterator[tuple[Path, Path]]:
-    """A fresh qmpmux: (its full listener, its readonly listener)."""
-    full, readonly = workdir / "full.sock", workdir / "readonly.sock"
-    listens = [f"unix:{full}", f"unix:{readonly},profile=readonly"]
-    with running_qmpmux(upstreams, listens, workdir / "qmpmux.log"):
-        yield full, readonly
+def _qmpmux(workdir: Path, upstreams: list[Path]) -> Iterator[dict[str, Path]]:
+    """A fresh qmpmux: its listener of each profile."""
+    config = workdir / "ops.toml"
+    config.write_text('[profiles.ops]\ncommands = ["*"]\ndeny-commands = ["stop"]\n')
+    paths = {name: workdir / f"{name}.sock" for name in ("full", "readonly", "ops")}
+    listens = [f"unix:{path},profile={name}" for name, path in paths.items()]
+    with running_qmpmux(upstreams, listens, workdir / "qmpmux.log", config):
+        yield paths
 
 
 def _probe(
@@ -132,17 +157,19 @@ def hostile(bed: Bed, plan: Plan, res: Results) -> None:
         direct = _summary(_probe(mons[2], seconds / 2, lambda: False, lambda: None))  # idle
         data["direct"] = direct
         for name, (profile, _maker) in SHAPES.items():
-            with _qmpmux(workdir, mons[:2]) as (full, readonly):
-                target = full if profile == "full" else readonly
-                load = start_load("hostile", str(target), name, str(size), timeout=30)
+            sent_bytes = min(size, MAX_BYTES.get(name, size))
+            with _qmpmux(workdir, mons[:2]) as listeners:
+                target = listeners[profile]
+                load = start_load("hostile", str(target), name, str(sent_bytes), timeout=30)
                 try:
+                    full = listeners["full"]
                     got = _summary(_probe(full, seconds, _said(load.proc), load.proc.terminate))
                 finally:
                     sent = load.stop().splitlines()[-1]
             data[name] = {"ms": got, "sender": sent}
             res.add(
                 "hostile",
-                f"query-status p99 while a {profile} client sends {size >> 20} MiB: {name}",
+                f"query-status p99 while a {profile} client sends {sent_bytes >> 20} MiB: {name}",
                 "ms",
                 direct[1],
                 got[1],
