@@ -848,9 +848,10 @@ class Hub:
         flow.bye = INTERNAL_ERROR
         self._out.append(CloseClient(flow.id, "internal error"))
 
-    def _after_input(self, flow: Flow) -> None:
+    def _after_input(self, flow: Flow, judged: bool = False) -> None:
         """Send what the client's input answered, bound what qmpmux holds for it, and let
-        its commands go upstream."""
+        its commands go upstream. `judged`: after a message judged off the loop, whose
+        pause ends here unless the bounds keep it (as they would have without it)."""
         client = flow.id
         # Before the flush moves ready replies to the shell (`_held`, inline: hot).
         held = flow.queued_bytes + flow.reply_bytes + self.queued_bytes(client)
@@ -865,15 +866,19 @@ class Hub:
             # events flow from here on, never before.
             self._negotiated[client] = flow
         limits = self.limits
-        if not flow.paused and (
-            flow.pending >= limits.max_pending or held >= limits.max_pending_bytes
-        ):
+        over = flow.pending >= limits.max_pending or held >= limits.max_pending_bytes
+        if over and not flow.paused:
             # Whatever a client makes qmpmux hold, it holds only until the bound: reading
             # pauses (and resumes as the backlog drains), so a client that reads is never
             # cut off for bytes qmpmux chose to hold, and one that does not is cut off by
             # its outbox bound alone.
             flow.paused = True
             self._out.append(PauseClient(client))
+        elif judged and flow.paused and not over and not flow.fd_busy and flow.judging is None:
+            # Paused for the judging alone (a pause earlier in its read would have been
+            # for an fd: the bounds are checked after a read): it reads on.
+            flow.paused = False
+            self._out.append(ResumeClient(client))
         self._pump()
 
     def _receive_fds(self, flow: Flow, fds: Sequence[int]) -> None:
@@ -943,7 +948,8 @@ class Hub:
             flow.judging.waiting.append(value)
             return
         if off_loop(value, self.off_loop_bytes) and flow.session.phase is Phase.COMMAND:
-            flow.judging = job = Judgement(flow.session, value, bool(flow.fds))
+            epoch = self.stats.reloads[OK]
+            flow.judging = job = Judgement(flow.session, value, bool(flow.fds), epoch)
             self._out.append(Judge(flow.id, job))
             if not flow.paused:
                 flow.paused = True
@@ -958,11 +964,16 @@ class Hub:
         if flow is None or flow.judging is not job:
             return self._take()  # the client has gone
         flow.judging = None
+        if flow.bye or self.state is not UpstreamState.READY:
+            job.cancel()  # the hub is closing it: nothing more of it goes anywhere
+            return self._take()
         try:
             if job.error is not None:
                 raise job.error
-            if job.profile is not flow.session.profile:  # reloaded meanwhile: judge again
-                self._accept(flow, job.value)
+            if job.value is None:
+                raise AssertionError("a judgement cancelled for a client still served")
+            if job.profile is not flow.session.profile or job.epoch != self.stats.reloads[OK]:
+                self._accept(flow, job.value)  # reloaded meanwhile: judged again
             else:
                 assert job.verdict is not None
                 self._apply_verdict(flow, job.verdict, job.facts)
@@ -974,7 +985,7 @@ class Hub:
         except Exception:  # a bug must cost this client its connection, never the proxy
             self._internal_error(flow)
             return self._take()
-        self._after_input(flow)
+        self._after_input(flow, judged=True)
         return self._take()
 
     def _apply_verdict(self, flow: Flow, verdict: Verdict, facts: FdFacts | None) -> None:
@@ -1205,6 +1216,8 @@ class Hub:
         flow.closed = True
         self._negotiated.pop(client, None)
         self._per_listener[flow.session.peer.listener] -= 1
+        if flow.judging is not None:
+            flow.judging.cancel()
         self._drop_fds(flow)
         for lane, queue in enumerate(flow.queues):
             queued_on = _lane_link(flow, lane)

@@ -61,6 +61,8 @@ class Judgement:
     """A message to judge off the event loop, and then its result (`run`)."""
 
     __slots__ = (
+        "cancelled",
+        "epoch",
         "error",
         "facts",
         "has_fds",
@@ -71,11 +73,17 @@ class Judgement:
         "waiting",
     )
 
-    def __init__(self, session: Session, value: JsonValue | ParseError, has_fds: bool) -> None:
+    def __init__(
+        self, session: Session, value: JsonValue | ParseError, has_fds: bool, epoch: int
+    ) -> None:
         self.session = session
-        self.value = value
+        self.value: JsonValue | ParseError | None = value
         self.has_fds = has_fds
-        self.profile: Profile = session.profile  # what it is judged by
+        # What it is judged by: the profile, and the hub's count of reloads (a reload
+        # and back would leave the same profile, with a verdict of two made meanwhile).
+        self.profile: Profile = session.profile
+        self.epoch = epoch
+        self.cancelled = False
         self.verdict: Verdict | None = None
         self.facts: FdFacts | None = None
         self.error: BaseException | None = None
@@ -83,9 +91,20 @@ class Judgement:
         self.waiting: deque[JsonValue | ParseError] = deque()
 
     def run(self) -> None:
-        """Judge it (on any thread); an exception is kept for the hub, which treats it as
-        its own bug: the client loses its connection, nobody else anything."""
+        """Judge it (on any thread), unless cancelled; an exception is kept for the hub,
+        which treats it as its own bug: the client loses its connection, nobody else
+        anything."""
+        value = self.value
+        if self.cancelled or value is None:
+            return
         try:
-            self.verdict, self.facts = judge(self.session, self.value, self.has_fds)
+            self.verdict, self.facts = judge(self.session, value, self.has_fds)
         except Exception as exc:  # (handed to the hub, never lost)
             self.error = exc
+
+    def cancel(self) -> None:
+        """The client has gone: never judge it, and hold none of its input meanwhile (a
+        job waits behind others on the one worker thread)."""
+        self.cancelled = True
+        self.value = None
+        self.waiting.clear()

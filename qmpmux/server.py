@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import gc
 import logging
 import os
 import socket
@@ -41,7 +42,7 @@ from qmpmux.hub import (
     ToUpstream,
     UpstreamReady,
 )
-from qmpmux.judgement import OFF_LOOP_BYTES
+from qmpmux.judgement import OFF_LOOP_BYTES, Judgement
 from qmpmux.link import UpstreamState
 from qmpmux.policy import Policy
 from qmpmux.session import Peer
@@ -76,6 +77,21 @@ def judge_pool() -> ThreadPoolExecutor:
     the judging of megabytes can delay anyone else per loop turn."""
     sys.setswitchinterval(0.001)
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpmux-judge")
+
+
+def _judged(job: Judgement) -> None:
+    """Run `job` on the worker thread with the cyclic garbage collector off: building a
+    container of megabytes (hundreds of thousands of objects) would set off full
+    collections, each holding the interpreter for tens of milliseconds, in any thread.
+    Everything it builds is freed by reference counting; what the event loop leaves
+    for the collector meanwhile waits until the job is done."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        job.run()
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _close_fds(fds: Iterable[int]) -> None:
@@ -883,11 +899,17 @@ class Proxy:
         hub = self.hub
         job = action.job
 
-        def back(_: asyncio.Future[None]) -> None:
-            if self.hub is hub:  # (a hub made after QEMU restarted never knew the client)
+        def back(_: object) -> None:
+            # (a hub made after QEMU restarted never knew the client; once qmpmux exits,
+            # nothing more goes to QEMU)
+            if self.hub is hub and self._exit is None:
                 self._apply(hub.judged(action.client, job))
 
-        self._loop.run_in_executor(judge_pool(), job.run).add_done_callback(back)
+        try:
+            self._loop.run_in_executor(judge_pool(), _judged, job).add_done_callback(back)
+        except RuntimeError as exc:  # the interpreter is exiting: the client is lost
+            job.error = exc
+            self._loop.call_soon(back, None)
 
     def _finish(self, exit_: Exit) -> None:
         if self._exit is not None:

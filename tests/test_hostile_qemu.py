@@ -226,9 +226,9 @@ async def test_other_clients_are_served_while_a_big_command_is_judged(
     sender, other = await RawClient.connect(mux.path), await RawClient.connect(mux.path)
     await sender.negotiate()
     await other.negotiate()
-    await sender.send(big)
-    assert await asyncio.to_thread(started.wait, 10)
     try:
+        await sender.send(big)
+        assert await asyncio.to_thread(started.wait, 10)
         reply = await other.command(b'{"execute":"query-status","id":"q"}')
         assert reply.startswith(b'{"return": {"status": ') and reply.endswith(b'"id": "q"}\r\n')
     finally:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from qmpmux.config import Limits
 from qmpmux.hub import (
     Action,
     CloseClient,
+    CloseFds,
     Hub,
     Judge,
     PauseClient,
@@ -18,7 +20,7 @@ from qmpmux.hub import (
 )
 from qmpmux.judgement import OFF_LOOP_BYTES, Judgement
 from qmpmux.policy import DEFAULT_POLICY, Policy, ProfileSpec, compile_policy
-from qmpmux.session import Peer
+from qmpmux.session import Peer, Session
 from qmpmux.spelled import Spliced
 from tests.playbook import CAPS_OK, GREETING_OOB, expect, spelled_out
 
@@ -172,3 +174,73 @@ def test_a_big_getfd_judged_off_the_loop_takes_the_fd_that_came_before_it() -> N
     assert len(sent) == 1 and sent[0].fds == (100,)
     assert upstream(actions) == [renamed % (cid, name.encode())]
     assert hub.clients[cid].fd_names == {name}
+
+
+@pytest.mark.parametrize("bound", [16 << 10, 4 << 10])
+def test_judging_pauses_the_client_no_longer_than_inline_judging_would(bound: int) -> None:
+    # Under its bound, a client reads on once its message is judged (an oob client must
+    # be able to send an exec-oob past a stuck command); over it, it stays paused.
+    limits = Limits(max_pending_bytes=bound)
+    paused = []
+    for off_loop_bytes in (None, OFF_LOOP_BYTES):
+        hub = Hub(limits, off_loop_bytes=off_loop_bytes)
+        hub.upstream_data(GREETING_OOB)
+        hub.upstream_data(CAPS_OK)
+        cid = client(hub)
+        hub.client_data(cid, b'{"execute":"query-status","id":"q"}')  # (the window: 2)
+        for i in range(0, len(BIG), 1024):
+            for action in hub.client_data(cid, BIG[i : i + 1024]):
+                if isinstance(action, Judge):
+                    action.job.run()
+                    hub.judged(cid, action.job)
+        paused.append(hub.clients[cid].paused)
+    assert paused[0] == paused[1] == (len(BIG) >= bound)
+
+
+def test_a_command_judged_for_a_client_the_hub_is_closing_goes_nowhere() -> None:
+    hub = off_loop_hub()
+    cid = client(hub)
+    name = b"n" * OFF_LOOP_BYTES
+    job = send_big(hub, cid, b'{"execute":"getfd","arguments":{"fdname":"%s"}}' % name, fds=[100])
+    actions = hub.session_over("QEMU went away")  # closes every client (and their fds)
+    assert CloseClient(cid, "QEMU went away") in actions and CloseFds((100,)) in actions
+    job.run()
+    expect(hub.judged(cid, job), [])  # no command, no error for a client being closed
+    assert job.cancelled and job.value is None
+
+
+def test_a_client_gone_cancels_its_judgement_and_lets_go_of_its_input() -> None:
+    hub = off_loop_hub()
+    cid = client(hub)
+    job = send_big(hub, cid, BIG, after=b'{"execute":"query-status"}')
+    assert job.waiting
+    hub.client_closed(cid)
+    assert job.cancelled and job.value is None and not job.waiting
+    job.run()  # (as the worker thread would, later): nothing is judged
+    assert job.verdict is None and job.error is None
+
+
+def test_a_reload_and_back_while_judging_still_judges_again() -> None:
+    allowing = compile_policy({"ctl": ProfileSpec(commands=("transaction",))})
+    hub = off_loop_hub(allowing)
+    cid = client(hub, "ctl")
+    job = send_big(hub, cid, BIG)
+    hub.reload(compile_policy({"ctl": ProfileSpec(commands=("query-status",))}))
+    hub.reload(allowing)  # the very profile it was handed off under, again
+    assert job.profile is hub.clients[cid].session.profile
+    job.run()
+    assert [a for a in hub.judged(cid, job) if isinstance(a, Judge)]  # judged anew
+
+
+def test_a_judgement_keeps_what_went_wrong_for_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = off_loop_hub()
+    cid = client(hub)
+    job = send_big(hub, cid, BIG)
+
+    def broken(session: Session, value: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Session, "judge", broken)
+    job.run()
+    assert isinstance(job.error, RuntimeError) and job.verdict is None
+    expect(hub.judged(cid, job), [CloseClient(cid, "internal error")])
