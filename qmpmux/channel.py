@@ -255,8 +255,10 @@ class Channel:
             self._out.append(spelling)
             self._special += 1
             self._out_size += spelling.held
-        elif fds:
-            self._out.append(_WithFds(bytes(data), fds))  # small: a command taking an fd
+        elif fds:  # a command that takes an fd: they go with its first byte
+            first, *rest = data.parts if isinstance(data, Spliced) else (data,)
+            self._out.append(_WithFds(bytes(first), fds))  # (a long first part: not copied)
+            self._out += rest
             self._special += 1
             self._out_size += len(data)
         elif isinstance(data, Spliced):

@@ -77,7 +77,7 @@ import sys
 import types
 from array import array
 from bisect import bisect_left
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, NamedTuple, TypeAlias
 
 import msgspec
@@ -1348,7 +1348,7 @@ class Deferred:
     def _built(self, raw: msgspec.Raw, keys: Sequence[_KeyAt]) -> JsonValue:
         """The value packed in `raw`, its long strings and `keys` (paths from it) built."""
         if not self._longs:
-            value: JsonValue = _unpack(raw)
+            value: JsonValue = unpacked(raw, _unpack)
         else:
             longs = self._longs
 
@@ -1356,7 +1356,7 @@ class Deferred:
                 assert code == _EXT_LONG_STRING
                 return "".join(longs[int.from_bytes(data, "big")])
 
-            value = msgspec.msgpack.Decoder(ext_hook=joined).decode(raw)
+            value = unpacked(raw, msgspec.msgpack.Decoder(ext_hook=joined).decode)
         # Each object's long keys built in place of their stand-ins, in one pass over it
         # (its order kept), the deepest objects first (a path may pass through an object
         # whose own key is a stand-in still).
@@ -1616,6 +1616,111 @@ def clipped(text: str | LongString, n: int) -> str:
 def long_string_pieces(text: LongString) -> Iterator[bytes]:
     """encode() of the string `text` holds, in pieces, each a bounded amount of work."""
     return _written(_long_string_steps(text.parts))
+
+
+# Packed bytes built in one C call at most (unpacked): ~1 ms of objects, the longest a
+# judging thread then holds the interpreter from the event loop (judgement.py).
+UNPACK_STEP = 1 << 16
+# Type codes of msgpack values with a size in their header: (kind, bytes of the size);
+# kind 0 a string or bin, 1 an array, 2 a map, 3 an ext (after the size, a type byte).
+_SIZE_CODES: Final = {
+    0xC4: (0, 1), 0xC5: (0, 2), 0xC6: (0, 4), 0xD9: (0, 1), 0xDA: (0, 2), 0xDB: (0, 4),
+    0xDC: (1, 2), 0xDD: (1, 4), 0xDE: (2, 2), 0xDF: (2, 4),
+    0xC7: (3, 1), 0xC8: (3, 2), 0xC9: (3, 4),
+}  # fmt: skip
+# Type codes of values of a fixed size, and that size (header included).
+_FIXED_SIZES: Final = {
+    0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,
+    0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18,
+}  # fmt: skip
+
+
+def _packed_header(data: memoryview, pos: int) -> tuple[int, int, int]:
+    """(kind, n, where its content starts) of the value at `pos`: kind -1 for a value of
+    n bytes in all (a scalar, a string, an ext), 1 an array of n values, 2 a map of n
+    pairs."""
+    b = data[pos]
+    if b <= 0x7F or b >= 0xE0:
+        return -1, 1, pos
+    if 0xA0 <= b <= 0xBF:
+        return -1, 1 + (b & 0x1F), pos
+    if 0x90 <= b <= 0x9F:
+        return 1, b & 0x0F, pos + 1
+    if 0x80 <= b <= 0x8F:
+        return 2, b & 0x0F, pos + 1
+    if b in _FIXED_SIZES:
+        return -1, _FIXED_SIZES[b], pos
+    kind, width = _SIZE_CODES[b]
+    n = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
+    if kind == 0:
+        return -1, 1 + width + n, pos
+    if kind == 3:
+        return -1, 2 + width + n, pos
+    return kind, n, pos + 1 + width
+
+
+def _packed_end(data: memoryview, pos: int) -> int:
+    """Where the value at `pos` ends, read past in Python (a value a step)."""
+    left = 1
+    while left:
+        left -= 1
+        kind, n, pos = _packed_header(data, pos)
+        if kind < 0:
+            pos += n
+        else:
+            left += n * kind
+    return pos
+
+
+def _packed_run(kind: int, n: int) -> bytes:
+    """The header of an array (kind 1) of n values or a map (2) of n pairs."""
+    if n <= 15:
+        return bytes(((0x90 if kind == 1 else 0x80) | n,))
+    return bytes((0xDD if kind == 1 else 0xDF,)) + n.to_bytes(4, "big")
+
+
+def unpacked(raw: bytes | memoryview, decode: Callable[[Any], Any]) -> JsonValue:
+    """decode(raw): one C call for at most UNPACK_STEP packed bytes, so a container of
+    megabytes is built in runs of its values (each run packed anew as a container of
+    them), and a value of more than a step within it likewise. The values of a run are
+    found by reading past them in Python, a few microseconds each: slower in all, but
+    the interpreter can switch threads between any two steps."""
+    data = memoryview(raw)
+    if len(data) <= UNPACK_STEP:
+        return decode(data)  # type: ignore[no-any-return]
+    kind, n, pos = _packed_header(data, 0)
+    if kind < 0:  # a long string: one copy
+        return decode(data)  # type: ignore[no-any-return]
+    items: list[JsonValue] = []
+    members: dict[str, JsonValue] = {}
+    run_start = pos
+    run = 0
+    for _ in range(n):
+        start = pos
+        if kind == 2:  # a key, then its value (a value over a step is built on its own)
+            pos = _packed_end(data, pos)
+        end = _packed_end(data, pos)
+        if end - pos > UNPACK_STEP:
+            if run:
+                built = decode(_packed_run(kind, run) + data[run_start:start])
+                (members.update if kind == 2 else items.extend)(built)
+            value = unpacked(data[pos:end], decode)
+            if kind == 2:
+                members[decode(data[start:pos])] = value
+            else:
+                items.append(value)
+            run_start, run = end, 0
+        elif end - run_start > UNPACK_STEP and run:
+            built = decode(_packed_run(kind, run) + data[run_start:start])
+            (members.update if kind == 2 else items.extend)(built)
+            run_start, run = start, 1
+        else:
+            run += 1
+        pos = end
+    if run:
+        built = decode(_packed_run(kind, run) + data[run_start:pos])
+        (members.update if kind == 2 else items.extend)(built)
+    return members if kind == 2 else items
 
 
 def _long_index(data: bytes | memoryview, pos: int) -> int | None:

@@ -199,9 +199,12 @@ def command_prefix(
     if texts is None:
         assert arguments is None or isinstance(arguments, dict), "decoded whole, so a dict"
         prefix = head + encode_compact(name)
-        if arguments:
-            prefix += b',"arguments":' + encode_compact(arguments)
-        return prefix
+        if not arguments:
+            return prefix
+        encoded = encode_compact(arguments)  # (a long one is not copied again: Spliced)
+        if len(encoded) >= SPLICED_FROM:
+            return Spliced((prefix + b',"arguments":', encoded))
+        return prefix + b',"arguments":' + encoded
     name_text, arguments_text = texts
     parts: tuple[Buffer, ...] = (head, name_text)
     if arguments:
@@ -249,7 +252,9 @@ def command_bytes(prefix: CommandText, upstream_id: int | None) -> CommandText:
     """A command as QEMU reads it: its prefix closed, with `upstream_id` if not None."""
     tail = b"}" if upstream_id is None else b',"id":' + upstream_id_bytes(upstream_id) + b"}"
     if type(prefix) is bytes:
-        return prefix + tail
+        # (a long one is kept whole: a renamed colon list of fd names is tens of MiB, and
+        # copying them takes the event loop's thread ~0.5 ms a MiB)
+        return prefix + tail if len(prefix) < SPLICED_FROM else Spliced((prefix, tail))
     assert isinstance(prefix, Spliced)
     return Spliced((*prefix.parts, tail))
 

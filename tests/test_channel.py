@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import socket
 
 import pytest
 
-from qmpmux.channel import MIN_READ, Channel, next_read_size
+from qmpmux.channel import ANCILLARY_SIZE, MIN_READ, Channel, next_read_size, received_fds
 from qmpmux.spelled import Spliced
 
 
@@ -110,6 +111,56 @@ async def test_a_spliced_write_reaches_the_peer_whole_and_in_order() -> None:
     finally:
         channel.abort("test over")
         theirs.close()
+
+
+async def test_a_spliced_write_with_fds_carries_them_on_its_first_byte() -> None:
+    """A command that takes an fd and was renamed is long (wire.command_bytes keeps it
+    Spliced): the fds go with its first byte, and every byte follows in order."""
+    prefix = b'{"execute":"getfd","arguments":{"fdname":"' + b"n" * (3 << 20) + b'"}'
+    spliced = Spliced((prefix, b',"id":0}'))
+    ours, theirs = socket.socketpair()
+    passed_r, passed_w = os.pipe()
+    loop = asyncio.get_running_loop()
+    channel = Channel(loop, ours, _Quiet(), 1)
+    try:
+        channel.write(spliced, fds=(passed_w,))
+        channel.flush()
+        theirs.setblocking(False)
+        got = bytearray()
+        fds: list[int] = []
+        while len(got) < len(spliced):
+            try:
+                data, ancillary, _flags, _addr = theirs.recvmsg(1 << 20, ANCILLARY_SIZE)
+            except BlockingIOError:
+                await _readable(loop, theirs)
+                continue
+            if ancillary:
+                assert not got, "the fds came with a later byte than the first"
+                fds += received_fds(ancillary)
+            got += data
+        assert got == bytes(spliced)
+        assert len(fds) == 1 and os.fstat(fds[0]).st_ino == os.fstat(passed_r).st_ino
+        os.close(fds[0])
+        with pytest.raises(OSError):
+            os.fstat(passed_w)  # the channel closed its copy once sent
+    finally:
+        channel.abort("test over")
+        theirs.close()
+        os.close(passed_r)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
+    try:
+        await asyncio.wait_for(ready, 10)
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def test_write_all_sends_at_once_and_queues_what_the_socket_did_not_take() -> None:

@@ -19,6 +19,7 @@ import json
 import re
 import tracemalloc
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -650,3 +651,43 @@ def test_asking_for_a_member_builds_nothing() -> None:
     args = qjson.DeferredObject(value[ARGUMENTS])
     assert "a" in args and "fdname" not in args and 7 not in args
     assert not args._read
+
+
+def _long(code: int, data: memoryview) -> str:
+    return f"long {code} {bytes(data).hex()}"  # a stand-in for an ext: any string will do
+
+
+packable = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=300)
+    | st.binary(min_size=1, max_size=20).map(lambda data: msgspec.msgpack.Ext(1, data)),
+    lambda children: (
+        st.lists(children, max_size=20)
+        | st.dictionaries(st.text(max_size=8), children, max_size=20)
+    ),
+    max_leaves=80,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=packable, step=st.integers(0, 200))
+def test_a_container_built_a_run_at_a_time_is_the_container(value: object, step: int) -> None:
+    # qjson.unpacked builds a container of megabytes in runs of at most UNPACK_STEP
+    # packed bytes (a judging thread holds the interpreter no longer than one run).
+    decoder = msgspec.msgpack.Decoder(ext_hook=_long)
+    raw = msgspec.msgpack.encode(value)
+    calls: list[bytes] = []
+
+    def decode(data: bytes | memoryview) -> object:
+        calls.append(bytes(data))
+        return decoder.decode(data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "UNPACK_STEP", step)
+        assert qjson.unpacked(raw, decode) == decoder.decode(raw)
+    for data in calls:  # a run's header is up to 5 bytes; one value is built whole
+        built = decoder.decode(data)
+        assert len(data) <= step + 5 or not isinstance(built, list | dict) or len(built) == 1

@@ -281,15 +281,20 @@ def _renamed(names: list[str], prefix: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("member", "reads"), [("fds", _tap_reads), ("sock-fds", _split_reads)])
-@given(st.lists(st.sampled_from(["", "a", "1", "b2", "9x", "\u0663", "é", "q:", ":"]), max_size=12))
+@given(
+    st.lists(st.sampled_from(["", "a", "1", "b2", "9x", "\u0663", "é", "q:", ":"]), max_size=12),
+    st.sampled_from([1 << 18, 1, 3]),
+)
 def test_a_colon_list_is_renamed_as_qemu_reads_it(
-    member: str, reads: Callable[[str], list[str]], names: list[str]
+    member: str, reads: Callable[[str], list[str]], names: list[str], piece: int
 ) -> None:
     """QEMU reads the renamed list as the client's names, each renamed but the numbers
     (a tap's list as get_fds reads it, af-xdp's as g_strsplit does); the first numeric
-    name is the one refused."""
+    name is the one refused. A long list is renamed in pieces (`piece` characters)."""
     value = ":".join(names)
-    found = rename_fds("netdev_add", {member: value}, "qmpmux.3.", 1 << 30)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fdargs, "_PIECE", piece)
+        found = rename_fds("netdev_add", {member: value}, "qmpmux.3.", 1 << 30)
     own = [n for n in reads(value) if not is_numeric(n)]
     if not own:
         assert found is None  # nothing to rename: the command goes as the client wrote it
