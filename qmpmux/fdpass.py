@@ -94,9 +94,13 @@ class FdFacts:
 
 
 def fd_facts(
-    name: str, oob: bool, args: Mapping[str, JsonValue] | None, has_fds: bool, client: int,
+    name: str,
+    oob: bool,
+    args: Mapping[str, JsonValue] | None,
+    has_fds: bool,
+    client: int,
     size: int,
-) -> FdFacts:  # fmt: skip
+) -> FdFacts:
     """The facts of a command in FD_RELATED from client `client` (`has_fds`: whether it
     has fds waiting), whose upstream text is `size` bytes long. The names are renamed
     only when no problem stops it first."""

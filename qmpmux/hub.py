@@ -970,8 +970,7 @@ class Hub:
         try:
             if job.error is not None:
                 raise job.error
-            if job.value is None:
-                raise AssertionError("a judgement cancelled for a client still served")
+            assert job.value is not None, "cancelled only for a client gone or closing"
             if job.profile is not flow.session.profile or job.epoch != self.stats.reloads[OK]:
                 self._accept(flow, job.value)  # reloaded meanwhile: judged again
             else:

@@ -61,7 +61,6 @@ class Judgement:
     """A message to judge off the event loop, and then its result (`run`)."""
 
     __slots__ = (
-        "cancelled",
         "epoch",
         "error",
         "facts",
@@ -83,7 +82,6 @@ class Judgement:
         # and back would leave the same profile, with a verdict of two made meanwhile).
         self.profile: Profile = session.profile
         self.epoch = epoch
-        self.cancelled = False
         self.verdict: Verdict | None = None
         self.facts: FdFacts | None = None
         self.error: BaseException | None = None
@@ -95,7 +93,7 @@ class Judgement:
         which treats it as its own bug: the client loses its connection, nobody else
         anything."""
         value = self.value
-        if self.cancelled or value is None:
+        if value is None:  # cancelled
             return
         try:
             self.verdict, self.facts = judge(self.session, value, self.has_fds)
@@ -105,6 +103,9 @@ class Judgement:
     def cancel(self) -> None:
         """The client has gone: never judge it, and hold none of its input meanwhile (a
         job waits behind others on the one worker thread)."""
-        self.cancelled = True
         self.value = None
         self.waiting.clear()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.value is None

@@ -1621,24 +1621,12 @@ def long_string_pieces(text: LongString) -> Iterator[bytes]:
 # Packed bytes built in one C call at most (unpacked): ~1 ms of objects, the longest a
 # judging thread then holds the interpreter from the event loop (judgement.py).
 UNPACK_STEP = 1 << 16
-# Type codes of msgpack values with a size in their header: (kind, bytes of the size);
-# kind 0 a string or bin, 1 an array, 2 a map, 3 an ext (after the size, a type byte).
-_SIZE_CODES: Final = {
-    0xC4: (0, 1), 0xC5: (0, 2), 0xC6: (0, 4), 0xD9: (0, 1), 0xDA: (0, 2), 0xDB: (0, 4),
-    0xDC: (1, 2), 0xDD: (1, 4), 0xDE: (2, 2), 0xDF: (2, 4),
-    0xC7: (3, 1), 0xC8: (3, 2), 0xC9: (3, 4),
-}  # fmt: skip
-# Type codes of values of a fixed size, and that size (header included).
-_FIXED_SIZES: Final = {
-    0xC0: 1, 0xC2: 1, 0xC3: 1, 0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9,
-    0xD0: 2, 0xD1: 3, 0xD2: 5, 0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18,
-}  # fmt: skip
 
 
 def _packed_header(data: memoryview, pos: int) -> tuple[int, int, int]:
-    """(kind, n, where its content starts) of the value at `pos`: kind -1 for a value of
-    n bytes in all (a scalar, a string, an ext), 1 an array of n values, 2 a map of n
-    pairs."""
+    """(kind, n, where its content starts) of the value at `pos` (what _Reader reads: a
+    JSON value, or a long string's stand-in): kind -1 for a value of n bytes in all (a
+    scalar, a string), 1 an array of n values, 2 a map of n pairs."""
     b = data[pos]
     if b <= 0x7F or b >= 0xE0:
         return -1, 1, pos
@@ -1648,14 +1636,14 @@ def _packed_header(data: memoryview, pos: int) -> tuple[int, int, int]:
         return 1, b & 0x0F, pos + 1
     if 0x80 <= b <= 0x8F:
         return 2, b & 0x0F, pos + 1
-    if b in _FIXED_SIZES:
-        return -1, _FIXED_SIZES[b], pos
-    kind, width = _SIZE_CODES[b]
+    if b in _FIXED:
+        return -1, 1 + _FIXED[b][1], pos
+    if b == 0xD6:  # a long string's stand-in (_long_index)
+        return -1, 6, pos
+    kind, width = _SIZED[b]
     n = int.from_bytes(data[pos + 1 : pos + 1 + width], "big")
     if kind == 0:
         return -1, 1 + width + n, pos
-    if kind == 3:
-        return -1, 2 + width + n, pos
     return kind, n, pos + 1 + width
 
 

@@ -654,7 +654,7 @@ def test_asking_for_a_member_builds_nothing() -> None:
 
 
 def _long(code: int, data: memoryview) -> str:
-    return f"long {code} {bytes(data).hex()}"  # a stand-in for an ext: any string will do
+    return f"long {code} {bytes(data).hex()}"  # a long string's stand-in: any string will do
 
 
 packable = st.recursive(
@@ -663,7 +663,7 @@ packable = st.recursive(
     | st.integers(-(2**63), 2**64 - 1)
     | st.floats(allow_nan=False)
     | st.text(max_size=300)
-    | st.binary(min_size=1, max_size=20).map(lambda data: msgspec.msgpack.Ext(1, data)),
+    | st.binary(min_size=4, max_size=4).map(lambda data: msgspec.msgpack.Ext(1, data)),
     lambda children: (
         st.lists(children, max_size=20)
         | st.dictionaries(st.text(max_size=8), children, max_size=20)
