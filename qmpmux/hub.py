@@ -510,7 +510,9 @@ class Hub:
             return
         if msg.event is not None:
             line = bytes(line)  # (a long one's buffer: copied, events are keyed by their bytes)
-            if len(self._live) > 1 and not self._first_copy(up, line):
+            # (every lane's copy counts, even once the others have closed: QEMU quitting
+            # closes them all, and the last one read may bring a copy still)
+            if len(self.links) > 1 and not self._first_copy(up, line):
                 return
             if msg.event == SHUTDOWN_EVENT:
                 self.shutdown_seen = True

@@ -197,6 +197,28 @@ def test_after_shutdown_the_last_monitor_to_close_ends_the_session_cleanly() -> 
                                                     Exit(0, "QEMU shut down")])  # fmt: skip
 
 
+def test_an_event_comes_once_even_when_its_last_copy_is_on_the_only_monitor_left() -> None:
+    """QEMU quitting: SHUTDOWN comes first on one monitor, which then closes with the
+    others, and the `quit` reply's monitor is read last: its copy of SHUTDOWN is the
+    same event, though no other monitor is left to compare it with."""
+    hub = lanes_hub(3)
+    a = connect(hub)
+    (sent,) = hub.client_data(a, b'{"execute":"quit","id":1}')
+    assert isinstance(sent, ToUpstream)
+    shutdown = (
+        b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {}}\r\n'
+    )
+    others = [link for link in range(3) if link != sent.link]
+    expect(hub.upstream_data(shutdown, others[0]), [Broadcast(shutdown, [a])])
+    hub.upstream_data(shutdown, others[1])
+    expect(hub.upstream_closed("gone", others[0]), [])
+    expect(hub.upstream_closed("gone", others[1]), [])
+    expect(
+        hub.upstream_data(shutdown + b'{"return": {}}\r\n', sent.link),
+        [ToClient(a, b'{"return": {}, "id": 1}\r\n')],
+    )
+
+
 def test_a_monitor_lost_after_a_shutdown_qemu_stays_through_is_lost() -> None:
     """Under -no-shutdown a guest's shutdown pauses QEMU (SHUTDOWN, then STOP) and every
     monitor stays: one that goes after that is lost, as at any other time."""
