@@ -51,7 +51,7 @@ from qmpmux.fdpass import (
     upstream_name,
 )
 from qmpmux.flow import Flow
-from qmpmux.introspect import FILTERS, replace_return, strip_message
+from qmpmux.introspect import replace_return, strip_message
 from qmpmux.judgement import Judgement, judge, off_loop
 from qmpmux.link import INBAND, OOB, Link, UpstreamState
 from qmpmux.metrics import (
@@ -78,7 +78,6 @@ from qmpmux.qjson import (
     qdict_order,
 )
 from qmpmux.redact import encode_record, redact
-from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.session import (
     TOO_BIG_UPSTREAM,
     Audited,
@@ -91,6 +90,7 @@ from qmpmux.session import (
     Verdict,
 )
 from qmpmux.throttle import LogThrottle
+from qmpmux.views import VIEWED, Views, WithheldError
 from qmpmux.wire import (
     ARGUMENTS,
     CAP_OOB,
@@ -246,10 +246,6 @@ def _iso_time(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
-# The largest QEMU reply whose scrubbed copy is kept (Hub._scrub).
-_SCRUBBED_HELD: Final = 1 << 20
-
-
 def _withheld(upstream_id: int | None, desc: str) -> bytes:
     """The error that stands for a reply of QEMU's qmpmux could not filter, with QEMU's
     id still in it if it had one (wire.rewrite_reply gives it the client's)."""
@@ -314,10 +310,8 @@ class Hub:
         self.log_limit = LogThrottle(clock=clock)
         # How many bytes the shell holds for a client (for list-clients); set by the shell.
         self.queued_bytes: Callable[[int], int] = lambda client: 0
-        # Narrowed introspection replies, per (profile, command, QEMU's reply value).
-        self._views: dict[tuple[int, str, bytes], bytes] = {}
-        # Scrubbed replies, per QEMU's reply value (the same for every profile).
-        self._scrubbed: dict[bytes, bytes] = {}
+        # QEMU's replies as each profile may see them (views.py), with their memos.
+        self.views = Views()
         self.state = UpstreamState.GREETING
         self.version = b""
         self.oob = False
@@ -644,17 +638,16 @@ class Hub:
         # bytes: a long reply's buffer (wire.Line) is copied only for one.
         try:
             data: Line = line
-            if profile.strip_extensions:
-                data = strip_message(bytes(data))
-            if cmd.name in FILTERS:  # even for `full`: qmpmux's own commands are listed
-                data = self._narrow(profile, cmd.name, bytes(data), upstream_id)
-            elif cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
+            if profile.strip_extensions or name in VIEWED:
+                data = self.views.view(profile, name, line)
+            if cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
                 data = restore_names(bytes(data), cmd.names)
-            elif cmd.name == QUERY_FDSETS and profile.name != FULL and not failed:
+            elif name == QUERY_FDSETS and profile.name != FULL and not failed:
                 data = self._own_fdsets(session.id, bytes(data), upstream_id)
-            elif cmd.name in SCRUBBED and not profile.secret_properties:
-                data = self._scrub(cmd.name, bytes(data), upstream_id)
             reply = rewrite_reply(data, upstream_id, cmd.wire_id)
+        except WithheldError as exc:
+            log.warning("%s: withholding QEMU's reply", exc.desc)
+            reply = rewrite_reply(_withheld(upstream_id, exc.desc), upstream_id, cmd.wire_id)
         except msgspec.DecodeError:  # e.g. QEMU's non-finite numbers where one is reread
             log.warning("could not rewrite QEMU's reply to %r; withholding it: %r",
                         name[:80], bytes(line[:200]))  # fmt: skip
@@ -700,48 +693,6 @@ class Hub:
         except (msgspec.DecodeError, AttributeError):
             log.warning("could not filter a malformed query-fdsets reply; withholding it")
             return _withheld(upstream_id, "qmpmux could not filter query-fdsets")
-
-    def _scrub(self, name: str, reply: bytes, upstream_id: int | None) -> bytes:
-        """A block or chardev reply without credentials (scrub.py), for profiles that may
-        not read secrets; one that cannot be scrubbed is withheld, never passed on."""
-
-        def scrubbed(value: bytes) -> bytes:
-            # A monitor polls the same state again and again: QEMU's reply is then the
-            # same bytes, scrubbed once (a reply of 1000 block nodes, 15-18 ms a time).
-            # A few, none over a MiB: each is held twice (the reply and its scrubbed copy).
-            cached = self._scrubbed.get(value)
-            if cached is None:
-                cached = scrub_return(value)
-                if len(value) <= _SCRUBBED_HELD:
-                    if len(self._scrubbed) >= 4:
-                        self._scrubbed.clear()
-                    self._scrubbed[value] = cached
-            return cached
-
-        try:
-            return replace_return(reply, scrubbed)
-        except msgspec.DecodeError:
-            log.warning("could not scrub a malformed %s reply; withholding it", name)
-            return _withheld(upstream_id, f"qmpmux could not scrub {name}")
-
-    def _narrow(self, profile: Profile, name: str, reply: bytes, upstream_id: int | None) -> bytes:
-        """An introspection reply as this profile may see it (cached: QEMU's is static)."""
-        narrow = FILTERS[name]
-
-        def view(value: bytes) -> bytes:
-            key = (id(profile), name, value)
-            cached = self._views.get(key)
-            if cached is None:
-                if len(self._views) >= 16:  # keys hold QEMU's reply (the schema is ~200 KB)
-                    self._views.clear()
-                cached = self._views[key] = narrow(value, profile)
-            return cached
-
-        try:
-            return replace_return(reply, view)
-        except msgspec.DecodeError:
-            log.warning("could not narrow a malformed %s reply; withholding it", name)
-            return _withheld(upstream_id, f"qmpmux could not filter {name}")
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -1053,7 +1004,7 @@ class Hub:
         in the client's order, and never reaches QEMU."""
         self.policy = policy
         self.stats.reloads[OK] += 1
-        self._views.clear()
+        self.views.forget()
         for flow in self.clients.values():
             flow.session.profile = self._assign(flow.session.peer)
             refused = False

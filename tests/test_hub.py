@@ -9,8 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from qmpmux import hub as hub_module
-from qmpmux import scrub
+from qmpmux import scrub, views
 from qmpmux.config import Limits
 from qmpmux.hub import (
     Audit,
@@ -629,7 +628,7 @@ def test_a_reply_polled_again_is_scrubbed_once(monkeypatch: pytest.MonkeyPatch) 
         calls.append(value)
         return real(value)
 
-    monkeypatch.setattr(hub_module, "scrub_return", counted)
+    monkeypatch.setattr(views, "scrub_return", counted)
     hub = ready_hub()
     cid, _ = hub.client_connected(Peer("unix:test", "readonly"))
     hub.client_data(cid, b'{"execute":"qmp_capabilities"}')
