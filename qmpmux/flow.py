@@ -27,6 +27,7 @@ from qmpmux.wire import Reply
 if TYPE_CHECKING:
     from qmpmux.judgement import Judgement
     from qmpmux.link import Link
+    from qmpmux.views import ViewJob
 
 
 class Flow:
@@ -43,6 +44,7 @@ class Flow:
         "fd_busy",
         "fd_names",
         "fds",
+        "held",
         "id",
         "inflight",
         "judging",
@@ -82,6 +84,10 @@ class Flow:
         # A big message being judged off the event loop (judgement.py); the inputs read
         # after it wait in it for its verdict, and reading pauses meanwhile.
         self.judging: Judgement | None = None
+        # QEMU's replies to it being viewed off the event loop (views.ViewJob), with what
+        # came for it after each, replies and events, in QEMU's order: sent when the
+        # view ahead is back (Hub.viewed). None while nothing waits so.
+        self.held: deque[ViewJob | tuple[Command, Reply] | bytes] | None = None
         self.draining = False
         self.closed = False
         # File descriptors (fdpass.py): the ones its latest fd-carrying read brought, still

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -90,7 +91,7 @@ from qmpmux.session import (
     Verdict,
 )
 from qmpmux.throttle import LogThrottle
-from qmpmux.views import VIEWED, Views, WithheldError
+from qmpmux.views import VIEWED, ViewJob, Views, WithheldError
 from qmpmux.wire import (
     ARGUMENTS,
     CAP_OOB,
@@ -193,6 +194,16 @@ class Judge:
 
 
 @dataclass(frozen=True, slots=True)
+class View:
+    """Run `job` (views.ViewJob.run) off the event loop, then hand it back with
+    `Hub.viewed`: QEMU's long reply to one of the client's commands, whose view (the
+    scrub, narrowing or stripping its profile asks for) may take long."""
+
+    client: int
+    job: ViewJob
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeClient:
     client: int
 
@@ -226,6 +237,7 @@ Action = (
     | CloseClient
     | PauseClient
     | Judge
+    | View
     | ResumeClient
     | UpstreamReady
     | Exit
@@ -287,6 +299,7 @@ class Hub:
         metrics: bool = False,
         vm: str | None = None,
         off_loop_bytes: int | None = None,
+        off_loop_view_bytes: int | None = None,
     ) -> None:
         self.limits = limits or Limits()
         # Messages at least this long are judged off the event loop (judgement.py; the
@@ -310,8 +323,12 @@ class Hub:
         self.log_limit = LogThrottle(clock=clock)
         # How many bytes the shell holds for a client (for list-clients); set by the shell.
         self.queued_bytes: Callable[[int], int] = lambda client: 0
-        # QEMU's replies as each profile may see them (views.py), with their memos.
-        self.views = Views()
+        # QEMU's replies as each profile may see them (views.py), with their memos; those
+        # at least `off_loop_view_bytes` long are viewed off the loop when that is costly
+        # (None: every one inline).
+        self.views = Views(off_loop_view_bytes)
+        # Clients whose output waits for a reply being viewed off the loop (Flow.held).
+        self._holding: dict[int, Flow] = {}
         self.state = UpstreamState.GREETING
         self.version = b""
         self.oob = False
@@ -434,7 +451,8 @@ class Hub:
         waits until it is not): every such command gets its reply before qmpmux closes."""
         if any(up.in_qemu or any(up.system.queues) for up in self._live):
             return True
-        return any(any(flow.queues) or flow.judging for flow in self.clients.values())
+        clients = self.clients.values()
+        return any(any(flow.queues) or flow.judging or flow.held for flow in clients)
 
     def _end(self, code: int, reason: str) -> None:
         self.state = UpstreamState.CLOSED
@@ -563,15 +581,32 @@ class Hub:
             if clients is not None:
                 clients.append(flow.id)
                 flow.events += 1
-        for profile, clients in targets.items():
-            if clients:
+        for profile, listed in targets.items():
+            if listed:
                 try:
                     data = strip_message(line) if profile.strip_extensions else line
                 except msgspec.DecodeError:  # never a member it should not see
                     log.warning("could not strip an event for profile %s; dropped for it: %r",
                                 profile.name, line[:200])  # fmt: skip
                     continue
-                self._out.append(Broadcast(data, clients))
+                clients = self._hold_event(data, listed) if self._holding else listed
+                if clients:
+                    self._out.append(Broadcast(data, clients))
+
+    def _hold_event(self, data: bytes, clients: list[int]) -> list[int]:
+        """The clients of `clients` the event goes to now; it waits for the others behind
+        a reply being viewed off the loop, which QEMU wrote before it."""
+        holding = self._holding
+        now = []
+        for cid in clients:
+            flow = holding.get(cid)
+            if flow is None:
+                now.append(cid)
+            else:
+                assert flow.held is not None
+                flow.held.append(data)
+                flow.reply_bytes += len(data)
+        return now
 
     def _route_reply(
         self, up: Link, line: Line, failed: str, upstream_id: int | None = None
@@ -633,28 +668,123 @@ class Hub:
         if cmd.fds:
             flow.fd_busy = False
         profile = session.profile
+        view: Line | Exception = line
+        if profile.strip_extensions or name in VIEWED:
+            if self.views.off_loop(profile, name, line):
+                self._view_off_loop(flow, cmd, bytes(line), failed, upstream_id)
+                return
+            try:
+                view = self.views.view(profile, name, line)
+            except (WithheldError, msgspec.DecodeError) as exc:
+                view = exc
+        reply = self._reply(session, cmd, line, view, failed, upstream_id)
+        flow.reply_bytes += len(reply)
+        if flow.held is not None:  # behind a reply being viewed: in QEMU's order
+            flow.held.append((cmd, reply))
+            return
+        cmd.reply = reply
+        self._flush(flow)
+
+    def _reply(
+        self,
+        session: Session,
+        cmd: Command,
+        line: Line,
+        view: Line | Exception,
+        failed: str,
+        upstream_id: int | None,
+    ) -> Reply:
+        """QEMU's reply `line` to `cmd` as its client gets it, from its profile's `view`
+        of it (views.py), or the error that stands for a reply that could not be read."""
         # Every change but the id's is made to QEMU's reply as QEMU wrote it (the client's
         # id is its own, and may be long to encode: wire.rewrite_reply). A change reads
         # bytes: a long reply's buffer (wire.Line) is copied only for one.
+        name = cmd.name
         try:
-            data: Line = line
-            if profile.strip_extensions or name in VIEWED:
-                data = self.views.view(profile, name, line)
+            if isinstance(view, Exception):
+                raise view
+            data = view
             if cmd.names and failed:  # QEMU's error names the fd as QEMU knows it
                 data = restore_names(bytes(data), cmd.names)
-            elif name == QUERY_FDSETS and profile.name != FULL and not failed:
+            elif name == QUERY_FDSETS and session.profile.name != FULL and not failed:
                 data = self._own_fdsets(session.id, bytes(data), upstream_id)
-            reply = rewrite_reply(data, upstream_id, cmd.wire_id)
+            return rewrite_reply(data, upstream_id, cmd.wire_id)
         except WithheldError as exc:
             log.warning("%s: withholding QEMU's reply", exc.desc)
-            reply = rewrite_reply(_withheld(upstream_id, exc.desc), upstream_id, cmd.wire_id)
+            return rewrite_reply(_withheld(upstream_id, exc.desc), upstream_id, cmd.wire_id)
         except msgspec.DecodeError:  # e.g. QEMU's non-finite numbers where one is reread
             log.warning("could not rewrite QEMU's reply to %r; withholding it: %r",
                         name[:80], bytes(line[:200]))  # fmt: skip
-            reply = rewrite_reply(_withheld(upstream_id, _UNREADABLE), upstream_id, cmd.wire_id)
-        cmd.reply = reply
-        flow.reply_bytes += len(reply)
-        self._flush(flow)
+            return rewrite_reply(_withheld(upstream_id, _UNREADABLE), upstream_id, cmd.wire_id)
+
+    def _view_off_loop(
+        self, flow: Flow, cmd: Command, line: bytes, failed: str, upstream_id: int | None
+    ) -> None:
+        """Have QEMU's long reply to `cmd` viewed off the loop; what comes for the client
+        meanwhile waits behind it (Flow.held)."""
+        epoch = self.stats.reloads[OK]
+        job = ViewJob(self.views, flow.session.profile, cmd, line, failed, upstream_id, epoch)
+        if flow.held is None:
+            flow.held = deque()
+            self._holding[flow.id] = flow
+        flow.held.append(job)
+        flow.reply_bytes += job.size
+        self._out.append(View(flow.id, job))
+
+    def viewed(self, client: int, job: ViewJob) -> list[Action]:
+        """A reply viewed off the event loop (a `View` action) is back: answer its
+        command, then send what waited behind it, in QEMU's order."""
+        flow = self.clients.get(client)
+        held = None if flow is None else flow.held
+        if flow is None or held is None or job not in held:
+            return self._take()  # the client has gone
+        if flow.bye or self.state is not UpstreamState.READY:
+            return self._take()  # the hub is closing it: nothing more goes to it
+        if job.profile is not flow.session.profile or job.epoch != self.stats.reloads[OK]:
+            # reloaded meanwhile: viewed again, for the profile now in force
+            assert job.line is not None, "cancelled only for a client gone"
+            again = ViewJob(self.views, flow.session.profile, job.cmd, job.line, job.failed,
+                            job.upstream_id, self.stats.reloads[OK])  # fmt: skip
+            held[held.index(job)] = again
+            self._out.append(View(client, again))
+            return self._take()
+        try:
+            self._replay(flow, held)
+        except Exception:  # a bug must cost this client its connection, never the proxy
+            self._internal_error(flow)
+        return self._take()
+
+    def _replay(self, flow: Flow, held: deque[ViewJob | tuple[Command, Reply] | bytes]) -> None:
+        """Send what waited for replies viewed off the loop, up to the next one still out."""
+        out = self._out
+        sent = 0
+        while held:
+            head = held[0]
+            if type(head) is ViewJob:
+                if not head.done:
+                    break
+                assert head.line is not None, "cancelled only for a client gone"
+                view = head.result if head.error is None else head.error
+                assert view is not None
+                cmd = head.cmd
+                reply = self._reply(cmd.session, cmd, head.line, view, head.failed,
+                                    head.upstream_id)  # fmt: skip
+                flow.reply_bytes += len(reply) - head.size
+                cmd.reply = reply
+                self._flush(flow)
+            elif type(head) is tuple:
+                cmd, cmd.reply = head
+                self._flush(flow)
+            else:
+                assert type(head) is bytes
+                out.append(ToClient(flow.id, head))
+                flow.reply_bytes -= len(head)
+                sent += len(head)
+            held.popleft()
+        if not held:
+            flow.held = None
+            del self._holding[flow.id]
+        self._settle(flow, sent)
 
     def _requeue(self, flow: Flow, lane: int) -> None:
         up = _lane_link(flow, lane)
@@ -1170,6 +1300,12 @@ class Hub:
         self._per_listener[flow.session.peer.listener] -= 1
         if flow.judging is not None:
             flow.judging.cancel()
+        if flow.held is not None:
+            for waiting in flow.held:
+                if type(waiting) is ViewJob:
+                    waiting.cancel()
+            flow.held = None
+            del self._holding[client]
         self._drop_fds(flow)
         for lane, queue in enumerate(flow.queues):
             queued_on = _lane_link(flow, lane)

@@ -41,12 +41,14 @@ from qmpmux.hub import (
     ToClient,
     ToUpstream,
     UpstreamReady,
+    View,
 )
 from qmpmux.judgement import OFF_LOOP_BYTES, Judgement
 from qmpmux.link import UpstreamState
 from qmpmux.policy import Policy
 from qmpmux.session import Peer
 from qmpmux.systemd import Inherited, InheritError, listen_fds
+from qmpmux.views import OFF_LOOP_VIEW_BYTES, ViewJob
 
 log = logging.getLogger("qmpmux.server")
 
@@ -69,17 +71,17 @@ UPSTREAM_READ_SIZE = 262144
 
 
 @functools.cache
-def judge_pool() -> ThreadPoolExecutor:
-    """The worker thread big messages are judged on (judgement.py), one for the whole
-    process (every VM's hub in host mode): at most one core's worth of judging, one
-    message at a time. While it runs, the event loop's thread gets the interpreter back
-    within the switch interval, set here to 1 ms (5 ms by default): that is how long
-    the judging of megabytes can delay anyone else per loop turn."""
+def worker_pool() -> ThreadPoolExecutor:
+    """The worker thread big messages are judged on (judgement.py) and long replies viewed
+    on (views.py), one for the whole process (every VM's hub in host mode): at most one
+    core's worth of such work, one job at a time. While it runs, the event loop's thread
+    gets the interpreter back within the switch interval, set here to 1 ms (5 ms by
+    default): that is how long a job on megabytes can delay anyone else per loop turn."""
     sys.setswitchinterval(0.001)
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpmux-judge")
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpmux-worker")
 
 
-def _judged(job: Judgement) -> None:
+def _off_loop(job: Judgement | ViewJob) -> None:
     """Run `job` on the worker thread with the cyclic garbage collector off: building a
     container of megabytes (hundreds of thousands of objects) would set off full
     collections, each holding the interpreter for tens of milliseconds, in any thread.
@@ -451,6 +453,7 @@ class Proxy:
             metrics=config.metrics is not None or self.vm is not None,
             vm=self.vm,
             off_loop_bytes=OFF_LOOP_BYTES,
+            off_loop_view_bytes=OFF_LOOP_VIEW_BYTES,
         )
 
     def _queued_bytes(self, client: int) -> int:
@@ -862,9 +865,9 @@ class Proxy:
                 assert isinstance(action, PauseClient)
                 if (channel := clients.get(action.client)) is not None:
                     channel.pause_reading()
-            elif kind is Judge:
-                assert isinstance(action, Judge)
-                self._judge(action)
+            elif kind is Judge or kind is View:
+                assert isinstance(action, Judge | View)
+                self._off_loop(action)
             elif kind is ResumeClient:
                 assert isinstance(action, ResumeClient)
                 if (channel := clients.get(action.client)) is not None and not self._draining:
@@ -894,8 +897,9 @@ class Proxy:
             log.info("every command in flight answered")
             self.stop(self._drain_reason)
 
-    def _judge(self, action: Judge) -> None:
-        """Judge a big message on the worker thread; the hub hears back on the loop."""
+    def _off_loop(self, action: Judge | View) -> None:
+        """Judge a big message, or view a long reply, on the worker thread; the hub hears
+        back on the loop."""
         hub = self.hub
         job = action.job
 
@@ -903,10 +907,13 @@ class Proxy:
             # (a hub made after QEMU restarted never knew the client; once qmpmux exits,
             # nothing more goes to QEMU)
             if self.hub is hub and self._exit is None:
-                self._apply(hub.judged(action.client, job))
+                if isinstance(job, Judgement):
+                    self._apply(hub.judged(action.client, job))
+                else:
+                    self._apply(hub.viewed(action.client, job))
 
         try:
-            self._loop.run_in_executor(judge_pool(), _judged, job).add_done_callback(back)
+            self._loop.run_in_executor(worker_pool(), _off_loop, job).add_done_callback(back)
         except RuntimeError as exc:  # the interpreter is exiting: the client is lost
             job.error = exc
             self._loop.call_soon(back, None)

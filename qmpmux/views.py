@@ -7,8 +7,14 @@ a client polls the same state again and again and QEMU's reply is then the same 
 the schema narrowed for a profile (~200 KB, a few ms), and a block or chardev reply
 scrubbed (scrub.py; 1000 block nodes, 500 KB: 15-18 ms, then 1.4-1.9 ms).
 
+A long reply whose view is costly is made off the event loop: the hub hands it to the
+shell as a `ViewJob`, which the shell runs on the worker thread big commands are judged
+on (judgement.py), and holds what else comes for that client, replies and events, in
+QEMU's order until it is back (`Hub.viewed`). Everyone else is served meanwhile.
+
 Invariants: a reply `view` does not change is returned as it came (the same object);
 what it cannot read raises `WithheldError` with the error that stands for it, never passes.
+A job reads its own bytes, its profile and the memos, nothing of the hub's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import msgspec
 from qmpmux.introspect import FILTERS, replace_return, strip_message
 from qmpmux.policy import Profile
 from qmpmux.scrub import SCRUBBED, scrub_return
+from qmpmux.session import Command
 from qmpmux.wire import Line
 
 K = TypeVar("K")
@@ -29,6 +36,11 @@ K = TypeVar("K")
 # The largest QEMU reply value whose scrubbed copy is kept: each is held twice (QEMU's
 # value and its scrubbed copy).
 _SCRUBBED_HELD: Final = 1 << 20
+
+# A reply at least this long, whose view is costly, is viewed off the event loop. The
+# costliest view, the scrub, takes ~30 ns a byte (500 KB: 15 ms), so a shorter reply
+# costs the loop at most ~2 ms; block and chardev replies of a usual VM are far shorter.
+OFF_LOOP_VIEW_BYTES: Final = 65536
 
 # The commands whose replies a view may change even for a profile that does not strip
 # extension members.
@@ -76,9 +88,12 @@ class Memo(Generic[K]):
 class Views:
     """The changes a profile makes to QEMU's replies, with their results remembered."""
 
-    __slots__ = ("_narrowed", "_scrubbed")
+    __slots__ = ("_narrowed", "_scrubbed", "off_loop_bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, off_loop_bytes: int | None = None) -> None:
+        # Replies at least this long whose view is costly are viewed off the event loop
+        # (`off_loop`); None: every one inline.
+        self.off_loop_bytes = off_loop_bytes
         # Narrowed introspection, per (profile, command, QEMU's value): keyed by the
         # profile itself, never its id, which a later profile may reuse.
         self._narrowed: Memo[tuple[Profile, str, bytes]] = Memo(16)
@@ -115,3 +130,60 @@ class Views:
             except msgspec.DecodeError:
                 raise WithheldError(f"qmpmux could not scrub {name}") from None
         return data
+
+    def off_loop(self, profile: Profile, name: str, line: Line) -> bool:
+        """Whether to view `line` off the event loop: it is long, and it is narrowed or
+        scrubbed, or holds extension members to strip."""
+        if self.off_loop_bytes is None or len(line) < self.off_loop_bytes:
+            return False
+        if name in FILTERS or (name in SCRUBBED and not profile.secret_properties):
+            return True
+        return profile.strip_extensions and b'"__' in line
+
+
+class ViewJob:
+    """QEMU's reply to `cmd`, to view off the event loop (`run`), then its outcome."""
+
+    __slots__ = ("cmd", "epoch", "error", "failed", "line", "profile", "result", "size",
+                 "upstream_id", "views")  # fmt: skip
+
+    def __init__(
+        self,
+        views: Views,
+        profile: Profile,
+        cmd: Command,
+        line: bytes,
+        failed: str,
+        upstream_id: int | None,
+        epoch: int,
+    ) -> None:
+        self.views = views
+        self.cmd = cmd
+        self.line: bytes | None = line
+        self.size = len(line)
+        self.failed = failed
+        self.upstream_id = upstream_id
+        # Viewed for this profile, under the hub's count of reloads: after a reload the
+        # hub views it again, for the profile then in force (as inline).
+        self.profile = profile
+        self.epoch = epoch
+        self.result: Line | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        """View it (on any thread), unless cancelled; an exception is kept for the hub."""
+        line = self.line
+        if line is None:
+            return
+        try:
+            self.result = self.views.view(self.profile, self.cmd.name, line)
+        except Exception as exc:  # (handed to the hub, never lost)
+            self.error = exc
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def cancel(self) -> None:
+        """Its client has gone: never view it, and let go of QEMU's bytes."""
+        self.line = None

@@ -30,6 +30,7 @@ from qmpmux.upstream import (
     spawn,
     stop_qemu,
 )
+from qmpmux.views import OFF_LOOP_VIEW_BYTES
 
 log = logging.getLogger("qmpmux")
 
@@ -59,6 +60,7 @@ class Vm:
             metrics=config.metrics is not None or name is not None,
             vm=name,
             off_loop_bytes=OFF_LOOP_BYTES,
+            off_loop_view_bytes=OFF_LOOP_VIEW_BYTES,
         )
         self._addresses = (config.upstream, *config.more_upstreams) if config.upstream else ()
         self.proxy = Proxy(

@@ -13,9 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from qmpmux.introspect import replace_return
 from qmpmux.policy import READONLY, READONLY_COMMANDS, WHOAMI
 from qmpmux.qjson import JsonValue
-from qmpmux.scrub import SCRUBBED
+from qmpmux.scrub import SCRUBBED, scrub_return
+from qmpmux.views import OFF_LOOP_VIEW_BYTES
 from tests.conftest import start_mux
 from tests.realqemu import Qemu, RawClient, start_qemu
 
@@ -217,6 +219,47 @@ async def test_block_credentials_are_scrubbed_for_readonly_and_intact_for_full(
             untouched = next(n for n in nodes if n["node-name"] == "plain")
             assert untouched["file"].startswith("json:{")
             assert untouched == next(n for n in theirs if n["node-name"] == "plain")
+            for c in (full, ro, direct):
+                await c.close()
+        finally:
+            mux.proxy.stop("test over")
+            await asyncio.wait_for(mux.proxy.wait(), 10)
+    finally:
+        vm.stop()
+
+
+async def test_a_long_block_reply_is_scrubbed_off_the_loop_exactly_as_a_short_one(
+    tmp_path: Path, image_url: str
+) -> None:
+    """A reply long enough to be viewed on the worker thread (views.py) is the same scrub
+    of QEMU's reply as inline, and another client is answered meanwhile."""
+    vm = start_qemu(tmp_path)
+    try:
+        mux = await start_mux(vm, tmp_path, profiles=("full", READONLY))
+        try:
+            full = await RawClient.connect(mux.sockets["full"])
+            await full.negotiate()
+            ro = await RawClient.connect(mux.sockets[READONLY])
+            await ro.negotiate()
+            direct = await RawClient.connect(mux.direct)
+            await direct.negotiate()
+            add = {"driver": "http", "node-name": "web", "read-only": True, "url": image_url}
+            line = msgspec.json.encode({"execute": "blockdev-add", "arguments": add})
+            assert await full.command(line) == b'{"return": {}}\r\n'
+            query = b'{"execute":"query-named-block-nodes"}'
+            n = 0
+            while len(qemus := await direct.command(query)) < 2 * OFF_LOOP_VIEW_BYTES:
+                n += 1
+                node = b'{"driver":"null-co","node-name":"n%d","size":512}' % n
+                assert await full.command(b'{"execute":"blockdev-add","arguments":%s}' % node) == (
+                    b'{"return": {}}\r\n'
+                )
+            await ro.send(query)
+            status = await full.command(b'{"execute":"query-status"}')
+            assert b'"status"' in status  # served while the scrub may still run
+            scrubbed = await ro.read()
+            assert scrubbed == replace_return(qemus, scrub_return)
+            assert SECRET.encode() not in scrubbed and b"<redacted>" in scrubbed
             for c in (full, ro, direct):
                 await c.close()
         finally:

@@ -1,0 +1,176 @@
+"""Long replies viewed off the event loop (views.py): the hub hands QEMU's reply to the
+shell as a `View` action when its profile's view of it is costly, holds what else comes
+for that client meanwhile, and sends it all, in QEMU's order, once the view is back;
+every other client is served as before."""
+
+from __future__ import annotations
+
+from qmpmux.hub import Action, Broadcast, CloseClient, Hub, ToClient, View
+from qmpmux.policy import DEFAULT_POLICY, Policy, ProfileSpec, compile_policy
+from qmpmux.session import Peer
+from qmpmux.views import OFF_LOOP_VIEW_BYTES, ViewJob
+from tests.playbook import CAPS_OK, GREETING_OOB, STOP_EVENT, expect, spelled_out
+
+NODE = b'{"node-name": "n%05d", "file": "http://alice:hunter2@host/d%05d", "drv": "http"}'
+NODES = b", ".join(NODE % (i, i) for i in range(OFF_LOOP_VIEW_BYTES // 60))
+LONG = b'{"return": [' + NODES + b"]}\r\n"
+QUERY = b'{"execute":"query-named-block-nodes","id":"q"}'
+STATUS = b'{"return": {"status": "running", "running": true}}\r\n'
+
+
+def views_hub(policy: Policy = DEFAULT_POLICY, off_loop: bool = True) -> Hub:
+    hub = Hub(policy=policy, off_loop_view_bytes=OFF_LOOP_VIEW_BYTES if off_loop else None)
+    hub.upstream_data(GREETING_OOB)
+    hub.upstream_data(CAPS_OK)
+    return hub
+
+
+def client(hub: Hub, profile: str) -> int:
+    cid, _ = hub.client_connected(Peer("unix:test", profile))
+    expect(
+        hub.client_data(cid, b'{"execute":"qmp_capabilities"}'),
+        [ToClient(cid, b'{"return": {}}\r\n')],
+    )
+    return cid
+
+
+def handed_off(actions: list[Action], cid: int) -> ViewJob:
+    """The one action: QEMU's reply to `cid`'s command, handed to be viewed."""
+    assert len(actions) == 1 and type(actions[0]) is View, actions
+    assert actions[0].client == cid
+    return actions[0].job
+
+
+def run(hub: Hub, cid: int, job: ViewJob) -> list[Action]:
+    job.run()  # (the shell runs it on its worker thread)
+    return hub.viewed(cid, job)
+
+
+def sent(actions: list[Action]) -> list[tuple[int, bytes]]:
+    """What went to which client, in order (a broadcast as one entry per client)."""
+    out: list[tuple[int, bytes]] = []
+    for action in actions:
+        if isinstance(action, ToClient):
+            out.append((action.client, spelled_out(action.data)))
+        elif isinstance(action, Broadcast):
+            out += [(c, action.data) for c in action.clients]
+    return out
+
+
+def inline_reply(profile: str, reply: bytes = LONG) -> bytes:
+    """What a hub that views every reply inline sends for `reply` to QUERY."""
+    hub = views_hub(off_loop=False)
+    cid = client(hub, profile)
+    hub.client_data(cid, QUERY)
+    ((_, data),) = sent(hub.upstream_data(reply))
+    return data
+
+
+def test_a_long_reply_to_scrub_is_viewed_off_the_loop_as_it_would_be_inline() -> None:
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    job = handed_off(hub.upstream_data(LONG), cid)
+    assert hub.busy  # a graceful shutdown waits for the reply
+    got = sent(run(hub, cid, job))
+    assert got == [(cid, inline_reply("readonly"))]
+    assert b"hunter2" not in got[0][1] and b"<redacted>" in got[0][1]
+    assert not hub.busy
+    assert hub.clients[cid].reply_bytes == 0 and hub.clients[cid].held is None
+
+
+def test_a_short_reply_or_one_the_profile_leaves_alone_is_never_handed_off() -> None:
+    hub = views_hub()
+    ro = client(hub, "readonly")
+    full = client(hub, "full")
+    short = b'{"return": [' + NODE % (1, 1) + b"]}\r\n"
+    for cid, reply in ((ro, short), (full, LONG)):  # full reads credentials: no scrub
+        hub.client_data(cid, QUERY)
+        ((to, _),) = sent(hub.upstream_data(reply))
+        assert to == cid
+
+
+def test_what_comes_behind_a_reply_being_viewed_waits_for_it_in_qemus_order() -> None:
+    """QEMU wrote the reply, then an event, then the reply to the client's next command:
+    the client gets them in that order; another client gets the event at once."""
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    other = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    hub.client_data(cid, b'{"execute":"query-status","id":"s"}')
+    hub.client_data(other, b'{"execute":"query-status","id":"o"}')
+    job = handed_off(hub.upstream_data(LONG), cid)
+    assert sent(hub.upstream_data(STOP_EVENT)) == [(other, STOP_EVENT)]
+    assert sent(hub.upstream_data(STATUS)) == []  # cid's query-status: waits
+    status = STATUS[:-3] + b', "id": "o"}\r\n'
+    assert sent(hub.upstream_data(STATUS)) == [(other, status)]
+    assert hub.clients[cid].reply_bytes > len(LONG)  # what waits counts against its bound
+    assert sent(run(hub, cid, job)) == [
+        (cid, inline_reply("readonly")),
+        (cid, STOP_EVENT),
+        (cid, STATUS[:-3] + b', "id": "s"}\r\n'),
+    ]
+    assert hub.clients[cid].reply_bytes == 0 and hub.clients[cid].held is None
+    assert sent(hub.upstream_data(STOP_EVENT)) == [(cid, STOP_EVENT), (other, STOP_EVENT)]
+
+
+def test_two_long_replies_in_a_row_each_wait_for_their_own_view() -> None:
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    hub.client_data(cid, QUERY)
+    first = handed_off(hub.upstream_data(LONG), cid)
+    second = handed_off(hub.upstream_data(LONG), cid)
+    second.run()
+    expect(hub.viewed(cid, second), [])  # the first is still out
+    got = sent(run(hub, cid, first))
+    assert got == [(cid, inline_reply("readonly"))] * 2
+
+
+def test_a_reload_meanwhile_views_it_again_for_the_profile_in_force() -> None:
+    """The client's profile becomes one that may read credentials: its reply is QEMU's."""
+    hub = views_hub(compile_policy({"mon": ProfileSpec(base="readonly")}))
+    cid = client(hub, "mon")
+    hub.client_data(cid, QUERY)
+    job = handed_off(hub.upstream_data(LONG), cid)
+    hub.reload(compile_policy({"mon": ProfileSpec(base="readonly", secret_properties=True)}))
+    again = handed_off(run(hub, cid, job), cid)
+    assert again is not job and again.profile is hub.clients[cid].session.profile
+    assert sent(run(hub, cid, again)) == [(cid, inline_reply("full"))]
+    assert b"hunter2" in inline_reply("full")
+
+
+def test_a_client_gone_meanwhile_has_its_view_cancelled_and_nothing_sent() -> None:
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    other = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    job = handed_off(hub.upstream_data(LONG), cid)
+    hub.client_closed(cid)
+    assert job.line is None  # QEMU's bytes let go of; the worker skips it
+    expect(run(hub, cid, job), [])
+    assert not hub.busy
+    assert sent(hub.upstream_data(STOP_EVENT)) == [(other, STOP_EVENT)]
+
+
+def test_a_long_reply_that_cannot_be_read_is_withheld_as_inline() -> None:
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    broken = LONG[:-4] + b', {"x": inf}]}\r\n'  # QEMU prints a non-finite number so
+    job = handed_off(hub.upstream_data(broken), cid)
+    got = sent(run(hub, cid, job))
+    assert got == [(cid, inline_reply("readonly", broken))]
+    assert b"qmpmux could not scrub query-named-block-nodes" in got[0][1]
+
+
+def test_a_view_that_fails_unexpectedly_costs_its_client_only() -> None:
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    other = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    job = handed_off(hub.upstream_data(LONG), cid)
+    job.error = RuntimeError("worker refused")  # e.g. the interpreter exiting
+    actions = hub.viewed(cid, job)
+    assert CloseClient(cid, "internal error") in actions
+    assert sent(hub.upstream_data(STOP_EVENT)) == [(other, STOP_EVENT)]
