@@ -11,6 +11,10 @@ leaves without reading what it is owed; the prober goes on for half a second aft
 what qmpmux does about the leaving client (an echo still being written, a full outbox
 to drop) is measured too. The direct column is the same prober on a monitor of the
 same, idle QEMU.
+
+Last, QEMU is given BLOCK_NODES block nodes (through the direct monitor) and a
+`readonly` client polls `query-named-block-nodes`, whose reply its profile has scrubbed
+of credentials (views.py): the walk of every node's value, while the prober goes on.
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ SHAPES: dict[str, tuple[str, Callable[[int], bytes]]] = {
     "one long fd name": ("ops", _repeated(NETDEV_FDS + b'"', b"a", b'"}}')),
     "a socket address behind {}": ("ops", _repeated(SOCKET_PAD, b"{},", SOCKET_FD)),
 }
+# Block nodes QEMU is given for the readonly client's long reply (~500 bytes each).
+BLOCK_NODES = 1000
+NODE_ADD = b'{"execute":"blockdev-add","arguments":{"driver":"null-co","node-name":"n%d"}}'
+BLOCK_QUERY = b'{"execute":"query-named-block-nodes"}'
+OOB_PROBE = b'{"exec-oob":"query-yank","id":1}'
+
 # Shapes qmpmux reads token by token (0.6-1.8 MiB/s) but judges only once complete: sent
 # at most this big, so that they arrive within the probe's window and their judging is
 # measured (it reads 2-4 values a microsecond: 1 MiB of them is a long task).
@@ -103,20 +113,27 @@ def _qmpmux(workdir: Path, upstreams: list[Path]) -> Iterator[dict[str, Path]]:
 
 
 def _probe(
-    path: Path, seconds: float, sent: Callable[[], bool], leave: Callable[[], None]
+    path: Path,
+    seconds: float,
+    sent: Callable[[], bool],
+    leave: Callable[[], None],
+    oob: bool = False,
 ) -> list[int]:
     """query-status round trips (ns), 0.5 ms apart, while the load client sends (until
     `sent()`, or for at most `seconds`), then while it leaves (`leave()`: it goes without
     reading what it is owed) and for half a second after: what qmpmux still holds then
-    (an echo being written, a full outbox to drop) is handled meanwhile."""
-    client = Client(path).negotiate()
+    (an echo being written, a full outbox to drop) is handled meanwhile. With `oob`, the
+    probe is an exec-oob `query-yank` instead, which QEMU answers without its main
+    thread: what it waits for is then the path to QEMU, not QEMU's other work."""
+    client = Client(path).negotiate(oob)
+    probe = OOB_PROBE if oob else QUERY_STATUS
     try:
         rtts: list[int] = []
         end = time.monotonic() + seconds
         tail = None
         while tail is None or time.monotonic() < tail:
             t0 = time.perf_counter_ns()
-            client.call(QUERY_STATUS)
+            client.call(probe)
             rtts.append(time.perf_counter_ns() - t0)
             if tail is None and (sent() or time.monotonic() >= end):
                 leave()
@@ -175,8 +192,43 @@ def hostile(bed: Bed, plan: Plan, res: Results) -> None:
                 got[1],
                 note=f"worst {got[2]:.1f} ms (direct {direct[2]:.1f}); p50 {got[0]:.2f} ms; {sent}",
             )
+        data["polled block nodes"] = _polled(workdir, mons, seconds, res)
     finally:
         if qemu is not None:
             end_process(qemu)
         shutil.rmtree(workdir, ignore_errors=True)
     res.data["hostile"] = data
+
+
+def _polled(workdir: Path, mons: list[Path], seconds: float, res: Results) -> dict[str, object]:
+    """Another client's query-status while a readonly client polls a long block reply,
+    through qmpmux and, as the baseline, on direct monitors of the same QEMU (whose main
+    thread builds every reply: the prober waits for that in both)."""
+    client = Client(mons[2]).negotiate()
+    for n in range(BLOCK_NODES):
+        client.call(NODE_ADD % n)
+    size = len(client.call(BLOCK_QUERY))
+    client.close()
+
+    def probed(poll_on: Path, probe_on: Path) -> tuple[tuple[float, float, float], str]:
+        """The prober's figures, and how many replies the poller read meanwhile."""
+        load = start_load("poll", str(poll_on), BLOCK_QUERY.decode(), timeout=30)
+        try:
+            rtts = _probe(probe_on, seconds, lambda: False, lambda: None, oob=True)
+        finally:
+            polled = load.stop().splitlines()[-1]
+        return _summary(rtts), polled
+
+    direct, direct_polled = probed(mons[0], mons[2])
+    with _qmpmux(workdir, mons[:2]) as listeners:
+        got, polled = probed(listeners["readonly"], listeners["full"])
+    res.add(
+        "hostile",
+        f"exec-oob p99 while a readonly client polls {size >> 10} KB of block nodes",
+        "ms",
+        direct[1],
+        got[1],
+        note=f"worst {got[2]:.1f} ms (direct {direct[2]:.1f}); p50 {got[0]:.2f} ms "
+        f"(direct {direct[0]:.2f}); polled {polled} (direct {direct_polled})",
+    )
+    return {"ms": got, "direct ms": direct, "reply bytes": size, "polled": polled}

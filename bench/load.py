@@ -7,6 +7,7 @@ where a real second user would: in qmpmux and QEMU, not in the bench's interpret
     python -m bench.load fanout SOCKET CLIENTS CLIENTS idle clients, stop/cont in a loop
     python -m bench.load flood SOCKET DEPTH    stop/cont pipelined, DEPTH pairs in flight
     python -m bench.load hostile SOCKET SHAPE BYTES  send one of bench.hostile's shapes
+    python -m bench.load poll SOCKET COMMAND        loop one command, one in flight
     python -m bench.load loop LIST OUT PAUSE   a client per socket named in file LIST, each
                                                looping query-status, PAUSE ms between a
                                                reply and the next; its samples go to OUT
@@ -48,18 +49,23 @@ def _ready() -> None:
     sys.stdout.flush()
 
 
-def schema(path: Path, depth: int) -> str:
+def poll(path: Path, command: bytes, depth: int) -> str:
+    """Keep `depth` of `command` in flight, a new one for each reply, until stopped."""
     client = Client(path, timeout=60).negotiate()
-    client.send(SCHEMA * depth)
+    client.send(command * depth)
     client.reply()
     replies = 1
     _ready()
     while not _stopping:
-        client.send(SCHEMA)
+        client.send(command)
         client.reply()
         replies += 1
     client.close()  # reads the replies still in flight
-    return f"{replies} schema replies"
+    return f"{replies} replies"
+
+
+def schema(path: Path, depth: int) -> str:
+    return poll(path, SCHEMA, depth)
 
 
 def fanout(path: Path, clients: int) -> str:
@@ -228,6 +234,8 @@ def main(argv: list[str]) -> int:
         summary = loop(path, Path(argv[2]), float(argv[3]) / 1e3)
     elif kind == "hostile":
         summary = hostile(path, argv[2], int(argv[3]))
+    elif kind == "poll":
+        summary = poll(path, argv[2].encode(), 1)
     else:
         run = {"schema": schema, "fanout": fanout, "flood": flood}[kind]
         summary = run(path, int(argv[2]))
