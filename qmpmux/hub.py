@@ -420,6 +420,7 @@ class Hub:
             if any(flow.inflight[lane] or flow.queues[lane] for lane in lanes) or (
                 flow.link is up and flow.fd_names
             ):
+                self._release_views(flow)
                 self._drop_fds(flow)
                 flow.bye = bye
                 self._out.append(CloseClient(cid, why))
@@ -457,6 +458,7 @@ class Hub:
     def _end(self, code: int, reason: str) -> None:
         self.state = UpstreamState.CLOSED
         for cid, flow in self.clients.items():
+            self._release_views(flow)
             self._drop_fds(flow)
             flow.bye = SHUTDOWN if code == 0 else UPSTREAM_LOST
             self._out.append(CloseClient(cid, reason))
@@ -670,7 +672,8 @@ class Hub:
         profile = session.profile
         view: Line | Exception = line
         if profile.strip_extensions or name in VIEWED:
-            if self.views.off_loop(profile, name, line):
+            if name != QUERY_FDSETS and self.views.off_loop(profile, name, line):
+                # (query-fdsets is filtered by who owns each fdset as its reply arrives)
                 self._view_off_loop(flow, cmd, bytes(line), failed, upstream_id)
                 return
             try:
@@ -722,8 +725,7 @@ class Hub:
     ) -> None:
         """Have QEMU's long reply to `cmd` viewed off the loop; what comes for the client
         meanwhile waits behind it (Flow.held)."""
-        epoch = self.stats.reloads[OK]
-        job = ViewJob(self.views, flow.session.profile, cmd, line, failed, upstream_id, epoch)
+        job = ViewJob(self.views, flow.session.profile, cmd, line, failed, upstream_id)
         if flow.held is None:
             flow.held = deque()
             self._holding[flow.id] = flow
@@ -740,19 +742,27 @@ class Hub:
             return self._take()  # the client has gone
         if flow.bye or self.state is not UpstreamState.READY:
             return self._take()  # the hub is closing it: nothing more goes to it
-        if job.profile is not flow.session.profile or job.epoch != self.stats.reloads[OK]:
-            # reloaded meanwhile: viewed again, for the profile now in force
-            assert job.line is not None, "cancelled only for a client gone"
-            again = ViewJob(self.views, flow.session.profile, job.cmd, job.line, job.failed,
-                            job.upstream_id, self.stats.reloads[OK])  # fmt: skip
-            held[held.index(job)] = again
-            self._out.append(View(client, again))
-            return self._take()
         try:
             self._replay(flow, held)
         except Exception:  # a bug must cost this client its connection, never the proxy
             self._internal_error(flow)
         return self._take()
+
+    def _release_views(self, flow: Flow) -> None:
+        """Before the hub closes a client, view here what is still being viewed off the
+        loop and send it all: what QEMU answered goes out ahead of the close, as inline."""
+        held = flow.held
+        if held is None:
+            return
+        for i in range(len(held)):
+            waiting = held[i]
+            if type(waiting) is ViewJob and not waiting.done:
+                held[i] = job = waiting.again()
+                job.run()
+        try:
+            self._replay(flow, held)
+        except Exception:  # (a bug: the client is being closed anyway)
+            _client_log.exception("client %d: internal error", flow.id)
 
     def _replay(self, flow: Flow, held: deque[ViewJob | tuple[Command, Reply] | bytes]) -> None:
         """Send what waited for replies viewed off the loop, up to the next one still out."""
@@ -771,10 +781,10 @@ class Hub:
                                     head.upstream_id)  # fmt: skip
                 flow.reply_bytes += len(reply) - head.size
                 cmd.reply = reply
-                self._flush(flow)
+                sent += self._flush(flow, settle=False)
             elif type(head) is tuple:
                 cmd, cmd.reply = head
-                self._flush(flow)
+                sent += self._flush(flow, settle=False)
             else:
                 assert type(head) is bytes
                 out.append(ToClient(flow.id, head))
@@ -1488,8 +1498,9 @@ class Hub:
         if chunks:
             self._out.append(ToUpstream(upstream_write(chunks), link=up.index))
 
-    def _flush(self, flow: Flow) -> None:
-        """Send the client's replies that are ready, each stream in input order."""
+    def _flush(self, flow: Flow, settle: bool = True) -> int:
+        """Send the client's replies that are ready, each stream in input order; how many
+        bytes. `settle`: see what that allows (else the caller does, once done)."""
         out = self._out
         cid = flow.id
         sent = 0
@@ -1506,7 +1517,9 @@ class Hub:
                 sent += len(data)
                 replies.popleft()
         flow.reply_bytes -= sent
-        self._settle(flow, sent)
+        if settle:
+            self._settle(flow, sent)
+        return sent
 
     def _held(self, flow: Flow) -> int:
         """Every byte qmpmux holds for a client: its commands not yet sent upstream,

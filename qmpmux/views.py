@@ -144,8 +144,8 @@ class Views:
 class ViewJob:
     """QEMU's reply to `cmd`, to view off the event loop (`run`), then its outcome."""
 
-    __slots__ = ("cmd", "epoch", "error", "failed", "line", "profile", "result", "size",
-                 "upstream_id", "views")  # fmt: skip
+    __slots__ = ("cmd", "error", "failed", "line", "profile", "result", "size", "upstream_id",
+                 "views")  # fmt: skip
 
     def __init__(
         self,
@@ -155,7 +155,6 @@ class ViewJob:
         line: bytes,
         failed: str,
         upstream_id: int | None,
-        epoch: int,
     ) -> None:
         self.views = views
         self.cmd = cmd
@@ -163,10 +162,8 @@ class ViewJob:
         self.size = len(line)
         self.failed = failed
         self.upstream_id = upstream_id
-        # Viewed for this profile, under the hub's count of reloads: after a reload the
-        # hub views it again, for the profile then in force (as inline).
+        # The profile in force when QEMU's reply arrived, as for a reply viewed inline.
         self.profile = profile
-        self.epoch = epoch
         self.result: Line | None = None
         self.error: Exception | None = None
 
@@ -185,5 +182,14 @@ class ViewJob:
         return self.result is not None or self.error is not None
 
     def cancel(self) -> None:
-        """Its client has gone: never view it, and let go of QEMU's bytes."""
+        """Its client has gone, or it was viewed on the loop after all (`again`): never
+        view it, and let go of QEMU's bytes."""
         self.line = None
+
+    def again(self) -> ViewJob:
+        """The same view to make anew (on the loop: the hub is closing its client), and
+        this one cancelled, so that the worker never writes to what the hub reads."""
+        assert self.line is not None, "cancelled only for a client gone"
+        job = ViewJob(self.views, self.profile, self.cmd, self.line, self.failed, self.upstream_id)
+        self.cancel()
+        return job

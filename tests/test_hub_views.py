@@ -16,6 +16,14 @@ NODES = b", ".join(NODE % (i, i) for i in range(OFF_LOOP_VIEW_BYTES // 60))
 LONG = b'{"return": [' + NODES + b"]}\r\n"
 QUERY = b'{"execute":"query-named-block-nodes","id":"q"}'
 STATUS = b'{"return": {"status": "running", "running": true}}\r\n'
+ENTRY = b'{"name": "c%05d", "arg-type": "0", "ret-type": "0", "meta-type": "command"}'
+SCHEMA = (
+    b'{"return": [' + b", ".join(ENTRY % i for i in range(OFF_LOOP_VIEW_BYTES // 70)) + b"]}\r\n"
+)
+SHUTDOWN = (
+    b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", '
+    b'"data": {"guest": false, "reason": "host-qmp-quit"}}\r\n'
+)
 
 
 def views_hub(policy: Policy = DEFAULT_POLICY, off_loop: bool = True) -> Hub:
@@ -57,11 +65,11 @@ def sent(actions: list[Action]) -> list[tuple[int, bytes]]:
     return out
 
 
-def inline_reply(profile: str, reply: bytes = LONG) -> bytes:
-    """What a hub that views every reply inline sends for `reply` to QUERY."""
+def inline_reply(profile: str, reply: bytes = LONG, command: bytes = QUERY) -> bytes:
+    """What a hub that views every reply inline sends for `reply` to `command`."""
     hub = views_hub(off_loop=False)
     cid = client(hub, profile)
-    hub.client_data(cid, QUERY)
+    hub.client_data(cid, command)
     ((_, data),) = sent(hub.upstream_data(reply))
     return data
 
@@ -127,17 +135,59 @@ def test_two_long_replies_in_a_row_each_wait_for_their_own_view() -> None:
     assert got == [(cid, inline_reply("readonly"))] * 2
 
 
-def test_a_reload_meanwhile_views_it_again_for_the_profile_in_force() -> None:
-    """The client's profile becomes one that may read credentials: its reply is QEMU's."""
+def test_a_reload_meanwhile_changes_nothing_the_reply_is_viewed_as_it_arrived() -> None:
+    """As inline: a reply is viewed for the profile in force when QEMU's reply arrives."""
     hub = views_hub(compile_policy({"mon": ProfileSpec(base="readonly")}))
     cid = client(hub, "mon")
     hub.client_data(cid, QUERY)
     job = handed_off(hub.upstream_data(LONG), cid)
     hub.reload(compile_policy({"mon": ProfileSpec(base="readonly", secret_properties=True)}))
-    again = handed_off(run(hub, cid, job), cid)
-    assert again is not job and again.profile is hub.clients[cid].session.profile
-    assert sent(run(hub, cid, again)) == [(cid, inline_reply("full"))]
-    assert b"hunter2" in inline_reply("full")
+    assert sent(run(hub, cid, job)) == [(cid, inline_reply("readonly"))]
+    hub.client_data(cid, QUERY)  # the next one under the new profile: QEMU's bytes
+    assert sent(hub.upstream_data(LONG)) == [(cid, inline_reply("full"))]
+
+
+def test_replies_and_events_behind_a_view_go_out_before_the_session_ends() -> None:
+    """QEMU answers, announces SHUTDOWN and closes while a reply is out to be viewed: the
+    hub views it on the spot and sends it all ahead of the close, as inline."""
+    for profile, command, reply in (
+        ("readonly", QUERY, LONG),
+        ("full", b'{"execute":"query-qmp-schema","id":"q"}', SCHEMA),  # full: narrowed too
+    ):
+        hub = views_hub()
+        cid = client(hub, profile)
+        quitter = client(hub, "full")
+        hub.client_data(cid, command)
+        hub.client_data(cid, b'{"execute":"query-status","id":"s"}')
+        hub.client_data(quitter, b'{"execute":"quit","id":"x"}')
+        handed_off(hub.upstream_data(reply), cid)
+        actions = hub.upstream_data(STATUS)
+        actions += hub.upstream_data(b'{"return": {}}\r\n' + SHUTDOWN)
+        actions += hub.upstream_closed()
+        mine = [data for to, data in sent(actions) if to == cid]
+        assert len(mine) == 3 and mine[1:] == [STATUS[:-3] + b', "id": "s"}\r\n', SHUTDOWN]
+        assert mine[0] == inline_reply(profile, reply, command)
+        closing = [a for a in actions if isinstance(a, CloseClient) and a.client == cid]
+        assert len(closing) == 1 and actions.index(closing[0]) > max(
+            i for i, a in enumerate(actions) if isinstance(a, ToClient) and a.client == cid
+        )
+
+
+def test_a_lost_link_sends_a_reply_it_brought_before_closing_the_client() -> None:
+    hub = Hub(links=2, off_loop_view_bytes=OFF_LOOP_VIEW_BYTES)
+    for link in (0, 1):
+        hub.upstream_data(GREETING_OOB, link)
+    for link in (0, 1):
+        hub.upstream_data(CAPS_OK, link)
+    cid = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    hub.client_data(cid, b'{"execute":"query-status","id":"s"}')
+    up = hub.clients[cid].link
+    assert up is not None
+    handed_off(hub.upstream_data(LONG, up.index), cid)
+    actions = hub.upstream_closed("gone", up.index)  # with its query-status in QEMU
+    assert sent(actions) == [(cid, inline_reply("readonly"))]
+    assert type(actions[-1]) is CloseClient and actions[-1].client == cid
 
 
 def test_a_client_gone_meanwhile_has_its_view_cancelled_and_nothing_sent() -> None:
