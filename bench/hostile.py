@@ -204,9 +204,11 @@ def _polled(workdir: Path, mons: list[Path], seconds: float, res: Results) -> di
     """Another client's query-status while a readonly client polls a long block reply,
     through qmpmux and, as the baseline, on direct monitors of the same QEMU (whose main
     thread builds every reply: the prober waits for that in both)."""
-    client = Client(mons[2]).negotiate()
-    for n in range(BLOCK_NODES):
-        client.call(NODE_ADD % n)
+    client = Client(mons[2], timeout=60).negotiate()
+    client.send(b"".join(NODE_ADD % n for n in range(BLOCK_NODES)))
+    for _ in range(BLOCK_NODES):
+        if not client.reply().startswith(b'{"return"'):
+            raise BenchError("QEMU refused a block node")
     size = len(client.call(BLOCK_QUERY))
     client.close()
 
