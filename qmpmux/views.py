@@ -8,9 +8,11 @@ the schema narrowed for a profile (~200 KB, a few ms), and a block or chardev re
 scrubbed (scrub.py; 1000 block nodes, 500 KB: 15-18 ms, then 1.4-1.9 ms).
 
 A long reply whose view is costly is made off the event loop: the hub hands it to the
-shell as a `ViewJob`, which the shell runs on the worker thread big commands are judged
-on (judgement.py), and holds what else comes for that client, replies and events, in
-QEMU's order until it is back (`Hub.viewed`). Everyone else is served meanwhile.
+shell as a `ViewJob` (in a `View` action), which the shell runs on the worker thread big
+commands are judged on (judgement.py), and holds what else comes for that client,
+replies and events, in QEMU's order until it is back (`Hub.viewed`). Everyone else is
+served meanwhile. It is viewed for the profile in force when QEMU's reply arrived, as
+one viewed inline is.
 
 Invariants: a reply `view` does not change is returned as it came (the same object);
 what it cannot read raises `WithheldError` with the error that stands for it, never passes.
@@ -109,7 +111,7 @@ class Views:
         data = line
         if profile.strip_extensions:
             data = strip_message(bytes(data))
-        if name in FILTERS:
+        if name in FILTERS:  # even for `full`: qmpmux's own commands are listed
             narrow = FILTERS[name]
 
             def narrowed(value: bytes) -> bytes:

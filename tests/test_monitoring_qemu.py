@@ -18,7 +18,7 @@ from qmpmux.policy import READONLY, READONLY_COMMANDS, WHOAMI
 from qmpmux.qjson import JsonValue
 from qmpmux.scrub import SCRUBBED, scrub_return
 from qmpmux.views import OFF_LOOP_VIEW_BYTES
-from tests.conftest import start_mux
+from tests.conftest import Mux, start_mux
 from tests.realqemu import Qemu, RawClient, start_qemu
 
 REFUSED = b"refused by qmpmux policy"
@@ -154,6 +154,17 @@ async def test_every_readonly_query_answers_as_qemu_does(qemu: Qemu, tmp_path: P
         await asyncio.wait_for(mux.proxy.wait(), 10)
 
 
+async def _full_readonly_direct(mux: Mux) -> tuple[RawClient, RawClient, RawClient]:
+    """Negotiated clients of the full and readonly listeners and of the direct monitor."""
+    clients = []
+    for path in (mux.sockets["full"], mux.sockets[READONLY], mux.direct):
+        client = await RawClient.connect(path)
+        await client.negotiate()
+        clients.append(client)
+    full, ro, direct = clients
+    return full, ro, direct
+
+
 async def test_block_credentials_are_scrubbed_for_readonly_and_intact_for_full(
     tmp_path: Path, image_url: str
 ) -> None:
@@ -169,12 +180,7 @@ async def test_block_credentials_are_scrubbed_for_readonly_and_intact_for_full(
     try:
         mux = await start_mux(vm, tmp_path, profiles=("full", READONLY))
         try:
-            full = await RawClient.connect(mux.sockets["full"])
-            await full.negotiate()
-            ro = await RawClient.connect(mux.sockets[READONLY])
-            await ro.negotiate()
-            direct = await RawClient.connect(mux.direct)
-            await direct.negotiate()
+            full, ro, direct = await _full_readonly_direct(mux)
             add = msgspec.json.encode(
                 {
                     "execute": "blockdev-add",
@@ -237,12 +243,7 @@ async def test_a_long_block_reply_is_scrubbed_off_the_loop_exactly_as_a_short_on
     try:
         mux = await start_mux(vm, tmp_path, profiles=("full", READONLY))
         try:
-            full = await RawClient.connect(mux.sockets["full"])
-            await full.negotiate()
-            ro = await RawClient.connect(mux.sockets[READONLY])
-            await ro.negotiate()
-            direct = await RawClient.connect(mux.direct)
-            await direct.negotiate()
+            full, ro, direct = await _full_readonly_direct(mux)
             add = {"driver": "http", "node-name": "web", "read-only": True, "url": image_url}
             line = msgspec.json.encode({"execute": "blockdev-add", "arguments": add})
             assert await full.command(line) == b'{"return": {}}\r\n'
