@@ -125,15 +125,37 @@ _Place: TypeAlias = "tuple[_Place | None, str | int]"
 
 
 def _holds_socket(value: JsonValue) -> bool:
-    """Whether `value` may hold a SocketAddress of type fd, told in C: the walk that
-    finds them costs ~1 us a value in Python (a container of 500,000 values, 0.25-0.45
-    s in one turn), the test some 10 ns a value."""
+    """Whether `value` may hold a SocketAddress of type fd (a dict whose `type` is "fd").
+
+    The first _LOOKED_AT values are looked at in Python, so that a few members, one of
+    them megabytes of string (a colon list of fd names), cost microseconds; past them
+    the question is told in C, some 10 ns a value against ~1 us for the walk that finds
+    them (a container of 500,000 values, 0.25-0.45 s in one turn)."""
     if not isinstance(value, list | dict):
         return False
-    try:
-        return _SOCKET_TEXT in msgspec.json.encode(value)
-    except (TypeError, OverflowError, RecursionError):  # (never for what QEMU parses:
-        return True  # 1024 levels at most; then walk)
+    stack: list[list[JsonValue] | dict[str, JsonValue]] = [value]
+    budget = _LOOKED_AT
+    while stack:
+        top = stack.pop()
+        if isinstance(top, dict):
+            if top.get("type") == "fd":
+                return True
+            members: Iterable[JsonValue] = top.values()
+        else:
+            members = top
+        for member in members:
+            budget -= 1
+            if budget < 0:
+                try:
+                    return _SOCKET_TEXT in msgspec.json.encode(value)
+                except (TypeError, OverflowError, RecursionError):  # (never for what QEMU
+                    return True  # parses: 1024 levels at most; then walk)
+            if isinstance(member, list | dict):
+                stack.append(member)
+    return False
+
+
+_LOOKED_AT: Final = 1024
 
 
 def _spelled(place: _Place) -> str:
@@ -302,13 +324,15 @@ class _Renamer:
     bytes encoded): past `room` bytes added, RenamedTooLongError, raised before a colon
     list of millions of names is renamed."""
 
-    __slots__ = ("names", "prefix", "room")
+    __slots__ = ("long", "names", "prefix", "room")
 
-    def __init__(self, prefix: str, room: int) -> None:
+    def __init__(self, prefix: str, room: int, long: dict[str, list[str]] | None) -> None:
         assert prefix.isascii()
         self.prefix = prefix
         self.room = room
         self.names: dict[str, str] = {}
+        # Where a long colon list, renamed, is kept in its pieces (see rename_fds).
+        self.long = long
 
     def __call__(self, name: str) -> str:
         """A name renamed, unless it is numeric (a raw descriptor number, which only
@@ -347,12 +371,23 @@ class _Renamer:
         else:
             colon = ":" + self.prefix.replace("\\", "\\\\")
             renamed = [_NAME_LISTED.sub(colon, piece) for piece in pieces]
-        return "".join([head, *renamed, end])
+        if self.long is None or len(value) < _KEPT_FROM:
+            return "".join([head, *renamed, end])
+        stand_in = f"{_STAND_IN}{len(self.long)}\ufdd0"
+        self.long[stand_in] = [head, *renamed, end]
+        return stand_in
 
 
 # Characters of a colon list searched or renamed in one C call: a list of megabytes is
 # worked on in pieces, so a judging thread holds the interpreter a piece at a time.
 _PIECE: Final = 1 << 18
+# What stands for a long colon list renamed, until it is written in its pieces: text
+# around a noncharacter, which no string QEMU's parser (and so qmpmux's) takes holds
+# (docs/protocol.md §2.3), so no client's string can be taken for one.
+_STAND_IN: Final = "\ufdd0qmpmux-"
+# A colon list renamed at least this long is kept in its pieces (a list of lists of
+# names, each shorter than a piece, would otherwise be encoded at once).
+_KEPT_FROM: Final = 1 << 16
 
 
 def _cut(body: str) -> list[str]:
@@ -376,14 +411,21 @@ def _listed_numeric(value: str) -> str | None:
     """A colon list's first numeric name, cut to what an error quotes, or None."""
     if is_numeric(value):
         return value[:32].split(":", 1)[0]
-    found = _NUMERIC_LISTED.search(value) if ":" in value else None
-    return None if found is None else found.group()[1:]
+    if ":" not in value:
+        return None
+    for piece in _cut(value):  # (a list of megabytes: 20 ms in one C call)
+        found = _NUMERIC_LISTED.search(piece)
+        if found is not None:
+            return found.group()[1:]
+    return None
 
 
 def _listed_named(value: str, colon_ends: bool) -> bool:
     """Whether a colon list holds a name that is not numeric (an empty one too)."""
     body, _end = _listed(value, colon_ends)
-    return body is not None and (not is_numeric(body) or _NAME_LISTED.search(body) is not None)
+    if body is None or not is_numeric(body):
+        return body is not None
+    return any(_NAME_LISTED.search(piece) for piece in _cut(body))  # (88 ms for 16 MiB)
 
 
 def _listed(value: str, colon_ends: bool) -> tuple[str | None, str]:
@@ -440,16 +482,25 @@ def _names_any(command: str, args: Mapping[str, JsonValue]) -> bool:
 
 
 def rename_fds(
-    command: str, args: Mapping[str, JsonValue] | None, prefix: str, room: int
+    command: str,
+    args: Mapping[str, JsonValue] | None,
+    prefix: str,
+    room: int,
+    long: dict[str, list[str]] | None = None,
 ) -> tuple[dict[str, JsonValue], dict[str, str]] | None:
     """A copy of `args` with every fd name in it prefixed with `prefix`, and the names
     renamed (upstream -> the client's own); None when no argument holds a name.
     Numeric values (raw descriptor numbers, which only `full` may use) are left as they
     are: they are not names. RenamedTooLongError if the names would grow by more than
-    `room` bytes."""
+    `room` bytes.
+
+    Given `long`, a colon list renamed in several pieces is not joined: a stand-in
+    string takes its place in the copy, and `long` maps it to the pieces, for
+    wire.command_prefix to write them one by one (joining and then encoding the tens of
+    MiB a list of millions of names becomes takes ~20 ms each, in one C call)."""
     if command not in _BY_COMMAND or not args or not _names_any(command, args):
         return None
-    rename = _Renamer(prefix, room)
+    rename = _Renamer(prefix, room, long)
     out: JsonValue = dict(args)
     for row in _rows(command, args):
         out = _rename_at(out, row.path, row, rename)

@@ -128,9 +128,12 @@ def fd_facts(
     # pass QEMU's limit, as the client's text never does. QEMU's own error then, told
     # before the names are renamed where it can be.
     try:
-        renamed = rename_fds(name, args, upstream_name(client, ""), MAX_UPSTREAM_BYTES - size)
+        long: dict[str, list[str]] = {}  # (long colon lists, kept in their pieces)
+        room = MAX_UPSTREAM_BYTES - size
+        renamed = rename_fds(name, args, upstream_name(client, ""), room, long)
         if renamed is not None:
-            facts.prefix, facts.names = command_prefix(name, renamed[0], oob), renamed[1]
+            facts.prefix = command_prefix(name, renamed[0], oob, long=long)
+            facts.names = renamed[1]
             if len(facts.prefix) > MAX_UPSTREAM_BYTES:
                 raise RenamedTooLongError
     except RenamedTooLongError:

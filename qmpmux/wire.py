@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, TypeGuard
 
 import msgspec
@@ -186,6 +186,7 @@ def command_prefix(
     arguments: Mapping[str, JsonValue] | None,
     oob: bool,
     texts: tuple[Buffer, Buffer | None] | None = None,
+    long: Mapping[str, Sequence[str]] | None = None,
 ) -> CommandText:
     """A command's upstream bytes up to (not including) its id: `{"execute":"x","arguments":{..}`.
 
@@ -194,6 +195,8 @@ def command_prefix(
     QEMU no more bytes than the client wrote (the id aside). Without them, the values are
     encoded compactly. Empty arguments are dropped: QEMU treats a missing `arguments` as
     `{}`, and every byte costs QEMU ~3.7 us to read. A long text is spliced in (Spliced).
+    `long`: strings of `arguments` that stand for long ones kept in pieces (fdargs.
+    rename_fds), each written a piece at a time, one short C call each.
     """
     head = b'{"exec-oob":' if oob else b'{"execute":'
     if texts is None:
@@ -202,6 +205,8 @@ def command_prefix(
         if not arguments:
             return prefix
         encoded = encode_compact(arguments)  # (a long one is not copied again: Spliced)
+        if long:
+            return Spliced((prefix + b',"arguments":', *_long_written(encoded, long)))
         if len(encoded) >= SPLICED_FROM:
             return Spliced((prefix + b',"arguments":', encoded))
         return prefix + b',"arguments":' + encoded
@@ -214,6 +219,27 @@ def command_prefix(
     if size >= SPLICED_FROM and 2 * size >= _kept_alive(parts):
         return Spliced(parts)
     return b"".join(parts)
+
+
+def _long_written(encoded: bytes, long: Mapping[str, Sequence[str]]) -> list[Buffer]:
+    """`encoded` with each stand-in string of `long` written as the pieces it stands for."""
+    places = []
+    for stand_in, pieces in long.items():
+        mark = encode_compact(stand_in)
+        at = encoded.find(mark)
+        if at < 0 or encoded.find(mark, at + 1) >= 0:  # (a token no client can know)
+            raise ValueError("a stand-in for a long string is not found once")
+        places.append((at, len(mark), pieces))
+    parts: list[Buffer] = []
+    view = memoryview(encoded)
+    start = 0
+    for at, size, pieces in sorted(places, key=lambda place: place[0]):
+        parts += (view[start:at], b'"')
+        parts += (memoryview(encode_compact(piece))[1:-1] for piece in pieces if piece)
+        parts.append(b'"')
+        start = at + size
+    parts.append(view[start:])
+    return parts
 
 
 def _kept_alive(parts: tuple[Buffer, ...]) -> int:

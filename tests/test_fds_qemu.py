@@ -19,6 +19,7 @@ import msgspec
 import pytest
 from qemu.qmp import QMPClient
 
+from qmpmux import fdargs
 from qmpmux.policy import ProfileSpec, compile_policy
 from qmpmux.qjson import JsonValue
 from tests.conftest import Mux, start_mux
@@ -282,12 +283,19 @@ def _tap_fd() -> int:
     return fd
 
 
-@pytest.mark.parametrize("fds", ["a:", "a", ":", "::", "a::"])
-async def test_a_tap_s_list_of_fd_names_is_read_as_qemu_reads_it(fmux: Mux, fds: str) -> None:
+@pytest.mark.parametrize("piece", [None, 1], ids=["whole", "in-pieces"])
+@pytest.mark.parametrize("fds", ["a:", "a", ":", "::", "a::", "a:b:c"])
+async def test_a_tap_s_list_of_fd_names_is_read_as_qemu_reads_it(
+    fmux: Mux, fds: str, piece: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A tap netdev given a colon list of fd names, a real tap fd passed as `a`: QEMU's
     tap reads `a:` as one name (net/tap.c get_fds), and reads qmpmux's renamed list as
     the same names: the reply is a direct monitor's (`a:` once failed through qmpmux,
-    `File descriptor named '' has not been found`)."""
+    `File descriptor named '' has not been found`). `in-pieces`: renamed and written a
+    piece at a time, as a list of megabytes is (fdargs._PIECE)."""
+    if piece is not None:
+        monkeypatch.setattr(fdargs, "_PIECE", piece)
+        monkeypatch.setattr(fdargs, "_KEPT_FROM", 0)
     replies = []
     for path in (fmux.direct, fmux.path):
         client = await FdClient.connect(path)

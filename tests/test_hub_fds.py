@@ -18,6 +18,8 @@ from qmpmux.hub import Action, CloseFds, Hub, PauseClient, ResumeClient, ToClien
 from qmpmux.policy import DEFAULT_POLICY, ProfileSpec, compile_policy
 from qmpmux.qjson import JsonValue
 from qmpmux.session import Peer
+from qmpmux.spelled import Spliced
+from qmpmux.wire import command_prefix
 from tests.playbook import connect, expect, ready_hub, spelled_out
 
 GETFD = b'{"execute":"getfd","arguments":{"fdname":"tap0"},"id":"g"}'
@@ -295,6 +297,7 @@ def test_a_colon_list_is_renamed_as_qemu_reads_it(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fdargs, "_PIECE", piece)
         found = rename_fds("netdev_add", {member: value}, "qmpmux.3.", 1 << 30)
+        numeric_found = numeric_fd("netdev_add", {member: value})  # searched in pieces
     own = [n for n in reads(value) if not is_numeric(n)]
     if not own:
         assert found is None  # nothing to rename: the command goes as the client wrote it
@@ -306,9 +309,37 @@ def test_a_colon_list_is_renamed_as_qemu_reads_it(
         assert reads(text) == _renamed(reads(value), "qmpmux.3.")
         assert record == {"qmpmux.3." + n: n for n in own}
     numeric = next((n for n in value.split(":") if is_numeric(n)), None)
-    assert numeric_fd("netdev_add", {member: value}) == (
-        None if numeric is None else (member, numeric[:32])
-    )
+    assert numeric_found == (None if numeric is None else (member, numeric[:32]))
+
+
+@given(
+    st.lists(st.sampled_from(["a", "1", "b2", "\u0663", "é", '"', "\\", "\x00", "\U0001f600"]),
+             min_size=1, max_size=12),
+    st.sampled_from([1, 3, 8]),
+)  # fmt: skip
+def test_a_long_colon_list_renamed_is_written_in_its_pieces_as_it_would_be_whole(
+    names: list[str], piece: int
+) -> None:
+    """A colon list renamed in several pieces is never joined: the command's upstream
+    text writes each piece (quotes, escapes and QEMU's two-byte NUL as whole), and is
+    byte for byte the text of the list joined and encoded at once, several lists too."""
+    listed = ":".join(names)
+    args: dict[str, JsonValue] = {
+        "type": "tap", "fds": listed, "vhostfd": "v", "vhostfds": [listed[::-1], "w", listed],
+    }  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fdargs, "_PIECE", piece)
+        patch.setattr(fdargs, "_KEPT_FROM", 0)
+        whole = rename_fds("netdev_add", args, "qmpmux.3.", 1 << 30)
+        long: dict[str, list[str]] = {}
+        kept = rename_fds("netdev_add", args, "qmpmux.3.", 1 << 30, long)
+    assert whole is not None and kept is not None and kept[1] == whole[1]
+    if long:
+        assert kept[0]["fds"] in long and "qmpmux" in str(kept[0]["fds"])
+    text = command_prefix("netdev_add", kept[0], False, long=long)
+    assert bytes(text) == bytes(command_prefix("netdev_add", whole[0], False))
+    if long:
+        assert isinstance(text, Spliced)
 
 
 def test_a_colon_list_of_a_million_names_is_renamed_in_one_pass() -> None:
@@ -431,12 +462,17 @@ _SOCKET_VALUES = st.recursive(
 )
 
 
-@given(_SOCKET_VALUES)
-def test_socket_addresses_are_found_as_a_plain_walk_finds_them(value: JsonValue) -> None:
+@given(_SOCKET_VALUES, st.sampled_from([1024, 3, 0]))
+def test_socket_addresses_are_found_as_a_plain_walk_finds_them(
+    value: JsonValue, looked_at: int
+) -> None:
     """The walker (only containers walked, places spelled only for what it finds, and
-    skipped at once when the value's JSON text shows no `"type":"fd"`) finds what a
-    plain recursive walk does, in the same order."""
-    assert list(fdargs._sockets(value, "addr")) == _sockets_reference(value, "addr")
+    skipped at once when no dict's `type` is "fd": told in Python for a few values, past
+    `looked_at` in C by the JSON text) finds what a plain recursive walk does, in the
+    same order."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fdargs, "_LOOKED_AT", looked_at)
+        assert list(fdargs._sockets(value, "addr")) == _sockets_reference(value, "addr")
 
 
 def _fdset_hub() -> tuple[Hub, int, int]:
