@@ -462,16 +462,17 @@ _SOCKET_VALUES = st.recursive(
 )
 
 
-@given(_SOCKET_VALUES, st.sampled_from([1024, 3, 0]))
+@given(_SOCKET_VALUES, st.sampled_from([(1024, 4096), (3, 2), (0, 1)]))
 def test_socket_addresses_are_found_as_a_plain_walk_finds_them(
-    value: JsonValue, looked_at: int
+    value: JsonValue, bounds: tuple[int, int]
 ) -> None:
     """The walker (only containers walked, places spelled only for what it finds, and
     skipped at once when no dict's `type` is "fd": told in Python for a few values, past
-    `looked_at` in C by the JSON text) finds what a plain recursive walk does, in the
-    same order."""
+    them in C by the JSON text of runs of members) finds what a plain recursive walk
+    does, in the same order."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fdargs, "_LOOKED_AT", looked_at)
+        patch.setattr(fdargs, "_LOOKED_AT", bounds[0])
+        patch.setattr(fdargs, "_RUN", bounds[1])
         assert list(fdargs._sockets(value, "addr")) == _sockets_reference(value, "addr")
 
 
