@@ -511,10 +511,11 @@ def rename_fds(
     are: they are not names. RenamedTooLongError if the names would grow by more than
     `room` bytes.
 
-    Given `long`, a colon list renamed in several pieces is not joined: a stand-in
-    string takes its place in the copy, and `long` maps it to the pieces, for
-    wire.command_prefix to write them one by one (joining and then encoding the tens of
-    MiB a list of millions of names becomes takes ~20 ms each, in one C call)."""
+    Given `long`, a colon list of _KEPT_FROM characters or more is renamed and never
+    joined: a stand-in string takes its place in the copy, and `long` maps it to the
+    pieces, for wire.command_prefix to write them one by one (joining and then encoding
+    the tens of MiB a list of millions of names becomes takes ~20 ms each, in one C
+    call)."""
     if command not in _BY_COMMAND or not args or not _names_any(command, args):
         return None
     rename = _Renamer(prefix, room, long)

@@ -227,7 +227,7 @@ def _long_written(encoded: bytes, long: Mapping[str, Sequence[str]]) -> list[Buf
     for stand_in, pieces in long.items():
         mark = encode_compact(stand_in)
         at = encoded.find(mark)
-        if at < 0 or encoded.find(mark, at + 1) >= 0:  # (a token no client can know)
+        if at < 0 or encoded.find(mark, at + 1) >= 0:  # (no client's string holds one)
             raise ValueError("a stand-in for a long string is not found once")
         places.append((at, len(mark), pieces))
     parts: list[Buffer] = []
