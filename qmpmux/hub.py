@@ -672,14 +672,19 @@ class Hub:
         profile = session.profile
         view: Line | Exception = line
         if profile.strip_extensions or name in VIEWED:
-            if name != QUERY_FDSETS and self.views.off_loop(profile, name, line):
-                # (query-fdsets is filtered by who owns each fdset as its reply arrives)
-                self._view_off_loop(flow, cmd, bytes(line), failed, upstream_id)
-                return
-            try:
-                view = self.views.view(profile, name, line)
-            except (WithheldError, msgspec.DecodeError) as exc:
-                view = exc
+            views = self.views
+            # (query-fdsets is filtered by who owns each fdset as its reply arrives)
+            if name != QUERY_FDSETS and views.off_loop(profile, name, line):
+                remembered = views.remembered(profile, name, line)  # (a reply polled again)
+                if remembered is None:
+                    self._view_off_loop(flow, cmd, bytes(line), failed, upstream_id)
+                    return
+                view = remembered
+            else:
+                try:
+                    view = views.view(profile, name, line)
+                except (WithheldError, msgspec.DecodeError) as exc:
+                    view = exc
         reply = self._reply(session, cmd, line, view, failed, upstream_id)
         flow.reply_bytes += len(reply)
         if flow.held is not None:  # behind a reply being viewed: in QEMU's order

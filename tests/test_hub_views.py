@@ -98,6 +98,21 @@ def test_a_short_reply_or_one_the_profile_leaves_alone_is_never_handed_off() -> 
         assert to == cid
 
 
+def test_a_long_reply_polled_again_is_answered_from_memory_on_the_loop() -> None:
+    """QEMU's same reply again (a monitor polling) is not viewed again: its view is
+    remembered whole and sent at once; a changed reply goes off the loop again."""
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    hub.client_data(cid, QUERY)
+    first = sent(run(hub, cid, handed_off(hub.upstream_data(LONG), cid)))
+    hub.client_data(cid, QUERY)
+    assert sent(hub.upstream_data(LONG)) == first == [(cid, inline_reply("readonly"))]
+    changed = LONG.replace(b"n00001", b"m00001")
+    hub.client_data(cid, QUERY)
+    job = handed_off(hub.upstream_data(changed), cid)
+    assert sent(run(hub, cid, job)) == [(cid, inline_reply("readonly", changed))]
+
+
 def test_what_comes_behind_a_reply_being_viewed_waits_for_it_in_qemus_order() -> None:
     """QEMU wrote the reply, then an event, then the reply to the client's next command:
     the client gets them in that order; another client gets the event at once."""
