@@ -675,9 +675,10 @@ class Hub:
             views = self.views
             # (query-fdsets is filtered by who owns each fdset as its reply arrives)
             if name != QUERY_FDSETS and views.off_loop(profile, name, line):
-                remembered = views.remembered(profile, name, line)  # (a reply polled again)
+                whole = bytes(line)  # (hashed once: the lookup here, the view's memo after)
+                remembered = views.remembered(profile, name, whole)  # (a reply polled again)
                 if remembered is None:
-                    self._view_off_loop(flow, cmd, bytes(line), failed, upstream_id)
+                    self._view_off_loop(flow, cmd, whole, failed, upstream_id)
                     return
                 view = remembered
             else:

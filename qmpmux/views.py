@@ -121,7 +121,7 @@ class Views:
 
     def view(self, profile: Profile, name: str, line: Line) -> Line:
         """QEMU's reply `line` to command `name` as `profile` sees it."""
-        if len(line) < _WHOLE_FROM:
+        if len(line) < _WHOLE_FROM or not self._costly(profile, name, line):
             return self._made(profile, name, line)
         whole = bytes(line)
         key = (profile, name, whole)
@@ -167,6 +167,12 @@ class Views:
         scrubbed, or holds extension members to strip."""
         if self.off_loop_bytes is None or len(line) < self.off_loop_bytes:
             return False
+        return self._costly(profile, name, line)
+
+    @staticmethod
+    def _costly(profile: Profile, name: str, line: Line) -> bool:
+        """Whether the view of `line` does more than look: it is narrowed or scrubbed, or
+        holds extension members to strip."""
         if name in FILTERS or (name in SCRUBBED and not profile.secret_properties):
             return True
         return profile.strip_extensions and b'"__' in line
