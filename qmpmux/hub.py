@@ -1340,6 +1340,8 @@ class Hub:
         flow.replies.clear()
         flow.oob_replies.clear()
         flow.reply_bytes = 0
+        if not self.clients:
+            self.views.forget(everything=True)  # nobody left to poll what it remembers
         self.log_client(
             logging.INFO,
             "disconnect",

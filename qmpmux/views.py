@@ -35,9 +35,11 @@ from qmpmux.wire import Line
 
 K = TypeVar("K")
 
-# The largest QEMU reply (or reply value) whose view is remembered: each is held twice
-# (QEMU's bytes and the view).
-_REMEMBERED_MAX: Final = 1 << 20
+# What each memo may hold, QEMU's bytes and the views together: a few polled replies
+# (the 207 KB schema narrowed for a few profiles; 400 KB of block nodes and their scrub),
+# at most a few MiB for a VM however its clients poll, and nothing once they have gone
+# (Hub.client_closed).
+_MEMO_BYTES: Final = 2 << 20
 
 # A reply at least this long, whose view is costly, is viewed off the event loop. The
 # costliest view, the scrub, takes ~30 ns a byte (500 KB: 15 ms), so a shorter reply
@@ -61,37 +63,45 @@ class WithheldError(Exception):
 
 
 class Memo(Generic[K]):
-    """A few results of a costly pure function, by key; forgotten all at once when full.
-    Safe to use from several threads (a lock around each lookup and store)."""
+    """A few results of a costly pure function of QEMU's bytes, by key; forgotten all at
+    once when they would hold more than `budget` bytes (QEMU's bytes in the keys and the
+    results alike). Safe to use from several threads (a lock around each lookup and
+    store)."""
 
-    __slots__ = ("_entries", "_lock", "_size")
+    __slots__ = ("_budget", "_entries", "_held", "_lock")
 
-    def __init__(self, size: int) -> None:
-        self._size = size
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
         self._entries: dict[K, bytes] = {}
+        self._held = 0
         self._lock = threading.Lock()
 
     def peek(self, key: K) -> bytes | None:
         with self._lock:
             return self._entries.get(key)
 
-    def get(self, key: K, make: Callable[[], bytes], keep: bool = True) -> bytes:
-        """The result for `key`, made (outside the lock) and kept (if `keep`) when new."""
+    def get(self, key: K, make: Callable[[], bytes], size: int) -> bytes:
+        """The result for `key` (which holds `size` bytes of QEMU's), made (outside the
+        lock) and kept when new, unless it alone would pass the budget."""
         with self._lock:
             found = self._entries.get(key)
         if found is not None:
             return found
         made = make()
-        if keep:
+        weight = size + len(made)
+        if weight <= self._budget:
             with self._lock:
-                if len(self._entries) >= self._size:
+                if self._held + weight > self._budget:
                     self._entries.clear()
+                    self._held = 0
                 self._entries[key] = made
+                self._held += weight
         return made
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._held = 0
 
 
 class Views:
@@ -105,19 +115,22 @@ class Views:
         self.off_loop_bytes = off_loop_bytes
         # Narrowed introspection, per (profile, command, QEMU's value): keyed by the
         # profile itself, never its id, which a later profile may reuse.
-        self._narrowed: Memo[tuple[Profile, str, bytes]] = Memo(16)
+        self._narrowed: Memo[tuple[Profile, str, bytes]] = Memo(_MEMO_BYTES)
         # Scrubbed replies, per QEMU's value (the same for every profile).
-        self._scrubbed: Memo[bytes] = Memo(4)
+        self._scrubbed: Memo[bytes] = Memo(_MEMO_BYTES)
         # Long replies viewed, whole, per (profile, command, QEMU's line): a reply polled
         # again is then one hash and lookup, where reading its value out of the line and
         # writing the line again takes ~1.5 ms for 400 KB. (Short commands go to QEMU
         # without an id, so a poll's reply is the same line each time.)
-        self._replies: Memo[tuple[Profile, str, bytes]] = Memo(8)
+        self._replies: Memo[tuple[Profile, str, bytes]] = Memo(_MEMO_BYTES)
 
-    def forget(self) -> None:
-        """A reload made new profiles: let go of the old ones' views."""
+    def forget(self, everything: bool = False) -> None:
+        """A reload made new profiles: let go of the old ones' views; `everything`: of
+        every view (no client is left to poll)."""
         self._narrowed.clear()
         self._replies.clear()
+        if everything:
+            self._scrubbed.clear()
 
     def view(self, profile: Profile, name: str, line: Line) -> Line:
         """QEMU's reply `line` to command `name` as `profile` sees it."""
@@ -125,8 +138,7 @@ class Views:
             return self._made(profile, name, line)
         whole = bytes(line)
         key = (profile, name, whole)
-        keep = len(whole) <= _REMEMBERED_MAX
-        return self._replies.get(key, lambda: self._viewed(profile, name, whole), keep)
+        return self._replies.get(key, lambda: self._viewed(profile, name, whole), len(whole))
 
     def remembered(self, profile: Profile, name: str, line: Line) -> bytes | None:
         """The view of a long reply already made, if it is still remembered."""
@@ -144,7 +156,8 @@ class Views:
             narrow = FILTERS[name]
 
             def narrowed(value: bytes) -> bytes:
-                return self._narrowed.get((profile, name, value), lambda: narrow(value, profile))
+                key = (profile, name, value)
+                return self._narrowed.get(key, lambda: narrow(value, profile), len(value))
 
             try:
                 return replace_return(bytes(data), narrowed)
@@ -153,8 +166,7 @@ class Views:
         if name in SCRUBBED and not profile.secret_properties:
 
             def scrubbed(value: bytes) -> bytes:
-                keep = len(value) <= _REMEMBERED_MAX
-                return self._scrubbed.get(value, lambda: scrub_return(value), keep)
+                return self._scrubbed.get(value, lambda: scrub_return(value), len(value))
 
             try:
                 return replace_return(bytes(data), scrubbed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from qmpmux.hub import Action, Broadcast, CloseClient, Hub, ToClient, View
 from qmpmux.policy import DEFAULT_POLICY, Policy, ProfileSpec, compile_policy
 from qmpmux.session import Peer
-from qmpmux.views import OFF_LOOP_VIEW_BYTES, ViewJob
+from qmpmux.views import OFF_LOOP_VIEW_BYTES, Memo, ViewJob
 from tests.playbook import CAPS_OK, GREETING_OOB, STOP_EVENT, expect, spelled_out
 
 NODE = b'{"node-name": "n%05d", "file": "http://alice:hunter2@host/d%05d", "drv": "http"}'
@@ -111,6 +111,25 @@ def test_a_long_reply_polled_again_is_answered_from_memory_on_the_loop() -> None
     hub.client_data(cid, QUERY)
     job = handed_off(hub.upstream_data(changed), cid)
     assert sent(run(hub, cid, job)) == [(cid, inline_reply("readonly", changed))]
+
+
+def test_what_is_remembered_is_bounded_and_let_go_once_no_client_is_left() -> None:
+    memo: Memo[bytes] = Memo(100)
+    for key in (b"a" * 30, b"b" * 30):
+        memo.get(key, lambda: b"v" * 10, len(key))
+    assert memo.peek(b"a" * 30) == b"v" * 10  # 80 bytes held
+    memo.get(b"c" * 30, lambda: b"w" * 10, 30)  # past the budget: the rest forgotten
+    assert memo.peek(b"a" * 30) is None and memo.peek(b"c" * 30) == b"w" * 10
+    assert memo.get(b"d" * 95, lambda: b"x" * 10, 95) == b"x" * 10  # alone past it: made,
+    assert memo.peek(b"d" * 95) is None and memo.peek(b"c" * 30) is not None  # not kept
+    hub = views_hub()
+    cid = client(hub, "readonly")
+    profile = hub.clients[cid].session.profile
+    hub.client_data(cid, QUERY)
+    run(hub, cid, handed_off(hub.upstream_data(LONG), cid))
+    assert hub.views.remembered(profile, "query-named-block-nodes", LONG) is not None
+    hub.client_closed(cid)
+    assert hub.views.remembered(profile, "query-named-block-nodes", LONG) is None
 
 
 def test_what_comes_behind_a_reply_being_viewed_waits_for_it_in_qemus_order() -> None:
