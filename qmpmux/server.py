@@ -81,7 +81,7 @@ def worker_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpmux-worker")
 
 
-def _off_loop(job: Judgement | ViewJob) -> None:
+def _run_job(job: Judgement | ViewJob) -> None:
     """Run `job` on the worker thread with the cyclic garbage collector off: building a
     container of megabytes (hundreds of thousands of objects) would set off full
     collections, each holding the interpreter for tens of milliseconds, in any thread.
@@ -913,7 +913,7 @@ class Proxy:
                     self._apply(hub.viewed(action.client, job))
 
         try:
-            self._loop.run_in_executor(worker_pool(), _off_loop, job).add_done_callback(back)
+            self._loop.run_in_executor(worker_pool(), _run_job, job).add_done_callback(back)
         except RuntimeError as exc:  # the interpreter is exiting: the client is lost
             job.error = exc
             self._loop.call_soon(back, None)
