@@ -100,10 +100,12 @@ def fd_facts(
     has_fds: bool,
     client: int,
     size: int,
+    read: list[object] | None = None,
 ) -> FdFacts:
     """The facts of a command in FD_RELATED from client `client` (`has_fds`: whether it
     has fds waiting), whose upstream text is `size` bytes long. The names are renamed
-    only when no problem stops it first."""
+    only when no problem stops it first; the renamed arguments are dropped once encoded,
+    or handed to `read` if given (judgement.judge)."""
     facts = FdFacts()
     takes_fd = name in TAKES_FD and not oob  # exec-oob: QEMU refuses it without one
     if takes_fd:
@@ -134,6 +136,8 @@ def fd_facts(
         if renamed is not None:
             facts.prefix = command_prefix(name, renamed[0], oob, long=long)
             facts.names = renamed[1]
+            if read is not None:
+                read.append(renamed[0])
             if len(facts.prefix) > MAX_UPSTREAM_BYTES:
                 raise RenamedTooLongError
     except RenamedTooLongError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final
 
+from qmpmux.bounded import let_go
 from qmpmux.fdpass import FD_RELATED, FdFacts, fd_facts
 from qmpmux.policy import Profile
 from qmpmux.qjson import JsonValue, Message, ParseError
@@ -36,18 +37,24 @@ OFF_LOOP_BYTES: Final = 4096
 
 
 def judge(
-    session: Session, value: JsonValue | ParseError, has_fds: bool
+    session: Session,
+    value: JsonValue | ParseError,
+    has_fds: bool,
+    read: list[object] | None = None,
 ) -> tuple[Verdict, FdFacts | None]:
     """The verdict on `value`, and its fd facts when it is a command that needs them
-    (`has_fds`: whether the client has fds waiting)."""
+    (`has_fds`: whether the client has fds waiting). The arguments read are dropped,
+    or handed to `read` if given (to be freed a run at a time: bounded.let_go)."""
     verdict = session.judge(value)
+    facts = None
     if type(verdict) is Command:
         args, verdict.args = verdict.args, None  # a big message's: dropped once read
         if verdict.name in FD_RELATED:
             size = len(verdict.prefix)
-            facts = fd_facts(verdict.name, verdict.oob, args, has_fds, session.id, size)
-            return verdict, facts
-    return verdict, None
+            facts = fd_facts(verdict.name, verdict.oob, args, has_fds, session.id, size, read)
+        if read is not None:
+            read.append(args)
+    return verdict, facts
 
 
 def off_loop(value: JsonValue | ParseError, threshold: int | None) -> bool:
@@ -95,10 +102,12 @@ class Judgement:
         value = self.value
         if value is None:  # cancelled
             return
+        read: list[object] = []
         try:
-            self.verdict, self.facts = judge(self.session, value, self.has_fds)
+            self.verdict, self.facts = judge(self.session, value, self.has_fds, read)
         except Exception as exc:  # (handed to the hub, never lost)
             self.error = exc
+        let_go(read)
 
     def cancel(self) -> None:
         """The client has gone: never judge it, and hold none of its input meanwhile (a

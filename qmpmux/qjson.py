@@ -1432,6 +1432,13 @@ class DeferredObject(Mapping[str, JsonValue]):
     def __len__(self) -> int:
         return len(self._members if self._members is not None else self._member_names())
 
+    def let_go(self) -> list[object]:
+        """What it has built, handed over and forgotten (bounded.let_go frees it)."""
+        built: list[object] = [self._members, self._names, self._read]
+        self._members = self._names = None
+        self._read = {}
+        return built
+
     def string_head(self, key: str, n: int) -> str | None:
         """The first `n` characters of member `key` if it is a string, else None (absent
         too); the rest of a long one is never built (a check that reads a prefix, or

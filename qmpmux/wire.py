@@ -24,6 +24,7 @@ from typing import Any, Final, TypeGuard
 
 import msgspec
 
+from qmpmux.bounded import compact_pieces
 from qmpmux.qjson import (
     CText,
     Deferred,
@@ -196,7 +197,9 @@ def command_prefix(
     encoded compactly. Empty arguments are dropped: QEMU treats a missing `arguments` as
     `{}`, and every byte costs QEMU ~3.7 us to read. A long text is spliced in (Spliced).
     `long`: strings of `arguments` that stand for long ones kept in pieces (fdargs.
-    rename_fds), each written a piece at a time, one short C call each.
+    rename_fds). Heavy arguments, or with `long`, are encoded a run at a time, one short
+    C call each (bounded.compact_pieces: a command of megabytes is encoded on the worker
+    thread).
     """
     head = b'{"exec-oob":' if oob else b'{"execute":'
     if texts is None:
@@ -204,12 +207,9 @@ def command_prefix(
         prefix = head + encode_compact(name)
         if not arguments:
             return prefix
-        encoded = encode_compact(arguments)  # (a long one is not copied again: Spliced)
-        if long:
-            return Spliced((prefix + b',"arguments":', *_long_written(encoded, long)))
-        if len(encoded) >= SPLICED_FROM:
-            return Spliced((prefix + b',"arguments":', encoded))
-        return prefix + b',"arguments":' + encoded
+        if long or heavy(arguments):  # (never copied again: Spliced)
+            return Spliced((prefix + b',"arguments":', *compact_pieces(arguments, long)))
+        return prefix + b',"arguments":' + encode_compact(arguments)
     name_text, arguments_text = texts
     parts: tuple[Buffer, ...] = (head, name_text)
     if arguments:
@@ -219,27 +219,6 @@ def command_prefix(
     if size >= SPLICED_FROM and 2 * size >= _kept_alive(parts):
         return Spliced(parts)
     return b"".join(parts)
-
-
-def _long_written(encoded: bytes, long: Mapping[str, Sequence[str]]) -> list[Buffer]:
-    """`encoded` with each stand-in string of `long` written as the pieces it stands for."""
-    places = []
-    for stand_in, pieces in long.items():
-        mark = encode_compact(stand_in)
-        at = encoded.find(mark)
-        if at < 0 or encoded.find(mark, at + 1) >= 0:  # (no client's string holds one)
-            raise ValueError("a stand-in for a long string is not found once")
-        places.append((at, len(mark), pieces))
-    parts: list[Buffer] = []
-    view = memoryview(encoded)
-    start = 0
-    for at, size, pieces in sorted(places, key=lambda place: place[0]):
-        parts += (view[start:at], b'"')
-        parts += (memoryview(encode_compact(piece))[1:-1] for piece in pieces if piece)
-        parts.append(b'"')
-        start = at + size
-    parts.append(view[start:])
-    return parts
 
 
 def _kept_alive(parts: tuple[Buffer, ...]) -> int:
