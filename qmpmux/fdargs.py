@@ -189,34 +189,37 @@ def _sockets(value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
     """(path, `str`) of every SocketAddress of type fd in `value`, flat or legacy (`data`).
 
     Iterative: a client may nest up to QEMU's 1024 levels, deeper than Python recursion.
-    Only containers are walked, and a place is spelled only for what is found."""
+    Only containers are walked, a member at a time (a list of the members of a container
+    of megabytes, made at once, held the interpreter for ms to build and to free), and a
+    place is spelled only for what is found."""
     if not _holds_socket(value):
         return
-    stack: list[tuple[JsonValue, _Place]] = [(value, (None, where))]
-    while stack:
-        value, place = stack.pop()
-        if isinstance(value, list):
-            stack.extend(
-                [
-                    (item, (place, i))
-                    for i, item in enumerate(value)
-                    if isinstance(item, list | dict)
-                ]
-            )
-        elif isinstance(value, dict):
-            if value.get("type") == "fd":
-                fd, data = value.get("str"), value.get("data")
+    stack: list[tuple[Iterator[tuple[str | int, JsonValue]], _Place]] = []
+    item: JsonValue = value
+    place: _Place = (None, where)
+    while True:
+        if isinstance(item, dict):
+            if item.get("type") == "fd":
+                fd, data = item.get("str"), item.get("data")
                 if isinstance(fd, str):
                     yield f"{_spelled(place)}.str", fd
                 elif isinstance(data, dict) and isinstance(data.get("str"), str):
                     yield f"{_spelled(place)}.data.str", str(data["str"])
-            stack.extend(
-                [
-                    (member, (place, key))
-                    for key, member in value.items()
-                    if isinstance(member, list | dict)
-                ]
-            )
+            stack.append((iter(item.items()), place))
+        elif isinstance(item, list):
+            stack.append((enumerate(item), place))
+        while stack:
+            members, parent = stack[-1]
+            for step, item in members:
+                if isinstance(item, list | dict):
+                    place = (parent, step)
+                    break
+            else:
+                stack.pop()
+                continue
+            break
+        else:
+            return
 
 
 def _names(row: FdArgument, value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
@@ -374,15 +377,16 @@ class _Renamer:
         body, end = _listed(value, colon_ends)
         if body is None:
             return value
-        names = body.count(":") + 1
+        pieces = _cut(body)  # (each C call below on a piece: 8 MiB counted at once, 3 ms)
+        names = sum(piece.count(":") for piece in pieces) + 1
         if names * len(self.prefix) > self.room:  # numeric ones are not renamed: count
-            names -= sum(1 for _ in _NUMERIC_LISTED.finditer(body)) + is_numeric(body)
+            numeric = sum(1 for piece in pieces for _ in _NUMERIC_LISTED.finditer(piece))
+            names -= numeric + is_numeric(body)
         self._add(names)
-        for name in body.split(":", _LISTED_RECORDED)[:_LISTED_RECORDED]:
+        for name in _first_names(pieces, _LISTED_RECORDED):
             if not is_numeric(name):
                 self.names[self.prefix + name] = name
         head = "" if is_numeric(body) else self.prefix
-        pieces = _cut(body)
         if not any(_NUMERIC_LISTED.search(piece) for piece in pieces):  # (20 ms a million)
             renamed = [piece.replace(":", ":" + self.prefix) for piece in pieces]
         else:
@@ -397,7 +401,7 @@ class _Renamer:
 
 # Characters of a colon list searched or renamed in one C call: a list of megabytes is
 # worked on in pieces, so a judging thread holds the interpreter a piece at a time.
-_PIECE: Final = 1 << 18
+_PIECE: Final = 1 << 16
 # What stands for a long colon list renamed, until it is written in its pieces: text
 # around a noncharacter, which no string QEMU's parser (and so qmpmux's) takes holds
 # (docs/protocol.md §2.3), so no client's string can be taken for one.
@@ -422,6 +426,19 @@ def _cut(body: str) -> list[str]:
         start = cut
     pieces.append(body[start:])
     return pieces
+
+
+def _first_names(pieces: list[str], n: int) -> list[str]:
+    """The first `n` names of a colon list cut into `pieces` (_cut: each after the first
+    starts with the colon before its first name), split a piece at a time."""
+    names: list[str] = []
+    for i, piece in enumerate(pieces):
+        want = n - len(names)
+        split = (piece[1:] if i else piece).split(":", want)
+        names += split[:want]
+        if len(split) > want:
+            break
+    return names
 
 
 def _listed_numeric(value: str) -> str | None:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qmpmux import bounded
+from qmpmux import bounded, qjson
 from qmpmux.bounded import compact_pieces, let_go
 from qmpmux.qjson import JsonValue, encode_compact
 from tests.test_qjson import ALL_TEXT, INTEGERS, json_values
@@ -145,3 +145,11 @@ def test_let_go_leaves_what_someone_else_holds() -> None:
     assert held == []
     assert shared == {"kept": ["x", {"y": [1, 2]}]}
     assert audited == [shared, [3]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(parts=st.lists(st.text(max_size=20), max_size=30), step=st.sampled_from([1, 5, 1 << 18]))
+def test_a_string_joined_in_steps_is_the_string_joined(parts: list[str], step: int) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qjson, "_JOIN_STEP", step)
+        assert qjson.joined_in_steps(parts) == "".join(parts)
