@@ -9,8 +9,10 @@ which loops `query-status` on the full listener with a short pause, while a load
 (`python -m bench.load hostile`) sends the shape once, as fast as qmpmux reads it, then
 leaves without reading what it is owed; the prober goes on for half a second after, so
 what qmpmux does about the leaving client (an echo still being written, a full outbox
-to drop) is measured too. The direct column is the same prober on a monitor of the
-same, idle QEMU.
+to drop) is measured too. The direct column is the same prober on a monitor of a QEMU
+whose other monitor the load process sends the same shape to (QEMU reads it far slower
+than qmpmux: for a second, then it leaves). Each measurement has a fresh QEMU: what a
+shape sent is read by QEMU for seconds after its sender has gone.
 
 Last, QEMU is given BLOCK_NODES block nodes (through the direct monitor) and a
 `readonly` client polls `query-named-block-nodes`, whose reply its profile has scrubbed
@@ -160,30 +162,49 @@ def _summary(rtts: list[int]) -> tuple[float, float, float]:
     return pct(rtts, 0.5) / 1e6, pct(rtts, 0.99) / 1e6, max(rtts) / 1e6
 
 
+@contextlib.contextmanager
+def _fresh_qemu(workdir: Path, n: int) -> Iterator[list[Path]]:
+    """A QEMU of its own for one measurement, with three monitors: what a shape sent
+    before is still being read by the QEMU it went to (one byte at a time, for seconds
+    after its sender has gone), and must not weigh on the next measurement."""
+    where = workdir / f"qemu{n}"
+    where.mkdir()
+    qemu, mons = start_qemu(where, 3)
+    try:
+        yield mons
+    finally:
+        end_process(qemu)
+
+
 def hostile(bed: Bed, plan: Plan, res: Results) -> None:
-    """Another client's query-status while one sends each shape of SHAPES."""
+    """Another client's query-status while one sends each shape of SHAPES, through
+    qmpmux and, as the baseline, with the sender on a direct monitor of its own."""
     if shutil.which(QEMU_BINARY) is None:
         raise BenchError(f"{QEMU_BINARY} not found")
     size = (2 if plan.quick else 8) << 20
     seconds = 1.5 if plan.quick else 4.0
     workdir = Path(tempfile.mkdtemp(prefix="qmpmux-hostile-"))
     data: dict[str, object] = {"bytes": size}
-    qemu: subprocess.Popen[bytes] | None = None
+    qemus = iter(range(1 << 16))
     try:
-        qemu, mons = start_qemu(workdir, 3)
-        direct = _summary(_probe(mons[2], seconds / 2, lambda: False, lambda: None))  # idle
-        data["direct"] = direct
         for name, (profile, _maker) in SHAPES.items():
             sent_bytes = min(size, MAX_BYTES.get(name, size))
-            with _qmpmux(workdir, mons[:2]) as listeners:
-                target = listeners[profile]
-                load = start_load("hostile", str(target), name, str(sent_bytes), timeout=30)
+            with _fresh_qemu(workdir, next(qemus)) as mons, _qmpmux(workdir, mons[:2]) as ls:
+                load = start_load("hostile", str(ls[profile]), name, str(sent_bytes), timeout=30)
                 try:
-                    full = listeners["full"]
-                    got = _summary(_probe(full, seconds, _said(load.proc), load.proc.terminate))
+                    got = _summary(
+                        _probe(ls["full"], seconds, _said(load.proc), load.proc.terminate)
+                    )
                 finally:
                     sent = load.stop().splitlines()[-1]
-            data[name] = {"ms": got, "sender": sent}
+            # QEMU reads the shape far slower than qmpmux: it is never all sent meanwhile
+            with _fresh_qemu(workdir, next(qemus)) as mons:
+                load = start_load("hostile", str(mons[0]), name, str(sent_bytes), timeout=30)
+                try:
+                    direct = _summary(_probe(mons[1], 1.0, lambda: False, load.proc.terminate))
+                finally:
+                    load.stop()
+            data[name] = {"ms": got, "direct ms": direct, "sender": sent}
             res.add(
                 "hostile",
                 f"query-status p99 while a {profile} client sends {sent_bytes >> 20} MiB: {name}",
@@ -192,10 +213,9 @@ def hostile(bed: Bed, plan: Plan, res: Results) -> None:
                 got[1],
                 note=f"worst {got[2]:.1f} ms (direct {direct[2]:.1f}); p50 {got[0]:.2f} ms; {sent}",
             )
-        data["polled block nodes"] = _polled(workdir, mons, seconds, res)
+        with _fresh_qemu(workdir, next(qemus)) as mons:
+            data["polled block nodes"] = _polled(workdir, mons, seconds, res)
     finally:
-        if qemu is not None:
-            end_process(qemu)
         shutil.rmtree(workdir, ignore_errors=True)
     res.data["hostile"] = data
 
