@@ -32,8 +32,11 @@ A partial message costs about its own size, whatever its shape: the token being
 lexed holds at most ``max_message_bytes`` plus one byte, and the part already
 parsed is packed as msgpack every ``_PACK_EVERY`` values (Python objects cost up
 to ~25x the text they come from: 64 bytes for the 3 of ``{},``), then unpacked
-at C speed when the message completes. A message past a limit is dropped at
-once, as QEMU drops it.
+at C speed when the message completes. A packed container of ``_APART_FROM`` or
+more is never copied into its parent's packed bytes as it closes: it stays apart
+(``_Unjoined``) until its member is read, then is joined a slice at a time, so
+the turn that completes a message of megabytes copies none of it. A message past
+a limit is dropped at once, as QEMU drops it.
 
 Work per :meth:`Framer.feed` is linear in the bytes fed, at most a few Python
 steps per token; string decoding and error texts use C-speed passes only. What
@@ -70,6 +73,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import math
 import re
 import struct
@@ -946,18 +950,22 @@ class Framer:
         self._reset()
         self._out.append(result)
 
-    def _unpack_message(self, result: JsonValue | msgspec.Raw) -> JsonValue:
+    def _unpack_message(self, result: JsonValue | msgspec.Raw | _Unjoined) -> JsonValue:
         """A packed message made Python values again, at C speed, but for the members to
         defer: kept as their msgpack (Deferred), they cost nothing until someone asks."""
         # A packed message is one already (its members' views are taken from it below).
-        packed = result if isinstance(result, msgspec.Raw) else _pack(result)
+        packed: msgspec.Raw | _Unjoined
+        if isinstance(result, msgspec.Raw | _Unjoined):
+            packed = result
+        else:
+            packed = msgspec.Raw(_pack(result))
         if not self._keep or not self._defer:
-            whole: JsonValue = _unpack(packed)
+            whole: JsonValue = _unpack(_joined(packed))
             return whole
-        members = _unpack_members(packed)
+        members = packed.members() if isinstance(packed, _Unjoined) else _unpack_members(packed)
         value: dict[str, JsonValue] = {}
         for key, raw in members.items():
-            if key in self._defer and _is_container(raw):
+            if key in self._defer and (isinstance(raw, _Unjoined) or _is_container(raw)):
                 # (its own strings kept in parts only: they are what it holds)
                 owned = zip(self._longs, self._long_members, strict=True)
                 longs = {i: parts for i, (parts, member) in enumerate(owned) if member == key}
@@ -968,7 +976,7 @@ class Framer:
                 ]
                 value[key] = Deferred(raw, longs, keys)  # type: ignore[assignment]
             else:
-                value[key] = _unpack(raw)
+                value[key] = _unpack(_joined(raw))  # (one kept apart too: built now)
         return value
 
     def _parted_out(self, message: Message) -> None:
@@ -1058,7 +1066,7 @@ class Framer:
             if phase == _P_OBJ_SEP:
                 if ty == _T_RCURLY:
                     stack.pop()
-                    self._deliver(frame.close())
+                    self._closed(frame)
                 elif ty == _T_COMMA:
                     frame.phase = _P_OBJ_KEY
                     self._run_ok = self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
@@ -1068,7 +1076,7 @@ class Framer:
             if phase == _P_ARR_SEP:
                 if ty == _T_RSQUARE:
                     stack.pop()
-                    self._deliver(frame.close())
+                    self._closed(frame)
                 elif ty == _T_COMMA:
                     frame.phase = _P_ARR_VALUE
                     self._run_ok = self._brace + self._bracket + _RUN_DEPTH <= self._max_nesting
@@ -1079,7 +1087,7 @@ class Framer:
                 phase == _P_ARR_FIRST and ty == _T_RSQUARE
             ):
                 stack.pop()
-                self._deliver(frame.close())
+                self._closed(frame)
                 return
         elif self._done:
             return  # cannot happen: the streamer ends a message with its value
@@ -1109,6 +1117,14 @@ class Framer:
             self._deliver(_KEYWORDS[word])
         else:
             raise _Error(b"expecting value")
+
+    def _closed(self, frame: _Object | _Array) -> None:
+        """A container complete (already off the stack): delivered to its parent, which
+        then keeps it apart if it is big (_Packed)."""
+        value = frame.close()
+        if self._stack and _big(value):
+            self._stack[-1].big = True  # (before delivering it: that may pack the parent)
+        self._deliver(value)
 
     def _deliver(self, value: JsonValue) -> None:
         """A complete value: the top-level result, a key, a member value or an element."""
@@ -1253,15 +1269,18 @@ class Deferred:
     in one loop turn) would be spent only to throw them away. Long strings inside it are
     kept in parts (`longs`, Framer._string_fate) and built by resolve() too."""
 
-    __slots__ = ("_by_name", "_keys", "_longs", "_raw")
+    __slots__ = ("_by_name", "_keys", "_longs", "_packed", "_unjoined")
 
     def __init__(
         self,
-        raw: msgspec.Raw,
+        raw: msgspec.Raw | _Unjoined,
         longs: Mapping[int, list[str]] = _NOTHING,
         keys: Sequence[_KeyAt] = (),
     ) -> None:
-        self._raw = raw
+        # Its msgpack; or its parts still apart, joined when first read (by the worker
+        # thread, for a big message: judgement.py).
+        self._packed = raw if type(raw) is msgspec.Raw else None
+        self._unjoined = raw if type(raw) is _Unjoined else None
         # Each long string kept in parts inside it, by the index its stand-in holds.
         self._longs = longs
         # Each long key inside it: the path to its object, and the key (a stand-in there).
@@ -1269,7 +1288,16 @@ class Deferred:
         self._by_name: dict[str, tuple[msgspec.Raw, list[_KeyAt]]] | None = None  # (_index)
 
     @property
+    def _raw(self) -> msgspec.Raw:
+        if self._packed is None:
+            assert self._unjoined is not None
+            self._packed, self._unjoined = self._unjoined.joined(), None
+        return self._packed
+
+    @property
     def is_object(self) -> bool:
+        if self._unjoined is not None:
+            return self._unjoined.is_map
         first = memoryview(self._raw)[0]
         return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
 
@@ -1284,7 +1312,8 @@ class Deferred:
     def __len__(self) -> int:
         """What it holds: its packed bytes and the parts kept for it (at most)."""
         parts = sum(len(part) for long in self._longs.values() for part in long)
-        return len(self._raw) + parts + sum(len(key.text) for _path, key in self._keys)
+        packed = self._unjoined if self._unjoined is not None else self._raw
+        return len(packed) + parts + sum(len(key.text) for _path, key in self._keys)
 
     @property
     def in_parts(self) -> bool:
@@ -1380,6 +1409,8 @@ class Deferred:
     @property
     def is_empty(self) -> bool:
         """Read from its msgpack header alone: `{}` or `[]`."""
+        if self._unjoined is not None:
+            return self._unjoined.count == 0
         head = bytes(memoryview(self._raw)[:5])
         if head[0] in (0x80, 0x90):
             return True
@@ -1793,31 +1824,175 @@ class _Packed:
     child is a view of its parent's bytes, never a copy of them.
 
     The values are encoded straight onto the end (one copy of a packed child's bytes,
-    whose own header is then moved over: a copy of only what was added)."""
+    whose own header is then moved over: a copy of only what was added). A big child
+    (_big) is not copied: `add(..., apart=True)` keeps it apart, and the container then
+    closes as an _Unjoined, its parts joined only when something reads them."""
 
-    __slots__ = ("count", "data")
+    __slots__ = ("count", "data", "entries", "sealed")
 
     def __init__(self) -> None:
         self.data = bytearray(_ROOM)
         self.count = 0
+        # With a child kept apart: the entries before `data` (_Unjoined), and the count
+        # of values they hold.
+        self.entries: list[_Entry] | None = None
+        self.sealed = 0
 
-    def add(self, value: list[JsonValue] | dict[str, JsonValue]) -> None:
+    def add(self, value: list[JsonValue] | dict[str, JsonValue], apart: bool = False) -> None:
+        if apart:
+            self._add_apart(value)
+            return
         data = self.data
         start = len(data)
         _encode_into(value, data, start)
         del data[start : start + _header_size(data[start])]
         self.count += len(value)
 
+    def _add_apart(self, value: list[JsonValue] | dict[str, JsonValue]) -> None:
+        """add(), the big children among `value` kept apart from the bytes around them."""
+        if self.entries is None:
+            self.entries = []
+        is_map = isinstance(value, dict)  # (the top-level object's is a Message)
+        members: Iterable[tuple[str | None, JsonValue]] = (
+            value.items() if is_map else zip(itertools.repeat(None), value)  # type: ignore[union-attr]
+        )
+        run: dict[str, JsonValue] = {}
+        items: list[JsonValue] = []
+        for key, member in members:
+            if not _big(member):
+                if key is None:
+                    items.append(member)
+                else:
+                    run[key] = member
+                continue
+            self.add(items if key is None else run)
+            run, items = {}, []
+            self._seal()
+            self.entries.append((key, member))  # type: ignore[arg-type]
+            self.count += 1
+            self.sealed += 1
+        self.add(run if is_map else items)
+
+    def _seal(self) -> None:
+        """The values in `data` become an entry; a fresh `data` takes the next ones."""
+        assert self.entries is not None
+        if self.count > self.sealed:
+            start = _ROOM if not self.entries and self.sealed == 0 else 0
+            self.entries.append((memoryview(self.data)[start:], self.count - self.sealed))
+            self.sealed = self.count
+        self.data = bytearray()
+
     def whole(self, is_map: bool) -> memoryview:
-        """All of it, header first (a view: valid until the next `add`)."""
+        """All of it, header first (a view: valid until the next `add`; joined, thus a
+        copy, if a child was kept apart)."""
+        if self.entries is not None:
+            parts = _Unjoined(is_map, self.count, [*self.entries, self._tail()])
+            return memoryview(parts.joined())
         header = _header(self.count, is_map)
         at = _ROOM - len(header)
         self.data[at:_ROOM] = header
         return memoryview(self.data)[at:]
 
-    def close(self, value: list[JsonValue] | dict[str, JsonValue], is_map: bool) -> msgspec.Raw:
-        self.add(value)
-        return msgspec.Raw(self.whole(is_map))
+    def _tail(self) -> _Entry:
+        start = _ROOM if not self.entries and self.sealed == 0 else 0
+        return (memoryview(self.data)[start:], self.count - self.sealed)
+
+    def close(
+        self, value: list[JsonValue] | dict[str, JsonValue], is_map: bool, apart: bool = False
+    ) -> msgspec.Raw | _Unjoined:
+        self.add(value, apart)
+        if self.entries is None:
+            return msgspec.Raw(self.whole(is_map))
+        self._seal()
+        return _Unjoined(is_map, self.count, self.entries)
+
+
+# A packed child at least this big is kept apart from its parent's packed bytes, not
+# copied into them: a container of megabytes copied as its parent closed (and then into
+# the parent's parent) held the loop ~0.6 ms a MiB in one turn.
+_APART_FROM: Final = 1 << 16
+# What an _Unjoined joins in one C call at most.
+_JOIN_BYTES: Final = 1 << 18
+# An entry of an _Unjoined: packed values (their bytes, how many), or a big child apart
+# (its key in a map, else None).
+_Entry: TypeAlias = "tuple[memoryview | bytes, int] | tuple[str | None, msgspec.Raw | _Unjoined]"
+
+
+def _big(value: object) -> bool:
+    if type(value) is msgspec.Raw:
+        return len(value) >= _APART_FROM
+    return type(value) is _Unjoined
+
+
+def _joined(packed: msgspec.Raw | _Unjoined) -> msgspec.Raw:
+    return packed.joined() if isinstance(packed, _Unjoined) else packed
+
+
+class _Unjoined:
+    """A closed container's msgpack, as parts not joined yet: its header, then its
+    entries in order. A big message's big members stay so until something reads them
+    (Deferred), which the worker thread does for a big message (judgement.py), joining
+    them a _JOIN_BYTES slice a C call."""
+
+    __slots__ = ("count", "entries", "is_map", "size")
+
+    def __init__(self, is_map: bool, count: int, entries: list[_Entry]) -> None:
+        self.is_map = is_map
+        self.count = count
+        self.entries = entries
+        size = len(_header(count, is_map))
+        for head, tail in entries:
+            if type(tail) is int:
+                size += len(head)  # type: ignore[arg-type]
+            else:
+                size += len(tail) + (len(_pack(head)) if type(head) is str else 0)  # type: ignore[arg-type]
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def joined(self) -> msgspec.Raw:
+        """Its msgpack, joined a slice at a time (the joined bytes grow in place: a big
+        buffer is a mapping of its own, which realloc moves without copying)."""
+        out = bytearray()
+        stack = [self._opened(out)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
+            head, tail = entry
+            if type(tail) is int:
+                _append_in_steps(out, head)  # type: ignore[arg-type]
+                continue
+            if type(head) is str:
+                out += _pack(head)
+            if type(tail) is _Unjoined:
+                stack.append(tail._opened(out))
+            else:
+                _append_in_steps(out, tail)  # type: ignore[arg-type]
+        return msgspec.Raw(out)
+
+    def _opened(self, out: bytearray) -> Iterator[_Entry]:
+        out += _header(self.count, self.is_map)
+        return iter(self.entries)
+
+    def members(self) -> dict[str, msgspec.Raw | _Unjoined]:
+        """A map's members, each packed or still unjoined."""
+        assert self.is_map
+        members: dict[str, msgspec.Raw | _Unjoined] = {}
+        for head, tail in self.entries:
+            if type(tail) is int:
+                members.update(_unpack_members(_header(tail, True) + bytes(head)))  # type: ignore[arg-type]
+            else:
+                members[head] = tail  # type: ignore[index,assignment]
+        return members
+
+
+def _append_in_steps(out: bytearray, data: bytes | memoryview | msgspec.Raw) -> None:
+    view = memoryview(data)
+    for start in range(0, len(view), _JOIN_BYTES):
+        out += view[start : start + _JOIN_BYTES]
 
 
 class _Object:
@@ -1831,10 +2006,11 @@ class _Object:
     few percent of lookups of new keys without searching the runs.
     """
 
-    __slots__ = ("bits", "key", "mask", "packed", "phase", "runs", "value")
+    __slots__ = ("big", "bits", "key", "mask", "packed", "phase", "runs", "value")
 
     def __init__(self, value: dict[str, JsonValue]) -> None:
         self.value = value
+        self.big = False  # whether `value` holds a big child (_big): kept apart when packed
         self.phase = _P_OBJ_FIRST
         self.key = ""
         self.packed: _Packed | None = None
@@ -1891,35 +2067,42 @@ class _Object:
             if (older <= newer or crowded) and older + newer <= _RUN_MAX:
                 runs[k : k + 2] = [array("q", sorted(runs[k] + runs[k + 1]))]
                 break
-        self.packed.add(self.value)
+        self.packed.add(self.value, self.big)
         self.value.clear()
+        self.big = False
 
     def close(self) -> JsonValue:
         if self.packed is None:
-            return self.value
-        return self.packed.close(self.value, True)  # type: ignore[return-value]
+            if not self.big:
+                return self.value
+            self.packed = _Packed()
+        return self.packed.close(self.value, True, self.big)  # type: ignore[return-value]
 
 
 class _Array:
     """An array being parsed: elements so far and phase."""
 
-    __slots__ = ("packed", "phase", "value")
+    __slots__ = ("big", "packed", "phase", "value")
 
     def __init__(self) -> None:
         self.value: list[JsonValue] = []
+        self.big = False  # as _Object's
         self.phase = _P_ARR_FIRST
         self.packed: _Packed | None = None
 
     def pack(self) -> None:
         if self.packed is None:
             self.packed = _Packed()
-        self.packed.add(self.value)
+        self.packed.add(self.value, self.big)
         self.value.clear()
+        self.big = False
 
     def close(self) -> JsonValue:
         if self.packed is None:
-            return self.value
-        return self.packed.close(self.value, False)  # type: ignore[return-value]
+            if not self.big:
+                return self.value
+            self.packed = _Packed()
+        return self.packed.close(self.value, False, self.big)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------

@@ -1031,6 +1031,8 @@ def test_packing_changes_no_result(data: bytes) -> None:
         patch.setattr(qjson, "_RUN_MAX", 4)
         assert canon(feed_whole(data)) == unpacked
         assert canon(feed_bytewise(data)) == unpacked
+        patch.setattr(qjson, "_APART_FROM", 1)  # every packed child kept apart (_Unjoined)
+        assert canon(feed_bytewise(data)) == unpacked
 
 
 @pytest.mark.usefixtures("pack_often")
