@@ -78,8 +78,10 @@ def worker_pool() -> ThreadPoolExecutor:
     gets the interpreter back within the switch interval (and the C step under way), set
     here to 0.2 ms (5 ms by default): that is how long a job on megabytes can delay anyone
     else each time the loop wakes, and a round trip wakes it several times. Against 1 ms,
-    another client's p99 while an `ops` client's big commands are judged fell from 3.4-6.4
-    ms to 1.4-3.7 (README "Security"); the interval matters only while both threads run."""
+    another client's p99 while an `ops` client's big commands are judged fell from 4.3-6.4
+    ms to 1.4-3.5 for three shapes of the hostile benchmark (fd names in a list and in a
+    colon list, a socket address behind `{}`; `transaction` and one long fd name, noisier,
+    from 3.4-4.7 and 2.0-3.3 to 1.8-6.7 and 0.5-3.7). It matters only while both run."""
     sys.setswitchinterval(0.0002)
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="qmpmux-worker")
 
