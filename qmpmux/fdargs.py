@@ -334,6 +334,23 @@ def _renamed_sockets(value: JsonValue, rename: _Renamer) -> JsonValue:
     return out
 
 
+class NameRecord(dict[str, str]):
+    """Upstream names -> the client's own, for fdpass.restore_names, with what it needs to
+    read a reply for them by where `prefix` occurs rather than name by name (a command
+    may hold 500,000 names): the lengths the upstream names have."""
+
+    __slots__ = ("lengths", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.lengths: set[int] = set()
+
+    def add(self, upstream: str, name: str) -> None:
+        self[upstream] = name
+        self.lengths.add(len(upstream))
+
+
 class RenamedTooLongError(Exception):
     """The names renamed would make the command longer than the room it has."""
 
@@ -350,7 +367,7 @@ class _Renamer:
         assert prefix.isascii()
         self.prefix = prefix
         self.room = room
-        self.names: dict[str, str] = {}
+        self.names = NameRecord(prefix)
         # Where a long colon list, renamed, is kept in its pieces (see rename_fds).
         self.long = long
 
@@ -361,7 +378,7 @@ class _Renamer:
             return name
         self._add(1)
         upstream = self.prefix + name
-        self.names[upstream] = name
+        self.names.add(upstream, name)
         return upstream
 
     def _add(self, names: int) -> None:
@@ -385,7 +402,7 @@ class _Renamer:
         self._add(names)
         for name in _first_names(pieces, _LISTED_RECORDED):
             if not is_numeric(name):
-                self.names[self.prefix + name] = name
+                self.names.add(self.prefix + name, name)
         head = "" if is_numeric(body) else self.prefix
         if not any(_NUMERIC_LISTED.search(piece) for piece in pieces):  # (20 ms a million)
             renamed = [piece.replace(":", ":" + self.prefix) for piece in pieces]
@@ -521,7 +538,7 @@ def rename_fds(
     prefix: str,
     room: int,
     long: dict[str, list[str]] | None = None,
-) -> tuple[dict[str, JsonValue], dict[str, str]] | None:
+) -> tuple[dict[str, JsonValue], NameRecord] | None:
     """A copy of `args` with every fd name in it prefixed with `prefix`, and the names
     renamed (upstream -> the client's own); None when no argument holds a name.
     Numeric values (raw descriptor numbers, which only `full` may use) are left as they
