@@ -460,7 +460,7 @@ def _sockets_reference(value: JsonValue, where: str) -> list[tuple[str, str]]:
         children = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
     else:
         children = []
-    for at, child in reversed(children):
+    for at, child in children:
         found += _sockets_reference(child, at)
     return found
 
@@ -485,7 +485,7 @@ def test_socket_addresses_are_found_as_a_plain_walk_finds_them(
     """The walker (only containers walked, places spelled only for what it finds, and
     skipped at once when no dict's `type` is "fd": told in Python for a few values, past
     them in C by the JSON text of runs of members) finds what a plain recursive walk
-    does, in the same order."""
+    does, in document order (the first numeric one is the one refused)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fdargs, "_LOOKED_AT", bounds[0])
         patch.setattr(fdargs, "_RUN", bounds[1])
