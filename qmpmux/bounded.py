@@ -49,32 +49,32 @@ def compact_pieces(
     stand_ins = stand_ins or {}
     found: list[str] = []
     out: list[bytes] = []
-    pending: list[bytes] = []
+    pending: list[bytes] = []  # short steps, joined once they make a piece
     size = 0
+
+    def flush() -> None:
+        if pending:
+            out.append(b"".join(pending))
+            pending.clear()
+
     stack: list[_Steps] = [_value_steps(value, stand_ins, found)]
     while stack:
         step = next(stack[-1], None)
         if step is None:
             stack.pop()
-        elif type(step) is bytes:
-            if len(step) >= _PIECE_BYTES:
-                if pending:
-                    out.append(b"".join(pending))
-                    pending.clear()
-                    size = 0
-                out.append(step)
-                continue
+        elif not isinstance(step, bytes):
+            stack.append(step)
+        elif len(step) >= _PIECE_BYTES:
+            flush()
+            size = 0
+            out.append(step)
+        else:
             pending.append(step)
             size += len(step)
             if size >= _PIECE_BYTES:
-                out.append(b"".join(pending))
-                pending.clear()
+                flush()
                 size = 0
-        else:
-            assert not isinstance(step, bytes)
-            stack.append(step)
-    if pending:
-        out.append(b"".join(pending))
+    flush()
     if sorted(found) != sorted(stand_ins):  # (no client's string holds one)
         raise ValueError("a stand-in for a long string is not found once")
     return out
@@ -134,20 +134,36 @@ _CONTAINERS: Final = frozenset({list, dict})
 def _list_steps(
     value: list[JsonValue], stand_ins: Mapping[str, Sequence[str]], found: list[str]
 ) -> _Steps:
-    yield b"["
+    return _bracketed(b"[", _list_entries(value, stand_ins, found), b"]")
+
+
+def _bracketed(opening: bytes, entries: Iterator[bytes | _Steps], closing: bytes) -> _Steps:
+    """A container's steps: its entries (runs of members, or one member's steps) with a
+    comma between each two."""
+    yield opening
+    for i, entry in enumerate(entries):
+        if i:
+            yield b","
+        yield entry
+    yield closing
+
+
+def _run_text(run: list[JsonValue] | dict[str, JsonValue]) -> bytes:
+    return encode_compact(run)[1:-1]  # (one C call: the run's weight bounds it)
+
+
+def _list_entries(
+    value: list[JsonValue], stand_ins: Mapping[str, Sequence[str]], found: list[str]
+) -> Iterator[bytes | _Steps]:
     run: list[JsonValue] = []
     weight = 0
-    first = True
     for start in range(0, len(value), _CHUNK):
         chunk = value[start : start + _CHUNK]
         if _short_scalars(chunk, stand_ins):  # (a list of names: told in C, encoded at once)
             if run:
-                yield (b"" if first else b",") + encode_compact(run)[1:-1]
-                first = False
-                run = []
-                weight = 0
-            yield (b"" if first else b",") + encode_compact(chunk)[1:-1]
-            first = False
+                yield _run_text(run)
+                run, weight = [], 0
+            yield _run_text(chunk)
             continue
         for member in chunk:
             w = 16 if not member else _weight(member, stand_ins)
@@ -157,18 +173,12 @@ def _list_steps(
                 if weight < _RUN_WEIGHT:
                     continue
             if run:
-                yield (b"" if first else b",") + encode_compact(run)[1:-1]
-                first = False
-                run = []
-                weight = 0
+                yield _run_text(run)
+                run, weight = [], 0
             if w is None:
-                if not first:
-                    yield b","
-                first = False
                 yield _value_steps(member, stand_ins, found)
     if run:
-        yield (b"" if first else b",") + encode_compact(run)[1:-1]
-    yield b"]"
+        yield _run_text(run)
 
 
 # Members of a list told at once (_short_scalars): at most _CHUNK * (16 + _SHORT) of weight.
@@ -192,10 +202,14 @@ def _short_scalars(chunk: list[JsonValue], stand_ins: Mapping[str, Sequence[str]
 def _dict_steps(
     value: dict[str, JsonValue], stand_ins: Mapping[str, Sequence[str]], found: list[str]
 ) -> _Steps:
-    yield b"{"
+    return _bracketed(b"{", _dict_entries(value, stand_ins, found), b"}")
+
+
+def _dict_entries(
+    value: dict[str, JsonValue], stand_ins: Mapping[str, Sequence[str]], found: list[str]
+) -> Iterator[bytes | _Steps]:
     run: dict[str, JsonValue] = {}
     weight = 0
-    first = True
     for key, member in value.items():
         w = None if len(key) > _SHORT else 16 if not member else _weight(member, stand_ins)
         if w is not None:
@@ -204,20 +218,20 @@ def _dict_steps(
             if weight < _RUN_WEIGHT:
                 continue
         if run:
-            yield (b"" if first else b",") + encode_compact(run)[1:-1]
-            first = False
-            run = {}
-            weight = 0
+            yield _run_text(run)
+            run, weight = {}, 0
         if w is None:
-            if not first:
-                yield b","
-            first = False
-            yield _string_steps((key,))
-            yield b":"
-            yield _value_steps(member, stand_ins, found)
+            yield _member_steps(key, member, stand_ins, found)
     if run:
-        yield (b"" if first else b",") + encode_compact(run)[1:-1]
-    yield b"}"
+        yield _run_text(run)
+
+
+def _member_steps(
+    key: str, member: JsonValue, stand_ins: Mapping[str, Sequence[str]], found: list[str]
+) -> _Steps:
+    yield _string_steps((key,))
+    yield b":"
+    yield _value_steps(member, stand_ins, found)
 
 
 # Members freed in one C call by let_go: a fraction of a millisecond of them.
