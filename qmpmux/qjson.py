@@ -1877,8 +1877,7 @@ class _Packed:
         """The values in `data` become an entry; a fresh `data` takes the next ones."""
         assert self.entries is not None
         if self.count > self.sealed:
-            start = _ROOM if not self.entries and self.sealed == 0 else 0
-            self.entries.append((memoryview(self.data)[start:], self.count - self.sealed))
+            self.entries.append(self._tail())
             self.sealed = self.count
         self.data = bytearray()
 
@@ -1894,6 +1893,7 @@ class _Packed:
         return memoryview(self.data)[at:]
 
     def _tail(self) -> _Entry:
+        """The values in `data` as an entry (the first `data` has room for the header)."""
         start = _ROOM if not self.entries and self.sealed == 0 else 0
         return (memoryview(self.data)[start:], self.count - self.sealed)
 
