@@ -197,9 +197,10 @@ def command_prefix(
     encoded compactly. Empty arguments are dropped: QEMU treats a missing `arguments` as
     `{}`, and every byte costs QEMU ~3.7 us to read. A long text is spliced in (Spliced).
     `long`: strings of `arguments` that stand for long ones kept in pieces (fdargs.
-    rename_fds). Heavy arguments, or with `long`, are encoded a run at a time, one short
-    C call each (bounded.compact_pieces: a command of megabytes is encoded on the worker
-    thread).
+    rename_fds); given (a renamed command, fdpass), heavy arguments or any with stand-ins
+    are encoded a run at a time, one short C call each (bounded.compact_pieces: a command
+    of megabytes is encoded on the worker thread). Without it, the arguments are a small
+    command's and are encoded at once.
     """
     head = b'{"exec-oob":' if oob else b'{"execute":'
     if texts is None:
@@ -207,9 +208,12 @@ def command_prefix(
         prefix = head + encode_compact(name)
         if not arguments:
             return prefix
-        if long or heavy(arguments):  # (never copied again: Spliced)
+        if long is not None and (long or heavy(arguments)):  # (never copied again: Spliced)
             return Spliced((prefix + b',"arguments":', *compact_pieces(arguments, long)))
-        return prefix + b',"arguments":' + encode_compact(arguments)
+        encoded = encode_compact(arguments)  # (a small command's: no walk to weigh it)
+        if len(encoded) >= SPLICED_FROM:
+            return Spliced((prefix + b',"arguments":', encoded))
+        return prefix + b',"arguments":' + encoded
     name_text, arguments_text = texts
     parts: tuple[Buffer, ...] = (head, name_text)
     if arguments:
