@@ -194,11 +194,23 @@ def _sockets(value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
     place is spelled only for what is found."""
     if not _holds_socket(value):
         return
-    stack: list[tuple[Iterator[tuple[str | int, JsonValue]], _Place]] = []
-    item: JsonValue = value
-    place: _Place = (None, where)
-    while True:
-        if isinstance(item, dict):
+    root: tuple[str | int, JsonValue] = (where, value)
+    stack: list[tuple[Iterator[tuple[str | int, JsonValue]], _Place | None]] = [
+        (iter((root,)), None)
+    ]
+    while stack:
+        members, parent = stack[-1]
+        for member in members:
+            if isinstance(member[1], list | dict):
+                break
+        else:
+            stack.pop()
+            continue
+        step, item = member
+        place: _Place = (parent, step)
+        if isinstance(item, list):
+            stack.append((enumerate(item), place))
+        elif isinstance(item, dict):
             if item.get("type") == "fd":
                 fd, data = item.get("str"), item.get("data")
                 if isinstance(fd, str):
@@ -206,20 +218,6 @@ def _sockets(value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
                 elif isinstance(data, dict) and isinstance(data.get("str"), str):
                     yield f"{_spelled(place)}.data.str", str(data["str"])
             stack.append((iter(item.items()), place))
-        elif isinstance(item, list):
-            stack.append((enumerate(item), place))
-        while stack:
-            members, parent = stack[-1]
-            for step, item in members:
-                if isinstance(item, list | dict):
-                    place = (parent, step)
-                    break
-            else:
-                stack.pop()
-                continue
-            break
-        else:
-            return
 
 
 def _names(row: FdArgument, value: JsonValue, where: str) -> Iterator[tuple[str, str]]:
